@@ -1,0 +1,167 @@
+//! Padded token batches and the key/value cache.
+
+use crate::Error;
+use candle_core::{Device, Tensor};
+
+/// Which side of a short sequence gets the padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// Pad before the tokens: every row's last token sits in the last column (generation).
+    Left,
+    /// Pad after the tokens (training, scoring).
+    Right,
+}
+
+/// A rectangular batch of token ids with a mask of which entries are real tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenBatch {
+    ids: Vec<Vec<u32>>,
+    mask: Vec<Vec<bool>>,
+}
+
+impl TokenBatch {
+    /// Pads `sequences` to the longest with `pad_id`.
+    pub fn new(sequences: &[Vec<u32>], pad_id: u32, padding: Padding) -> Result<Self, Error> {
+        let len = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        if sequences.is_empty() || len == 0 {
+            return Err(Error::Invalid("a batch needs at least one non-empty sequence".into()));
+        }
+        let mut ids = Vec::with_capacity(sequences.len());
+        let mut mask = Vec::with_capacity(sequences.len());
+        for seq in sequences {
+            let pad = len - seq.len();
+            let (row, m): (Vec<u32>, Vec<bool>) = match padding {
+                Padding::Left => (
+                    std::iter::repeat_n(pad_id, pad).chain(seq.iter().copied()).collect(),
+                    std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, seq.len())).collect(),
+                ),
+                Padding::Right => (
+                    seq.iter().copied().chain(std::iter::repeat_n(pad_id, pad)).collect(),
+                    std::iter::repeat_n(true, seq.len()).chain(std::iter::repeat_n(false, pad)).collect(),
+                ),
+            };
+            ids.push(row);
+            mask.push(m);
+        }
+        Ok(Self { ids, mask })
+    }
+
+    /// One unpadded sequence.
+    pub fn single(ids: &[u32]) -> Result<Self, Error> {
+        Self::new(&[ids.to_vec()], 0, Padding::Right)
+    }
+
+    /// Rows of a batch where every row has the same length and no padding.
+    pub fn from_rows(rows: Vec<Vec<u32>>) -> Result<Self, Error> {
+        let len = rows.first().map(Vec::len).unwrap_or(0);
+        if len == 0 || rows.iter().any(|r| r.len() != len) {
+            return Err(Error::Invalid("rows must be non-empty and of equal length".into()));
+        }
+        let mask = rows.iter().map(|r| vec![true; r.len()]).collect();
+        Ok(Self { ids: rows, mask })
+    }
+
+    /// Number of rows.
+    pub fn batch_size(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Number of columns.
+    pub fn seq_len(&self) -> usize {
+        self.ids[0].len()
+    }
+
+    /// The padded ids.
+    pub fn ids(&self) -> &[Vec<u32>] {
+        &self.ids
+    }
+
+    /// `true` where a real token sits.
+    pub fn mask(&self) -> &[Vec<bool>] {
+        &self.mask
+    }
+
+    /// Column of each row's last real token (`None` for an all-padding row).
+    pub fn last_real(&self) -> Vec<Option<usize>> {
+        self.mask.iter().map(|m| m.iter().rposition(|&x| x)).collect()
+    }
+
+    /// `[batch, seq]` u32 tensor of the ids.
+    pub fn ids_tensor(&self, device: &Device) -> Result<Tensor, Error> {
+        let flat: Vec<u32> = self.ids.iter().flatten().copied().collect();
+        Ok(Tensor::from_vec(flat, (self.batch_size(), self.seq_len()), device)?)
+    }
+}
+
+/// Keys and values of every layer for the tokens seen so far, with their padding mask.
+///
+/// A cache built for one row (a shared prompt prefix) can be [`KvCache::expand_batch`]ed to
+/// many rows; the expansion is differentiable, so its gradient is the sum over rows.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    mask: Vec<Vec<bool>>,
+}
+
+impl KvCache {
+    /// An empty cache for a model with `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers], mask: Vec::new() }
+    }
+
+    /// Number of cached positions (including padding).
+    pub fn seq_len(&self) -> usize {
+        self.mask.first().map(Vec::len).unwrap_or(0)
+    }
+
+    /// Rows in the cache (0 when empty).
+    pub fn batch_size(&self) -> usize {
+        self.mask.len()
+    }
+
+    /// Which cached positions are real tokens.
+    pub fn mask(&self) -> &[Vec<bool>] {
+        &self.mask
+    }
+
+    /// Real tokens cached per row: the next token's rotary position.
+    pub fn real_lens(&self) -> Vec<usize> {
+        self.mask.iter().map(|m| m.iter().filter(|&&x| x).count()).collect()
+    }
+
+    /// The cached keys and values of a layer.
+    pub fn layer(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(layer).and_then(Option::as_ref)
+    }
+
+    pub(crate) fn set_layer(&mut self, layer: usize, kv: (Tensor, Tensor)) {
+        self.layers[layer] = Some(kv);
+    }
+
+    pub(crate) fn append_mask(&mut self, new: &[Vec<bool>]) {
+        if self.mask.is_empty() {
+            self.mask = vec![Vec::new(); new.len()];
+        }
+        for (m, n) in self.mask.iter_mut().zip(new) {
+            m.extend_from_slice(n);
+        }
+    }
+
+    /// A one-row cache repeated for `rows` rows (a shared prefix for a whole batch).
+    pub fn expand_batch(&self, rows: usize) -> Result<Self, Error> {
+        if self.batch_size() != 1 {
+            return Err(Error::Invalid(format!("only a one-row cache can be expanded, this has {}", self.batch_size())));
+        }
+        let expand = |t: &Tensor| -> Result<Tensor, Error> {
+            let mut dims = t.dims().to_vec();
+            dims[0] = rows;
+            Ok(t.broadcast_as(dims)?.contiguous()?)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.as_ref().map(|(k, v)| Ok::<_, Error>((expand(k)?, expand(v)?))).transpose())
+            .collect::<Result<_, _>>()?;
+        Ok(Self { layers, mask: vec![self.mask[0].clone(); rows] })
+    }
+}

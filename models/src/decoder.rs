@@ -1,0 +1,559 @@
+//! The decoder-only transformer behind Llama (SmolLM2) and Qwen2 (Qwen2.5).
+//!
+//! One implementation with two paths. [`Mode::Inference`] may use candle's fused kernels
+//! (`rms_norm`, `softmax_last_dim`, `rope`), which record no backward op. [`Mode::Train`] uses
+//! only differentiable ops and the frozen-weight matmul, so gradients reach exactly the LoRA
+//! factors. Structs mirror the checkpoint: `Decoder` → `DecoderLayer` → `Attention` / `Mlp`.
+
+use crate::batch::{KvCache, TokenBatch};
+use crate::config::DecoderConfig;
+use crate::linear::{matmul_wt, BaseWeight, FrozenLinear};
+use crate::lora::{dropout_mask, LoraAdapter, Projection};
+use crate::weights::{WeightMap, WeightMode, Weights};
+use crate::Error;
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
+
+/// Which computation path a forward pass takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Fused kernels, quantized weights allowed, no gradient bookkeeping needed.
+    Inference,
+    /// Differentiable ops only; LoRA dropout drawn from `dropout_seed` when given.
+    Train { dropout_seed: Option<u64> },
+}
+
+/// Which positions get logits (the LM head is the largest matmul of a small model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// No logits, only hidden states (value heads, reward models).
+    None,
+    /// Every position: `[batch, seq, vocab]`.
+    All,
+    /// Each row's last real token: `[batch, vocab]`.
+    Last,
+    /// Chosen `(row, column)` pairs: `[n, vocab]`.
+    Positions(Vec<(usize, usize)>),
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone)]
+pub struct DecoderOutput {
+    /// Final hidden states after the last norm, `[batch, seq, hidden]`: the value-head hook.
+    pub hidden: Tensor,
+    /// Logits as requested by [`LogitsAt`] (`None` for [`LogitsAt::None`]).
+    pub logits: Option<Tensor>,
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn new(w: &Weights, eps: f64) -> Result<Self, Error> {
+        Ok(Self { weight: w.dense("weight")?, eps: eps as f32 })
+    }
+
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor, Error> {
+        Ok(match mode {
+            Mode::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?,
+            Mode::Train { .. } => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
+        })
+    }
+}
+
+/// Per-forward state every layer reads.
+struct LayerCtx<'a> {
+    mode: Mode,
+    adapter: Option<&'a LoraAdapter>,
+    /// Additive attention mask `[batch, 1, 1, seq, keys]`.
+    mask: Tensor,
+    /// `[batch, seq, head_dim/2]`
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl LayerCtx<'_> {
+    /// A frozen projection plus its LoRA delta, if the adapter targets it.
+    fn project(&self, linear: &FrozenLinear, layer: usize, proj: Projection, x: &Tensor) -> Result<Tensor, Error> {
+        let base = match self.mode {
+            Mode::Inference => linear.forward_inference(x)?,
+            Mode::Train { .. } => linear.forward_train(x)?,
+        };
+        let Some(adapter) = self.adapter else { return Ok(base) };
+        let Some(pair) = adapter.pair(layer, proj) else { return Ok(base) };
+        let cfg = adapter.config();
+        let x = match self.mode {
+            Mode::Train { dropout_seed: Some(seed) } if cfg.dropout > 0.0 => {
+                let site = seed ^ ((layer as u64) << 32) ^ ((proj as u64 + 1) << 56);
+                x.broadcast_mul(&dropout_mask(x.dims(), cfg.dropout, site, x.dtype(), x.device())?)?
+            }
+            _ => x.clone(),
+        };
+        let delta = (matmul_wt(&matmul_wt(&x, &pair.a)?, &pair.b)? * cfg.scaling())?;
+        Ok((base + delta)?)
+    }
+
+    fn rope(&self, x: &Tensor) -> Result<Tensor, Error> {
+        Ok(match self.mode {
+            Mode::Inference => candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)?,
+            Mode::Train { .. } => {
+                // x·cos + rotate_half(x)·sin with per-row positions, differentiable.
+                let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?.unsqueeze(1)?;
+                let sin = Tensor::cat(&[&self.sin, &self.sin], D::Minus1)?.unsqueeze(1)?;
+                let half = x.dim(D::Minus1)? / 2;
+                let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+                (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?
+            }
+        })
+    }
+
+    fn softmax(&self, x: &Tensor) -> Result<Tensor, Error> {
+        Ok(match self.mode {
+            Mode::Inference => candle_nn::ops::softmax_last_dim(x)?,
+            Mode::Train { .. } => candle_nn::ops::softmax(x, D::Minus1)?,
+        })
+    }
+}
+
+struct Attention {
+    q_proj: FrozenLinear,
+    k_proj: FrozenLinear,
+    v_proj: FrozenLinear,
+    o_proj: FrozenLinear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &DecoderConfig, w: &Weights) -> Result<Self, Error> {
+        Ok(Self {
+            q_proj: w.pp("q_proj").linear(cfg.attention_bias)?,
+            k_proj: w.pp("k_proj").linear(cfg.attention_bias)?,
+            v_proj: w.pp("v_proj").linear(cfg.attention_bias)?,
+            o_proj: w.pp("o_proj").linear(false)?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, layer: usize, ctx: &LayerCtx, cache: Option<&mut KvCache>) -> Result<Tensor, Error> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor, Error> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
+        let q = ctx.rope(&heads(ctx.project(&self.q_proj, layer, Projection::Q, x)?, nh)?)?;
+        let k = ctx.rope(&heads(ctx.project(&self.k_proj, layer, Projection::K, x)?, nkv)?)?;
+        let v = heads(ctx.project(&self.v_proj, layer, Projection::V, x)?, nkv)?;
+        let (k, v) = match cache {
+            Some(cache) => {
+                let kv = match cache.layer(layer) {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                    None => (k, v),
+                };
+                cache.set_layer(layer, kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let keys = k.dim(2)?;
+        // Grouped-query attention without copying K/V: the query heads that share a KV head
+        // are stacked along the sequence axis.
+        let rep = nh / nkv;
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.reshape((b, nkv, rep, t, keys))?.broadcast_add(&ctx.mask)?;
+        let probs = ctx.softmax(&scores)?.reshape((b, nkv, rep * t, keys))?;
+        let y = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        ctx.project(&self.o_proj, layer, Projection::O, &y)
+    }
+}
+
+struct Mlp {
+    gate_proj: FrozenLinear,
+    up_proj: FrozenLinear,
+    down_proj: FrozenLinear,
+}
+
+impl Mlp {
+    fn new(w: &Weights) -> Result<Self, Error> {
+        Ok(Self { gate_proj: w.pp("gate_proj").linear(false)?, up_proj: w.pp("up_proj").linear(false)?, down_proj: w.pp("down_proj").linear(false)? })
+    }
+
+    fn forward(&self, x: &Tensor, layer: usize, ctx: &LayerCtx) -> Result<Tensor, Error> {
+        let gate = ctx.project(&self.gate_proj, layer, Projection::Gate, x)?.silu()?;
+        let up = ctx.project(&self.up_proj, layer, Projection::Up, x)?;
+        ctx.project(&self.down_proj, layer, Projection::Down, &(gate * up)?)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &DecoderConfig, w: &Weights) -> Result<Self, Error> {
+        Ok(Self {
+            input_layernorm: RmsNorm::new(&w.pp("input_layernorm"), cfg.rms_norm_eps)?,
+            self_attn: Attention::new(cfg, &w.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(&w.pp("post_attention_layernorm"), cfg.rms_norm_eps)?,
+            mlp: Mlp::new(&w.pp("mlp"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, layer: usize, ctx: &LayerCtx, cache: Option<&mut KvCache>) -> Result<Tensor, Error> {
+        let h = self.input_layernorm.forward(x, ctx.mode)?;
+        let x = (x + self.self_attn.forward(&h, layer, ctx, cache)?)?;
+        let h = self.post_attention_layernorm.forward(&x, ctx.mode)?;
+        Ok((&x + self.mlp.forward(&h, layer, ctx)?)?)
+    }
+
+    fn linear(&self, proj: Projection) -> &FrozenLinear {
+        match proj {
+            Projection::Q => &self.self_attn.q_proj,
+            Projection::K => &self.self_attn.k_proj,
+            Projection::V => &self.self_attn.v_proj,
+            Projection::O => &self.self_attn.o_proj,
+            Projection::Gate => &self.mlp.gate_proj,
+            Projection::Up => &self.mlp.up_proj,
+            Projection::Down => &self.mlp.down_proj,
+        }
+    }
+
+    fn linear_mut(&mut self, proj: Projection) -> &mut FrozenLinear {
+        match proj {
+            Projection::Q => &mut self.self_attn.q_proj,
+            Projection::K => &mut self.self_attn.k_proj,
+            Projection::V => &mut self.self_attn.v_proj,
+            Projection::O => &mut self.self_attn.o_proj,
+            Projection::Gate => &mut self.mlp.gate_proj,
+            Projection::Up => &mut self.mlp.up_proj,
+            Projection::Down => &mut self.mlp.down_proj,
+        }
+    }
+}
+
+/// Rotary position embedding frequencies.
+struct Rope {
+    inv_freq: Vec<f64>,
+}
+
+impl Rope {
+    fn new(cfg: &DecoderConfig) -> Self {
+        let d = cfg.head_dim;
+        let inv_freq = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
+        Self { inv_freq }
+    }
+
+    /// `cos`, `sin` of shape `[batch, seq, head_dim/2]` for per-row positions.
+    fn cos_sin(&self, positions: &[Vec<usize>], dtype: DType, device: &Device) -> Result<(Tensor, Tensor), Error> {
+        let (b, t, h) = (positions.len(), positions[0].len(), self.inv_freq.len());
+        let mut cos = Vec::with_capacity(b * t * h);
+        let mut sin = Vec::with_capacity(b * t * h);
+        for &p in positions.iter().flatten() {
+            for &f in &self.inv_freq {
+                let angle = p as f64 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let to = |v: Vec<f64>| -> Result<Tensor, Error> { Ok(Tensor::from_vec(v, (b, t, h), device)?.to_dtype(dtype)?) };
+        Ok((to(cos)?, to(sin)?))
+    }
+}
+
+/// A decoder-only language model with frozen base weights.
+pub struct Decoder {
+    cfg: DecoderConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: FrozenLinear,
+    rope: Rope,
+    mode: WeightMode,
+    dtype: DType,
+    device: Device,
+}
+
+/// Additive mask value for disallowed keys; finite so an all-masked padding row gives no NaN.
+const MASKED: f64 = -1e9;
+
+impl Decoder {
+    /// Builds the model from weights named as in Hugging Face checkpoints.
+    pub fn new(cfg: DecoderConfig, weights: &WeightMap) -> Result<Self, Error> {
+        cfg.validate().map_err(Error::Invalid)?;
+        let model = weights.pp("model");
+        let embed_tokens = model.dense("embed_tokens.weight")?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::new(&cfg, &model.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let norm = RmsNorm::new(&model.pp("norm"), cfg.rms_norm_eps)?;
+        let lm_head = if weights.contains("lm_head.weight") && !cfg.tie_word_embeddings {
+            weights.pp("lm_head").linear(false)?
+        } else {
+            FrozenLinear::new(weights.base_weight("model.embed_tokens.weight")?, None)?
+        };
+        let (e_rows, e_cols) = embed_tokens.dims2()?;
+        if (e_rows, e_cols) != (cfg.vocab_size, cfg.hidden_size) {
+            return Err(Error::Invalid(format!(
+                "embedding is [{e_rows}, {e_cols}], config says [{}, {}]",
+                cfg.vocab_size, cfg.hidden_size
+            )));
+        }
+        Ok(Self {
+            rope: Rope::new(&cfg),
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            mode: weights.mode(),
+            dtype: weights.dtype(),
+            device: weights.device().clone(),
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    /// Dense or quantized base weights.
+    pub fn weight_mode(&self) -> WeightMode {
+        self.mode
+    }
+
+    /// Compute dtype of activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs the model over `batch`, appending to `cache` when given.
+    ///
+    /// Rotary positions continue from the real tokens already in the cache, so left or right
+    /// padding, incremental decoding and a shared prefix all give each real token the position
+    /// it would have in its own unpadded sequence.
+    pub fn forward(
+        &self,
+        batch: &TokenBatch,
+        mut cache: Option<&mut KvCache>,
+        adapter: Option<&LoraAdapter>,
+        mode: Mode,
+        logits_at: LogitsAt,
+    ) -> Result<DecoderOutput, Error> {
+        let (b, t) = (batch.batch_size(), batch.seq_len());
+        let (past_mask, past_lens) = match cache.as_deref() {
+            Some(c) if c.batch_size() > 0 => {
+                if c.batch_size() != b {
+                    return Err(Error::Invalid(format!("cache has {} rows, batch has {b}", c.batch_size())));
+                }
+                (c.mask().to_vec(), c.real_lens())
+            }
+            _ => (vec![Vec::new(); b], vec![0; b]),
+        };
+        let positions = positions(batch.mask(), &past_lens);
+        if let Some(max) = positions.iter().flatten().max() {
+            if *max >= self.cfg.max_position_embeddings {
+                return Err(Error::Invalid(format!(
+                    "position {max} exceeds the model's context of {} tokens",
+                    self.cfg.max_position_embeddings
+                )));
+            }
+        }
+        let (cos, sin) = self.rope.cos_sin(&positions, self.dtype, &self.device)?;
+        let mask = attention_mask(&past_mask, batch.mask(), self.dtype, &self.device)?;
+        let ctx = LayerCtx { mode, adapter, mask, cos, sin };
+
+        let mut x = self.embed_tokens.embedding(&batch.ids_tensor(&self.device)?.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, i, &ctx, cache.as_deref_mut())?;
+        }
+        if let Some(c) = cache {
+            c.append_mask(batch.mask());
+        }
+        let hidden = self.norm.forward(&x, mode)?;
+        let head = |h: &Tensor| -> Result<Tensor, Error> {
+            Ok(match mode {
+                Mode::Inference => self.lm_head.forward_inference(h)?,
+                Mode::Train { .. } => self.lm_head.forward_train(h)?,
+            })
+        };
+        let logits = match logits_at {
+            LogitsAt::None => None,
+            LogitsAt::All => Some(head(&hidden)?),
+            LogitsAt::Last => {
+                let cols: Vec<(usize, usize)> = batch.last_real().iter().enumerate().map(|(r, c)| (r, c.unwrap_or(t - 1))).collect();
+                Some(head(&gather_positions(&hidden, &cols)?)?)
+            }
+            LogitsAt::Positions(pos) => Some(head(&gather_positions(&hidden, &pos)?)?),
+        };
+        Ok(DecoderOutput { hidden, logits })
+    }
+
+    /// A copy of the model with the adapter's deltas added into the base weights: one adapter
+    /// at full base-model speed. Quantized weights are dequantized, summed and re-quantized to
+    /// their original block type.
+    pub fn merged(&self, adapter: &LoraAdapter) -> Result<Self, Error> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut layer = layer.clone_shallow();
+            for &proj in &adapter.config().targets {
+                let Some(delta) = adapter.delta(i, proj)? else { continue };
+                let linear = layer.linear(proj);
+                let merged = match linear.weight() {
+                    BaseWeight::Dense(w) => BaseWeight::Dense((w + delta.to_dtype(w.dtype())?)?),
+                    BaseWeight::Quantized(q) => {
+                        let w = (q.dequantize(&self.device)? + delta.to_dtype(DType::F32)?)?;
+                        BaseWeight::Quantized(Arc::new(QTensor::quantize(&w, q.dtype())?))
+                    }
+                };
+                *layer.linear_mut(proj) = FrozenLinear::new(merged, linear.bias().cloned())?;
+            }
+            layers.push(layer);
+        }
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            embed_tokens: self.embed_tokens.clone(),
+            layers,
+            norm: RmsNorm { weight: self.norm.weight.clone(), eps: self.norm.eps },
+            lm_head: self.lm_head.clone(),
+            rope: Rope::new(&self.cfg),
+            mode: self.mode,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
+    }
+
+    /// Every base tensor as dense f32 with its Hugging Face name (for export).
+    pub fn dense_state(&self) -> Result<Vec<(String, Tensor)>, Error> {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let mut out = vec![("model.embed_tokens.weight".to_string(), f32(&self.embed_tokens)?), ("model.norm.weight".to_string(), f32(&self.norm.weight)?)];
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), self.lm_head.weight().to_dense(DType::F32)?));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), f32(&layer.input_layernorm.weight)?));
+            out.push((format!("{p}.post_attention_layernorm.weight"), f32(&layer.post_attention_layernorm.weight)?));
+            for proj in Projection::ALL {
+                let linear = layer.linear(proj);
+                out.push((format!("{p}.{}.weight", proj.module_path()), linear.weight().to_dense(DType::F32)?));
+                if let Some(bias) = linear.bias() {
+                    out.push((format!("{p}.{}.bias", proj.module_path()), f32(bias)?));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl DecoderLayer {
+    fn clone_shallow(&self) -> Self {
+        let norm = |n: &RmsNorm| RmsNorm { weight: n.weight.clone(), eps: n.eps };
+        let a = &self.self_attn;
+        Self {
+            input_layernorm: norm(&self.input_layernorm),
+            self_attn: Attention {
+                q_proj: a.q_proj.clone(),
+                k_proj: a.k_proj.clone(),
+                v_proj: a.v_proj.clone(),
+                o_proj: a.o_proj.clone(),
+                num_heads: a.num_heads,
+                num_kv_heads: a.num_kv_heads,
+                head_dim: a.head_dim,
+            },
+            post_attention_layernorm: norm(&self.post_attention_layernorm),
+            mlp: Mlp { gate_proj: self.mlp.gate_proj.clone(), up_proj: self.mlp.up_proj.clone(), down_proj: self.mlp.down_proj.clone() },
+        }
+    }
+}
+
+/// Rotary position of every new token: real tokens already cached plus real tokens before it
+/// in this block. Padding entries repeat the neighbouring position (they are masked anyway).
+fn positions(mask: &[Vec<bool>], past_lens: &[usize]) -> Vec<Vec<usize>> {
+    mask.iter()
+        .zip(past_lens)
+        .map(|(row, &past)| {
+            let mut seen = 0usize;
+            row.iter()
+                .map(|&real| {
+                    if real {
+                        seen += 1;
+                    }
+                    past + seen.saturating_sub(1)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `[batch, 1, 1, seq, past + seq]` additive mask: causal over the new tokens, padding keys
+/// hidden everywhere. A padding query may see itself so its row is never fully masked.
+fn attention_mask(past: &[Vec<bool>], new: &[Vec<bool>], dtype: DType, device: &Device) -> Result<Tensor, Error> {
+    let (b, t) = (new.len(), new[0].len());
+    let p = past.first().map(Vec::len).unwrap_or(0);
+    let keys = p + t;
+    let mut m = vec![MASKED as f32; b * t * keys];
+    for r in 0..b {
+        for i in 0..t {
+            let row = &mut m[(r * t + i) * keys..(r * t + i + 1) * keys];
+            for (j, &real) in past[r].iter().enumerate() {
+                if real {
+                    row[j] = 0.0;
+                }
+            }
+            for j in 0..=i {
+                if new[r][j] || j == i && !new[r][i] {
+                    row[p + j] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (b, 1, 1, t, keys), device)?.to_dtype(dtype)?)
+}
+
+/// Rows `hidden[r, c]` for each `(r, c)`, stacked to `[n, hidden]`.
+fn gather_positions(hidden: &Tensor, positions: &[(usize, usize)]) -> Result<Tensor, Error> {
+    let (b, t, h) = hidden.dims3()?;
+    let mut idx = Vec::with_capacity(positions.len());
+    for &(r, c) in positions {
+        if r >= b || c >= t {
+            return Err(Error::Invalid(format!("position ({r}, {c}) outside a [{b}, {t}] batch")));
+        }
+        idx.push((r * t + c) as u32);
+    }
+    let idx = Tensor::from_vec(idx, positions.len(), hidden.device())?;
+    Ok(hidden.reshape((b * t, h))?.index_select(&idx, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_follow_real_tokens() {
+        let mask = vec![vec![false, false, true, true], vec![true, true, true, false]];
+        assert_eq!(positions(&mask, &[0, 0]), vec![vec![0, 0, 0, 1], vec![0, 1, 2, 2]]);
+        assert_eq!(positions(&mask, &[5, 2]), vec![vec![5, 5, 5, 6], vec![2, 3, 4, 4]]);
+    }
+
+    #[test]
+    fn mask_is_causal_and_hides_padding() {
+        let m = attention_mask(&[vec![true, false]], &[vec![true, true]], DType::F32, &Device::Cpu).unwrap();
+        let m: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+        // keys: past0 (real), past1 (pad), new0, new1
+        let x = MASKED as f32;
+        assert_eq!(m, vec![0.0, x, 0.0, x, 0.0, x, 0.0, 0.0]);
+    }
+}

@@ -1,0 +1,202 @@
+//! GGUF files: hyper-parameters, tokenizer and weights all from the file, read through a
+//! memory map.
+
+use crate::chat::ChatTemplate;
+use crate::config::{Arch, DecoderConfig};
+use crate::decoder::Decoder;
+use crate::linear::BaseWeight;
+use crate::load::{LoadedModel, SpecialTokens};
+use crate::tokenizer::{self, GgufVocab};
+use crate::weights::{WeightMap, WeightMode};
+use crate::Error;
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, QTensor};
+use candle_core::{DType, Device};
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+
+struct Metadata<'a> {
+    map: &'a HashMap<String, Value>,
+}
+
+impl Metadata<'_> {
+    fn get(&self, key: &str) -> Result<&Value, Error> {
+        self.map.get(key).ok_or_else(|| Error::Format(format!("GGUF metadata has no {key}")))
+    }
+    fn usize(&self, key: &str) -> Result<usize, Error> {
+        let v = self.get(key)?;
+        Ok(v.to_u64().or_else(|_| v.to_u32().map(u64::from)).or_else(|_| v.to_i32().map(|x| x as u64))? as usize)
+    }
+    fn f64(&self, key: &str) -> Result<f64, Error> {
+        let v = self.get(key)?;
+        Ok(v.to_f32().map(f64::from).or_else(|_| v.to_f64())?)
+    }
+    fn string(&self, key: &str) -> Result<String, Error> {
+        Ok(self.get(key)?.to_string()?.clone())
+    }
+    fn strings(&self, key: &str) -> Result<Vec<String>, Error> {
+        self.get(key)?.to_vec()?.iter().map(|v| Ok(v.to_string()?.clone())).collect()
+    }
+    fn opt_u32(&self, key: &str) -> Option<u32> {
+        self.map.get(key).and_then(|v| v.to_u32().ok())
+    }
+}
+
+/// The decoder hyper-parameters in a GGUF file's metadata.
+fn config(md: &Metadata, vocab_size: usize, has_output: bool) -> Result<DecoderConfig, Error> {
+    let arch_name = md.string("general.architecture")?;
+    let arch = Arch::from_name(&arch_name)
+        .ok_or_else(|| Error::Format(format!("GGUF architecture {arch_name:?} is not supported (llama, qwen2 are)")))?;
+    let a = |k: &str| format!("{arch_name}.{k}");
+    let hidden_size = md.usize(&a("embedding_length"))?;
+    let num_heads = md.usize(&a("attention.head_count"))?;
+    let cfg = DecoderConfig {
+        arch,
+        vocab_size,
+        hidden_size,
+        intermediate_size: md.usize(&a("feed_forward_length"))?,
+        num_layers: md.usize(&a("block_count"))?,
+        num_heads,
+        num_kv_heads: md.usize(&a("attention.head_count_kv")).unwrap_or(num_heads),
+        head_dim: md.usize(&a("rope.dimension_count")).unwrap_or(hidden_size / num_heads),
+        rope_theta: md.f64(&a("rope.freq_base")).unwrap_or(10_000.0),
+        rms_norm_eps: md.f64(&a("attention.layer_norm_rms_epsilon"))?,
+        max_position_embeddings: md.usize(&a("context_length"))?,
+        tie_word_embeddings: !has_output,
+        attention_bias: arch == Arch::Qwen2,
+    };
+    cfg.validate().map_err(Error::Format)?;
+    Ok(cfg)
+}
+
+/// Hugging Face name of a GGUF tensor.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let module = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+}
+
+/// Undoes llama.cpp's rotary row order for Llama Q/K (`w.reshape(heads, hd/2, 2, in)
+/// .swap(1, 2)`), so the weights are in Hugging Face order and work with half-rotation
+/// rope and PEFT adapters. Works on the raw rows, so quantized blocks stay as they are.
+fn unpermute_rows(t: &QTensor, heads: usize, device: &Device) -> Result<QTensor, Error> {
+    let dims = t.shape().dims().to_vec();
+    let rows = dims[0];
+    if rows % heads != 0 || (rows / heads) % 2 != 0 {
+        return Err(Error::Format(format!("cannot split {rows} rows into {heads} rotary heads")));
+    }
+    let hd = rows / heads;
+    let half = hd / 2;
+    let raw = t.data()?;
+    let row_bytes = raw.len() / rows;
+    let mut out = vec![0u8; raw.len()];
+    for h in 0..heads {
+        for s in 0..2 {
+            for j in 0..half {
+                let dst = h * hd + s * half + j;
+                let src = h * hd + 2 * j + s;
+                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&raw[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    Ok(qtensor_from_ggml(t.dtype(), &out, dims, device)?)
+}
+
+/// Loads a GGUF model file.
+pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -> Result<LoadedModel, Error> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the file is opened read-only and not modified while mapped.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let mut reader = Cursor::new(&mmap[..]);
+    let content = Content::read(&mut reader).map_err(|e| Error::Format(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+    let md = Metadata { map: &content.metadata };
+
+    let vocab = GgufVocab {
+        model: md.string("tokenizer.ggml.model")?,
+        pre: md.string("tokenizer.ggml.pre").unwrap_or_else(|_| "default".into()),
+        tokens: md.strings("tokenizer.ggml.tokens")?,
+        merges: md.strings("tokenizer.ggml.merges")?,
+        token_types: md.get("tokenizer.ggml.token_type")?.to_vec()?.iter().map(|v| v.to_i32()).collect::<Result<_, _>>()?,
+    };
+    let tok = tokenizer::from_gguf_vocab(&vocab)?;
+    let special = SpecialTokens {
+        bos: md.opt_u32("tokenizer.ggml.bos_token_id"),
+        eos: md.opt_u32("tokenizer.ggml.eos_token_id"),
+        pad: md.opt_u32("tokenizer.ggml.padding_token_id"),
+        add_bos: md.map.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+        stop: Vec::new(),
+    }
+    .with_stop_tokens(&tok);
+    let chat_template_source = md.string("tokenizer.chat_template").ok();
+    let chat = chat_template_source.as_deref().and_then(ChatTemplate::from_jinja);
+
+    let cfg = config(&md, vocab.tokens.len(), content.tensor_infos.contains_key("output.weight"))?;
+    let mut tensors = HashMap::new();
+    for gguf_name in content.tensor_infos.keys() {
+        let Some(name) = hf_name(gguf_name) else { continue };
+        let mut t = content.tensor(&mut reader, gguf_name, device)?;
+        if cfg.arch == Arch::Llama {
+            if name.ends_with("q_proj.weight") {
+                t = unpermute_rows(&t, cfg.num_heads, device)?;
+            } else if name.ends_with("k_proj.weight") {
+                t = unpermute_rows(&t, cfg.num_kv_heads, device)?;
+            }
+        }
+        let w = match mode {
+            WeightMode::Quantized if t.rank() == 2 => BaseWeight::Quantized(Arc::new(t)),
+            _ => BaseWeight::Dense(t.dequantize(device)?.to_dtype(dtype)?),
+        };
+        tensors.insert(name, w);
+    }
+    let model = Decoder::new(cfg, &WeightMap::new(tensors, mode, dtype, device.clone()))?;
+    Ok(LoadedModel { model, tokenizer: tok, special, chat, chat_template_source, path: path.to_path_buf() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_hugging_face() {
+        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.attn_k.bias").unwrap(), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(hf_name("blk.11.ffn_down.weight").unwrap(), "model.layers.11.mlp.down_proj.weight");
+        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_the_gguf_row_order() {
+        // 2 heads of dim 4, 1 column: HF rows r; GGUF row order per head is [0, 2, 1, 3].
+        let hf: Vec<f32> = (0..8).map(|x| x as f32).collect();
+        let gguf: Vec<f32> = vec![0., 2., 1., 3., 4., 6., 5., 7.];
+        let t = candle_core::Tensor::from_vec(gguf, (8, 1), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32).unwrap();
+        let back = unpermute_rows(&q, 2, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
+        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), hf);
+    }
+}

@@ -1,0 +1,51 @@
+//! LoRA-ready decoder-only language models for Verdict.
+//!
+//! - [`decoder`]: the Llama / Qwen2 transformer with an inference path (fused kernels,
+//!   quantized weights) and a training path (differentiable ops, gradients only for LoRA).
+//! - [`lora`]: adapters kept apart from the base weights.
+//! - [`load`]: GGUF files and Hugging Face directories, with their tokenizers.
+
+pub mod batch;
+pub mod chat;
+pub mod config;
+pub mod decoder;
+pub mod generate;
+pub mod gguf;
+pub mod hf;
+pub mod linear;
+pub mod load;
+pub mod lora;
+pub mod random;
+pub mod tokenizer;
+pub mod weights;
+
+pub use batch::{KvCache, Padding, TokenBatch};
+pub use chat::{ChatMessage, ChatTemplate};
+pub use config::{Arch, DecoderConfig};
+pub use decoder::{Decoder, DecoderOutput, LogitsAt, Mode};
+pub use load::{load_model, LoadedModel, SpecialTokens};
+pub use lora::{LoraAdapter, LoraConfig, Projection};
+pub use weights::WeightMode;
+
+/// Errors from loading and running models.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    #[error("tensor {0} is missing from the weights")]
+    MissingTensor(String),
+    #[error("{0}")]
+    Format(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io { path: path.to_path_buf(), source }
+    }
+}

@@ -1,0 +1,175 @@
+//! Frozen base projections (`y = x Wᵀ + b`) in dense or quantized form.
+//!
+//! Base weights never train. candle's matmul backward always computes the gradient of both
+//! operands, so a plain `x.matmul(w)` on the training path would allocate and compute a
+//! full-size gradient for every frozen weight. [`FrozenMatmul`] is a custom op whose backward
+//! returns only the input gradient.
+
+use candle_core::backend::BackendStorage;
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Storage, Tensor};
+use std::sync::Arc;
+
+/// A base weight matrix of shape `[out, in]`.
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    /// Dense weights (f32 on CPU): the training path and the accuracy reference.
+    Dense(Tensor),
+    /// GGUF blocks kept as they are, multiplied by candle's quantized kernels (inference only).
+    Quantized(Arc<QTensor>),
+}
+
+impl BaseWeight {
+    /// `(out, in)` of the matrix.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Dense(w) => w.dims2(),
+            Self::Quantized(q) => q.shape().dims2(),
+        }
+    }
+
+    /// The weights as a dense tensor of `dtype` (dequantized if needed).
+    pub fn to_dense(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => w.to_dtype(dtype),
+            Self::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+        }
+    }
+}
+
+/// A frozen linear layer: base weight plus optional bias.
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    weight: BaseWeight,
+    bias: Option<Tensor>,
+    /// For quantized weights, candle's dispatcher (it may hold a dense copy for f16/f32 blocks).
+    qmatmul: Option<Arc<QMatMul>>,
+}
+
+impl FrozenLinear {
+    /// Wraps a base weight `[out, in]` and an optional bias `[out]`.
+    pub fn new(weight: BaseWeight, bias: Option<Tensor>) -> Result<Self> {
+        let qmatmul = match &weight {
+            BaseWeight::Quantized(q) => Some(Arc::new(QMatMul::from_arc(q.clone())?)),
+            BaseWeight::Dense(_) => None,
+        };
+        Ok(Self { weight, bias, qmatmul })
+    }
+
+    /// The base weight.
+    pub fn weight(&self) -> &BaseWeight {
+        &self.weight
+    }
+
+    /// The bias, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Inference forward: fast kernels, no gradient bookkeeping needed.
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match (&self.weight, &self.qmatmul) {
+            (_, Some(q)) => q.forward(x)?,
+            (BaseWeight::Dense(w), None) => matmul_wt(x, w)?,
+            (BaseWeight::Quantized(_), None) => unreachable!("quantized weights always get a QMatMul"),
+        };
+        self.add_bias(y)
+    }
+
+    /// Training forward: gradient flows to `x` only, never to the frozen weight.
+    pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        let BaseWeight::Dense(w) = &self.weight else {
+            candle_core::bail!("training needs dense weights: load the model in dense mode")
+        };
+        let y = x.contiguous()?.apply_op1(FrozenMatmul { weight: w.clone() })?;
+        self.add_bias(y)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `x Wᵀ` for `x` of any rank `[.., in]` and `w` `[out, in]`, as one 2-D matmul.
+pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let (rows, inner) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
+    let (out, _) = w.dims2()?;
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(out);
+    y.reshape(out_dims)
+}
+
+/// `x Wᵀ` with a frozen `W`: the backward pass yields `∂L/∂x = g W` and nothing for `W`.
+struct FrozenMatmul {
+    weight: Tensor,
+}
+
+impl FrozenMatmul {
+    fn fwd<S: BackendStorage>(
+        &self,
+        x: &S,
+        x_layout: &Layout,
+        w: &S,
+        w_layout: &Layout,
+    ) -> Result<(S, Shape)> {
+        let dims = x_layout.dims();
+        let inner = dims[dims.len() - 1];
+        let rows = x_layout.shape().elem_count() / inner.max(1);
+        let (out, w_in) = w_layout.shape().dims2()?;
+        if w_in != inner {
+            candle_core::bail!("frozen matmul: input has {inner} features, weight expects {w_in}")
+        }
+        let Some((x_start, _)) = x_layout.contiguous_offsets() else {
+            candle_core::bail!("frozen matmul: input must be contiguous")
+        };
+        let lhs = Layout::contiguous_with_offset((rows, inner), x_start);
+        let rhs = w_layout.transpose(0, 1)?;
+        let y = x.matmul(w, (1, rows, out, inner), &lhs, &rhs)?;
+        let mut out_dims = dims[..dims.len() - 1].to_vec();
+        out_dims.push(out);
+        Ok((y, Shape::from(out_dims)))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        match &*w_storage {
+            Storage::Cpu(w) => self.fwd(x, layout, w, w_layout),
+            _ => candle_core::bail!("frozen matmul: weight and input on different devices"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        match &*w_storage {
+            Storage::Cuda(w) => self.fwd(x, layout, w, w_layout),
+            _ => candle_core::bail!("frozen matmul: weight and input on different devices"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        let dims = grad_y.dims();
+        let out = dims[dims.len() - 1];
+        let rows = grad_y.elem_count() / out.max(1);
+        let (_, inner) = self.weight.dims2()?;
+        let grad_x = grad_y.reshape((rows, out))?.matmul(&self.weight)?;
+        let mut in_dims = dims[..dims.len() - 1].to_vec();
+        in_dims.push(inner);
+        Ok(Some(grad_x.reshape(in_dims)?))
+    }
+}

@@ -1,0 +1,254 @@
+//! Low-rank adapters (LoRA), kept apart from the base weights so one base serves many adapters.
+//!
+//! A targeted projection computes `y = W x + b + s · B(A(dropout(x)))` with `A: [r, in]`,
+//! `B: [out, r]` and `s = alpha / r` (or `alpha / sqrt(r)` with rsLoRA). Tensor names follow
+//! PEFT (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`).
+
+use crate::config::DecoderConfig;
+use crate::Error;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A projection inside a decoder layer that LoRA can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Projection {
+    /// Every targetable projection.
+    pub const ALL: [Projection; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
+
+    /// PEFT / Hugging Face module name (`q_proj`).
+    pub fn module_name(self) -> &'static str {
+        match self {
+            Self::Q => "q_proj",
+            Self::K => "k_proj",
+            Self::V => "v_proj",
+            Self::O => "o_proj",
+            Self::Gate => "gate_proj",
+            Self::Up => "up_proj",
+            Self::Down => "down_proj",
+        }
+    }
+
+    /// Path inside a decoder layer (`self_attn.q_proj`).
+    pub fn module_path(self) -> String {
+        let parent = match self {
+            Self::Q | Self::K | Self::V | Self::O => "self_attn",
+            Self::Gate | Self::Up | Self::Down => "mlp",
+        };
+        format!("{parent}.{}", self.module_name())
+    }
+
+    /// `(out, in)` of this projection for a model.
+    pub fn dims(self, cfg: &DecoderConfig) -> (usize, usize) {
+        let h = cfg.hidden_size;
+        let q = cfg.num_heads * cfg.head_dim;
+        let kv = cfg.num_kv_heads * cfg.head_dim;
+        match self {
+            Self::Q => (q, h),
+            Self::K | Self::V => (kv, h),
+            Self::O => (h, q),
+            Self::Gate | Self::Up => (cfg.intermediate_size, h),
+            Self::Down => (h, cfg.intermediate_size),
+        }
+    }
+}
+
+impl std::str::FromStr for Projection {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim().trim_end_matches("_proj");
+        Self::ALL
+            .into_iter()
+            .find(|p| p.module_name().trim_end_matches("_proj") == s)
+            .ok_or_else(|| format!("unknown projection {s:?}: use q, k, v, o, gate, up, down"))
+    }
+}
+
+/// LoRA hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// rsLoRA: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
+    pub use_rslora: bool,
+    /// Dropout on the adapter's input during training.
+    pub dropout: f64,
+    pub targets: Vec<Projection>,
+}
+
+impl Default for LoraConfig {
+    /// The method's settings: r 16, alpha 32, rsLoRA, dropout 0.05, on q and v.
+    fn default() -> Self {
+        Self { rank: 16, alpha: 32.0, use_rslora: true, dropout: 0.05, targets: vec![Projection::Q, Projection::V] }
+    }
+}
+
+impl LoraConfig {
+    /// The factor `s` applied to `B A x`.
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+}
+
+/// The two factors of one adapted projection.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// `[rank, in]`
+    pub a: Tensor,
+    /// `[out, rank]`
+    pub b: Tensor,
+}
+
+/// A set of LoRA factors for some layers and projections of one model.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    config: LoraConfig,
+    pairs: BTreeMap<(usize, Projection), LoraPair>,
+    vars: Vec<(String, Var)>,
+}
+
+/// PEFT's tensor name for one factor.
+pub fn peft_tensor_name(layer: usize, proj: Projection, factor: char) -> String {
+    format!("base_model.model.model.layers.{layer}.{}.lora_{factor}.weight", proj.module_path())
+}
+
+impl LoraAdapter {
+    /// A fresh trainable adapter initialised like PEFT: `A` Kaiming-uniform
+    /// (bound `1/sqrt(in)`), `B` zero, so the adapted model starts equal to the base.
+    pub fn init(config: LoraConfig, model: &DecoderConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self, Error> {
+        Self::init_with(config, model, seed, dtype, device, false)
+    }
+
+    /// Like [`LoraAdapter::init`] but `B` is random too: an adapter that changes the model,
+    /// for tests and gradient checks.
+    pub fn init_random(config: LoraConfig, model: &DecoderConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self, Error> {
+        Self::init_with(config, model, seed, dtype, device, true)
+    }
+
+    fn init_with(
+        config: LoraConfig,
+        model: &DecoderConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+        random_b: bool,
+    ) -> Result<Self, Error> {
+        if config.rank == 0 {
+            return Err(Error::Invalid("LoRA rank must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&config.dropout) {
+            return Err(Error::Invalid(format!("LoRA dropout {} is outside [0, 1)", config.dropout)));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut pairs = BTreeMap::new();
+        let mut vars = Vec::new();
+        let r = config.rank;
+        for layer in 0..model.num_layers {
+            for &proj in &config.targets {
+                let (out, inp) = proj.dims(model);
+                let bound_a = 1.0 / (inp as f64).sqrt();
+                let a = uniform(&mut rng, (r, inp), bound_a, dtype, device)?;
+                let b = if random_b {
+                    uniform(&mut rng, (out, r), 1.0 / (r as f64).sqrt(), dtype, device)?
+                } else {
+                    Tensor::zeros((out, r), dtype, device)?
+                };
+                let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+                pairs.insert((layer, proj), LoraPair { a: a.as_tensor().clone(), b: b.as_tensor().clone() });
+                vars.push((peft_tensor_name(layer, proj, 'A'), a));
+                vars.push((peft_tensor_name(layer, proj, 'B'), b));
+            }
+        }
+        Ok(Self { config, pairs, vars })
+    }
+
+    /// An adapter from named tensors in PEFT layout (inference: nothing is trainable).
+    pub fn from_tensors(config: LoraConfig, model: &DecoderConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Self, Error> {
+        let mut pairs = BTreeMap::new();
+        for layer in 0..model.num_layers {
+            for &proj in &config.targets {
+                let get = |factor| {
+                    let name = peft_tensor_name(layer, proj, factor);
+                    tensors.get(&name).cloned().ok_or(Error::MissingTensor(name))
+                };
+                let (a, b) = (get('A')?, get('B')?);
+                let (out, inp) = proj.dims(model);
+                if a.dims() != [config.rank, inp] || b.dims() != [out, config.rank] {
+                    return Err(Error::Invalid(format!(
+                        "layer {layer} {}: LoRA shapes {:?} / {:?} do not fit rank {} on [{out}, {inp}]",
+                        proj.module_name(),
+                        a.dims(),
+                        b.dims(),
+                        config.rank
+                    )));
+                }
+                pairs.insert((layer, proj), LoraPair { a, b });
+            }
+        }
+        Ok(Self { config, pairs, vars: Vec::new() })
+    }
+
+    /// Hyper-parameters.
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+
+    /// The factors of one projection, if adapted.
+    pub fn pair(&self, layer: usize, proj: Projection) -> Option<&LoraPair> {
+        self.pairs.get(&(layer, proj))
+    }
+
+    /// The trainable variables with their PEFT names (empty for a loaded adapter).
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// All factors with their PEFT names, for saving.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(self.pairs.len() * 2);
+        for (&(layer, proj), pair) in &self.pairs {
+            out.push((peft_tensor_name(layer, proj, 'A'), pair.a.clone()));
+            out.push((peft_tensor_name(layer, proj, 'B'), pair.b.clone()));
+        }
+        out
+    }
+
+    /// The dense weight delta `s · B A` of one projection.
+    pub fn delta(&self, layer: usize, proj: Projection) -> Result<Option<Tensor>, Error> {
+        match self.pair(layer, proj) {
+            Some(p) => Ok(Some((p.b.matmul(&p.a)? * self.config.scaling())?)),
+            None => Ok(None),
+        }
+    }
+}
+
+fn uniform(rng: &mut ChaCha8Rng, shape: (usize, usize), bound: f64, dtype: DType, device: &Device) -> Result<Tensor, Error> {
+    let data: Vec<f64> = (0..shape.0 * shape.1).map(|_| rng.random_range(-bound..bound)).collect();
+    Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
+}
+
+/// A seeded inverted-dropout mask (`0` or `1/(1-p)`) of `shape`, for LoRA inputs in training.
+pub fn dropout_mask(shape: &[usize], p: f64, seed: u64, dtype: DType, device: &Device) -> Result<Tensor, Error> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p);
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep as f32 }).collect();
+    Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
+}

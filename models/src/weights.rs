@@ -1,0 +1,127 @@
+//! Named base weights, spelled with Hugging Face tensor names whatever file they came from, so
+//! that the model code reads like the checkpoint (`model.layers.3.self_attn.q_proj.weight`).
+
+use crate::linear::{BaseWeight, FrozenLinear};
+use crate::Error;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// How base weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightMode {
+    /// Everything dequantized to dense floats: training and the accuracy reference.
+    #[default]
+    Dense,
+    /// Projection matrices kept as GGUF blocks (norms, biases and the embedding lookup stay
+    /// dense): fastest inference and smallest memory.
+    Quantized,
+}
+
+impl std::str::FromStr for WeightMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "dense" | "f32" => Ok(Self::Dense),
+            "quantized" | "q" => Ok(Self::Quantized),
+            _ => Err(format!("unknown weight mode {s:?} (dense or quantized)")),
+        }
+    }
+}
+
+/// All base tensors of a model, by Hugging Face name.
+pub struct WeightMap {
+    tensors: HashMap<String, BaseWeight>,
+    mode: WeightMode,
+    dtype: DType,
+    device: Device,
+}
+
+impl WeightMap {
+    /// Wraps loaded tensors. Dense tensors are converted to `dtype`.
+    pub fn new(tensors: HashMap<String, BaseWeight>, mode: WeightMode, dtype: DType, device: Device) -> Self {
+        Self { tensors, mode, dtype, device }
+    }
+
+    /// The mode the model will run in.
+    pub fn mode(&self) -> WeightMode {
+        self.mode
+    }
+
+    /// Dense compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device of the tensors.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Names of all tensors.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    /// A view that prefixes names, like candle's `VarBuilder::pp`.
+    pub fn pp(&self, prefix: impl ToString) -> Weights<'_> {
+        Weights { map: self, prefix: prefix.to_string() }
+    }
+
+    fn get(&self, name: &str) -> Result<&BaseWeight, Error> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor(name.to_string()))
+    }
+
+    /// The tensor as a dense tensor of the compute dtype (dequantized if needed).
+    pub fn dense(&self, name: &str) -> Result<Tensor, Error> {
+        Ok(self.get(name)?.to_dense(self.dtype)?)
+    }
+
+    /// The tensor as a linear weight, quantized or dense according to the mode.
+    pub fn base_weight(&self, name: &str) -> Result<BaseWeight, Error> {
+        let w = self.get(name)?;
+        Ok(match (self.mode, w) {
+            (WeightMode::Quantized, BaseWeight::Quantized(q)) => BaseWeight::Quantized(Arc::clone(q)),
+            (_, w) => BaseWeight::Dense(w.to_dense(self.dtype)?),
+        })
+    }
+}
+
+/// A prefixed view of a [`WeightMap`].
+pub struct Weights<'a> {
+    map: &'a WeightMap,
+    prefix: String,
+}
+
+impl<'a> Weights<'a> {
+    /// Extends the prefix: `pp("self_attn")`.
+    pub fn pp(&self, name: impl ToString) -> Weights<'a> {
+        Weights { map: self.map, prefix: self.path(&name.to_string()) }
+    }
+
+    /// Full name of a child tensor.
+    pub fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// A dense tensor (norm weights, embeddings).
+    pub fn dense(&self, name: &str) -> Result<Tensor, Error> {
+        self.map.dense(&self.path(name))
+    }
+
+    /// A linear layer `{prefix}.weight` (and `{prefix}.bias` when `bias`).
+    pub fn linear(&self, bias: bool) -> Result<FrozenLinear, Error> {
+        let weight = self.map.base_weight(&self.path("weight"))?;
+        let bias = if bias { Some(self.dense("bias")?) } else { None };
+        Ok(FrozenLinear::new(weight, bias)?)
+    }
+}
