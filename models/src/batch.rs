@@ -150,7 +150,10 @@ impl KvCache {
     /// A one-row cache repeated for `rows` rows (a shared prefix for a whole batch).
     pub fn expand_batch(&self, rows: usize) -> Result<Self, Error> {
         if self.batch_size() != 1 {
-            return Err(Error::Invalid(format!("only a one-row cache can be expanded, this has {}", self.batch_size())));
+            return Err(Error::Invalid(format!(
+                "only a one-row cache can be expanded, this has {}",
+                self.batch_size()
+            )));
         }
         let expand = |t: &Tensor| -> Result<Tensor, Error> {
             let mut dims = t.dims().to_vec();

@@ -60,13 +60,13 @@ impl DecoderConfig {
 
     /// Checks the invariants the forward pass relies on.
     pub fn validate(&self) -> Result<(), String> {
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "{} query heads are not a multiple of {} key/value heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head dimension {} must be even for rotary embeddings", self.head_dim));
         }
         if self.hidden_size == 0 || self.num_layers == 0 || self.vocab_size == 0 {
@@ -118,10 +118,7 @@ impl DecoderConfig {
         let arch = Arch::from_name(model_type)
             .ok_or_else(|| format!("unsupported model_type {model_type:?} (llama and qwen2 are)"))?;
         let usize_of = |key: &str| -> Result<usize, String> {
-            v[key]
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| format!("config.json: missing or non-integer {key}"))
+            v[key].as_u64().map(|x| x as usize).ok_or_else(|| format!("config.json: missing or non-integer {key}"))
         };
         let hidden_size = usize_of("hidden_size")?;
         let num_heads = usize_of("num_attention_heads")?;

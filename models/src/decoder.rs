@@ -104,7 +104,10 @@ impl LayerCtx<'_> {
                 let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?.unsqueeze(1)?;
                 let sin = Tensor::cat(&[&self.sin, &self.sin], D::Minus1)?.unsqueeze(1)?;
                 let half = x.dim(D::Minus1)? / 2;
-                let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+                let rotated = Tensor::cat(
+                    &[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?],
+                    D::Minus1,
+                )?;
                 (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?
             }
         })
@@ -144,7 +147,9 @@ impl Attention {
     fn forward(&self, x: &Tensor, layer: usize, ctx: &LayerCtx, cache: Option<&mut KvCache>) -> Result<Tensor, Error> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor, Error> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
+        let heads = |y: Tensor, n: usize| -> Result<Tensor, Error> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
         let q = ctx.rope(&heads(ctx.project(&self.q_proj, layer, Projection::Q, x)?, nh)?)?;
         let k = ctx.rope(&heads(ctx.project(&self.k_proj, layer, Projection::K, x)?, nkv)?)?;
         let v = heads(ctx.project(&self.v_proj, layer, Projection::V, x)?, nkv)?;
@@ -180,7 +185,11 @@ struct Mlp {
 
 impl Mlp {
     fn new(w: &Weights) -> Result<Self, Error> {
-        Ok(Self { gate_proj: w.pp("gate_proj").linear(false)?, up_proj: w.pp("up_proj").linear(false)?, down_proj: w.pp("down_proj").linear(false)? })
+        Ok(Self {
+            gate_proj: w.pp("gate_proj").linear(false)?,
+            up_proj: w.pp("up_proj").linear(false)?,
+            down_proj: w.pp("down_proj").linear(false)?,
+        })
     }
 
     fn forward(&self, x: &Tensor, layer: usize, ctx: &LayerCtx) -> Result<Tensor, Error> {
@@ -263,7 +272,8 @@ impl Rope {
                 sin.push(angle.sin());
             }
         }
-        let to = |v: Vec<f64>| -> Result<Tensor, Error> { Ok(Tensor::from_vec(v, (b, t, h), device)?.to_dtype(dtype)?) };
+        let to =
+            |v: Vec<f64>| -> Result<Tensor, Error> { Ok(Tensor::from_vec(v, (b, t, h), device)?.to_dtype(dtype)?) };
         Ok((to(cos)?, to(sin)?))
     }
 }
@@ -375,7 +385,11 @@ impl Decoder {
         let mask = attention_mask(&past_mask, batch.mask(), self.dtype, &self.device)?;
         let ctx = LayerCtx { mode, adapter, mask, cos, sin };
 
-        let mut x = self.embed_tokens.embedding(&batch.ids_tensor(&self.device)?.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self.embed_tokens.embedding(&batch.ids_tensor(&self.device)?.flatten_all()?)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, i, &ctx, cache.as_deref_mut())?;
         }
@@ -393,7 +407,8 @@ impl Decoder {
             LogitsAt::None => None,
             LogitsAt::All => Some(head(&hidden)?),
             LogitsAt::Last => {
-                let cols: Vec<(usize, usize)> = batch.last_real().iter().enumerate().map(|(r, c)| (r, c.unwrap_or(t - 1))).collect();
+                let cols: Vec<(usize, usize)> =
+                    batch.last_real().iter().enumerate().map(|(r, c)| (r, c.unwrap_or(t - 1))).collect();
                 Some(head(&gather_positions(&hidden, &cols)?)?)
             }
             LogitsAt::Positions(pos) => Some(head(&gather_positions(&hidden, &pos)?)?),
@@ -438,7 +453,10 @@ impl Decoder {
     /// Every base tensor as dense f32 with its Hugging Face name (for export).
     pub fn dense_state(&self) -> Result<Vec<(String, Tensor)>, Error> {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), f32(&self.embed_tokens)?), ("model.norm.weight".to_string(), f32(&self.norm.weight)?)];
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), f32(&self.embed_tokens)?),
+            ("model.norm.weight".to_string(), f32(&self.norm.weight)?),
+        ];
         if !self.cfg.tie_word_embeddings {
             out.push(("lm_head.weight".to_string(), self.lm_head.weight().to_dense(DType::F32)?));
         }
@@ -474,7 +492,11 @@ impl DecoderLayer {
                 head_dim: a.head_dim,
             },
             post_attention_layernorm: norm(&self.post_attention_layernorm),
-            mlp: Mlp { gate_proj: self.mlp.gate_proj.clone(), up_proj: self.mlp.up_proj.clone(), down_proj: self.mlp.down_proj.clone() },
+            mlp: Mlp {
+                gate_proj: self.mlp.gate_proj.clone(),
+                up_proj: self.mlp.up_proj.clone(),
+                down_proj: self.mlp.down_proj.clone(),
+            },
         }
     }
 }

@@ -106,7 +106,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 fn unpermute_rows(t: &QTensor, heads: usize, device: &Device) -> Result<QTensor, Error> {
     let dims = t.shape().dims().to_vec();
     let rows = dims[0];
-    if rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(Error::Format(format!("cannot split {rows} rows into {heads} rotary heads")));
     }
     let hd = rows / heads;
@@ -119,7 +119,8 @@ fn unpermute_rows(t: &QTensor, heads: usize, device: &Device) -> Result<QTensor,
             for j in 0..half {
                 let dst = h * hd + s * half + j;
                 let src = h * hd + 2 * j + s;
-                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&raw[src * row_bytes..(src + 1) * row_bytes]);
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&raw[src * row_bytes..(src + 1) * row_bytes]);
             }
         }
     }
@@ -132,7 +133,8 @@ pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -
     // SAFETY: the file is opened read-only and not modified while mapped.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let mut reader = Cursor::new(&mmap[..]);
-    let content = Content::read(&mut reader).map_err(|e| Error::Format(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+    let content = Content::read(&mut reader)
+        .map_err(|e| Error::Format(format!("{}: not a readable GGUF file: {e}", path.display())))?;
     let md = Metadata { map: &content.metadata };
 
     let vocab = GgufVocab {
@@ -140,7 +142,12 @@ pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -
         pre: md.string("tokenizer.ggml.pre").unwrap_or_else(|_| "default".into()),
         tokens: md.strings("tokenizer.ggml.tokens")?,
         merges: md.strings("tokenizer.ggml.merges")?,
-        token_types: md.get("tokenizer.ggml.token_type")?.to_vec()?.iter().map(|v| v.to_i32()).collect::<Result<_, _>>()?,
+        token_types: md
+            .get("tokenizer.ggml.token_type")?
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_i32())
+            .collect::<Result<_, _>>()?,
     };
     let tok = tokenizer::from_gguf_vocab(&vocab)?;
     let special = SpecialTokens {

@@ -29,7 +29,8 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let v = read_json(&index)?;
-        let map = v["weight_map"].as_object().ok_or_else(|| Error::Format(format!("{}: no weight_map", index.display())))?;
+        let map =
+            v["weight_map"].as_object().ok_or_else(|| Error::Format(format!("{}: no weight_map", index.display())))?;
         let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
         files.sort();
         files.dedup();
@@ -56,13 +57,14 @@ pub fn load_dir(dir: &Path, mode: WeightMode, dtype: DType, device: &Device) -> 
         let f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
         // SAFETY: read-only map of a file we do not modify.
         let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&file, e))?;
-        let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::Format(format!("{}: {e}", file.display())))?;
+        let st = safetensors::SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::Format(format!("{}: {e}", file.display())))?;
         for (name, view) in st.tensors() {
             let t = Tensor::from_raw_buffer(view.data(), candle_dtype(view.dtype())?, view.shape(), device)?;
             let quantizable = mode == WeightMode::Quantized
                 && t.rank() == 2
                 && name.ends_with("_proj.weight")
-                && t.dim(1)? % GgmlDType::Q8_0.block_size() == 0;
+                && t.dim(1)?.is_multiple_of(GgmlDType::Q8_0.block_size());
             let w = if quantizable {
                 BaseWeight::Quantized(Arc::new(QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::Q8_0)?))
             } else {
@@ -74,7 +76,8 @@ pub fn load_dir(dir: &Path, mode: WeightMode, dtype: DType, device: &Device) -> 
     let model = Decoder::new(cfg, &WeightMap::new(tensors, mode, dtype, device.clone()))?;
 
     let tok_path = dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+    let tokenizer =
+        Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
     let tc_path = dir.join("tokenizer_config.json");
     let tc = if tc_path.is_file() { read_json(&tc_path)? } else { serde_json::Value::Null };
     let id_of = |key: &str| -> Option<u32> {

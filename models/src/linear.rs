@@ -67,8 +67,17 @@ impl FrozenLinear {
     }
 
     /// Inference forward: fast kernels, no gradient bookkeeping needed.
+    ///
+    /// candle's quantized kernel computes one row at a time with no cache blocking: best for
+    /// decoding a few tokens, about 10x slower than the dense GEMM for a prompt. Inputs of more
+    /// than [`QUANTIZED_KERNEL_MAX_ROWS`] rows therefore dequantize the blocks on the fly and use
+    /// the dense GEMM; the weights stay quantized in memory either way.
     pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
         let y = match (&self.weight, &self.qmatmul) {
+            (BaseWeight::Quantized(q), Some(_)) if rows > quantized_kernel_max_rows() => {
+                matmul_wt(x, &q.dequantize(&q.device())?.to_dtype(x.dtype())?)?
+            }
             (_, Some(q)) => q.forward(x)?,
             (BaseWeight::Dense(w), None) => matmul_wt(x, w)?,
             (BaseWeight::Quantized(_), None) => unreachable!("quantized weights always get a QMatMul"),
@@ -93,6 +102,23 @@ impl FrozenLinear {
     }
 }
 
+/// Default for [`quantized_kernel_max_rows`]. Measured with `verdict-train bench --weights
+/// quantized --prompt-tokens N` on SmolLM2, 2 cores: the kernel costs about 36 ms per row, the
+/// dequantize-then-GEMM path about 165 ms flat, so the crossover lies between 4 and 8 rows.
+pub const QUANTIZED_KERNEL_MAX_ROWS: usize = 4;
+
+/// Inputs with more rows than this take the dequantize-then-GEMM path in quantized mode;
+/// `VERDICT_QUANTIZED_KERNEL_MAX_ROWS` overrides it (for benchmarking the crossover).
+pub fn quantized_kernel_max_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("VERDICT_QUANTIZED_KERNEL_MAX_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(QUANTIZED_KERNEL_MAX_ROWS)
+    })
+}
+
 /// `x Wᵀ` for `x` of any rank `[.., in]` and `w` `[out, in]`, as one 2-D matmul.
 pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
@@ -110,13 +136,7 @@ struct FrozenMatmul {
 }
 
 impl FrozenMatmul {
-    fn fwd<S: BackendStorage>(
-        &self,
-        x: &S,
-        x_layout: &Layout,
-        w: &S,
-        w_layout: &Layout,
-    ) -> Result<(S, Shape)> {
+    fn fwd<S: BackendStorage>(&self, x: &S, x_layout: &Layout, w: &S, w_layout: &Layout) -> Result<(S, Shape)> {
         let dims = x_layout.dims();
         let inner = dims[dims.len() - 1];
         let rows = x_layout.shape().elem_count() / inner.max(1);
@@ -150,11 +170,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let (w_storage, w_layout) = self.weight.storage_and_layout();
         match &*w_storage {
             Storage::Cuda(w) => self.fwd(x, layout, w, w_layout),

@@ -132,13 +132,25 @@ pub fn peft_tensor_name(layer: usize, proj: Projection, factor: char) -> String 
 impl LoraAdapter {
     /// A fresh trainable adapter initialised like PEFT: `A` Kaiming-uniform
     /// (bound `1/sqrt(in)`), `B` zero, so the adapted model starts equal to the base.
-    pub fn init(config: LoraConfig, model: &DecoderConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self, Error> {
+    pub fn init(
+        config: LoraConfig,
+        model: &DecoderConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, Error> {
         Self::init_with(config, model, seed, dtype, device, false)
     }
 
     /// Like [`LoraAdapter::init`] but `B` is random too: an adapter that changes the model,
     /// for tests and gradient checks.
-    pub fn init_random(config: LoraConfig, model: &DecoderConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self, Error> {
+    pub fn init_random(
+        config: LoraConfig,
+        model: &DecoderConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, Error> {
         Self::init_with(config, model, seed, dtype, device, true)
     }
 
@@ -180,7 +192,11 @@ impl LoraAdapter {
     }
 
     /// An adapter from named tensors in PEFT layout (inference: nothing is trainable).
-    pub fn from_tensors(config: LoraConfig, model: &DecoderConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Self, Error> {
+    pub fn from_tensors(
+        config: LoraConfig,
+        model: &DecoderConfig,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<Self, Error> {
         let mut pairs = BTreeMap::new();
         for layer in 0..model.num_layers {
             for &proj in &config.targets {
@@ -239,7 +255,13 @@ impl LoraAdapter {
     }
 }
 
-fn uniform(rng: &mut ChaCha8Rng, shape: (usize, usize), bound: f64, dtype: DType, device: &Device) -> Result<Tensor, Error> {
+fn uniform(
+    rng: &mut ChaCha8Rng,
+    shape: (usize, usize),
+    bound: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor, Error> {
     let data: Vec<f64> = (0..shape.0 * shape.1).map(|_| rng.random_range(-bound..bound)).collect();
     Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
 }

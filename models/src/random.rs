@@ -36,7 +36,13 @@ pub fn tiny_config(arch: Arch, vocab_size: usize) -> DecoderConfig {
 /// A model of `cfg`'s shape with weights uniform in `±1/sqrt(fan_in)` (so activations stay
 /// O(1)) and norm weights near one, drawn from `seed`. In quantized mode the projections are
 /// quantized to Q8_0 (their input size must be a multiple of 32).
-pub fn random_decoder(cfg: &DecoderConfig, seed: u64, mode: WeightMode, dtype: DType, device: &Device) -> Result<Decoder, Error> {
+pub fn random_decoder(
+    cfg: &DecoderConfig,
+    seed: u64,
+    mode: WeightMode,
+    dtype: DType,
+    device: &Device,
+) -> Result<Decoder, Error> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut tensors = HashMap::new();
     let dense = |rng: &mut ChaCha8Rng, shape: (usize, usize), bound: f64, center: f64| -> Result<Tensor, Error> {
@@ -45,20 +51,29 @@ pub fn random_decoder(cfg: &DecoderConfig, seed: u64, mode: WeightMode, dtype: D
     };
     let linear = |t: Tensor| -> Result<BaseWeight, Error> {
         Ok(match mode {
-            WeightMode::Quantized => BaseWeight::Quantized(Arc::new(QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::Q8_0)?)),
+            WeightMode::Quantized => {
+                BaseWeight::Quantized(Arc::new(QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::Q8_0)?))
+            }
             WeightMode::Dense => BaseWeight::Dense(t),
         })
     };
     let h = cfg.hidden_size;
-    tensors.insert("model.embed_tokens.weight".into(), BaseWeight::Dense(dense(&mut rng, (cfg.vocab_size, h), 1.0, 0.0)?));
+    tensors
+        .insert("model.embed_tokens.weight".into(), BaseWeight::Dense(dense(&mut rng, (cfg.vocab_size, h), 1.0, 0.0)?));
     tensors.insert("model.norm.weight".into(), BaseWeight::Dense(dense(&mut rng, (1, h), 0.1, 1.0)?.squeeze(0)?));
     if !cfg.tie_word_embeddings {
-        tensors.insert("lm_head.weight".into(), linear(dense(&mut rng, (cfg.vocab_size, h), 1.0 / (h as f64).sqrt(), 0.0)?)?);
+        tensors.insert(
+            "lm_head.weight".into(),
+            linear(dense(&mut rng, (cfg.vocab_size, h), 1.0 / (h as f64).sqrt(), 0.0)?)?,
+        );
     }
     for layer in 0..cfg.num_layers {
         let p = format!("model.layers.{layer}");
         for norm in ["input_layernorm", "post_attention_layernorm"] {
-            tensors.insert(format!("{p}.{norm}.weight"), BaseWeight::Dense(dense(&mut rng, (1, h), 0.1, 1.0)?.squeeze(0)?));
+            tensors.insert(
+                format!("{p}.{norm}.weight"),
+                BaseWeight::Dense(dense(&mut rng, (1, h), 0.1, 1.0)?.squeeze(0)?),
+            );
         }
         for proj in Projection::ALL {
             let (out, inp) = proj.dims(cfg);

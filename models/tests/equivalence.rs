@@ -3,7 +3,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use models::random::{random_decoder, tiny_config};
-use models::{Arch, Decoder, KvCache, LogitsAt, LoraAdapter, LoraConfig, Mode, Padding, Projection, TokenBatch, WeightMode};
+use models::{
+    Arch, Decoder, KvCache, LogitsAt, LoraAdapter, LoraConfig, Mode, Padding, Projection, TokenBatch, WeightMode,
+};
 
 const VOCAB: usize = 50;
 
@@ -55,14 +57,17 @@ fn padded_batches_equal_single_sequences() {
             let all = logits(&model, &batch, Some(&adapter), Mode::Inference);
             let t = batch.seq_len();
             for (r, s) in seqs().iter().enumerate() {
-                let single = logits(&model, &TokenBatch::single(s).unwrap(), Some(&adapter), Mode::Inference).squeeze(0).unwrap();
+                let single = logits(&model, &TokenBatch::single(s).unwrap(), Some(&adapter), Mode::Inference)
+                    .squeeze(0)
+                    .unwrap();
                 let start = if padding == Padding::Left { t - s.len() } else { 0 };
                 let row = all.get(r).unwrap().narrow(0, start, s.len()).unwrap();
                 let d = max_abs_diff(&row, &single);
                 assert!(d < F32_TOL, "{arch:?} {padding:?} row {r}: {d}");
             }
             // Last-token logits pick each row's last real token.
-            let last = model.forward(&batch, None, Some(&adapter), Mode::Inference, LogitsAt::Last).unwrap().logits.unwrap();
+            let last =
+                model.forward(&batch, None, Some(&adapter), Mode::Inference, LogitsAt::Last).unwrap().logits.unwrap();
             for (r, s) in seqs().iter().enumerate() {
                 let single = logits(&model, &TokenBatch::single(s).unwrap(), Some(&adapter), Mode::Inference);
                 let want = single.get(0).unwrap().get(s.len() - 1).unwrap();
@@ -85,7 +90,11 @@ fn kv_cache_decoding_equals_full_forward() {
         let mut full: Vec<Vec<u32>> = prompts.clone();
         for step in &steps {
             let next = TokenBatch::from_rows(step.iter().map(|&id| vec![id]).collect()).unwrap();
-            let inc = model.forward(&next, Some(&mut cache), Some(&adapter), Mode::Inference, LogitsAt::Last).unwrap().logits.unwrap();
+            let inc = model
+                .forward(&next, Some(&mut cache), Some(&adapter), Mode::Inference, LogitsAt::Last)
+                .unwrap()
+                .logits
+                .unwrap();
             for (r, &id) in step.iter().enumerate() {
                 full[r].push(id);
                 let want = logits(&model, &TokenBatch::single(&full[r]).unwrap(), Some(&adapter), Mode::Inference);
@@ -107,13 +116,17 @@ fn shared_prefix_reuse_equals_recomputation() {
         let suffixes = vec![vec![5, 6, 7], vec![8], vec![9, 10]];
         for mode in [Mode::Inference, Mode::Train { dropout_seed: None }] {
             let mut one = KvCache::new(model.config().num_layers);
-            model.forward(&TokenBatch::single(&prefix).unwrap(), Some(&mut one), Some(&adapter), mode, LogitsAt::None).unwrap();
+            model
+                .forward(&TokenBatch::single(&prefix).unwrap(), Some(&mut one), Some(&adapter), mode, LogitsAt::None)
+                .unwrap();
             let mut cache = one.expand_batch(suffixes.len()).unwrap();
             let batch = TokenBatch::new(&suffixes, 0, Padding::Right).unwrap();
-            let got = model.forward(&batch, Some(&mut cache), Some(&adapter), mode, LogitsAt::All).unwrap().logits.unwrap();
+            let got =
+                model.forward(&batch, Some(&mut cache), Some(&adapter), mode, LogitsAt::All).unwrap().logits.unwrap();
             for (r, s) in suffixes.iter().enumerate() {
                 let full: Vec<u32> = prefix.iter().chain(s).copied().collect();
-                let want = logits(&model, &TokenBatch::single(&full).unwrap(), Some(&adapter), mode).squeeze(0).unwrap();
+                let want =
+                    logits(&model, &TokenBatch::single(&full).unwrap(), Some(&adapter), mode).squeeze(0).unwrap();
                 let want = want.narrow(0, prefix.len(), s.len()).unwrap();
                 let d = max_abs_diff(&got.get(r).unwrap().narrow(0, 0, s.len()).unwrap(), &want);
                 assert!(d < F32_TOL, "{arch:?} {mode:?} row {r}: {d}");
@@ -165,6 +178,9 @@ fn fresh_adapter_starts_as_the_base_model() {
     let model = random_decoder(&cfg, 42, WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
     let adapter = LoraAdapter::init(LoraConfig::default(), &cfg, 1, DType::F32, &Device::Cpu).unwrap();
     let batch = TokenBatch::new(&seqs(), 0, Padding::Right).unwrap();
-    let d = max_abs_diff(&logits(&model, &batch, None, Mode::Inference), &logits(&model, &batch, Some(&adapter), Mode::Inference));
+    let d = max_abs_diff(
+        &logits(&model, &batch, None, Mode::Inference),
+        &logits(&model, &batch, Some(&adapter), Mode::Inference),
+    );
     assert_eq!(d, 0.0);
 }

@@ -61,7 +61,10 @@ fn check_gradients(arch: Arch) {
         let shifted = |s: f64| base.iter().zip(&dir).map(|(b, d)| b + s * d).collect::<Vec<_>>();
         let fd = (eval(shifted(eps)) - eval(shifted(-eps))) / (2.0 * eps);
         let analytic: f64 = g_flat.iter().zip(&dir).map(|(g, d)| g * d).sum();
-        assert!((fd - analytic).abs() <= 1e-6 * (1.0 + analytic.abs()), "{name}: directional fd {fd} vs analytic {analytic}");
+        assert!(
+            (fd - analytic).abs() <= 1e-6 * (1.0 + analytic.abs()),
+            "{name}: directional fd {fd} vs analytic {analytic}"
+        );
         // And a few single entries.
         for _ in 0..3 {
             let i = rng.random_range(0..n);
@@ -70,7 +73,11 @@ fn check_gradients(arch: Arch) {
             let mut minus = base.clone();
             minus[i] -= eps;
             let fd = (eval(plus) - eval(minus)) / (2.0 * eps);
-            assert!((fd - g_flat[i]).abs() <= 1e-6 * (1.0 + g_flat[i].abs()), "{name}[{i}]: fd {fd} vs analytic {}", g_flat[i]);
+            assert!(
+                (fd - g_flat[i]).abs() <= 1e-6 * (1.0 + g_flat[i].abs()),
+                "{name}[{i}]: fd {fd} vs analytic {}",
+                g_flat[i]
+            );
         }
         var.set(&original).unwrap();
     }
@@ -93,7 +100,13 @@ fn frozen_weights_get_no_gradient() {
     for arch in [Arch::Llama, Arch::Qwen2] {
         let cfg = tiny_config(arch, VOCAB);
         let model = random_decoder(&cfg, 1, WeightMode::Dense, DType::F64, &dev).unwrap();
-        let lora = LoraConfig { rank: 2, alpha: 4.0, use_rslora: false, dropout: 0.0, targets: vec![Projection::Q, Projection::V] };
+        let lora = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            use_rslora: false,
+            dropout: 0.0,
+            targets: vec![Projection::Q, Projection::V],
+        };
         let adapter = LoraAdapter::init_random(lora, &cfg, 2, DType::F64, &dev).unwrap();
         let grads = loss(&model, &adapter, &batch()).backward().unwrap();
         let mut weight_shapes: Vec<Vec<usize>> = Vec::new();
@@ -112,7 +125,11 @@ fn frozen_weights_get_no_gradient() {
             if lora_ids.contains(id) {
                 continue;
             }
-            assert!(!weight_shapes.contains(&g.dims().to_vec()), "{arch:?}: a gradient of base-weight shape {:?} was computed", g.dims());
+            assert!(
+                !weight_shapes.contains(&g.dims().to_vec()),
+                "{arch:?}: a gradient of base-weight shape {:?} was computed",
+                g.dims()
+            );
         }
     }
 }

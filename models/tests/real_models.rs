@@ -42,7 +42,13 @@ fn ids_of(v: &Value) -> Vec<u32> {
 }
 
 fn all_logits(m: &LoadedModel, ids: &[u32]) -> Tensor {
-    m.model.forward(&TokenBatch::single(ids).unwrap(), None, None, Mode::Inference, LogitsAt::All).unwrap().logits.unwrap().squeeze(0).unwrap()
+    m.model
+        .forward(&TokenBatch::single(ids).unwrap(), None, None, Mode::Inference, LogitsAt::All)
+        .unwrap()
+        .logits
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
 }
 
 fn check_tokenizer(r: &Real) {
@@ -97,11 +103,18 @@ fn check_logits(r: &Real, name: &str) {
                 let row: Vec<f32> = logits.get(ids.len() - 1 + k).unwrap().to_vec1().unwrap();
                 let max = row.iter().copied().fold(f32::MIN, f32::max);
                 let gap = max - row[want as usize];
-                assert!(gap <= GREEDY_MARGIN, "{name} {mode} {text:?}: llama.cpp's greedy token {k} ({want}) is {gap} below our best");
+                assert!(
+                    gap <= GREEDY_MARGIN,
+                    "{name} {mode} {text:?}: llama.cpp's greedy token {k} ({want}) is {gap} below our best"
+                );
                 exact += usize::from(gap == 0.0);
             }
             eprintln!("{name} {mode} {text:?}: {exact}/{} greedy steps agree exactly", greedy.len());
-            assert!(exact * 4 >= greedy.len() * 3, "{name} {mode} {text:?}: only {exact}/{} greedy steps agree", greedy.len());
+            assert!(
+                exact * 4 >= greedy.len() * 3,
+                "{name} {mode} {text:?}: only {exact}/{} greedy steps agree",
+                greedy.len()
+            );
         }
     }
 }
@@ -141,4 +154,36 @@ fn qwen05b_matches_llama_cpp() {
     check_tokenizer(&r);
     check_logits(&r, "qwen0.5b");
     check_top1_agreement(&r, "qwen0.5b");
+}
+
+#[test]
+fn smollm2_exports_to_an_equivalent_hugging_face_directory() {
+    let m = shared::assets::find_model("smollm2").unwrap();
+    let gguf = load_model(&m.path(), WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
+    let dir = std::env::temp_dir().join(format!("verdict-hf-export-{}", std::process::id()));
+    models::hf::save_dir(&gguf, &dir).unwrap();
+    let hf = load_model(&dir, WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(hf.model.config(), gguf.model.config());
+    assert_eq!(hf.special, gguf.special);
+    assert_eq!(hf.chat, gguf.chat);
+    let text =
+        "<|im_start|>user\nIs \"a gorgeous, witty, seductive movie\" positive?<|im_end|>\n<|im_start|>assistant\n";
+    let ids = gguf.encode(text, true).unwrap();
+    assert_eq!(hf.encode(text, true).unwrap(), ids);
+    let d = (all_logits(&gguf, &ids) - all_logits(&hf, &ids))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
+    assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "same f32 weights must give identical logits");
+    // Quantized mode from a Hugging Face directory quantizes projections to Q8_0.
+    let q = load_model(&dir, WeightMode::Quantized, DType::F32, &Device::Cpu).unwrap();
+    let a = all_logits(&gguf, &ids).argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    let b = all_logits(&q, &ids).argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    assert!(agree * 10 >= a.len() * 9, "Q8_0 from HF dir agrees on {agree}/{} top-1 tokens", a.len());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -62,7 +62,11 @@ async fn main() -> Result<()> {
     }
     let cache = cli.cache_dir.clone().unwrap_or_else(assets::cache_dir);
     let path = assets::resolve_model(&cli.model, &cache).map_err(|e| anyhow!(e))?;
-    let state = web::Data::new(State { ready: AtomicBool::new(false), model_path: path.display().to_string(), model: OnceLock::new() });
+    let state = web::Data::new(State {
+        ready: AtomicBool::new(false),
+        model_path: path.display().to_string(),
+        model: OnceLock::new(),
+    });
     let server = {
         let state = state.clone();
         HttpServer::new(move || App::new().app_data(state.clone()).service(health).service(ready))

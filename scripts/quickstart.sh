@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The main job on the default model, end to end: build, fetch SmolLM2-135M, generate, start
+# verdict-serve on loopback, wait until it is ready, stop it.
+# (Training a quick adapter and classifying over HTTP join this script as those land.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bins
+bin=./target/release
+"$bin/verdict-train" fetch smollm2
+echo "== greedy generation (dense f32 weights)"
+"$bin/verdict-train" generate --prompt "The capital of France is" --max-new-tokens 8
+echo "== chat, quantized weights"
+"$bin/verdict-train" generate --weights quantized --chat --prompt "Is the review 'a gorgeous, witty, seductive movie' positive or negative? Answer in one word." --max-new-tokens 8
+port=${VERDICT_PORT:-8080}
+echo "== verdict-serve on 127.0.0.1:$port"
+"$bin/verdict-serve" --model smollm2 --port "$port" &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  if curl -fsS "http://127.0.0.1:$port/ready" 2>/dev/null; then echo; break; fi
+  sleep 0.2
+done
+curl -fsS "http://127.0.0.1:$port/health"; echo
