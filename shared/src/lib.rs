@@ -1,3 +1,9 @@
-//! Facts shared by every Verdict binary: which model assets exist and where they are cached.
+//! Facts shared by every Verdict binary: model assets and their cache, chat and task templates,
+//! label words, data readers and metrics. Defined once, used by trainer, evaluator and server.
 
 pub mod assets;
+pub mod chat;
+pub mod data;
+pub mod datasets;
+pub mod metrics;
+pub mod task;
