@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # The test command: build the binaries, fetch the real models the tests use (skipped when
-# already cached and verified), run every test of the workspace.
+# already cached and verified), run every test of the workspace, and close with one summary
+# line over all test binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --workspace --bins
 ./target/debug/verdict-train fetch smollm2 qwen0.5b
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace 2>&1 | tee "$log" || status=$?
+passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
+failed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | paste -sd+ | bc)
+echo "${passed:-0} passed, ${failed:-0} failed"
+exit "$status"

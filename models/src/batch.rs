@@ -61,6 +61,16 @@ impl TokenBatch {
         Ok(Self { ids: rows, mask })
     }
 
+    /// Rows with an explicit mask (`false` entries are padding), e.g. finished rows of a
+    /// generation step.
+    pub fn with_mask(ids: Vec<Vec<u32>>, mask: Vec<Vec<bool>>) -> Result<Self, Error> {
+        let len = ids.first().map(Vec::len).unwrap_or(0);
+        if len == 0 || ids.len() != mask.len() || ids.iter().zip(&mask).any(|(i, m)| i.len() != len || m.len() != len) {
+            return Err(Error::Invalid("ids and mask must be non-empty rows of one length".into()));
+        }
+        Ok(Self { ids, mask })
+    }
+
     /// Number of rows.
     pub fn batch_size(&self) -> usize {
         self.ids.len()
@@ -145,6 +155,28 @@ impl KvCache {
         for (m, n) in self.mask.iter_mut().zip(new) {
             m.extend_from_slice(n);
         }
+    }
+
+    /// A cache whose row `i` is this cache's row `rows[i]` (rows may repeat): continuing
+    /// several candidates from one prompt.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Self, Error> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.batch_size()) {
+            return Err(Error::Invalid(format!("row {bad} outside a cache of {} rows", self.batch_size())));
+        }
+        let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &Device::Cpu)?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|(k, v)| {
+                        let idx = idx.to_device(k.device())?;
+                        Ok::<_, Error>((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { layers, mask: rows.iter().map(|&r| self.mask[r].clone()).collect() })
     }
 
     /// A one-row cache repeated for `rows` rows (a shared prefix for a whole batch).

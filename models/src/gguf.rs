@@ -1,7 +1,6 @@
 //! GGUF files: hyper-parameters, tokenizer and weights all from the file, read through a
 //! memory map.
 
-use crate::chat::ChatTemplate;
 use crate::config::{Arch, DecoderConfig};
 use crate::decoder::Decoder;
 use crate::linear::BaseWeight;
@@ -12,6 +11,7 @@ use crate::Error;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, QTensor};
 use candle_core::{DType, Device};
+use shared::chat::ChatTemplate;
 use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::Path;

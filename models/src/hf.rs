@@ -1,7 +1,6 @@
 //! Hugging Face model directories: `config.json`, memory-mapped `*.safetensors`,
 //! `tokenizer.json` and `tokenizer_config.json`.
 
-use crate::chat::ChatTemplate;
 use crate::config::DecoderConfig;
 use crate::decoder::Decoder;
 use crate::linear::BaseWeight;
@@ -10,6 +9,7 @@ use crate::weights::{WeightMap, WeightMode};
 use crate::Error;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+use shared::chat::ChatTemplate;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

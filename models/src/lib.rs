@@ -6,7 +6,6 @@
 //! - [`load`]: GGUF files and Hugging Face directories, with their tokenizers.
 
 pub mod batch;
-pub mod chat;
 pub mod config;
 pub mod decoder;
 pub mod generate;
@@ -16,15 +15,16 @@ pub mod linear;
 pub mod load;
 pub mod lora;
 pub mod random;
+pub mod scoring;
 pub mod tokenizer;
 pub mod weights;
 
 pub use batch::{KvCache, Padding, TokenBatch};
-pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Arch, DecoderConfig};
 pub use decoder::{Decoder, DecoderOutput, LogitsAt, Mode};
 pub use load::{load_model, LoadedModel, SpecialTokens};
 pub use lora::{LoraAdapter, LoraConfig, Projection};
+pub use shared::chat::{ChatMessage, ChatTemplate};
 pub use weights::WeightMode;
 
 /// Errors from loading and running models.

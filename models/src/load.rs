@@ -1,10 +1,10 @@
 //! One entry point for every model source: a GGUF file or a Hugging Face directory.
 
-use crate::chat::{ChatMessage, ChatTemplate};
 use crate::decoder::Decoder;
 use crate::weights::WeightMode;
 use crate::{gguf, hf, tokenizer, Error};
 use candle_core::{DType, Device};
+use shared::chat::{ChatMessage, ChatTemplate};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 

@@ -274,3 +274,47 @@ pub fn dropout_mask(shape: &[usize], p: f64, seed: u64, dtype: DType, device: &D
     let data: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep as f32 }).collect();
     Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
 }
+
+impl LoraAdapter {
+    /// Loads a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+    /// Refuses targets, ranks or shapes that do not fit `model`.
+    pub fn load_peft_dir(
+        dir: &std::path::Path,
+        model: &DecoderConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, Error> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Format(format!("{}: {e}", cfg_path.display())))?;
+        let rank =
+            v["r"].as_u64().ok_or_else(|| Error::Format(format!("{}: no integer \"r\"", cfg_path.display())))? as usize;
+        let targets = match &v["target_modules"] {
+            serde_json::Value::Array(a) => a
+                .iter()
+                .map(|t| {
+                    t.as_str()
+                        .unwrap_or("")
+                        .parse::<Projection>()
+                        .map_err(|e| Error::Format(format!("{}: {e}", cfg_path.display())))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => return Err(Error::Format(format!("{}: target_modules must be a list", cfg_path.display()))),
+        };
+        let config = LoraConfig {
+            rank,
+            alpha: v["lora_alpha"].as_f64().unwrap_or(rank as f64),
+            use_rslora: v["use_rslora"].as_bool().unwrap_or(false),
+            dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
+            targets,
+        };
+        let st_path = dir.join("adapter_model.safetensors");
+        let tensors = candle_core::safetensors::load(&st_path, device)
+            .map_err(|e| Error::Format(format!("{}: {e}", st_path.display())))?
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
+            .collect::<Result<BTreeMap<_, _>, Error>>()?;
+        Self::from_tensors(config, model, &tensors)
+    }
+}

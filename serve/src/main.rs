@@ -9,7 +9,6 @@ use models::{load_model, LoadedModel, WeightMode};
 use serde_json::json;
 use shared::assets;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 #[derive(Parser)]
@@ -33,7 +32,6 @@ struct Cli {
 }
 
 struct State {
-    ready: AtomicBool,
     model_path: String,
     /// The loaded base model, set once loading finishes.
     model: OnceLock<LoadedModel>,
@@ -46,11 +44,10 @@ async fn health() -> HttpResponse {
 
 #[get("/ready")]
 async fn ready(state: web::Data<State>) -> HttpResponse {
-    if state.ready.load(Ordering::Acquire) {
-        let arch = state.model.get().map(|m| m.model.config().arch.name());
-        HttpResponse::Ok().json(json!({"ready": true, "model": state.model_path, "arch": arch}))
-    } else {
-        HttpResponse::ServiceUnavailable().json(json!({"ready": false}))
+    match state.model.get() {
+        Some(m) => HttpResponse::Ok()
+            .json(json!({"ready": true, "model": state.model_path, "arch": m.model.config().arch.name()})),
+        None => HttpResponse::ServiceUnavailable().json(json!({"ready": false})),
     }
 }
 
@@ -62,11 +59,7 @@ async fn main() -> Result<()> {
     }
     let cache = cli.cache_dir.clone().unwrap_or_else(assets::cache_dir);
     let path = assets::resolve_model(&cli.model, &cache).map_err(|e| anyhow!(e))?;
-    let state = web::Data::new(State {
-        ready: AtomicBool::new(false),
-        model_path: path.display().to_string(),
-        model: OnceLock::new(),
-    });
+    let state = web::Data::new(State { model_path: path.display().to_string(), model: OnceLock::new() });
     let server = {
         let state = state.clone();
         HttpServer::new(move || App::new().app_data(state.clone()).service(health).service(ready))
@@ -83,7 +76,6 @@ async fn main() -> Result<()> {
         match loaded.await {
             Ok(Ok(m)) => {
                 let _ = ready_state.model.set(m);
-                ready_state.ready.store(true, Ordering::Release);
                 eprintln!("verdict-serve: model loaded, ready");
             }
             Ok(Err(e)) => {

@@ -40,7 +40,7 @@ pub fn sha256_file(path: &Path, bar: Option<&ProgressBar>) -> Result<String> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
-fn pip_command() -> Command {
+pub(crate) fn pip_command() -> Command {
     // `VERDICT_PIP` may name another pip (e.g. a virtualenv's); default: the system python's.
     match std::env::var("VERDICT_PIP") {
         Ok(p) if !p.is_empty() => Command::new(p),

