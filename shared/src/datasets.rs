@@ -276,12 +276,7 @@ fn below(rng: &mut ChaCha8Rng, bound: u64) -> u64 {
 /// `ChaCha8Rng::seed_from_u64(seed)`; the first 80% of the shuffled order (rounded down) are
 /// train, the next 10% (rounded down) dev, the rest test.
 pub fn assign_splits(n: usize, seed: u64) -> Vec<Split> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = below(&mut rng, i as u64 + 1) as usize;
-        order.swap(i, j);
-    }
+    let order = shuffled_order(n, seed);
     let (n_train, n_dev) = (n * 8 / 10, n / 10);
     let mut splits = vec![Split::Test; n];
     for (rank, &item) in order.iter().enumerate() {
@@ -296,13 +291,27 @@ pub fn assign_splits(n: usize, seed: u64) -> Vec<Split> {
     splits
 }
 
+/// The seeded permutation behind [`assign_splits`]. Rows are written in this order, so every
+/// file is shuffled and any first N rows are a fair sample (the source files are sorted by
+/// label).
+pub fn shuffled_order(n: usize, seed: u64) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = below(&mut rng, i as u64 + 1) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
 /// `mr` (positive / negative, near-neutral left out) and `mr-score` (every sentence, 0..5) from
 /// one shuffle of all sentences, so each sentence has the same split in both.
 pub fn build_movie_reviews(sentences: &[RatedSentence], seed: u64) -> (Dataset, Dataset) {
     let splits = assign_splits(sentences.len(), seed);
     let mut mr = Dataset { name: "mr", splits: Default::default(), excluded: [0; 3] };
     let mut score = Dataset { name: "mr-score", splits: Default::default(), excluded: [0; 3] };
-    for (s, split) in sentences.iter().zip(splits) {
+    for i in shuffled_order(sentences.len(), seed) {
+        let (s, split) = (&sentences[i], splits[i]);
         let row = |label: Value| DatasetRow { id: s.id.clone(), sentence: s.text.clone(), label };
         match polarity(s.rating) {
             Some(label) => mr.splits[split as usize].push(row(Value::from(label))),
@@ -316,7 +325,9 @@ pub fn build_movie_reviews(sentences: &[RatedSentence], seed: u64) -> (Dataset, 
 /// `tweets3`: every tweet with its 3-way label.
 pub fn build_tweets3(tweets: &[LabeledText], seed: u64) -> Dataset {
     let mut out = Dataset { name: "tweets3", splits: Default::default(), excluded: [0; 3] };
-    for (t, split) in tweets.iter().zip(assign_splits(tweets.len(), seed)) {
+    let splits = assign_splits(tweets.len(), seed);
+    for i in shuffled_order(tweets.len(), seed) {
+        let (t, split) = (&tweets[i], splits[i]);
         out.splits[split as usize].push(DatasetRow {
             id: t.id.clone(),
             sentence: t.text.clone(),
@@ -446,6 +457,21 @@ mod tests {
     }
 
     #[test]
+    fn rows_are_written_in_the_shuffled_order() {
+        // 40 sentences sorted by label in the source, as the real file is.
+        let rated: Vec<RatedSentence> = (0..40)
+            .map(|i| RatedSentence { id: i.to_string(), rating: if i < 20 { 2.0 } else { -2.0 }, text: format!("s{i}") })
+            .collect();
+        let (mr, _) = build_movie_reviews(&rated, 3);
+        let order = shuffled_order(40, 3);
+        let splits = assign_splits(40, 3);
+        let want: Vec<String> = order.iter().filter(|&&i| splits[i] == Split::Train).map(|i| i.to_string()).collect();
+        let got: Vec<String> = mr.rows(Split::Train).iter().map(|r| r.id.clone()).collect();
+        assert_eq!(got, want);
+        assert_ne!(got, { let mut s = got.clone(); s.sort_by_key(|x| x.parse::<usize>().unwrap()); s });
+    }
+
+    #[test]
     fn mr_and_mr_score_share_one_split() {
         let s = sample();
         let (mr, score) = build_movie_reviews(&s, 7);
@@ -458,9 +484,11 @@ mod tests {
         for split in Split::ALL {
             let ids: HashSet<&str> = score.rows(split).iter().map(|r| r.id.as_str()).collect();
             assert!(mr.rows(split).iter().all(|r| ids.contains(r.id.as_str())));
-            // File order within a split.
-            let nums: Vec<u32> = score.rows(split).iter().map(|r| r.id.parse().unwrap()).collect();
-            assert!(nums.windows(2).all(|w| w[0] < w[1]));
+            // Both list a split's shared sentences in the same (shuffled) order.
+            let in_mr: HashSet<&str> = mr.rows(split).iter().map(|r| r.id.as_str()).collect();
+            let score_order: Vec<&str> = score.rows(split).iter().map(|r| r.id.as_str()).filter(|id| in_mr.contains(id)).collect();
+            let mr_order: Vec<&str> = mr.rows(split).iter().map(|r| r.id.as_str()).collect();
+            assert_eq!(mr_order, score_order);
         }
         let row = Split::ALL.iter().flat_map(|x| score.rows(*x)).find(|r| r.id == "7").unwrap();
         assert_eq!(row.label, Value::from(0.0));
