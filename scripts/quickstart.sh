@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The main job on the default model, end to end: build, fetch SmolLM2-135M, generate, start
-# verdict-serve on loopback, wait until it is ready, stop it.
+# The main job on the default model, end to end: build, fetch SmolLM2-135M and the real movie
+# review data, classify 200 test sentences with answers constrained to the label words, start
+# verdict-serve on loopback and wait until it is ready.
 # (Training a quick adapter and classifying over HTTP join this script as those land.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bins
 bin=./target/release
 "$bin/verdict-train" fetch smollm2
+"$bin/verdict-train" fetch-data mr
+echo "== zero-shot classification of 200 mr test sentences (constrained to Negative / Positive)"
+"$bin/verdict-train" eval --model smollm2 --task mr --split test --limit 200 --batch-size 16
 echo "== greedy generation (dense f32 weights)"
 "$bin/verdict-train" generate --prompt "The capital of France is" --max-new-tokens 8
 echo "== chat, quantized weights"

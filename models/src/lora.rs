@@ -318,3 +318,47 @@ impl LoraAdapter {
         Self::from_tensors(config, model, &tensors)
     }
 }
+
+impl LoraAdapter {
+    /// Writes the adapter as a PEFT directory (`adapter_config.json`,
+    /// `adapter_model.safetensors`) that PEFT's `PeftModel.from_pretrained` loads. The directory
+    /// appears complete or not at all (written under a temporary name, then renamed).
+    pub fn save_peft_dir(&self, dir: &std::path::Path, base_model: &str) -> Result<(), Error> {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let name = dir.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a directory name", dir.display())))?;
+        let tmp = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let c = &self.config;
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": c.rank,
+            "lora_alpha": c.alpha,
+            "lora_dropout": c.dropout,
+            "use_rslora": c.use_rslora,
+            "target_modules": c.targets.iter().map(|p| p.module_name()).collect::<Vec<_>>(),
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+        });
+        let cfg_path = tmp.join("adapter_config.json");
+        std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).expect("json"))
+            .map_err(|e| Error::io(&cfg_path, e))?;
+        let tensors: std::collections::HashMap<String, Tensor> = self
+            .named_tensors()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.contiguous()?)))
+            .collect::<Result<_, Error>>()?;
+        candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+    }
+}

@@ -184,3 +184,25 @@ fn fresh_adapter_starts_as_the_base_model() {
     );
     assert_eq!(d, 0.0);
 }
+
+#[test]
+fn peft_directory_round_trips() {
+    let (model, adapter) = setup(Arch::Llama);
+    let dir = std::env::temp_dir().join(format!("verdict-peft-{}", std::process::id()));
+    adapter.save_peft_dir(&dir, "tiny").unwrap();
+    let back = LoraAdapter::load_peft_dir(&dir, model.config(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(back.config(), adapter.config());
+    let batch = TokenBatch::new(&seqs(), 0, Padding::Right).unwrap();
+    let d = max_abs_diff(
+        &logits(&model, &batch, Some(&adapter), Mode::Inference),
+        &logits(&model, &batch, Some(&back), Mode::Inference),
+    );
+    assert_eq!(d, 0.0);
+    // An adapter for another shape is refused with a reason.
+    let other = tiny_config(Arch::Qwen2, VOCAB + 1);
+    let mut bigger = other.clone();
+    bigger.hidden_size = 96;
+    let err = LoraAdapter::load_peft_dir(&dir, &bigger, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("do not fit"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -187,3 +187,77 @@ fn smollm2_exports_to_an_equivalent_hugging_face_directory() {
     assert!(agree * 10 >= a.len() * 9, "Q8_0 from HF dir agrees on {agree}/{} top-1 tokens", a.len());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Input of the PEFT interop fixtures: a chat-formatted sentiment question for SmolLM2.
+fn peft_fixture_ids(m: &LoadedModel) -> Vec<u32> {
+    let text = m
+        .chat_prompt(
+            "Is this review positive or negative? \"A gorgeous, witty, seductive movie.\"",
+            Some("You are a helpful assistant."),
+        )
+        .unwrap();
+    m.encode(&text, true).unwrap()
+}
+
+/// Top-20 (id, logit) at each of the last 4 positions.
+fn top_logits(m: &LoadedModel, adapter: Option<&models::LoraAdapter>, ids: &[u32]) -> Vec<Vec<(u32, f32)>> {
+    let logits = m
+        .model
+        .forward(&TokenBatch::single(ids).unwrap(), None, adapter, Mode::Inference, LogitsAt::All)
+        .unwrap()
+        .logits
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    (ids.len() - 4..ids.len())
+        .map(|p| {
+            let row: Vec<f32> = logits.get(p).unwrap().to_vec1().unwrap();
+            let mut idx: Vec<usize> = (0..row.len()).collect();
+            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            idx[..20].iter().map(|&i| (i as u32, row[i])).collect()
+        })
+        .collect()
+}
+
+/// Writes `tests/fixtures/peft/verdict_adapter` (an adapter written by Verdict) and our logits
+/// with it, for `scripts/fixtures/make_peft_fixtures.py` to check with PEFT. Run once:
+/// `cargo test -p models --test real_models write_verdict_adapter_fixture -- --ignored`.
+#[test]
+#[ignore = "writes the Verdict-side PEFT fixture; run by hand, then run scripts/fixtures/make_peft_fixtures.py"]
+fn write_verdict_adapter_fixture() {
+    use rand::{Rng, SeedableRng};
+    let m = shared::assets::find_model("smollm2").unwrap();
+    let loaded = load_model(&m.path(), WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
+    let cfg = loaded.model.config().clone();
+    let lora = models::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        use_rslora: false,
+        dropout: 0.0,
+        targets: vec![models::Projection::Q, models::Projection::V, models::Projection::O, models::Projection::Down],
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2024);
+    let mut tensors = std::collections::BTreeMap::new();
+    for layer in 0..cfg.num_layers {
+        for &p in &lora.targets {
+            let (out, inp) = p.dims(&cfg);
+            let mut rand_t = |rows: usize, cols: usize, bound: f32| {
+                let v: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-bound..bound)).collect();
+                Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+            };
+            tensors.insert(models::lora::peft_tensor_name(layer, p, 'A'), rand_t(4, inp, 1.0 / (inp as f32).sqrt()));
+            tensors.insert(models::lora::peft_tensor_name(layer, p, 'B'), rand_t(out, 4, 0.05));
+        }
+    }
+    let adapter = models::LoraAdapter::from_tensors(lora, &cfg, &tensors).unwrap();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/peft");
+    adapter.save_peft_dir(&dir.join("verdict_adapter"), "smollm2-135m-instruct (verdict-train export-hf)").unwrap();
+    let ids = peft_fixture_ids(&loaded);
+    let json = serde_json::json!({
+        "input_ids": ids,
+        "positions": (ids.len() - 4..ids.len()).collect::<Vec<_>>(),
+        "verdict_top20": top_logits(&loaded, Some(&adapter), &ids),
+        "verdict_base_top20": top_logits(&loaded, None, &ids),
+    });
+    std::fs::write(dir.join("verdict_logits.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+}

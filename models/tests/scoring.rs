@@ -97,7 +97,8 @@ fn batched_generation_equals_one_prompt_at_a_time() {
         if settings.temperature == 0.0 {
             // Greedy rows do not depend on the batch they are in.
             for (i, p) in prompts.iter().enumerate() {
-                let alone = generate(&model, Some(&adapter), None, std::slice::from_ref(p), &settings, &stop, 11).unwrap();
+                let alone =
+                    generate(&model, Some(&adapter), None, std::slice::from_ref(p), &settings, &stop, 11).unwrap();
                 assert_eq!(alone[0], batched[i], "row {i}");
                 // And greedy decoding is the argmax of the full forward at each step.
                 let mut seq = p.clone();

@@ -460,7 +460,11 @@ mod tests {
     fn rows_are_written_in_the_shuffled_order() {
         // 40 sentences sorted by label in the source, as the real file is.
         let rated: Vec<RatedSentence> = (0..40)
-            .map(|i| RatedSentence { id: i.to_string(), rating: if i < 20 { 2.0 } else { -2.0 }, text: format!("s{i}") })
+            .map(|i| RatedSentence {
+                id: i.to_string(),
+                rating: if i < 20 { 2.0 } else { -2.0 },
+                text: format!("s{i}"),
+            })
             .collect();
         let (mr, _) = build_movie_reviews(&rated, 3);
         let order = shuffled_order(40, 3);
@@ -468,7 +472,11 @@ mod tests {
         let want: Vec<String> = order.iter().filter(|&&i| splits[i] == Split::Train).map(|i| i.to_string()).collect();
         let got: Vec<String> = mr.rows(Split::Train).iter().map(|r| r.id.clone()).collect();
         assert_eq!(got, want);
-        assert_ne!(got, { let mut s = got.clone(); s.sort_by_key(|x| x.parse::<usize>().unwrap()); s });
+        assert_ne!(got, {
+            let mut s = got.clone();
+            s.sort_by_key(|x| x.parse::<usize>().unwrap());
+            s
+        });
     }
 
     #[test]
@@ -486,7 +494,8 @@ mod tests {
             assert!(mr.rows(split).iter().all(|r| ids.contains(r.id.as_str())));
             // Both list a split's shared sentences in the same (shuffled) order.
             let in_mr: HashSet<&str> = mr.rows(split).iter().map(|r| r.id.as_str()).collect();
-            let score_order: Vec<&str> = score.rows(split).iter().map(|r| r.id.as_str()).filter(|id| in_mr.contains(id)).collect();
+            let score_order: Vec<&str> =
+                score.rows(split).iter().map(|r| r.id.as_str()).filter(|id| in_mr.contains(id)).collect();
             let mr_order: Vec<&str> = mr.rows(split).iter().map(|r| r.id.as_str()).collect();
             assert_eq!(mr_order, score_order);
         }
