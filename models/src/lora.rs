@@ -87,16 +87,31 @@ pub struct LoraConfig {
     /// Dropout on the adapter's input during training.
     pub dropout: f64,
     pub targets: Vec<Projection>,
+    /// Only these decoder layers are adapted (PEFT's `layers_to_transform`); `None`: all.
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
 }
 
 impl Default for LoraConfig {
     /// The method's settings: r 16, alpha 32, rsLoRA, dropout 0.05, on q and v.
     fn default() -> Self {
-        Self { rank: 16, alpha: 32.0, use_rslora: true, dropout: 0.05, targets: vec![Projection::Q, Projection::V] }
+        Self {
+            rank: 16,
+            alpha: 32.0,
+            use_rslora: true,
+            dropout: 0.05,
+            targets: vec![Projection::Q, Projection::V],
+            layers: None,
+        }
     }
 }
 
 impl LoraConfig {
+    /// Whether decoder layer `layer` is adapted.
+    pub fn adapts_layer(&self, layer: usize) -> bool {
+        self.layers.as_ref().is_none_or(|l| l.contains(&layer))
+    }
+
     /// The factor `s` applied to `B A x`.
     pub fn scaling(&self) -> f64 {
         if self.use_rslora {
@@ -172,7 +187,13 @@ impl LoraAdapter {
         let mut pairs = BTreeMap::new();
         let mut vars = Vec::new();
         let r = config.rank;
-        for layer in 0..model.num_layers {
+        if let Some(bad) = config.layers.as_ref().and_then(|l| l.iter().find(|&&i| i >= model.num_layers)) {
+            return Err(Error::Invalid(format!(
+                "LoRA layer {bad} does not exist (the model has {})",
+                model.num_layers
+            )));
+        }
+        for layer in (0..model.num_layers).filter(|&l| config.adapts_layer(l)) {
             for &proj in &config.targets {
                 let (out, inp) = proj.dims(model);
                 let bound_a = 1.0 / (inp as f64).sqrt();
@@ -198,7 +219,7 @@ impl LoraAdapter {
         tensors: &BTreeMap<String, Tensor>,
     ) -> Result<Self, Error> {
         let mut pairs = BTreeMap::new();
-        for layer in 0..model.num_layers {
+        for layer in (0..model.num_layers).filter(|&l| config.adapts_layer(l)) {
             for &proj in &config.targets {
                 let get = |factor| {
                     let name = peft_tensor_name(layer, proj, factor);
@@ -308,7 +329,20 @@ impl LoraAdapter {
             use_rslora: v["use_rslora"].as_bool().unwrap_or(false),
             dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
             targets,
+            layers: match &v["layers_to_transform"] {
+                serde_json::Value::Null => None,
+                serde_json::Value::Number(n) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
+                serde_json::Value::Array(a) => {
+                    Some(a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>().ok_or_else(
+                        || Error::Format(format!("{}: layers_to_transform must hold integers", cfg_path.display())),
+                    )?)
+                }
+                _ => return Err(Error::Format(format!("{}: layers_to_transform must be a list", cfg_path.display()))),
+            },
         };
+        if v["use_dora"].as_bool() == Some(true) {
+            return Err(Error::Format(format!("{}: DoRA adapters are not supported", cfg_path.display())));
+        }
         let st_path = dir.join("adapter_model.safetensors");
         let tensors = candle_core::safetensors::load(&st_path, device)
             .map_err(|e| Error::Format(format!("{}: {e}", st_path.display())))?
@@ -342,6 +376,7 @@ impl LoraAdapter {
             "lora_dropout": c.dropout,
             "use_rslora": c.use_rslora,
             "target_modules": c.targets.iter().map(|p| p.module_name()).collect::<Vec<_>>(),
+            "layers_to_transform": c.layers,
             "bias": "none",
             "fan_in_fan_out": false,
             "inference_mode": true,
@@ -360,5 +395,18 @@ impl LoraAdapter {
             std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
         std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+    }
+}
+
+impl LoraAdapter {
+    /// A detached copy of the current values (no variables): for evaluation during training and
+    /// for saving a best checkpoint while training goes on.
+    pub fn snapshot(&self) -> Result<Self, Error> {
+        let pairs = self
+            .pairs
+            .iter()
+            .map(|(k, p)| Ok((*k, LoraPair { a: p.a.detach().copy()?, b: p.b.detach().copy()? })))
+            .collect::<Result<_, Error>>()?;
+        Ok(Self { config: self.config.clone(), pairs, vars: Vec::new() })
     }
 }

@@ -12,7 +12,14 @@ const VOCAB: usize = 50;
 fn setup(arch: Arch) -> (Decoder, LoraAdapter) {
     let cfg = tiny_config(arch, VOCAB);
     let model = random_decoder(&cfg, 42, WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
-    let lora = LoraConfig { rank: 4, alpha: 8.0, use_rslora: true, dropout: 0.05, targets: Projection::ALL.to_vec() };
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        use_rslora: true,
+        dropout: 0.05,
+        targets: Projection::ALL.to_vec(),
+        layers: None,
+    };
     let adapter = LoraAdapter::init_random(lora, &cfg, 9, DType::F32, &Device::Cpu).unwrap();
     (model, adapter)
 }

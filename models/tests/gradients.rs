@@ -37,7 +37,14 @@ fn check_gradients(arch: Arch) {
     let dev = Device::Cpu;
     let cfg = tiny_config(arch, VOCAB);
     let model = random_decoder(&cfg, 11, WeightMode::Dense, DType::F64, &dev).unwrap();
-    let lora = LoraConfig { rank: 2, alpha: 4.0, use_rslora: true, dropout: 0.1, targets: Projection::ALL.to_vec() };
+    let lora = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        use_rslora: true,
+        dropout: 0.1,
+        targets: Projection::ALL.to_vec(),
+        layers: None,
+    };
     let adapter = LoraAdapter::init_random(lora, &cfg, 5, DType::F64, &dev).unwrap();
     let batch = batch();
     let grads = loss(&model, &adapter, &batch).backward().unwrap();
@@ -106,6 +113,7 @@ fn frozen_weights_get_no_gradient() {
             use_rslora: false,
             dropout: 0.0,
             targets: vec![Projection::Q, Projection::V],
+            layers: None,
         };
         let adapter = LoraAdapter::init_random(lora, &cfg, 2, DType::F64, &dev).unwrap();
         let grads = loss(&model, &adapter, &batch()).backward().unwrap();

@@ -17,6 +17,7 @@ fn setup() -> (Decoder, LoraAdapter) {
         use_rslora: false,
         dropout: 0.0,
         targets: vec![Projection::Q, Projection::V, Projection::Down],
+        layers: None,
     };
     let adapter = LoraAdapter::init_random(lora, &cfg, 4, DType::F32, &Device::Cpu).unwrap();
     (model, adapter)

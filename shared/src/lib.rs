@@ -1,6 +1,7 @@
 //! Facts shared by every Verdict binary: model assets and their cache, chat and task templates,
 //! label words, data readers and metrics. Defined once, used by trainer, evaluator and server.
 
+pub mod adapter;
 pub mod assets;
 pub mod chat;
 pub mod data;

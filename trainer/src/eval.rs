@@ -88,9 +88,9 @@ pub struct EvalArgs {
 }
 
 /// One example ready to score.
-struct Item {
-    raw: RawExample,
-    label: Label,
+pub(crate) struct Item {
+    pub raw: RawExample,
+    pub label: Label,
 }
 
 /// Per-example result in the report.
@@ -146,9 +146,9 @@ fn split_file(task: &Task, dir: &Path, split: &str) -> Result<PathBuf> {
     })
 }
 
-fn data_dir(task: &Task, args: &EvalArgs, cache: &Path) -> Result<PathBuf> {
-    match (&args.data, &task.format) {
-        (Some(d), _) => Ok(d.clone()),
+pub(crate) fn data_dir(task: &Task, data: Option<&Path>, cache: &Path) -> Result<PathBuf> {
+    match (data, &task.format) {
+        (Some(d), _) => Ok(d.to_path_buf()),
         (None, DataFormat::Table) => {
             let d = cache.join("data").join(&task.name);
             if !d.is_dir() {
@@ -161,7 +161,7 @@ fn data_dir(task: &Task, args: &EvalArgs, cache: &Path) -> Result<PathBuf> {
 }
 
 /// Reads and labels a split.
-fn read_split(task: &Task, dir: &Path, split: &str, skip_bad_rows: bool) -> Result<(Vec<Item>, usize)> {
+pub(crate) fn read_split(task: &Task, dir: &Path, split: &str, skip_bad_rows: bool) -> Result<(Vec<Item>, usize)> {
     let path = split_file(task, dir, split)?;
     let opts = ReadOptions { skip_bad_rows };
     let report = match &task.format {
@@ -224,7 +224,7 @@ pub fn eval_task(
     args: &EvalArgs,
     cache: &Path,
 ) -> Result<TaskReport> {
-    let dir = data_dir(task, args, cache)?;
+    let dir = data_dir(task, args.data.as_deref(), cache)?;
     let (mut items, skipped_rows) = read_split(task, &dir, &args.split, args.skip_bad_rows)?;
     if let Some(n) = args.limit {
         items.truncate(n);

@@ -5,6 +5,9 @@ mod bench;
 mod eval;
 mod fetch;
 mod fetch_data;
+mod optim;
+mod run_dir;
+mod sft;
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device};
@@ -54,6 +57,8 @@ enum Command {
         #[arg(long = "task-file")]
         task_files: Vec<PathBuf>,
     },
+    /// LoRA supervised fine-tuning (loss on the answer tokens), with checkpoints and resume.
+    Sft(sft::SftArgs),
     /// Zero-shot / few-shot evaluation, constrained or generated answers, with 95% CIs.
     Eval(eval::EvalArgs),
     /// Greedy generation, for smoke tests.
@@ -185,6 +190,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Eval(args) => eval::run(&args, &cache)?,
+        Command::Sft(args) => sft::run(&args, &cache)?,
     }
     Ok(())
 }

@@ -1,0 +1,158 @@
+//! The Verdict adapter format: a PEFT adapter directory (`adapter_config.json`,
+//! `adapter_model.safetensors`) plus `verdict_manifest.json`, which ties the adapter to the
+//! exact base weights and task template it was trained with.
+
+use crate::task::Task;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// File name of the manifest inside an adapter directory.
+pub const MANIFEST_FILE: &str = "verdict_manifest.json";
+/// Bumped when the manifest's meaning changes.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// What an adapter was trained on and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub manifest_version: u32,
+    /// sha256 of the base model's weights file (the GGUF file, or the safetensors files in
+    /// name order for a Hugging Face directory).
+    pub base_sha256: String,
+    /// The base model as the user named it, for people.
+    pub base_model: String,
+    pub task: String,
+    pub template_version: u32,
+    pub template_hash: String,
+    pub label_words: Vec<String>,
+    /// `sft`, `ppo`, ...
+    pub method: String,
+    /// The full command line that produced the adapter.
+    pub command: String,
+    pub steps: u64,
+    /// Dev metrics at the saved step, as the evaluator reported them.
+    pub dev_metrics: Option<serde_json::Value>,
+}
+
+impl Manifest {
+    /// Refuses an adapter made for other base weights or another task template, with the reason.
+    pub fn check(&self, base_sha256: &str, task: &Task) -> Result<(), String> {
+        if self.manifest_version != MANIFEST_VERSION {
+            return Err(format!("manifest version {} is not {MANIFEST_VERSION}", self.manifest_version));
+        }
+        if self.base_sha256 != base_sha256 {
+            return Err(format!(
+                "adapter was trained on base weights {} ({}), this model's weights are {}",
+                short(&self.base_sha256),
+                self.base_model,
+                short(base_sha256)
+            ));
+        }
+        if self.task != task.name {
+            return Err(format!("adapter is for task {}, not {}", self.task, task.name));
+        }
+        if self.template_version != task.template_version || self.template_hash != task.template_hash() {
+            return Err(format!(
+                "adapter was trained with template v{} ({}) of {}, the current one is v{} ({})",
+                self.template_version,
+                self.template_hash,
+                task.name,
+                task.template_version,
+                task.template_hash()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads `<dir>/verdict_manifest.json`.
+    pub fn read(dir: &Path) -> Result<Self, String> {
+        let p = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+    }
+
+    /// Writes `<dir>/verdict_manifest.json` (through a temporary file).
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        let p = dir.join(MANIFEST_FILE);
+        let tmp = dir.join(format!(".{MANIFEST_FILE}.partial"));
+        std::fs::write(&tmp, serde_json::to_string_pretty(self).expect("manifest serialises"))?;
+        std::fs::rename(tmp, p)
+    }
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
+}
+
+/// sha256 (hex) of a model's weights: the file itself, or a Hugging Face directory's
+/// `*.safetensors` files in name order.
+pub fn weights_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let files: Vec<std::path::PathBuf> = if path.is_dir() {
+        let mut v: Vec<_> = std::fs::read_dir(path)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let mut file = std::fs::File::open(&f)?;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::TaskRegistry;
+
+    fn manifest(task: &Task) -> Manifest {
+        Manifest {
+            manifest_version: MANIFEST_VERSION,
+            base_sha256: "ab".repeat(32),
+            base_model: "smollm2".into(),
+            task: task.name.clone(),
+            template_version: task.template_version,
+            template_hash: task.template_hash(),
+            label_words: task.label_words(),
+            method: "sft".into(),
+            command: "verdict-train sft".into(),
+            steps: 10,
+            dev_metrics: None,
+        }
+    }
+
+    #[test]
+    fn manifest_refuses_other_bases_tasks_and_templates() {
+        let reg = TaskRegistry::builtin();
+        let mr = reg.get("mr").unwrap();
+        let m = manifest(mr);
+        assert!(m.check(&"ab".repeat(32), mr).is_ok());
+        assert!(m.check(&"cd".repeat(32), mr).unwrap_err().contains("base weights"));
+        assert!(m.check(&"ab".repeat(32), reg.get("sst2").unwrap()).unwrap_err().contains("for task mr"));
+        let mut reworded = mr.clone();
+        reworded.instruction = reworded.instruction.replace("sentiment", "mood");
+        assert!(m.check(&"ab".repeat(32), &reworded).unwrap_err().contains("template"));
+        let dir = std::env::temp_dir().join(format!("verdict-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        m.write(&dir).unwrap();
+        assert_eq!(Manifest::read(&dir).unwrap(), m);
+        std::fs::write(dir.join("model.safetensors"), b"abc").unwrap();
+        // sha256("abc")
+        assert_eq!(weights_sha256(&dir).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,240 @@
+//! A training run's directory: atomic checkpoints (adapter, optimizer state, position), the
+//! JSONL metrics log and the curves picture.
+//!
+//! ```text
+//! <out>/metrics.jsonl            one JSON object per logged step or evaluation
+//! <out>/curves.svg               loss and dev metric, drawn when the run ends
+//! <out>/checkpoints/step-000050/ adapter_config.json, adapter_model.safetensors,
+//!                                optimizer.safetensors, state.json
+//! <out>/best/                    the adapter with the best dev score (+ verdict_manifest.json)
+//! <out>/adapter/                 the final adapter (+ verdict_manifest.json)
+//! ```
+
+use crate::optim::Optimizer;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use models::LoraAdapter;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Where the run stands; with the seed this fixes the data order and dropout of what follows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Best dev score so far and its step.
+    pub best_score: Option<f64>,
+    pub best_step: Option<u64>,
+}
+
+/// Writes `write` into a fresh temporary directory, then renames it to `dir`: a reader sees the
+/// whole directory or none of it.
+pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().context("directory has a parent")?;
+    std::fs::create_dir_all(parent)?;
+    let name = dir.file_name().context("directory has a name")?.to_string_lossy().into_owned();
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    write(&tmp)?;
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old)?;
+        std::fs::rename(&tmp, dir)?;
+        std::fs::remove_dir_all(&old)?;
+    } else {
+        std::fs::rename(&tmp, dir)?;
+    }
+    Ok(())
+}
+
+fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
+    out.join("checkpoints").join(format!("step-{step:06}"))
+}
+
+/// Saves adapter, optimizer state and run state atomically; keeps the newest `keep`.
+pub fn save_checkpoint(
+    out: &Path,
+    adapter: &LoraAdapter,
+    opt: &Optimizer,
+    state: &RunState,
+    base: &str,
+    keep: usize,
+) -> Result<()> {
+    let dir = checkpoint_dir(out, state.step);
+    write_dir_atomically(&dir, |tmp| {
+        let adapter_dir = tmp.join("adapter");
+        adapter.save_peft_dir(&adapter_dir, base)?;
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::rename(adapter_dir.join(f), tmp.join(f))?;
+        }
+        std::fs::remove_dir(&adapter_dir)?;
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for (var, st) in &opt.state {
+            for (k, t) in st {
+                tensors.insert(format!("{var}::{k}"), t.clone());
+            }
+        }
+        if !tensors.is_empty() {
+            candle_core::safetensors::save(&tensors, tmp.join("optimizer.safetensors"))?;
+        }
+        let meta = serde_json::json!({"run": state, "optimizer_step": opt.step, "optimizer": opt.config});
+        std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&meta)?)?;
+        Ok(())
+    })?;
+    let mut all = list_checkpoints(out)?;
+    while all.len() > keep.max(1) {
+        std::fs::remove_dir_all(all.remove(0))?;
+    }
+    Ok(())
+}
+
+fn list_checkpoints(out: &Path) -> Result<Vec<PathBuf>> {
+    let dir = out.join("checkpoints");
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.join("state.json").is_file()
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// The newest complete checkpoint, if any.
+pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
+    Ok(list_checkpoints(out)?.pop())
+}
+
+/// Restores adapter variables, optimizer state and run state from a checkpoint.
+pub fn load_checkpoint(dir: &Path, adapter: &LoraAdapter, opt: &mut Optimizer) -> Result<RunState> {
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+    let state: RunState = serde_json::from_value(meta["run"].clone())?;
+    opt.step = meta["optimizer_step"].as_u64().context("state.json: optimizer_step")?;
+    let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)?;
+    for (name, var) in adapter.vars() {
+        let t = tensors.get(name).with_context(|| format!("{}: no tensor {name}", dir.display()))?;
+        if t.dims() != var.as_tensor().dims() {
+            bail!("{}: {name} has shape {:?}, the run expects {:?}", dir.display(), t.dims(), var.as_tensor().dims());
+        }
+        var.set(&t.to_dtype(var.as_tensor().dtype())?)?;
+    }
+    opt.state.clear();
+    let opt_file = dir.join("optimizer.safetensors");
+    if opt_file.is_file() {
+        for (key, t) in candle_core::safetensors::load(&opt_file, &Device::Cpu)? {
+            let (var, k) = key.rsplit_once("::").context("optimizer tensor name")?;
+            opt.state.entry(var.to_string()).or_default().insert(k.to_string(), t);
+        }
+    }
+    Ok(state)
+}
+
+/// Appends one JSON object per line to `<out>/metrics.jsonl`.
+pub struct MetricsLog {
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    /// Opens the log; on resume drops entries past `keep_through_step` (they will be redone).
+    pub fn open(out: &Path, keep_through_step: Option<u64>) -> Result<Self> {
+        let path = out.join("metrics.jsonl");
+        if let (Some(step), true) = (keep_through_step, path.is_file()) {
+            let kept: Vec<String> = std::fs::read_to_string(&path)?
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= step)
+                })
+                .map(str::to_string)
+                .collect();
+            let tmp = path.with_extension("jsonl.partial");
+            std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>())?;
+            std::fs::rename(&tmp, &path)?;
+        } else if keep_through_step.is_none() && path.exists() {
+            std::fs::remove_file(&path)?;
+        }
+        Ok(Self { path })
+    }
+
+    pub fn append(&self, entry: &serde_json::Value) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        writeln!(f, "{entry}")?;
+        Ok(())
+    }
+
+    /// All entries logged so far.
+    pub fn entries(&self) -> Result<Vec<serde_json::Value>> {
+        if !self.path.is_file() {
+            return Ok(Vec::new());
+        }
+        Ok(std::fs::read_to_string(&self.path)?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    }
+}
+
+/// Draws one panel per series (x = step) into an SVG file.
+pub fn write_curves_svg(path: &Path, title: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Result<()> {
+    let (w, panel_h, margin) = (720.0, 220.0, 50.0);
+    let panels: Vec<&(&str, Vec<(f64, f64)>)> = series.iter().filter(|(_, pts)| !pts.is_empty()).collect();
+    let h = 40.0 + panels.len() as f64 * (panel_h + 30.0);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"24\" font-size=\"15\">{}</text>\n",
+        margin,
+        escape(title)
+    );
+    for (i, (name, pts)) in panels.iter().enumerate() {
+        let top = 40.0 + i as f64 * (panel_h + 30.0);
+        let (x0, x1) =
+            (pts.iter().map(|p| p.0).fold(f64::MAX, f64::min), pts.iter().map(|p| p.0).fold(f64::MIN, f64::max));
+        let (y0, y1) =
+            (pts.iter().map(|p| p.1).fold(f64::MAX, f64::min), pts.iter().map(|p| p.1).fold(f64::MIN, f64::max));
+        let (xs, ys) = ((x1 - x0).max(1e-12), (y1 - y0).max(1e-12));
+        let px = |x: f64| margin + (x - x0) / xs * (w - 2.0 * margin);
+        let py = |y: f64| top + 10.0 + (1.0 - (y - y0) / ys) * (panel_h - 30.0);
+        svg.push_str(&format!(
+            "<rect x=\"{margin}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#999\"/>\n<text x=\"{margin}\" y=\"{}\">{}</text>\n",
+            top + 10.0,
+            w - 2.0 * margin,
+            panel_h - 30.0,
+            top + 5.0,
+            escape(name)
+        ));
+        svg.push_str(&format!(
+            "<text x=\"4\" y=\"{:.1}\">{:.4}</text><text x=\"4\" y=\"{:.1}\">{:.4}</text><text x=\"{margin}\" y=\"{:.1}\">step {x0}</text><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">step {x1}</text>\n",
+            py(y1) + 4.0, y1, py(y0), y0, top + panel_h, w - margin, top + panel_h
+        ));
+        let path: Vec<String> = pts.iter().map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y))).collect();
+        svg.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+            path.join(" ")
+        ));
+        if pts.len() <= 60 {
+            for (x, y) in pts.iter() {
+                svg.push_str(&format!(
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"#1f77b4\"/>\n",
+                    px(*x),
+                    py(*y)
+                ));
+            }
+        }
+    }
+    svg.push_str("</svg>\n");
+    let tmp = path.with_extension("svg.partial");
+    std::fs::write(&tmp, svg)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
