@@ -15,7 +15,7 @@ for model in ${MODELS:-smollm2 qwen0.5b}; do
     for mode in ${MODES:-constrained generate}; do
       echo "== $model, $shots-shot, $mode"
       /usr/bin/time -f "wall %e s, max RSS %M KB" "$bin" eval --model "$model" --task mr --split test \
-        --shots "$shots" --mode "$mode" --batch-size 16 --out "$out/mr-$model-${shots}shot-$mode.json"
+        --shots "$shots" --mode "$mode" --batch-size 16 --predictions --out "$out/mr-$model-${shots}shot-$mode.json"
     done
   done
 done
