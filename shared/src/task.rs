@@ -81,6 +81,9 @@ pub struct Task {
     pub answer: Answer,
     pub metrics: Vec<Metric>,
     pub format: DataFormat,
+    /// Table data: file column for each field, and for `label` / `id` (default: same name).
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
     /// Bumped whenever the prompt wording changes: adapters record it and are refused when it
     /// differs.
     pub template_version: u32,
@@ -119,6 +122,11 @@ pub enum TaskError {
 }
 
 impl Task {
+    /// The file column holding `name` (a field, `label` or `id`) in table data.
+    pub fn column(&self, name: &str) -> String {
+        self.columns.get(name).cloned().unwrap_or_else(|| name.to_string())
+    }
+
     /// Number of classes (score tasks: the integers `min..=max`).
     pub fn num_classes(&self) -> usize {
         self.label_words().len()
@@ -339,6 +347,9 @@ impl Task {
         if self.metrics.is_empty() {
             return bad("a task needs at least one metric".into());
         }
+        if let Some(k) = self.columns.keys().find(|k| !self.fields.contains(k) && *k != "label" && *k != "id") {
+            return bad(format!("columns maps {k:?}, which is neither a field nor label/id"));
+        }
         Ok(())
     }
 }
@@ -408,6 +419,7 @@ impl Def<'_> {
             answer: self.answer,
             metrics: self.metrics.to_vec(),
             format: self.format,
+            columns: BTreeMap::new(),
             template_version: 1,
         }
     }
@@ -476,6 +488,9 @@ struct TaskFile {
     metrics: Vec<String>,
     #[serde(default = "one")]
     template_version: u32,
+    /// File column for each field, `label` and `id`, when they differ from the names.
+    #[serde(default)]
+    columns: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -536,6 +551,7 @@ impl TaskRegistry {
             answer,
             metrics,
             format: DataFormat::Table,
+            columns: f.columns,
             template_version: f.template_version,
         };
         task.validate()?;
@@ -678,6 +694,16 @@ mod tests {
         "#;
         let t = TaskRegistry::parse_task_toml(good, "tickets.toml").unwrap();
         assert_eq!(t.parse_label("TECH").unwrap(), Label::Class(1));
+        assert_eq!(t.column("subject"), "subject");
+        let mapped = TaskRegistry::parse_task_toml(
+            &format!("{good}\n[columns]\nsubject = \"title\"\nlabel = \"team\""),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            (mapped.column("subject"), mapped.column("label"), mapped.column("body")),
+            ("title".into(), "team".into(), "body".into())
+        );
         assert_eq!(t.benchmark, Benchmark::User);
         let p = t.prompt(None, &[], &fields(&[("subject", "refund"), ("body", "please")])).unwrap();
         assert!(p.body.starts_with("refund\nBody: please\n"));
@@ -691,6 +717,7 @@ mod tests {
             (good.replace("name = \"tickets\"", "name = \"../etc\""), "name must be"),
             (format!("{good}\nscore = {{ min = 0, max = 5 }}"), "exactly one of"),
             (format!("{good}\ncolour = \"red\""), "unknown field"),
+            (format!("{good}\n[columns]\nheadline = \"title\""), "neither a field"),
         ] {
             let err = TaskRegistry::parse_task_toml(&bad, "t.toml").unwrap_err().to_string();
             assert!(err.contains(why), "expected {why:?} in {err}");

@@ -118,9 +118,12 @@ fn eval_runs_a_user_task_from_toml_on_csv() {
         labels = ["English", "French"]
         raw_labels = [["en"], ["fr"]]
         metrics = ["accuracy", "macro_f1"]
+        [columns]
+        text = "phrase"
+        label = "lang"
     "#;
     std::fs::write(dir.0.join("lang.toml"), toml).unwrap();
-    std::fs::write(dir.0.join("test.csv"), "id,text,label\n1,\"Where is the station, please?\",en\n2,Où est la gare s'il vous plaît ?,fr\n3,I like cheese.,en\n4,J'aime le fromage.,fr\n").unwrap();
+    std::fs::write(dir.0.join("test.csv"), "phrase,lang\n\"Where is the station, please?\",en\nOù est la gare s'il vous plaît ?,fr\nI like cheese.,en\nJ'aime le fromage.,fr\n").unwrap();
     let report = eval(
         &[
             "--task",

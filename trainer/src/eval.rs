@@ -169,9 +169,12 @@ pub(crate) fn read_split(task: &Task, dir: &Path, split: &str, skip_bad_rows: bo
         DataFormat::SuperGlueJsonl(name) => data::read_superglue_jsonl(name, &path, opts),
         DataFormat::Table => {
             let mapping = ColumnMap {
-                fields: task.fields.iter().map(|f| (f.clone(), f.clone())).collect(),
-                label: Some("label".into()),
-                id: Some("id".into()),
+                fields: task.fields.iter().map(|f| (task.column(f), f.clone())).collect(),
+                label: Some(task.column("label")),
+                // Ids from an `id` column where the data has one (our datasets, or a mapped
+                // column); otherwise rows are named by their line.
+                id: (task.columns.contains_key("id") || task.benchmark == shared::task::Benchmark::Verdict)
+                    .then(|| task.column("id")),
                 group: None,
             };
             data::read_table(&path, &mapping, opts)
