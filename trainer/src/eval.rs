@@ -459,6 +459,9 @@ pub fn run(args: &EvalArgs, cache: &Path) -> Result<()> {
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "tasks": reports,
         });
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
         let tmp = out.with_extension("partial");
         std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)?;
         std::fs::rename(&tmp, out)?;
