@@ -102,38 +102,28 @@ pub fn load_dir(dir: &Path, mode: WeightMode, dtype: DType, device: &Device) -> 
 /// transformers and PEFT can load exactly the weights Verdict runs. The directory appears
 /// complete or not at all (written under a temporary name, then renamed).
 pub fn save_dir(loaded: &LoadedModel, dir: &Path) -> Result<(), Error> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a directory name", dir.display())))?;
-    let tmp = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let write = |file: &str, text: String| -> Result<(), Error> {
-        let p = tmp.join(file);
-        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
-    };
-    let cfg = loaded.model.config();
-    write("config.json", serde_json::to_string_pretty(&cfg.to_hf_json()).expect("json"))?;
-    let state: HashMap<String, Tensor> = loaded.model.dense_state()?.into_iter().collect();
-    candle_core::safetensors::save(&state, tmp.join("model.safetensors"))?;
-    let tok_json = loaded.tokenizer.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))?;
-    write("tokenizer.json", tok_json)?;
-    let token = |id: Option<u32>| id.and_then(|i| loaded.tokenizer.id_to_token(i));
-    let tc = serde_json::json!({
-        "bos_token": token(loaded.special.bos),
-        "eos_token": token(loaded.special.eos),
-        "pad_token": token(loaded.special.pad),
-        "add_bos_token": loaded.special.add_bos,
-        "add_eos_token": false,
-        "chat_template": loaded.chat_template_source,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": cfg.max_position_embeddings,
-    });
-    write("tokenizer_config.json", serde_json::to_string_pretty(&tc).expect("json"))?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+    shared::atomic::write_dir(dir, |tmp| {
+        let write = |file: &str, text: String| -> Result<(), Error> {
+            let p = tmp.join(file);
+            std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
+        };
+        let cfg = loaded.model.config();
+        write("config.json", serde_json::to_string_pretty(&cfg.to_hf_json()).expect("json"))?;
+        let state: HashMap<String, Tensor> = loaded.model.dense_state()?.into_iter().collect();
+        candle_core::safetensors::save(&state, tmp.join("model.safetensors"))?;
+        let tok_json = loaded.tokenizer.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        write("tokenizer.json", tok_json)?;
+        let token = |id: Option<u32>| id.and_then(|i| loaded.tokenizer.id_to_token(i));
+        let tc = serde_json::json!({
+            "bos_token": token(loaded.special.bos),
+            "eos_token": token(loaded.special.eos),
+            "pad_token": token(loaded.special.pad),
+            "add_bos_token": loaded.special.add_bos,
+            "add_eos_token": false,
+            "chat_template": loaded.chat_template_source,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": cfg.max_position_embeddings,
+        });
+        write("tokenizer_config.json", serde_json::to_string_pretty(&tc).expect("json"))
+    })
 }

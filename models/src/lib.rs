@@ -34,6 +34,8 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     #[error("{path}: {source}")]
     Io { path: std::path::PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    File(#[from] std::io::Error),
     #[error("tensor {0} is missing from the weights")]
     MissingTensor(String),
     #[error("{0}")]

@@ -358,14 +358,12 @@ impl LoraAdapter {
     /// `adapter_model.safetensors`) that PEFT's `PeftModel.from_pretrained` loads. The directory
     /// appears complete or not at all (written under a temporary name, then renamed).
     pub fn save_peft_dir(&self, dir: &std::path::Path, base_model: &str) -> Result<(), Error> {
-        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let name = dir.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a directory name", dir.display())))?;
-        let tmp = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        shared::atomic::write_dir(dir, |tmp| self.write_peft_files(tmp, base_model))
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into an existing directory
+    /// (callers that assemble a larger directory atomically, like a checkpoint, use this).
+    pub fn write_peft_files(&self, dir: &std::path::Path, base_model: &str) -> Result<(), Error> {
         let c = &self.config;
         let config = serde_json::json!({
             "peft_type": "LORA",
@@ -382,7 +380,7 @@ impl LoraAdapter {
             "inference_mode": true,
             "init_lora_weights": true,
         });
-        let cfg_path = tmp.join("adapter_config.json");
+        let cfg_path = dir.join("adapter_config.json");
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).expect("json"))
             .map_err(|e| Error::io(&cfg_path, e))?;
         let tensors: std::collections::HashMap<String, Tensor> = self
@@ -390,11 +388,8 @@ impl LoraAdapter {
             .into_iter()
             .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.contiguous()?)))
             .collect::<Result<_, Error>>()?;
-        candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+        candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
+        Ok(())
     }
 }
 

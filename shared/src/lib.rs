@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod assets;
+pub mod atomic;
 pub mod chat;
 pub mod data;
 pub mod datasets;

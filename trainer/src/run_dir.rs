@@ -29,28 +29,8 @@ pub struct RunState {
     pub best_step: Option<u64>,
 }
 
-/// Writes `write` into a fresh temporary directory, then renames it to `dir`: a reader sees the
-/// whole directory or none of it.
-pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().context("directory has a parent")?;
-    std::fs::create_dir_all(parent)?;
-    let name = dir.file_name().context("directory has a name")?.to_string_lossy().into_owned();
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    write(&tmp)?;
-    if dir.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(dir, &old)?;
-        std::fs::rename(&tmp, dir)?;
-        std::fs::remove_dir_all(&old)?;
-    } else {
-        std::fs::rename(&tmp, dir)?;
-    }
-    Ok(())
-}
+/// Atomic directory write (see `shared::atomic`).
+pub use shared::atomic::write_dir as write_dir_atomically;
 
 fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
     out.join("checkpoints").join(format!("step-{step:06}"))
@@ -67,12 +47,7 @@ pub fn save_checkpoint(
 ) -> Result<()> {
     let dir = checkpoint_dir(out, state.step);
     write_dir_atomically(&dir, |tmp| {
-        let adapter_dir = tmp.join("adapter");
-        adapter.save_peft_dir(&adapter_dir, base)?;
-        for f in ["adapter_config.json", "adapter_model.safetensors"] {
-            std::fs::rename(adapter_dir.join(f), tmp.join(f))?;
-        }
-        std::fs::remove_dir(&adapter_dir)?;
+        adapter.write_peft_files(tmp, base)?;
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for (var, st) in &opt.state {
             for (k, t) in st {
@@ -84,7 +59,7 @@ pub fn save_checkpoint(
         }
         let meta = serde_json::json!({"run": state, "optimizer_step": opt.step, "optimizer": opt.config});
         std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&meta)?)?;
-        Ok(())
+        Ok::<(), anyhow::Error>(())
     })?;
     let mut all = list_checkpoints(out)?;
     while all.len() > keep.max(1) {

@@ -383,11 +383,7 @@ fn save_adapter(
     dev: &[serde_json::Value],
 ) -> Result<()> {
     run_dir::write_dir_atomically(dir, |tmp| {
-        adapter.save_peft_dir(&tmp.join("peft"), &args.model.model)?;
-        for f in ["adapter_config.json", "adapter_model.safetensors"] {
-            std::fs::rename(tmp.join("peft").join(f), tmp.join(f))?;
-        }
-        std::fs::remove_dir(tmp.join("peft"))?;
+        adapter.write_peft_files(tmp, &args.model.model)?;
         // One manifest per adapter: a mix records its first task; each task's template is listed.
         let task = &data[0].task;
         let manifest = Manifest {
@@ -404,7 +400,7 @@ fn save_adapter(
             dev_metrics: if dev.is_empty() { None } else { Some(serde_json::Value::Array(dev.to_vec())) },
         };
         manifest.write(tmp)?;
-        Ok(())
+        Ok::<(), anyhow::Error>(())
     })
 }
 
