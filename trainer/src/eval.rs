@@ -31,20 +31,38 @@ pub enum EvalMode {
     Generate,
 }
 
+/// Which tasks, from which definitions and data: shared by `eval` and `sft`.
 #[derive(Args, Clone)]
-pub struct EvalArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Tasks to evaluate (repeatable), by registry name.
+pub struct TaskSelection {
+    /// Tasks by registry name (repeatable; `sft` trains on the mix).
     #[arg(long = "task", required = true)]
     pub tasks: Vec<String>,
     /// Extra task definitions (TOML, repeatable); see docs/tasks.md.
     #[arg(long = "task-file")]
     pub task_files: Vec<PathBuf>,
-    /// Data directory (GLUE task dir, SuperGLUE task dir, or a dir of `<split>.jsonl|csv|parquet`).
-    /// Default for the real datasets: `<cache>/data/<task>`.
+    /// Data directory of one task (GLUE task dir, SuperGLUE task dir, or a dir of
+    /// `<split>.jsonl|csv|parquet`). Default for the real datasets: `<cache>/data/<task>`.
     #[arg(long)]
     pub data: Option<PathBuf>,
+}
+
+impl TaskSelection {
+    /// The built-in registry plus the task files.
+    pub fn registry(&self) -> Result<TaskRegistry> {
+        let mut registry = TaskRegistry::builtin();
+        for f in &self.task_files {
+            registry.load_file(f)?;
+        }
+        Ok(registry)
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub select: TaskSelection,
     #[arg(long, default_value = "test")]
     pub split: String,
     /// Demonstrations from the training split (0 = zero-shot).
@@ -227,7 +245,7 @@ pub fn eval_task(
     args: &EvalArgs,
     cache: &Path,
 ) -> Result<TaskReport> {
-    let dir = data_dir(task, args.data.as_deref(), cache)?;
+    let dir = data_dir(task, args.select.data.as_deref(), cache)?;
     let (mut items, skipped_rows) = read_split(task, &dir, &args.split, args.skip_bad_rows)?;
     if let Some(n) = args.limit {
         items.truncate(n);
@@ -413,11 +431,8 @@ fn predictions(task: &Task, items: &[Item], results: &[ExampleResult]) -> Result
 
 /// Runs `eval` for every task and prints a table.
 pub fn run(args: &EvalArgs, cache: &Path) -> Result<()> {
-    let mut registry = TaskRegistry::builtin();
-    for f in &args.task_files {
-        registry.load_file(f)?;
-    }
-    let tasks: Vec<Task> = args.tasks.iter().map(|t| registry.get(t).cloned()).collect::<Result<_, _>>()?;
+    let registry = args.select.registry()?;
+    let tasks: Vec<Task> = args.select.tasks.iter().map(|t| registry.get(t).cloned()).collect::<Result<_, _>>()?;
     let loaded = args.model.load(cache)?;
     let adapter = match &args.adapter {
         Some(dir) => Some(

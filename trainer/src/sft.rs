@@ -7,7 +7,7 @@
 //! on the dev split every `eval_every` steps and keep the best adapter; checkpoint atomically.
 //! Data order and dropout depend only on the seed and the step, so `--resume` continues exactly.
 
-use crate::eval::{self, EvalArgs, EvalMode, Item};
+use crate::eval::{self, EvalArgs, EvalMode, Item, TaskSelection};
 use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig, OptimizerKind, Schedule};
 use crate::run_dir::{self, MetricsLog, RunState};
 use crate::ModelArgs;
@@ -22,7 +22,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use shared::adapter::{weights_sha256, Manifest, MANIFEST_VERSION};
-use shared::task::{Task, TaskRegistry};
+use shared::task::Task;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -31,15 +31,8 @@ use std::time::Instant;
 pub struct SftArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Tasks to train on (repeatable: a mix).
-    #[arg(long = "task", required = true)]
-    pub tasks: Vec<String>,
-    /// Extra task definitions (TOML).
-    #[arg(long = "task-file")]
-    pub task_files: Vec<PathBuf>,
-    /// Data directory (one task only; default for the real datasets: `<cache>/data/<task>`).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub select: TaskSelection,
     /// Run directory: checkpoints, metrics.jsonl, curves.svg, best/ and adapter/.
     #[arg(long)]
     pub out: PathBuf,
@@ -199,9 +192,7 @@ fn tokenize_task(loaded: &LoadedModel, task: &Task, items: &[Item]) -> Result<Ta
 fn eval_args(args: &SftArgs, task: &str) -> EvalArgs {
     EvalArgs {
         model: args.model.clone(),
-        tasks: vec![task.to_string()],
-        task_files: args.task_files.clone(),
-        data: args.data.clone(),
+        select: TaskSelection { tasks: vec![task.to_string()], ..args.select.clone() },
         split: args.eval_split.clone(),
         shots: 0,
         mode: EvalMode::Constrained,
@@ -224,7 +215,7 @@ pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
     if args.model.weights != WeightMode::Dense {
         bail!("training needs dense weights (--weights dense)");
     }
-    if args.data.is_some() && args.tasks.len() > 1 {
+    if args.select.data.is_some() && args.select.tasks.len() > 1 {
         bail!("--data names one task's directory; a mix reads each task's default data");
     }
     let ckpt = if args.resume { run_dir::latest_checkpoint(&args.out)? } else { None };
@@ -235,18 +226,15 @@ pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
         bail!("{} already holds a run: pass --resume to continue it, or another --out", args.out.display());
     }
     std::fs::create_dir_all(&args.out)?;
-    let mut registry = TaskRegistry::builtin();
-    for f in &args.task_files {
-        registry.load_file(f)?;
-    }
+    let registry = args.select.registry()?;
     let loaded = args.model.load(cache)?;
     let model_path = shared::assets::resolve_model(&args.model.model, cache).map_err(anyhow::Error::msg)?;
     let base_sha = weights_sha256(&model_path)?;
 
     let mut data = Vec::new();
-    for name in &args.tasks {
+    for name in &args.select.tasks {
         let task = registry.get(name)?.clone();
-        let dir = eval::data_dir(&task, args.data.as_deref(), cache)?;
+        let dir = eval::data_dir(&task, args.select.data.as_deref(), cache)?;
         let (mut items, _) = eval::read_split(&task, &dir, "train", false)?;
         if let Some(n) = args.train_limit {
             items.truncate(n);
