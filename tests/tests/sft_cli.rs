@@ -175,6 +175,23 @@ fn a_tiny_model_learns_a_synthetic_task() {
         table.lines().find(|l| l.starts_with("| mr")).unwrap().split('|').nth(7).unwrap().trim().parse().unwrap();
     assert!((acc - last).abs() < 1e-9, "eval --adapter gives {acc}, training reported {last}");
     assert!(out.join("curves.svg").is_file() && out.join("best/adapter_model.safetensors").is_file());
+    // The manifest refuses the adapter for another task or other base weights, with the reason.
+    let a = adapter.to_str().unwrap();
+    let o =
+        run("verdict-train", &["eval", "--model", &model, "--task", "mr-score", "--data", &data, "--adapter", a], &[]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("adapter is for task mr, not mr-score"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = run("verdict-train", &["eval", "--model", "smollm2", "--task", "mr", "--data", &data, "--adapter", a], &[]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("trained on base weights"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]

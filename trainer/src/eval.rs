@@ -14,6 +14,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use shared::adapter::{weights_sha256, Manifest, MANIFEST_FILE};
 use shared::data::{self, ColumnMap, RawExample, ReadOptions};
 use shared::metrics::{score_task, Predictions, TaskScore};
 use shared::task::{DataFormat, Label, Task, TaskRegistry, CLOSE_TAG_STEM};
@@ -429,11 +430,33 @@ fn predictions(task: &Task, items: &[Item], results: &[ExampleResult]) -> Result
     })
 }
 
+/// Refuses an adapter whose manifest names other base weights, another task or another
+/// template; a plain PEFT adapter (no manifest) is accepted with a note.
+fn check_adapter(dir: &Path, model: &ModelArgs, tasks: &[Task], cache: &Path) -> Result<()> {
+    if !dir.join(MANIFEST_FILE).is_file() {
+        eprintln!(
+            "note: {} has no {MANIFEST_FILE} (a plain PEFT adapter): base model and template are not checked",
+            dir.display()
+        );
+        return Ok(());
+    }
+    let manifest = Manifest::read(dir).map_err(anyhow::Error::msg)?;
+    let path = shared::assets::resolve_model(&model.model, cache).map_err(anyhow::Error::msg)?;
+    let sha = weights_sha256(&path).with_context(|| format!("hashing {}", path.display()))?;
+    for task in tasks {
+        manifest.check(&sha, task).map_err(|e| anyhow!("refusing adapter {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// Runs `eval` for every task and prints a table.
 pub fn run(args: &EvalArgs, cache: &Path) -> Result<()> {
     let registry = args.select.registry()?;
     let tasks: Vec<Task> = args.select.tasks.iter().map(|t| registry.get(t).cloned()).collect::<Result<_, _>>()?;
     let loaded = args.model.load(cache)?;
+    if let Some(dir) = &args.adapter {
+        check_adapter(dir, &args.model, &tasks, cache)?;
+    }
     let adapter = match &args.adapter {
         Some(dir) => Some(
             LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)
