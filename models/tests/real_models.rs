@@ -42,8 +42,13 @@ fn ids_of(v: &Value) -> Vec<u32> {
 }
 
 fn all_logits(m: &LoadedModel, ids: &[u32]) -> Tensor {
+    adapted_logits(m, None, ids)
+}
+
+/// `[seq, vocab]` logits of one unpadded sequence, with an optional adapter.
+fn adapted_logits(m: &LoadedModel, adapter: Option<&models::LoraAdapter>, ids: &[u32]) -> Tensor {
     m.model
-        .forward(&TokenBatch::single(ids).unwrap(), None, None, Mode::Inference, LogitsAt::All)
+        .forward(&TokenBatch::single(ids).unwrap(), None, adapter, Mode::Inference, LogitsAt::All)
         .unwrap()
         .logits
         .unwrap()
@@ -201,14 +206,7 @@ fn peft_fixture_ids(m: &LoadedModel) -> Vec<u32> {
 
 /// Top-20 (id, logit) at each of the last 4 positions.
 fn top_logits(m: &LoadedModel, adapter: Option<&models::LoraAdapter>, ids: &[u32]) -> Vec<Vec<(u32, f32)>> {
-    let logits = m
-        .model
-        .forward(&TokenBatch::single(ids).unwrap(), None, adapter, Mode::Inference, LogitsAt::All)
-        .unwrap()
-        .logits
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
+    let logits = adapted_logits(m, adapter, ids);
     (ids.len() - 4..ids.len())
         .map(|p| {
             let row: Vec<f32> = logits.get(p).unwrap().to_vec1().unwrap();
@@ -280,14 +278,7 @@ fn check_against(
     want: &[Vec<(u32, f32)>],
     what: &str,
 ) {
-    let logits = m
-        .model
-        .forward(&TokenBatch::single(ids).unwrap(), None, adapter, Mode::Inference, LogitsAt::All)
-        .unwrap()
-        .logits
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
+    let logits = adapted_logits(m, adapter, ids);
     for (&p, want) in positions.iter().zip(want) {
         let row: Vec<f32> = logits.get(p).unwrap().to_vec1().unwrap();
         for &(id, logit) in want {

@@ -108,12 +108,13 @@ fn sft_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> 
     ]
 }
 
-fn dev_scores(out: &Path) -> Vec<(u64, f64)> {
+/// `(step, value)` of every `metrics.jsonl` entry that has `key`.
+fn series(out: &Path, key: &str) -> Vec<(u64, f64)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_u64()?, v["dev_score"].as_f64()?)))
+        .filter_map(|v| Some((v["step"].as_u64()?, v[key].as_f64()?)))
         .collect()
 }
 
@@ -125,15 +126,10 @@ fn a_tiny_model_learns_a_synthetic_task() {
     args.extend(["--eval-every", "50"]);
     let o = run("verdict-train", &args, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let scores = dev_scores(&out);
+    let scores = series(&out, "dev_score");
     assert_eq!(scores.iter().map(|s| s.0).collect::<Vec<_>>(), vec![50, 100, 150, 200]);
     let last = scores.last().unwrap().1;
-    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let losses: Vec<String> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["loss"].as_f64().map(|x| format!("{x:.3}")))
-        .collect();
+    let losses: Vec<String> = series(&out, "loss").iter().map(|(_, x)| format!("{x:.3}")).collect();
     assert!(last >= 0.95, "dev accuracy after 200 steps: {scores:?}; losses {losses:?}");
     // Before training the base model is at chance on this task.
     let base = run(
@@ -234,15 +230,7 @@ fn a_killed_run_resumes_to_the_same_adapter() {
         assert_eq!(diff, 0.0, "{name} differs by {diff} after resume");
     }
     // The logged losses agree step for step, and no step is logged twice.
-    let losses = |p: &Path| -> Vec<(u64, f64)> {
-        std::fs::read_to_string(p.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?)))
-            .collect()
-    };
-    assert_eq!(losses(&whole), losses(&cut));
+    assert_eq!(series(&whole, "loss"), series(&cut, "loss"));
     // Starting over in a directory that holds a run is refused.
     let o = run("verdict-train", &sft_args(&model, &data, cut.to_str().unwrap(), "25"), &[]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--resume"));
