@@ -36,6 +36,10 @@ pub struct Sampling {
     /// A row also stops once its output ends with one of these token sequences (e.g. the
     /// closing answer tag, in the tokenizations it can take).
     pub stop_sequences: Vec<Vec<u32>>,
+    /// When not empty, every output is one of these token sequences: each token is sampled
+    /// from the model's distribution renormalised over the tokens that continue one of them
+    /// (see [`allowed_next`]), and a row stops once it has produced a whole one.
+    pub restrict_to: Vec<Vec<u32>>,
 }
 
 impl Sampling {
@@ -48,6 +52,7 @@ impl Sampling {
             min_new_tokens: 0,
             max_new_tokens: 32,
             stop_sequences: Vec::new(),
+            restrict_to: Vec::new(),
         }
     }
 }
@@ -85,11 +90,15 @@ pub fn generate(
                     row[s as usize] = f32::NEG_INFINITY;
                 }
             }
+            if !settings.restrict_to.is_empty() && !done[i] {
+                restrict_row(&mut row, &allowed_next(&settings.restrict_to, &out[i]));
+            }
             let tok = if done[i] { pad } else { pick(&row, settings, &mut rng) };
             if !done[i] {
                 out[i].push(tok);
                 done[i] = stop.contains(&tok)
-                    || settings.stop_sequences.iter().any(|seq| !seq.is_empty() && out[i].ends_with(seq));
+                    || settings.stop_sequences.iter().any(|seq| !seq.is_empty() && out[i].ends_with(seq))
+                    || settings.restrict_to.iter().any(|seq| seq == &out[i]);
             }
             next.push(tok);
         }
@@ -102,6 +111,28 @@ pub fn generate(
         batch = TokenBatch::with_mask(ids, mask.into_iter().map(|m| vec![m]).collect())?;
     }
     Ok(out)
+}
+
+/// The tokens that may follow `so_far` when the output must be one of `sequences`: the next
+/// token of every sequence that starts with `so_far`, in first-seen order. Rollouts and the PPO
+/// loss both renormalise the policy over exactly this set.
+pub fn allowed_next(sequences: &[Vec<u32>], so_far: &[u32]) -> Vec<u32> {
+    let mut next = Vec::new();
+    for s in sequences {
+        if s.len() > so_far.len() && s.starts_with(so_far) && !next.contains(&s[so_far.len()]) {
+            next.push(s[so_far.len()]);
+        }
+    }
+    next
+}
+
+/// Masks every logit outside `allowed` to -inf.
+fn restrict_row(row: &mut [f32], allowed: &[u32]) {
+    for (t, x) in row.iter_mut().enumerate() {
+        if !allowed.contains(&(t as u32)) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
 }
 
 /// Picks a token from one row of logits.
@@ -154,6 +185,20 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(pick(&logits, &k1, &mut rng), 1);
         }
+    }
+
+    #[test]
+    fn allowed_next_follows_the_sequences() {
+        let seqs = vec![vec![5, 6, 9], vec![5, 7, 9], vec![8, 9]];
+        assert_eq!(allowed_next(&seqs, &[]), vec![5, 8]);
+        assert_eq!(allowed_next(&seqs, &[5]), vec![6, 7]);
+        assert_eq!(allowed_next(&seqs, &[5, 7]), vec![9]);
+        assert!(allowed_next(&seqs, &[5, 7, 9]).is_empty());
+        assert!(allowed_next(&seqs, &[6]).is_empty());
+        let mut row = vec![1.0f32; 10];
+        restrict_row(&mut row, &[6, 7]);
+        assert_eq!(row.iter().filter(|x| x.is_finite()).count(), 2);
+        assert!(row[6].is_finite() && row[7].is_finite());
     }
 
     #[test]

@@ -394,6 +394,20 @@ impl LoraAdapter {
 }
 
 impl LoraAdapter {
+    /// A trainable copy: every factor becomes a fresh variable holding the current values. PPO
+    /// starting from an SFT adapter trains this.
+    pub fn trainable(&self) -> Result<Self, Error> {
+        let mut pairs = BTreeMap::new();
+        let mut vars = Vec::with_capacity(self.pairs.len() * 2);
+        for (&(layer, proj), p) in &self.pairs {
+            let (a, b) = (Var::from_tensor(&p.a.detach().copy()?)?, Var::from_tensor(&p.b.detach().copy()?)?);
+            pairs.insert((layer, proj), LoraPair { a: a.as_tensor().clone(), b: b.as_tensor().clone() });
+            vars.push((peft_tensor_name(layer, proj, 'A'), a));
+            vars.push((peft_tensor_name(layer, proj, 'B'), b));
+        }
+        Ok(Self { config: self.config.clone(), pairs, vars })
+    }
+
     /// A detached copy of the current values (no variables): for evaluation during training and
     /// for saving a best checkpoint while training goes on.
     pub fn snapshot(&self) -> Result<Self, Error> {

@@ -91,6 +91,7 @@ fn batched_generation_equals_one_prompt_at_a_time() {
             min_new_tokens: 2,
             max_new_tokens: 6,
             stop_sequences: Vec::new(),
+            restrict_to: Vec::new(),
         },
     ] {
         let batched = generate(&model, Some(&adapter), None, &prompts, &settings, &stop, 11).unwrap();
@@ -141,4 +142,21 @@ fn generation_stops_at_a_stop_sequence() {
     let stopped = generate(&model, Some(&adapter), None, &prompt, &settings, &[], 0).unwrap();
     let first_end = (2..=8).find(|&n| free[0][..n].ends_with(&seq)).unwrap();
     assert_eq!(stopped[0], free[0][..first_end].to_vec());
+}
+
+#[test]
+fn restricted_sampling_only_produces_the_allowed_sequences() {
+    let (model, adapter) = setup();
+    let prompts: Vec<Vec<u32>> = (0..12).map(|i| vec![1 + i, 2, 3 + i]).collect();
+    let allowed = vec![vec![20u32, 21, 59], vec![20, 22, 59], vec![30, 59]];
+    let settings = Sampling { temperature: 1.0, max_new_tokens: 8, restrict_to: allowed.clone(), ..Sampling::greedy() };
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 0..4 {
+        for out in generate(&model, Some(&adapter), None, &prompts, &settings, &[], seed).unwrap() {
+            assert!(allowed.contains(&out), "{out:?} is not an allowed answer");
+            seen.insert(out);
+        }
+    }
+    // A random model spreads its probability: sampling reaches every answer.
+    assert_eq!(seen.len(), allowed.len(), "{seen:?}");
 }

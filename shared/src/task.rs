@@ -204,6 +204,14 @@ impl Task {
         }
     }
 
+    /// The label that answer number `index` (in [`Task::label_words`] order) stands for.
+    pub fn label_of_class(&self, index: usize) -> Label {
+        match &self.answer {
+            Answer::Classes { .. } => Label::Class(index),
+            Answer::Score { min, .. } => Label::Score(min.round() + index as f64),
+        }
+    }
+
     /// The user's turn for one example.
     pub fn instruction_text(&self, fields: &BTreeMap<String, String>) -> Result<String, TaskError> {
         fill(&self.instruction, fields, |f| TaskError::MissingField { task: self.name.clone(), field: f.to_string() })
@@ -679,6 +687,8 @@ mod tests {
         assert_eq!(t.label_words(), vec!["0", "1", "2", "3", "4", "5"]);
         assert_eq!(t.answer_texts()[3], " 3 </Judgement>");
         assert_eq!(t.label_word(Label::Score(3.6)), "4");
+        assert_eq!(t.label_of_class(3), Label::Score(3.0));
+        assert_eq!(reg.get("mr").unwrap().label_of_class(1), Label::Class(1));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Helpers for integration tests that run the real `verdict-train` and `verdict-serve`
 //! binaries: locating them, running them, and talking HTTP to a server on loopback.
 
+pub mod tiny;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -85,4 +87,14 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// `(step, value)` of every `metrics.jsonl` entry that has `key`.
+pub fn metrics_series(out: &std::path::Path, key: &str) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_u64()?, v[key].as_f64()?)))
+        .collect()
 }

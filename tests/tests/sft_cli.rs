@@ -1,78 +1,12 @@
 //! `verdict-train sft` end to end on a tiny seeded model: it learns a synthetic task, and a run
 //! killed after a checkpoint and resumed ends exactly where an uninterrupted run ends.
 
-use candle_core::{DType, Device};
-use models::random::{random_decoder, tiny_config};
-use models::{Arch, LoadedModel, SpecialTokens, WeightMode};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use candle_core::Device;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::{binary, run, TempDir};
-
-const POSITIVE: [&str; 3] = ["good", "great", "fine"];
-const NEGATIVE: [&str; 3] = ["bad", "awful", "poor"];
-const FILLER: [&str; 10] = ["the", "movie", "was", "a", "film", "plot", "acting", "story", "really", "quite"];
-
-/// A tiny random Llama with a word-level tokenizer, written as a Hugging Face directory.
-fn tiny_model_dir(dir: &Path) {
-    let mut words: Vec<String> =
-        ["[UNK]", "<|endoftext|>", "Positive", "Negative", "<", ">", "</", "Judgement", "\"", ":", "Sentence"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    words.extend(POSITIVE.iter().chain(&NEGATIVE).chain(&FILLER).map(|s| s.to_string()));
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        words.iter().enumerate().map(|(i, w)| (w.clone(), serde_json::json!(i))).collect();
-    let tok_json = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [{"id": 1, "content": "<|endoftext|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    });
-    let tokenizer: tokenizers::Tokenizer = tok_json.to_string().parse().unwrap();
-    // Qwen2 shape: an untied, 1/sqrt(h)-scaled LM head keeps the starting logits small (a tied
-    // head over ±1 embeddings starts saturated and learns slowly).
-    let cfg = tiny_config(Arch::Qwen2, words.len());
-    let model = random_decoder(&cfg, 7, WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
-    let loaded = LoadedModel {
-        model,
-        tokenizer,
-        special: SpecialTokens { bos: None, eos: Some(1), pad: Some(1), add_bos: false, stop: vec![1] },
-        chat: None,
-        chat_template_source: None,
-        path: dir.to_path_buf(),
-    };
-    models::hf::save_dir(&loaded, dir).unwrap();
-}
-
-/// Sentences of filler words with one sentiment word; the label follows that word.
-fn synthetic_split(path: &Path, n: usize, seed: u64) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = String::new();
-    for i in 0..n {
-        let positive = rng.random_bool(0.5);
-        let mut s: Vec<&str> = (0..rng.random_range(3..7)).map(|_| FILLER[rng.random_range(0..FILLER.len())]).collect();
-        let word = if positive { POSITIVE[rng.random_range(0..3)] } else { NEGATIVE[rng.random_range(0..3)] };
-        s.insert(rng.random_range(0..=s.len()), word);
-        let label = if positive { "positive" } else { "negative" };
-        out.push_str(&format!("{{\"id\": \"{i}\", \"sentence\": \"{}\", \"label\": \"{label}\"}}\n", s.join(" ")));
-    }
-    std::fs::write(path, out).unwrap();
-}
-
-fn setup(tag: &str) -> (TempDir, String, String) {
-    let dir = TempDir::new(tag);
-    let model = dir.0.join("tiny");
-    tiny_model_dir(&model);
-    let data = dir.0.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    synthetic_split(&data.join("train.jsonl"), 256, 1);
-    synthetic_split(&data.join("dev.jsonl"), 64, 2);
-    let (m, d) = (model.to_str().unwrap().to_string(), data.to_str().unwrap().to_string());
-    (dir, m, d)
-}
+use tests::tiny::setup;
+use tests::{binary, metrics_series as series, run};
 
 fn sft_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
@@ -106,16 +40,6 @@ fn sft_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> 
         "--seed",
         "3",
     ]
-}
-
-/// `(step, value)` of every `metrics.jsonl` entry that has `key`.
-fn series(out: &Path, key: &str) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_u64()?, v[key].as_f64()?)))
-        .collect()
 }
 
 #[test]

@@ -14,7 +14,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use shared::adapter::{weights_sha256, Manifest, MANIFEST_FILE};
+use shared::adapter::{Manifest, MANIFEST_FILE};
 use shared::data::{self, ColumnMap, RawExample, ReadOptions};
 use shared::metrics::{score_task, Predictions, TaskScore};
 use shared::task::{DataFormat, Label, Task, TaskRegistry, CLOSE_TAG_STEM};
@@ -291,6 +291,7 @@ pub fn eval_task(
             .iter()
             .map(|t| loaded.encode(t, false))
             .collect::<Result<_, _>>()?,
+        restrict_to: Vec::new(),
     };
     for (batch_no, chunk) in order.chunks(args.batch_size.max(1)).enumerate() {
         let batch_bodies: Vec<Vec<u32>> = chunk.iter().map(|&i| bodies[i].clone()).collect();
@@ -432,7 +433,7 @@ fn predictions(task: &Task, items: &[Item], results: &[ExampleResult]) -> Result
 
 /// Refuses an adapter whose manifest names other base weights, another task or another
 /// template; a plain PEFT adapter (no manifest) is accepted with a note.
-fn check_adapter(dir: &Path, model: &ModelArgs, tasks: &[Task], cache: &Path) -> Result<()> {
+pub(crate) fn check_adapter(dir: &Path, model: &ModelArgs, tasks: &[Task], cache: &Path) -> Result<()> {
     if !dir.join(MANIFEST_FILE).is_file() {
         eprintln!(
             "note: {} has no {MANIFEST_FILE} (a plain PEFT adapter): base model and template are not checked",
@@ -441,8 +442,7 @@ fn check_adapter(dir: &Path, model: &ModelArgs, tasks: &[Task], cache: &Path) ->
         return Ok(());
     }
     let manifest = Manifest::read(dir).map_err(anyhow::Error::msg)?;
-    let path = shared::assets::resolve_model(&model.model, cache).map_err(anyhow::Error::msg)?;
-    let sha = weights_sha256(&path).with_context(|| format!("hashing {}", path.display()))?;
+    let sha = model.weights_sha256(cache)?;
     for task in tasks {
         manifest.check(&sha, task).map_err(|e| anyhow!("refusing adapter {}: {e}", dir.display()))?;
     }

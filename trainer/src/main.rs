@@ -6,8 +6,11 @@ mod eval;
 mod fetch;
 mod fetch_data;
 mod optim;
+mod ppo;
 mod run_dir;
 mod sft;
+mod train_config;
+mod train_data;
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device};
@@ -59,6 +62,9 @@ enum Command {
     },
     /// LoRA supervised fine-tuning (loss on the answer tokens), with checkpoints and resume.
     Sft(sft::SftArgs),
+    /// Reinforcement learning of a LoRA adapter with the rule reward: PPO (value head, GAE,
+    /// adaptive KL) or the critic-free group-normalised variant.
+    Ppo(ppo::PpoArgs),
     /// Zero-shot / few-shot evaluation, constrained or generated answers, with 95% CIs.
     Eval(eval::EvalArgs),
     /// Greedy generation, for smoke tests.
@@ -102,6 +108,20 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// Loads the model for training (dense weights only).
+    fn load_for_training(&self, cache: &std::path::Path) -> Result<LoadedModel> {
+        if self.weights != WeightMode::Dense {
+            anyhow::bail!("training needs dense weights (--weights dense)");
+        }
+        self.load(cache)
+    }
+
+    /// The sha256 fingerprint of the model's weights file (recorded in adapter manifests).
+    fn weights_sha256(&self, cache: &std::path::Path) -> Result<String> {
+        let path = assets::resolve_model(&self.model, cache).map_err(|e| anyhow!(e))?;
+        shared::adapter::weights_sha256(&path).with_context(|| format!("hashing {}", path.display()))
+    }
+
     fn load(&self, cache: &std::path::Path) -> Result<LoadedModel> {
         let path = assets::resolve_model(&self.model, cache).map_err(|e| anyhow!(e))?;
         let t = Instant::now();
@@ -191,6 +211,7 @@ fn main() -> Result<()> {
         }
         Command::Eval(args) => eval::run(&args, &cache)?,
         Command::Sft(args) => sft::run(&args, &cache)?,
+        Command::Ppo(args) => ppo::run(&args, &cache)?,
     }
     Ok(())
 }

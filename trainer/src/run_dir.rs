@@ -5,28 +5,67 @@
 //! <out>/metrics.jsonl            one JSON object per logged step or evaluation
 //! <out>/curves.svg               loss and dev metric, drawn when the run ends
 //! <out>/checkpoints/step-000050/ adapter_config.json, adapter_model.safetensors,
-//!                                optimizer.safetensors, state.json
+//!                                [value_head.safetensors,] optimizer.safetensors, state.json
 //! <out>/best/                    the adapter with the best dev score (+ verdict_manifest.json)
 //! <out>/adapter/                 the final adapter (+ verdict_manifest.json)
 //! ```
 
+use crate::eval::{self, EvalArgs};
 use crate::optim::Optimizer;
+use crate::train_data::TaskData;
+use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
-use models::LoraAdapter;
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use indicatif::ProgressBar;
+use models::head::{VALUE_HEAD, VALUE_HEAD_FILE};
+use models::{LoadedModel, LoraAdapter, ScalarHead};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use shared::adapter::{Manifest, MANIFEST_VERSION};
+use shared::task::Task;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Where the run stands; with the seed this fixes the data order and dropout of what follows.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunState {
-    /// Optimizer steps done.
+    /// Steps done (optimizer steps for SFT, rollout steps for PPO).
     pub step: u64,
     /// Best dev score so far and its step.
     pub best_score: Option<f64>,
     pub best_step: Option<u64>,
+    /// PPO's current KL coefficient (the adaptive controller's state).
+    #[serde(default)]
+    pub kl_coef: Option<f64>,
+}
+
+/// Checks `out` against `--resume`: the checkpoint to continue from, if any. Refuses to start
+/// over a run that is there without `--resume`.
+pub fn prepare(out: &Path, resume: bool) -> Result<Option<PathBuf>> {
+    let latest = latest_checkpoint(out)?;
+    if resume && latest.is_none() {
+        eprintln!("no checkpoint in {}: starting from scratch", out.display());
+    }
+    if !resume && latest.is_some() {
+        bail!("{} already holds a run: pass --resume to continue it, or another --out", out.display());
+    }
+    std::fs::create_dir_all(out)?;
+    Ok(latest)
+}
+
+/// Adds each variable's gradient from `g` into `grads` (gradient accumulation).
+pub fn accumulate_grads(grads: &mut BTreeMap<String, Tensor>, g: &GradStore, vars: &[(String, Var)]) -> Result<()> {
+    for (name, var) in vars {
+        if let Some(gv) = g.get(var.as_tensor()) {
+            let acc = match grads.remove(name) {
+                Some(prev) => (prev + gv)?,
+                None => gv.clone(),
+            };
+            grads.insert(name.clone(), acc);
+        }
+    }
+    Ok(())
 }
 
 /// Atomic directory write (see `shared::atomic`).
@@ -40,6 +79,7 @@ fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
 pub fn save_checkpoint(
     out: &Path,
     adapter: &LoraAdapter,
+    value_head: Option<&ScalarHead>,
     opt: &Optimizer,
     state: &RunState,
     base: &str,
@@ -48,6 +88,9 @@ pub fn save_checkpoint(
     let dir = checkpoint_dir(out, state.step);
     write_dir_atomically(&dir, |tmp| {
         adapter.write_peft_files(tmp, base)?;
+        if let Some(h) = value_head {
+            h.save(&tmp.join(VALUE_HEAD_FILE))?;
+        }
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for (var, st) in &opt.state {
             for (k, t) in st {
@@ -89,8 +132,13 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     Ok(list_checkpoints(out)?.pop())
 }
 
-/// Restores adapter variables, optimizer state and run state from a checkpoint.
-pub fn load_checkpoint(dir: &Path, adapter: &LoraAdapter, opt: &mut Optimizer) -> Result<RunState> {
+/// Restores adapter (and value head) variables, optimizer state and run state from a checkpoint.
+pub fn load_checkpoint(
+    dir: &Path,
+    adapter: &LoraAdapter,
+    value_head: Option<&ScalarHead>,
+    opt: &mut Optimizer,
+) -> Result<RunState> {
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
     let state: RunState = serde_json::from_value(meta["run"].clone())?;
     opt.step = meta["optimizer_step"].as_u64().context("state.json: optimizer_step")?;
@@ -101,6 +149,12 @@ pub fn load_checkpoint(dir: &Path, adapter: &LoraAdapter, opt: &mut Optimizer) -
             bail!("{}: {name} has shape {:?}, the run expects {:?}", dir.display(), t.dims(), var.as_tensor().dims());
         }
         var.set(&t.to_dtype(var.as_tensor().dtype())?)?;
+    }
+    if let Some(head) = value_head {
+        let saved = ScalarHead::load(VALUE_HEAD, head_width(head), &dir.join(VALUE_HEAD_FILE), &Device::Cpu)?;
+        for ((_, var), (_, from)) in head.vars().iter().zip(saved.vars()) {
+            var.set(from.as_tensor())?;
+        }
     }
     opt.state.clear();
     let opt_file = dir.join("optimizer.safetensors");
@@ -146,6 +200,11 @@ impl MetricsLog {
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
         writeln!(f, "{entry}")?;
         Ok(())
+    }
+
+    /// `(step, value)` of every entry that has `key`.
+    pub fn series(&self, key: &str) -> Result<Vec<(f64, f64)>> {
+        Ok(self.entries()?.iter().filter_map(|e| Some((e["step"].as_f64()?, e[key].as_f64()?))).collect())
     }
 
     /// All entries logged so far.
@@ -212,4 +271,74 @@ pub fn write_curves_svg(path: &Path, title: &str, series: &[(&str, Vec<(f64, f64
 
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+fn head_width(head: &ScalarHead) -> usize {
+    head.vars()[0].1.as_tensor().dims()[1]
+}
+
+/// Evaluates a snapshot on every task's dev split: the average score and per-task reports.
+pub fn dev_eval(
+    loaded: &LoadedModel,
+    snapshot: &LoraAdapter,
+    data: &[TaskData],
+    eval_args: impl Fn(&str) -> EvalArgs,
+    bar: &ProgressBar,
+    cache: &Path,
+) -> Result<(f64, Vec<serde_json::Value>)> {
+    let mut scores = Vec::new();
+    let mut reports = Vec::new();
+    for d in data {
+        let r = bar.suspend(|| eval::eval_task(loaded, Some(snapshot), &d.task, &eval_args(&d.task.name), cache))?;
+        scores.push(r.score.score);
+        reports.push(serde_json::json!({"task": d.task.name, "score": r.score}));
+    }
+    let score = shared::metrics::average(&scores);
+    bar.suspend(|| eprintln!("dev score {score:.4}"));
+    Ok((score, reports))
+}
+
+/// What a saved adapter's manifest records about its training.
+pub struct SavedAdapter<'a> {
+    /// `sft`, `ppo` or `grpo`.
+    pub method: &'a str,
+    pub command: &'a str,
+    pub step: u64,
+    /// Dev reports at this step (empty: none).
+    pub dev: &'a [serde_json::Value],
+    /// PPO's value head, saved beside the adapter.
+    pub value_head: Option<&'a ScalarHead>,
+}
+
+/// Writes a trained adapter (PEFT files, value head if any, Verdict manifest) atomically.
+/// A mix of tasks records its first task in the manifest.
+pub fn save_adapter(
+    dir: &Path,
+    adapter: &LoraAdapter,
+    task: &Task,
+    model: &ModelArgs,
+    base_sha: &str,
+    saved: &SavedAdapter,
+) -> Result<()> {
+    write_dir_atomically(dir, |tmp| {
+        adapter.write_peft_files(tmp, &model.model)?;
+        if let Some(h) = saved.value_head {
+            h.save(&tmp.join(VALUE_HEAD_FILE))?;
+        }
+        let manifest = Manifest {
+            manifest_version: MANIFEST_VERSION,
+            base_sha256: base_sha.to_string(),
+            base_model: model.model.clone(),
+            task: task.name.clone(),
+            template_version: task.template_version,
+            template_hash: task.template_hash(),
+            label_words: task.label_words(),
+            method: saved.method.into(),
+            command: saved.command.to_string(),
+            steps: saved.step,
+            dev_metrics: if saved.dev.is_empty() { None } else { Some(serde_json::Value::Array(saved.dev.to_vec())) },
+        };
+        manifest.write(tmp)?;
+        Ok::<(), anyhow::Error>(())
+    })
 }

@@ -1,0 +1,603 @@
+//! `verdict-train ppo`: reinforcement learning of a LoRA adapter, each generated token an
+//! action, rewarded by agreement with the gold label (the method of arXiv 2410.11020).
+//!
+//! One step, top to bottom:
+//! 1. take the next batch of prompts (one task, so one shared prompt prefix);
+//! 2. sample responses from the policy (free text, or restricted to the label answers);
+//! 3. score them with the rule reward; compute, without gradients, the policy's log-probs and
+//!    values and the reference log-probs (the same base with the adapter switched off);
+//! 4. PPO: per-token rewards (score on the last token, `-kl_coef * KL` on each), GAE, whitened
+//!    advantages; GRPO: group-normalised scores as every token's advantage, KL in the loss;
+//! 5. `ppo_epochs` passes of shuffled mini-batches: clipped policy loss (+ clipped value loss,
+//!    or + the KL term), gradient accumulation, clipping, optimizer step;
+//! 6. update the KL controller; log; evaluate on dev every N steps; checkpoint atomically.
+//!
+//! Sampling, shuffling and dropout depend only on the seed and the step, and checkpoints hold
+//! the adapter, the value head, the optimizer state and the KL coefficient: `--resume`
+//! continues exactly.
+
+pub mod math;
+pub mod reward;
+pub mod rollout;
+
+use crate::eval::{self, EvalArgs, TaskSelection};
+use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig};
+use crate::run_dir::{self, MetricsLog, RunState, SavedAdapter};
+use crate::train_config::{progress_bar, LoopArgs, LoraArgs};
+use crate::train_data::{self, BatchPlan, TaskData};
+use crate::ModelArgs;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use clap::{Args, ValueEnum};
+use math::KlController;
+use models::generate::{generate, Sampling};
+use models::head::{VALUE_HEAD, VALUE_HEAD_FILE};
+use models::{LoadedModel, LoraAdapter, Mode, ScalarHead};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use reward::{Outcome, RuleReward};
+use rollout::{score_responses, split_rows, Responses};
+use shared::task::{Label, CLOSE_TAG_STEM};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// PPO's default peak learning rate.
+const DEFAULT_LR: f64 = 2e-5;
+
+/// How advantages are estimated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Algorithm {
+    /// Value head, per-token KL in the reward, GAE (the method's).
+    Ppo,
+    /// Critic-free: several samples per prompt, advantages normalised within each group, KL
+    /// to the reference as a loss term.
+    Grpo,
+}
+
+/// What the policy may generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ActionSpace {
+    /// Any token, until the closing tag or end of text (the method's).
+    Free,
+    /// Only the label answers (label word plus closing tag): two or three tokens per rollout.
+    Labels,
+}
+
+/// Which KL controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KlKind {
+    Fixed,
+    Adaptive,
+}
+
+#[derive(Args, Clone)]
+pub struct PpoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub select: TaskSelection,
+    /// Run directory: checkpoints, metrics.jsonl, curves.svg, best/ and adapter/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in `--out`.
+    #[arg(long)]
+    pub resume: bool,
+    /// Start from this adapter (an SFT run's `best/`; a PPO adapter's value head comes along).
+    /// Default: a fresh adapter, i.e. the base model.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    pub train: LoopArgs,
+    #[command(flatten)]
+    pub reward: RuleReward,
+    #[arg(long, value_enum, default_value_t = Algorithm::Ppo)]
+    pub algorithm: Algorithm,
+    /// Prompts per rollout step.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// GRPO: samples per prompt.
+    #[arg(long, default_value_t = 4)]
+    pub group_size: usize,
+    /// Responses per optimizer step (split into `--grad-accum` micro-batches). The method:
+    /// batch 16, mini-batch 8 with gradient accumulation 2, i.e. `--mini-batch-size 16
+    /// --grad-accum 2`.
+    #[arg(long, default_value_t = 8)]
+    pub mini_batch_size: usize,
+    /// Passes over each rollout batch.
+    #[arg(long, default_value_t = 4)]
+    pub ppo_epochs: usize,
+    #[arg(long, value_enum, default_value_t = ActionSpace::Labels)]
+    pub action_space: ActionSpace,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// 0: no top-k filter (the method's).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub min_new_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    pub max_new_tokens: usize,
+    /// Initial KL coefficient (GRPO: the KL loss weight).
+    #[arg(long, default_value_t = 0.2)]
+    pub kl_coef: f64,
+    #[arg(long, value_enum, default_value_t = KlKind::Adaptive)]
+    pub kl_controller: KlKind,
+    /// Adaptive controller: the target summed KL per response.
+    #[arg(long, default_value_t = 6.0)]
+    pub kl_target: f64,
+    /// Adaptive controller: horizon in responses.
+    #[arg(long, default_value_t = 10000.0)]
+    pub kl_horizon: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub gamma: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub lam: f64,
+    /// Policy ratio clip.
+    #[arg(long, default_value_t = 0.2)]
+    pub cliprange: f64,
+    /// Value clip around the rollout's values.
+    #[arg(long, default_value_t = 0.2)]
+    pub cliprange_value: f64,
+    /// Value loss coefficient.
+    #[arg(long, default_value_t = 0.1)]
+    pub vf_coef: f64,
+    /// Whiten advantages over each rollout batch.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub whiten_advantages: bool,
+}
+
+/// One rollout batch with everything the PPO epochs need, per response row.
+struct Rollout {
+    bodies: Vec<Vec<u32>>,
+    responses: Vec<Vec<u32>>,
+    /// Per row, per token.
+    old_logp: Vec<Vec<f64>>,
+    ref_logp: Vec<Vec<f64>>,
+    old_values: Vec<Vec<f64>>,
+    advantages: Vec<Vec<f64>>,
+    returns: Vec<Vec<f64>>,
+}
+
+/// Statistics of one step, averaged over its mini-batches.
+#[derive(Default)]
+struct LossStats {
+    policy_loss: f64,
+    value_loss: f64,
+    clipfrac: f64,
+    value_clipfrac: f64,
+    approx_kl: f64,
+    entropy: f64,
+    grad_norm: f64,
+    updates: usize,
+}
+
+pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
+    let t = &args.train;
+    if args.batch_size == 0 || args.mini_batch_size == 0 || t.grad_accum == 0 || args.ppo_epochs == 0 {
+        bail!("--batch-size, --mini-batch-size, --grad-accum and --ppo-epochs must be at least 1");
+    }
+    if args.algorithm == Algorithm::Grpo && args.group_size < 2 {
+        bail!("GRPO needs --group-size of at least 2 (advantages compare samples of one prompt)");
+    }
+    let ckpt = run_dir::prepare(&args.out, args.resume)?;
+    let loaded = args.model.load_for_training(cache)?;
+    let base_sha = args.model.weights_sha256(cache)?;
+    let data = train_data::load(&loaded, &args.select, t.train_limit, cache)?;
+    let total_steps = t.total_steps(train_data::batches_per_epoch(&data, args.batch_size) as f64);
+    let hidden = loaded.model.config().hidden_size;
+
+    let (adapter, head) = match &args.init_adapter {
+        Some(dir) => {
+            let tasks: Vec<_> = data.iter().map(|d| d.task.clone()).collect();
+            eval::check_adapter(dir, &args.model, &tasks, cache)?;
+            let a = LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)?.trainable()?;
+            let head_file = dir.join(VALUE_HEAD_FILE);
+            let h = if head_file.is_file() {
+                ScalarHead::load(VALUE_HEAD, hidden, &head_file, &Device::Cpu)?
+            } else {
+                ScalarHead::init(VALUE_HEAD, hidden, t.seed, &Device::Cpu)?
+            };
+            eprintln!("starting from adapter {}", dir.display());
+            (a, h)
+        }
+        None => (
+            LoraAdapter::init(args.lora.config(), loaded.model.config(), t.seed, DType::F32, &Device::Cpu)?,
+            ScalarHead::init(VALUE_HEAD, hidden, t.seed, &Device::Cpu)?,
+        ),
+    };
+    let use_critic = args.algorithm == Algorithm::Ppo;
+    let head = use_critic.then_some(head);
+    let mut vars: Vec<(String, Var)> = adapter.vars().to_vec();
+    if let Some(h) = &head {
+        vars.extend(h.vars());
+    }
+    let mut opt =
+        Optimizer::new(OptimizerConfig { kind: t.optimizer, weight_decay: t.weight_decay, ..Default::default() });
+    let mut state = RunState::default();
+    if let Some(dir) = &ckpt {
+        state = run_dir::load_checkpoint(dir, &adapter, head.as_ref(), &mut opt)?;
+        eprintln!("resumed from {} (step {})", dir.display(), state.step);
+    }
+    let coef = state.kl_coef.unwrap_or(args.kl_coef);
+    let mut kl_ctl = match args.kl_controller {
+        KlKind::Fixed => KlController::Fixed { coef },
+        KlKind::Adaptive => KlController::Adaptive { coef, target: args.kl_target, horizon: args.kl_horizon },
+    };
+    let log = MetricsLog::open(&args.out, ckpt.as_ref().map(|_| state.step))?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let method = match args.algorithm {
+        Algorithm::Ppo => "ppo",
+        Algorithm::Grpo => "grpo",
+    };
+    let peak_lr = t.lr.unwrap_or(DEFAULT_LR);
+    let answers: Vec<Vec<Vec<u32>>> = data
+        .iter()
+        .map(|d| d.task.answer_texts().iter().map(|a| loaded.encode(a, false)).collect::<Result<Vec<_>, _>>())
+        .collect::<Result<_, _>>()?;
+    let close_tag: Vec<Vec<u32>> = [format!(" {CLOSE_TAG_STEM}"), CLOSE_TAG_STEM.to_string()]
+        .iter()
+        .map(|s| loaded.encode(s, false))
+        .collect::<Result<_, _>>()?;
+
+    let bar = progress_bar(method, total_steps, state.step);
+    let start = Instant::now();
+    let mut plan = BatchPlan::new(&data, args.batch_size, t.seed);
+    while state.step < total_steps {
+        let step = state.step + 1;
+        let step_start = Instant::now();
+        let (ti, rows) = plan.batch(&data, step - 1);
+        let d = &data[ti];
+        let group = if use_critic { 1 } else { args.group_size };
+        let restrict: &[Vec<u32>] = match args.action_space {
+            ActionSpace::Labels => &answers[ti],
+            ActionSpace::Free => &[],
+        };
+
+        // 1-3. Rollout and its scores, without gradients.
+        let policy = adapter.snapshot()?;
+        let prefix_kv = rollout::prefix_cache(&loaded.model, Some(&policy), &d.prefix)?;
+        let bodies: Vec<Vec<u32>> =
+            rows.iter().flat_map(|&i| std::iter::repeat_n(d.examples[i].body.clone(), group)).collect();
+        let golds: Vec<Label> = rows.iter().flat_map(|&i| std::iter::repeat_n(d.examples[i].label, group)).collect();
+        let longest_answer = answers[ti].iter().map(Vec::len).max().unwrap_or(1);
+        let sampling = Sampling {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_new_tokens: args.min_new_tokens,
+            max_new_tokens: if restrict.is_empty() { args.max_new_tokens } else { longest_answer },
+            // Restricted rollouts end with a whole answer; the tag's stem must not cut them short.
+            stop_sequences: if restrict.is_empty() { close_tag.clone() } else { Vec::new() },
+            restrict_to: restrict.to_vec(),
+        };
+        let rollout_seed = t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
+        let responses = generate(
+            &loaded.model,
+            Some(&policy),
+            Some(&prefix_kv),
+            &bodies,
+            &sampling,
+            &loaded.special.stop,
+            rollout_seed,
+        )?;
+        let rollout_secs = step_start.elapsed().as_secs_f64();
+        let mut scores = Vec::with_capacity(responses.len());
+        let mut outcomes = Vec::with_capacity(responses.len());
+        for (resp, gold) in responses.iter().zip(&golds) {
+            let (r, o) = match answers[ti].iter().position(|a| a == resp) {
+                // A label's answer tokens (always, in the restricted action space).
+                Some(class) => args.reward.reward_answer(&d.task, Some(d.task.label_of_class(class)), *gold),
+                None => {
+                    let shown: Vec<u32> = resp.iter().copied().filter(|t| !loaded.special.stop.contains(t)).collect();
+                    args.reward.reward(&d.task, &loaded.decode(&shown)?, *gold)
+                }
+            };
+            scores.push(r);
+            outcomes.push(o);
+        }
+        let rollout =
+            build_rollout(args, &loaded, &policy, head.as_ref(), d, bodies, responses, &scores, restrict, &kl_ctl)?;
+        let kl_per_response: Vec<f64> = rollout
+            .old_logp
+            .iter()
+            .zip(&rollout.ref_logp)
+            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x - y).sum())
+            .collect();
+        let mean_kl = mean(&kl_per_response);
+
+        // 5. PPO epochs over shuffled mini-batches.
+        let lr = learning_rate(t.schedule, peak_lr, step, t.warmup_steps, total_steps);
+        let mut stats = LossStats::default();
+        for epoch in 0..args.ppo_epochs {
+            let mut order: Vec<usize> = (0..rollout.bodies.len()).collect();
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(t.seed ^ (step << 16) ^ epoch as u64));
+            for (mb_no, mb) in order.chunks(args.mini_batch_size).enumerate() {
+                let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+                let micro_size = mb.len().div_ceil(t.grad_accum);
+                let n_micro = mb.len().div_ceil(micro_size);
+                for (mi, micro) in mb.chunks(micro_size).enumerate() {
+                    let dropout_seed = t.seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+                        ^ (step << 24)
+                        ^ ((epoch as u64) << 16)
+                        ^ ((mb_no as u64) << 8)
+                        ^ mi as u64;
+                    let (loss, s) = micro_loss(
+                        args,
+                        &loaded,
+                        &adapter,
+                        head.as_ref(),
+                        d,
+                        &rollout,
+                        micro,
+                        restrict,
+                        kl_ctl.coef(),
+                        dropout_seed,
+                    )?;
+                    let g = (loss / n_micro as f64)?.backward()?;
+                    run_dir::accumulate_grads(&mut grads, &g, &vars)?;
+                    stats.add(&s, 1.0 / n_micro as f64);
+                }
+                stats.grad_norm += clip_grad_norm(&mut grads, t.max_grad_norm)?;
+                stats.updates += 1;
+                opt.step(&vars, &grads, lr)?;
+            }
+        }
+        let updates = stats.updates.max(1) as f64;
+
+        // 6. KL controller, log, evaluate, checkpoint.
+        let kl_coef_used = kl_ctl.coef();
+        kl_ctl.update(mean_kl, rollout.bodies.len());
+        state.step = step;
+        state.kl_coef = Some(kl_ctl.coef());
+        let n = outcomes.len() as f64;
+        let count = |f: &dyn Fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count() as f64 / n;
+        let new_tokens: usize = rollout.responses.iter().map(Vec::len).sum();
+        let step_secs = step_start.elapsed().as_secs_f64();
+        let entry = serde_json::json!({
+            "step": step,
+            "reward": mean(&scores),
+            "accuracy": count(&|o| *o == Outcome::Correct),
+            "unparseable": count(&|o| *o == Outcome::Unparseable),
+            "kl": mean_kl,
+            "kl_coef": kl_coef_used,
+            "policy_loss": stats.policy_loss / updates,
+            "value_loss": stats.value_loss / updates,
+            "clipfrac": stats.clipfrac / updates,
+            "value_clipfrac": stats.value_clipfrac / updates,
+            "approx_kl": stats.approx_kl / updates,
+            "entropy": stats.entropy / updates,
+            "grad_norm": stats.grad_norm / updates,
+            "returns": mean(&rollout.returns.concat()),
+            "values": mean(&rollout.old_values.concat()),
+            "response_tokens": new_tokens as f64 / n,
+            "lr": lr,
+            "rollout_seconds": rollout_secs,
+            "rollout_tokens_per_second": new_tokens as f64 / rollout_secs,
+            "step_seconds": step_secs,
+        });
+        log.append(&entry)?;
+        bar.set_message(format!("reward {:.3} kl {mean_kl:.3}", mean(&scores)));
+        bar.set_position(step);
+        if t.log_due(step, total_steps) {
+            bar.suspend(|| {
+                eprintln!(
+                    "step {step}/{total_steps} reward {:.3} acc {:.3} kl {mean_kl:.3} coef {kl_coef_used:.4} pg {:.4} vf {:.4} clip {:.3} entropy {:.3} {step_secs:.2}s/step",
+                    mean(&scores),
+                    entry["accuracy"].as_f64().unwrap_or(0.0),
+                    entry["policy_loss"].as_f64().unwrap_or(0.0),
+                    entry["value_loss"].as_f64().unwrap_or(0.0),
+                    entry["clipfrac"].as_f64().unwrap_or(0.0),
+                    entry["entropy"].as_f64().unwrap_or(0.0),
+                )
+            });
+        }
+        if t.eval_due(step, total_steps) {
+            let snapshot = adapter.snapshot()?;
+            let (score, reports) = run_dir::dev_eval(&loaded, &snapshot, &data, eval_args(args), &bar, cache)?;
+            log.append(&serde_json::json!({"step": step, "dev_score": score, "dev": reports}))?;
+            if state.best_score.is_none_or(|b| score > b) {
+                state.best_score = Some(score);
+                state.best_step = Some(step);
+                let saved = SavedAdapter { method, command: &command, step, dev: &reports, value_head: head.as_ref() };
+                run_dir::save_adapter(
+                    &args.out.join("best"),
+                    &snapshot,
+                    &data[0].task,
+                    &args.model,
+                    &base_sha,
+                    &saved,
+                )?;
+            }
+        }
+        if t.save_due(step, total_steps) {
+            run_dir::save_checkpoint(
+                &args.out,
+                &adapter,
+                head.as_ref(),
+                &opt,
+                &state,
+                &args.model.model,
+                t.keep_checkpoints,
+            )?;
+        }
+    }
+    bar.finish_and_clear();
+    let saved = SavedAdapter { method, command: &command, step: state.step, dev: &[], value_head: head.as_ref() };
+    run_dir::save_adapter(
+        &args.out.join("adapter"),
+        &adapter.snapshot()?,
+        &data[0].task,
+        &args.model,
+        &base_sha,
+        &saved,
+    )?;
+    draw_curves(&args.out, &log, method)?;
+    eprintln!(
+        "done: {} steps in {:.1}s; best dev score {:?} at step {:?}; adapter in {}",
+        state.step,
+        start.elapsed().as_secs_f64(),
+        state.best_score,
+        state.best_step,
+        args.out.join("adapter").display()
+    );
+    Ok(())
+}
+
+/// Scores the sampled responses without gradients and turns rewards into advantages.
+#[allow(clippy::too_many_arguments)]
+fn build_rollout(
+    args: &PpoArgs,
+    loaded: &LoadedModel,
+    policy: &LoraAdapter,
+    head: Option<&ScalarHead>,
+    d: &TaskData,
+    bodies: Vec<Vec<u32>>,
+    responses: Vec<Vec<u32>>,
+    scores: &[f64],
+    restrict: &[Vec<u32>],
+    kl_ctl: &KlController,
+) -> Result<Rollout> {
+    let pad = loaded.special.pad_id();
+    let lens: Vec<usize> = responses.iter().map(Vec::len).collect();
+    let r = Responses {
+        prefix: &d.prefix,
+        bodies: bodies.iter().map(Vec::as_slice).collect(),
+        responses: responses.iter().map(Vec::as_slice).collect(),
+        restrict_to: restrict,
+    };
+    let old = score_responses(&loaded.model, Some(policy), head, &r, Mode::Inference, pad)?;
+    let reference = score_responses(&loaded.model, None, None, &r, Mode::Inference, pad)?;
+    let to_rows = |t: &Tensor| -> Result<Vec<Vec<f64>>> {
+        let flat: Vec<f64> = t.to_dtype(DType::F64)?.to_vec1()?;
+        Ok(split_rows(&flat, &lens))
+    };
+    let old_logp = to_rows(&old.logp.detach())?;
+    let ref_logp = to_rows(&reference.logp)?;
+    let old_values = match &old.values {
+        Some(v) => to_rows(&v.detach())?,
+        None => lens.iter().map(|&l| vec![0.0; l]).collect(),
+    };
+    let (mut advantages, mut returns) = (Vec::with_capacity(lens.len()), Vec::with_capacity(lens.len()));
+    match args.algorithm {
+        Algorithm::Ppo => {
+            for i in 0..lens.len() {
+                let (rewards, _) = math::token_rewards(scores[i], &old_logp[i], &ref_logp[i], kl_ctl.coef());
+                let (a, ret) = math::gae(&rewards, &old_values[i], args.gamma, args.lam);
+                advantages.push(a);
+                returns.push(ret);
+            }
+        }
+        Algorithm::Grpo => {
+            let adv = math::group_advantages(scores, args.group_size);
+            for (i, &l) in lens.iter().enumerate() {
+                advantages.push(vec![adv[i]; l]);
+                returns.push(vec![scores[i]; l]);
+            }
+        }
+    }
+    if args.whiten_advantages && args.algorithm == Algorithm::Ppo {
+        let mut flat = advantages.concat();
+        math::whiten(&mut flat, true);
+        advantages = split_rows(&flat, &lens);
+    }
+    Ok(Rollout { bodies, responses, old_logp, ref_logp, old_values, advantages, returns })
+}
+
+/// The loss of one micro-batch (rows `micro` of the rollout), with gradients.
+#[allow(clippy::too_many_arguments)]
+fn micro_loss(
+    args: &PpoArgs,
+    loaded: &LoadedModel,
+    adapter: &LoraAdapter,
+    head: Option<&ScalarHead>,
+    d: &TaskData,
+    rollout: &Rollout,
+    micro: &[usize],
+    restrict: &[Vec<u32>],
+    kl_coef: f64,
+    dropout_seed: u64,
+) -> Result<(Tensor, LossStats)> {
+    let r = Responses {
+        prefix: &d.prefix,
+        bodies: micro.iter().map(|&i| rollout.bodies[i].as_slice()).collect(),
+        responses: micro.iter().map(|&i| rollout.responses[i].as_slice()).collect(),
+        restrict_to: restrict,
+    };
+    let mode = Mode::Train { dropout_seed: Some(dropout_seed) };
+    let s = score_responses(&loaded.model, Some(adapter), head, &r, mode, loaded.special.pad_id())?;
+    let dev = s.logp.device().clone();
+    let gather = |rows: &Vec<Vec<f64>>| -> Result<Tensor> {
+        let flat: Vec<f32> = micro.iter().flat_map(|&i| rows[i].iter().map(|&x| x as f32)).collect();
+        let n = flat.len();
+        Ok(Tensor::from_vec(flat, n, &dev)?)
+    };
+    let old_logp = gather(&rollout.old_logp)?;
+    let (pg, clipfrac) = math::policy_loss(&s.logp, &old_logp, &gather(&rollout.advantages)?, args.cliprange)?;
+    let mut stats = LossStats {
+        policy_loss: pg.to_scalar::<f32>()? as f64,
+        clipfrac,
+        approx_kl: ((&s.logp - &old_logp)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64) * 0.5,
+        entropy: math::mean_entropy(&s.logp_all.detach())?,
+        ..Default::default()
+    };
+    let loss = match (&s.values, args.algorithm) {
+        (Some(v), Algorithm::Ppo) => {
+            let (vf, vclip) =
+                math::value_loss(v, &gather(&rollout.old_values)?, &gather(&rollout.returns)?, args.cliprange_value)?;
+            stats.value_loss = vf.to_scalar::<f32>()? as f64;
+            stats.value_clipfrac = vclip;
+            (pg + (vf * args.vf_coef)?)?
+        }
+        _ => {
+            let kl = math::grpo_kl(&s.logp, &gather(&rollout.ref_logp)?)?;
+            (pg + (kl * kl_coef)?)?
+        }
+    };
+    Ok((loss, stats))
+}
+
+impl LossStats {
+    fn add(&mut self, s: &LossStats, w: f64) {
+        self.policy_loss += s.policy_loss * w;
+        self.value_loss += s.value_loss * w;
+        self.clipfrac += s.clipfrac * w;
+        self.value_clipfrac += s.value_clipfrac * w;
+        self.approx_kl += s.approx_kl * w;
+        self.entropy += s.entropy * w;
+    }
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
+fn eval_args(args: &PpoArgs) -> impl Fn(&str) -> EvalArgs + '_ {
+    move |task| args.train.dev_eval_args(&args.model, &args.select, task)
+}
+
+fn draw_curves(out: &Path, log: &MetricsLog, method: &str) -> Result<()> {
+    let mut series = Vec::new();
+    for (name, key) in [
+        ("reward (rule, mean per response)", "reward"),
+        ("dev score", "dev_score"),
+        ("KL to the reference (summed per response)", "kl"),
+        ("KL coefficient", "kl_coef"),
+        ("policy loss", "policy_loss"),
+        ("value loss", "value_loss"),
+        ("clip fraction", "clipfrac"),
+        ("entropy", "entropy"),
+    ] {
+        series.push((name, log.series(key)?));
+    }
+    run_dir::write_curves_svg(&out.join("curves.svg"), &method.to_uppercase(), &series)
+}

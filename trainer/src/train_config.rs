@@ -1,0 +1,146 @@
+//! Settings every training command shares (SFT, PPO): the LoRA shape, the optimizer and the
+//! run loop (steps, evaluation, checkpoints), and the pieces of the loop built from them.
+
+use crate::eval::{EvalArgs, EvalMode, TaskSelection};
+use crate::optim::{OptimizerKind, Schedule};
+use crate::ModelArgs;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use models::{LoraConfig, Projection};
+
+/// A fresh adapter's shape (ignored when training continues from an existing adapter).
+#[derive(Args, Clone, Debug)]
+pub struct LoraArgs {
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    /// rsLoRA scaling alpha/sqrt(rank) (the method's); `--rslora false` for alpha/rank.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub rslora: bool,
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    /// Projections to adapt, comma-separated: q,k,v,o,gate,up,down.
+    #[arg(long, value_delimiter = ',', default_value = "q,v")]
+    pub targets: Vec<Projection>,
+}
+
+impl LoraArgs {
+    pub fn config(&self) -> LoraConfig {
+        LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            use_rslora: self.rslora,
+            dropout: self.lora_dropout,
+            targets: self.targets.clone(),
+            layers: None,
+        }
+    }
+}
+
+/// Optimizer, schedule, length, evaluation and checkpointing of a training run.
+#[derive(Args, Clone, Debug)]
+pub struct LoopArgs {
+    #[arg(long, value_enum, default_value_t = OptimizerKind::AdamW)]
+    pub optimizer: OptimizerKind,
+    /// Peak learning rate (default: sft 2e-4, ppo 2e-5). The method used 9e-6 on 7B models;
+    /// small models on a CPU budget of a few hundred steps want more.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, value_enum, default_value_t = Schedule::Linear)]
+    pub schedule: Schedule,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: u64,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 1.0)]
+    pub epochs: f64,
+    /// Stop after this many optimizer (sft) or rollout (ppo) steps; overrides `--epochs`.
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Clip the global gradient norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Evaluate on the dev split every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    /// Dev examples per evaluation (default: the whole split).
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+    #[arg(long, default_value = "dev")]
+    pub eval_split: String,
+    /// Checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 50)]
+    pub save_every: u64,
+    /// Checkpoints to keep.
+    #[arg(long, default_value_t = 2)]
+    pub keep_checkpoints: usize,
+    /// Train on the first N examples of each task only.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Print a log line every N steps (the progress bar only shows on a terminal).
+    #[arg(long, default_value_t = 10)]
+    pub log_every: u64,
+}
+
+impl LoopArgs {
+    /// The run's length in steps: `--max-steps`, else `--epochs` over `steps_per_epoch`.
+    pub fn total_steps(&self, steps_per_epoch: f64) -> u64 {
+        self.max_steps.unwrap_or((self.epochs * steps_per_epoch).ceil() as u64).max(1)
+    }
+
+    /// Whether `step` evaluates on the dev split.
+    pub fn eval_due(&self, step: u64, total: u64) -> bool {
+        (self.eval_every > 0 && step.is_multiple_of(self.eval_every)) || step == total
+    }
+
+    /// Whether `step` writes a checkpoint.
+    pub fn save_due(&self, step: u64, total: u64) -> bool {
+        step.is_multiple_of(self.save_every.max(1)) || step == total
+    }
+
+    /// Whether `step` prints a log line.
+    pub fn log_due(&self, step: u64, total: u64) -> bool {
+        step.is_multiple_of(self.log_every.max(1)) || step == total
+    }
+
+    /// The in-training dev evaluation: constrained answers, zero-shot prompt, as served.
+    pub fn dev_eval_args(&self, model: &ModelArgs, select: &TaskSelection, task: &str) -> EvalArgs {
+        EvalArgs {
+            model: model.clone(),
+            select: TaskSelection { tasks: vec![task.to_string()], ..select.clone() },
+            split: self.eval_split.clone(),
+            shots: 0,
+            mode: EvalMode::Constrained,
+            adapter: None,
+            batch_size: 16,
+            limit: self.eval_limit,
+            seed: self.seed,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 16,
+            resamples: 200,
+            skip_bad_rows: false,
+            out: None,
+            predictions: false,
+        }
+    }
+}
+
+/// The training progress bar: position, rate and ETA (hidden when stderr is not a terminal).
+pub fn progress_bar(what: &str, total: u64, at: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} {{msg}} {{per_sec}} ETA {{eta}}"))
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(at);
+    bar
+}

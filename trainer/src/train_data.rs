@@ -1,0 +1,117 @@
+//! Training data shared by SFT and PPO: each task's training split read and tokenized once
+//! (the task's constant prompt prefix apart from each example's body), and the seeded plan of
+//! which examples form each batch of an epoch. Batches hold one task each, so a batch shares
+//! its prefix.
+
+use crate::eval::{self, TaskSelection};
+use anyhow::{bail, Context, Result};
+use models::LoadedModel;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use shared::task::{Label, Task};
+use std::path::Path;
+
+/// One tokenized training example.
+pub struct Example {
+    /// The prompt after the task's prefix.
+    pub body: Vec<u32>,
+    /// The gold answer's tokens (label word and closing tag).
+    pub answer: Vec<u32>,
+    pub label: Label,
+}
+
+/// A task's tokenized training data.
+pub struct TaskData {
+    pub task: Task,
+    pub prefix: Vec<u32>,
+    pub examples: Vec<Example>,
+}
+
+/// `(task index, example indices)` for every batch of one epoch.
+pub type EpochPlan = Vec<(usize, Vec<usize>)>;
+
+/// The batches of one epoch, from the seed.
+pub fn plan_epoch(data: &[TaskData], batch_size: usize, seed: u64, epoch: u64) -> EpochPlan {
+    let mut batches = Vec::new();
+    for (t, d) in data.iter().enumerate() {
+        let mut idx: Vec<usize> = (0..d.examples.len()).collect();
+        idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ (epoch << 20) ^ (t as u64) << 40));
+        for chunk in idx.chunks(batch_size) {
+            batches.push((t, chunk.to_vec()));
+        }
+    }
+    batches.shuffle(&mut ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9E37_79B9))));
+    batches
+}
+
+/// Batches per epoch for `batch_size`.
+pub fn batches_per_epoch(data: &[TaskData], batch_size: usize) -> usize {
+    data.iter().map(|d| d.examples.len().div_ceil(batch_size)).sum()
+}
+
+/// The batch at global position `pos` (epochs follow one another), re-planned when the epoch
+/// changes. Depends only on the seed and `pos`, so a resumed run sees the same batches.
+pub struct BatchPlan {
+    batch_size: usize,
+    per_epoch: u64,
+    seed: u64,
+    current: Option<(u64, EpochPlan)>,
+}
+
+impl BatchPlan {
+    pub fn new(data: &[TaskData], batch_size: usize, seed: u64) -> Self {
+        Self { batch_size, per_epoch: batches_per_epoch(data, batch_size) as u64, seed, current: None }
+    }
+
+    /// `(task index, example indices)` of batch number `pos`.
+    pub fn batch(&mut self, data: &[TaskData], pos: u64) -> (usize, Vec<usize>) {
+        let (epoch, index) = (pos / self.per_epoch, (pos % self.per_epoch) as usize);
+        if self.current.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            self.current = Some((epoch, plan_epoch(data, self.batch_size, self.seed, epoch)));
+        }
+        self.current.as_ref().expect("planned").1[index].clone()
+    }
+}
+
+fn tokenize_task(loaded: &LoadedModel, task: &Task, items: &[eval::Item]) -> Result<TaskData> {
+    let mut prefix = None;
+    let mut examples = Vec::with_capacity(items.len());
+    for it in items {
+        let parts = task.prompt(loaded.chat.as_ref(), &[], &it.raw.fields)?;
+        match &prefix {
+            None => prefix = Some(parts.prefix.clone()),
+            Some(p) if p != &parts.prefix => bail!("task {}: prompts do not share one prefix", task.name),
+            _ => {}
+        }
+        let answer = loaded.encode(&Task::answer_text(&task.label_word(it.label)), false)?;
+        examples.push(Example { body: loaded.encode(&parts.body, false)?, answer, label: it.label });
+    }
+    let prefix = loaded.encode(&prefix.context("no training examples")?, true)?;
+    Ok(TaskData { task: task.clone(), prefix, examples })
+}
+
+/// Reads and tokenizes the training split of every selected task.
+pub fn load(
+    loaded: &LoadedModel,
+    select: &TaskSelection,
+    train_limit: Option<usize>,
+    cache: &Path,
+) -> Result<Vec<TaskData>> {
+    if select.data.is_some() && select.tasks.len() > 1 {
+        bail!("--data names one task's directory; a mix reads each task's default data");
+    }
+    let registry = select.registry()?;
+    let mut data = Vec::new();
+    for name in &select.tasks {
+        let task = registry.get(name)?.clone();
+        let dir = eval::data_dir(&task, select.data.as_deref(), cache)?;
+        let (mut items, _) = eval::read_split(&task, &dir, "train", false)?;
+        if let Some(n) = train_limit {
+            items.truncate(n);
+        }
+        data.push(tokenize_task(loaded, &task, &items)?);
+        eprintln!("task {}: {} training examples", name, items.len());
+    }
+    Ok(data)
+}
