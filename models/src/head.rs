@@ -9,30 +9,74 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// TRL's tensor-name prefix for the value head (`v_head.summary.weight`).
-pub const VALUE_HEAD: &str = "v_head.summary";
-/// The file a value head is saved to inside an adapter directory.
-pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
+/// Which head: its tensor names and its file inside an adapter directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadKind {
+    /// PPO's value head: TRL's names (`v_head.summary.weight`), `value_head.safetensors`.
+    Value,
+    /// A reward model's score head: `score.weight`, `score_head.safetensors`.
+    Score,
+}
+
+impl HeadKind {
+    /// Tensor-name prefix.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            HeadKind::Value => "v_head.summary",
+            HeadKind::Score => "score",
+        }
+    }
+
+    /// File name inside an adapter directory or checkpoint.
+    pub fn file(self) -> &'static str {
+        match self {
+            HeadKind::Value => "value_head.safetensors",
+            HeadKind::Score => "score_head.safetensors",
+        }
+    }
+}
 
 /// `hidden -> scalar`, with trainable weights.
 #[derive(Debug, Clone)]
 pub struct ScalarHead {
+    kind: HeadKind,
     prefix: String,
     weight: Var,
     bias: Var,
+    /// Mean and standard deviation of the head's outputs on reference data (a reward model's
+    /// normalisation), saved with the head.
+    pub norm: Option<(f64, f64)>,
 }
 
 impl ScalarHead {
     /// A fresh head: weights uniform in `±1/sqrt(hidden)` (PyTorch's `nn.Linear` default), bias 0.
-    pub fn init(prefix: &str, hidden: usize, seed: u64, device: &Device) -> Result<Self, Error> {
+    pub fn init(kind: HeadKind, hidden: usize, seed: u64, device: &Device) -> Result<Self, Error> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let bound = 1.0 / (hidden as f32).sqrt();
         let w: Vec<f32> = (0..hidden).map(|_| rng.random_range(-bound..bound)).collect();
         Ok(Self {
-            prefix: prefix.to_string(),
+            kind,
+            prefix: kind.prefix().to_string(),
             weight: Var::from_tensor(&Tensor::from_vec(w, (1, hidden), device)?)?,
             bias: Var::from_tensor(&Tensor::zeros(1, DType::F32, device)?)?,
+            norm: None,
         })
+    }
+
+    pub fn kind(&self) -> HeadKind {
+        self.kind
+    }
+
+    /// Hidden size the head reads.
+    pub fn width(&self) -> usize {
+        self.weight.as_tensor().dims()[1]
+    }
+
+    /// Copies another head's values into this one's variables (checkpoint restore).
+    pub fn set_from(&self, other: &ScalarHead) -> Result<(), Error> {
+        self.weight.set(other.weight.as_tensor())?;
+        self.bias.set(other.bias.as_tensor())?;
+        Ok(())
     }
 
     /// `[n, hidden] -> [n]` (or `[.., hidden] -> [..]`).
@@ -53,17 +97,23 @@ impl ScalarHead {
         ]
     }
 
-    /// Writes the head as safetensors.
-    pub fn save(&self, path: &Path) -> Result<(), Error> {
-        let tensors: HashMap<String, Tensor> =
+    /// Writes the head into `dir` under its kind's file name.
+    pub fn save(&self, dir: &Path) -> Result<(), Error> {
+        let mut tensors: HashMap<String, Tensor> =
             self.vars().into_iter().map(|(k, v)| (k, v.as_tensor().detach())).collect();
-        candle_core::safetensors::save(&tensors, path)?;
+        if let Some((mean, std)) = self.norm {
+            let t = Tensor::new(&[mean as f32, std as f32], self.weight.device())?;
+            tensors.insert(format!("{}.normalisation", self.prefix), t);
+        }
+        candle_core::safetensors::save(&tensors, dir.join(self.kind.file()))?;
         Ok(())
     }
 
-    /// Reads a head written by [`ScalarHead::save`]; refuses a size that does not fit `hidden`.
-    pub fn load(prefix: &str, hidden: usize, path: &Path, device: &Device) -> Result<Self, Error> {
-        let tensors = candle_core::safetensors::load(path, device)
+    /// Reads a head of `kind` from `dir`; refuses a size that does not fit `hidden`.
+    pub fn load(kind: HeadKind, hidden: usize, dir: &Path, device: &Device) -> Result<Self, Error> {
+        let path = dir.join(kind.file());
+        let prefix = kind.prefix();
+        let tensors = candle_core::safetensors::load(&path, device)
             .map_err(|e| Error::Format(format!("{}: {e}", path.display())))?;
         let get = |name: String, shape: &[usize]| -> Result<Var, Error> {
             let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor(format!("{name} in {}", path.display())))?;
@@ -76,10 +126,22 @@ impl ScalarHead {
             }
             Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
         };
+        let norm = match tensors.get(&format!("{prefix}.normalisation")) {
+            Some(t) => {
+                let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                match v.as_slice() {
+                    [m, s] if s.is_finite() && *s > 0.0 => Some((*m as f64, *s as f64)),
+                    _ => return Err(Error::Format(format!("{}: bad normalisation {v:?}", path.display()))),
+                }
+            }
+            None => None,
+        };
         Ok(Self {
+            kind,
             prefix: prefix.to_string(),
             weight: get(format!("{prefix}.weight"), &[1, hidden])?,
             bias: get(format!("{prefix}.bias"), &[1])?,
+            norm,
         })
     }
 }
@@ -91,7 +153,7 @@ mod tests {
     #[test]
     fn forward_is_the_dot_product_plus_bias_and_saves_round_trip() {
         let dev = Device::Cpu;
-        let head = ScalarHead::init(VALUE_HEAD, 3, 1, &dev).unwrap();
+        let mut head = ScalarHead::init(HeadKind::Score, 3, 1, &dev).unwrap();
         head.weight.set(&Tensor::new(&[[0.5f32, -1.0, 2.0]], &dev).unwrap()).unwrap();
         head.bias.set(&Tensor::new(&[0.25f32], &dev).unwrap()).unwrap();
         let h = Tensor::new(&[[1.0f32, 2.0, 3.0], [0.0, 0.0, 1.0]], &dev).unwrap();
@@ -99,12 +161,15 @@ mod tests {
         assert_eq!(head.forward(&h).unwrap().to_vec1::<f32>().unwrap(), vec![4.75, 2.25]);
         let dir = std::env::temp_dir().join(format!("verdict-head-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(VALUE_HEAD_FILE);
-        head.save(&path).unwrap();
-        let back = ScalarHead::load(VALUE_HEAD, 3, &path, &dev).unwrap();
+        head.norm = Some((0.5, 2.0));
+        head.save(&dir).unwrap();
+        assert!(dir.join("score_head.safetensors").is_file());
+        let back = ScalarHead::load(HeadKind::Score, 3, &dir, &dev).unwrap();
         assert_eq!(back.forward(&h).unwrap().to_vec1::<f32>().unwrap(), vec![4.75, 2.25]);
-        let wrong = ScalarHead::load(VALUE_HEAD, 4, &path, &dev).unwrap_err().to_string();
+        assert_eq!(back.norm, Some((0.5, 2.0)));
+        let wrong = ScalarHead::load(HeadKind::Score, 4, &dir, &dev).unwrap_err().to_string();
         assert!(wrong.contains("shape"), "{wrong}");
+        assert!(ScalarHead::load(HeadKind::Value, 3, &dir, &dev).is_err(), "no value head there");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,6 +7,7 @@ mod fetch;
 mod fetch_data;
 mod optim;
 mod ppo;
+mod reward_model;
 mod run_dir;
 mod sft;
 mod train_config;
@@ -65,6 +66,8 @@ enum Command {
     /// Reinforcement learning of a LoRA adapter with the rule reward: PPO (value head, GAE,
     /// adaptive KL) or the critic-free group-normalised variant.
     Ppo(ppo::PpoArgs),
+    /// Train a reward model (LoRA + score head) on label-sensitive pairs (RLLR).
+    RewardModel(reward_model::RewardModelArgs),
     /// Zero-shot / few-shot evaluation, constrained or generated answers, with 95% CIs.
     Eval(eval::EvalArgs),
     /// Greedy generation, for smoke tests.
@@ -212,6 +215,7 @@ fn main() -> Result<()> {
         Command::Eval(args) => eval::run(&args, &cache)?,
         Command::Sft(args) => sft::run(&args, &cache)?,
         Command::Ppo(args) => ppo::run(&args, &cache)?,
+        Command::RewardModel(args) => reward_model::run(&args, &cache)?,
     }
     Ok(())
 }

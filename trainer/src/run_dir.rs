@@ -18,7 +18,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use indicatif::ProgressBar;
-use models::head::{VALUE_HEAD, VALUE_HEAD_FILE};
 use models::{LoadedModel, LoraAdapter, ScalarHead};
 use serde::{Deserialize, Serialize};
 use shared::adapter::{Manifest, MANIFEST_VERSION};
@@ -79,7 +78,7 @@ fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
 pub fn save_checkpoint(
     out: &Path,
     adapter: &LoraAdapter,
-    value_head: Option<&ScalarHead>,
+    head: Option<&ScalarHead>,
     opt: &Optimizer,
     state: &RunState,
     base: &str,
@@ -88,8 +87,8 @@ pub fn save_checkpoint(
     let dir = checkpoint_dir(out, state.step);
     write_dir_atomically(&dir, |tmp| {
         adapter.write_peft_files(tmp, base)?;
-        if let Some(h) = value_head {
-            h.save(&tmp.join(VALUE_HEAD_FILE))?;
+        if let Some(h) = head {
+            h.save(tmp)?;
         }
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for (var, st) in &opt.state {
@@ -132,11 +131,11 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     Ok(list_checkpoints(out)?.pop())
 }
 
-/// Restores adapter (and value head) variables, optimizer state and run state from a checkpoint.
+/// Restores adapter (and head) variables, optimizer state and run state from a checkpoint.
 pub fn load_checkpoint(
     dir: &Path,
     adapter: &LoraAdapter,
-    value_head: Option<&ScalarHead>,
+    head: Option<&ScalarHead>,
     opt: &mut Optimizer,
 ) -> Result<RunState> {
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
@@ -150,11 +149,8 @@ pub fn load_checkpoint(
         }
         var.set(&t.to_dtype(var.as_tensor().dtype())?)?;
     }
-    if let Some(head) = value_head {
-        let saved = ScalarHead::load(VALUE_HEAD, head_width(head), &dir.join(VALUE_HEAD_FILE), &Device::Cpu)?;
-        for ((_, var), (_, from)) in head.vars().iter().zip(saved.vars()) {
-            var.set(from.as_tensor())?;
-        }
+    if let Some(head) = head {
+        head.set_from(&ScalarHead::load(head.kind(), head.width(), dir, &Device::Cpu)?)?;
     }
     opt.state.clear();
     let opt_file = dir.join("optimizer.safetensors");
@@ -273,10 +269,6 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-fn head_width(head: &ScalarHead) -> usize {
-    head.vars()[0].1.as_tensor().dims()[1]
-}
-
 /// Evaluates a snapshot on every task's dev split: the average score and per-task reports.
 pub fn dev_eval(
     loaded: &LoadedModel,
@@ -306,8 +298,8 @@ pub struct SavedAdapter<'a> {
     pub step: u64,
     /// Dev reports at this step (empty: none).
     pub dev: &'a [serde_json::Value],
-    /// PPO's value head, saved beside the adapter.
-    pub value_head: Option<&'a ScalarHead>,
+    /// PPO's value head or a reward model's score head, saved beside the adapter.
+    pub head: Option<&'a ScalarHead>,
 }
 
 /// Writes a trained adapter (PEFT files, value head if any, Verdict manifest) atomically.
@@ -322,8 +314,8 @@ pub fn save_adapter(
 ) -> Result<()> {
     write_dir_atomically(dir, |tmp| {
         adapter.write_peft_files(tmp, &model.model)?;
-        if let Some(h) = saved.value_head {
-            h.save(&tmp.join(VALUE_HEAD_FILE))?;
+        if let Some(h) = saved.head {
+            h.save(tmp)?;
         }
         let manifest = Manifest {
             manifest_version: MANIFEST_VERSION,

@@ -149,7 +149,7 @@ pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
             if state.best_score.is_none_or(|b| score > b) {
                 state.best_score = Some(score);
                 state.best_step = Some(step);
-                let saved = SavedAdapter { method: "sft", command: &command, step, dev: &reports, value_head: None };
+                let saved = SavedAdapter { method: "sft", command: &command, step, dev: &reports, head: None };
                 run_dir::save_adapter(
                     &args.out.join("best"),
                     &snapshot,
@@ -165,7 +165,7 @@ pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    let saved = SavedAdapter { method: "sft", command: &command, step: state.step, dev: &[], value_head: None };
+    let saved = SavedAdapter { method: "sft", command: &command, step: state.step, dev: &[], head: None };
     run_dir::save_adapter(
         &args.out.join("adapter"),
         &adapter.snapshot()?,

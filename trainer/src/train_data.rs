@@ -98,6 +98,17 @@ pub fn load(
     train_limit: Option<usize>,
     cache: &Path,
 ) -> Result<Vec<TaskData>> {
+    load_split(loaded, select, "train", train_limit, cache)
+}
+
+/// Reads and tokenizes split `split` (its first `limit` examples) of every selected task.
+pub fn load_split(
+    loaded: &LoadedModel,
+    select: &TaskSelection,
+    split: &str,
+    limit: Option<usize>,
+    cache: &Path,
+) -> Result<Vec<TaskData>> {
     if select.data.is_some() && select.tasks.len() > 1 {
         bail!("--data names one task's directory; a mix reads each task's default data");
     }
@@ -106,12 +117,12 @@ pub fn load(
     for name in &select.tasks {
         let task = registry.get(name)?.clone();
         let dir = eval::data_dir(&task, select.data.as_deref(), cache)?;
-        let (mut items, _) = eval::read_split(&task, &dir, "train", false)?;
-        if let Some(n) = train_limit {
+        let (mut items, _) = eval::read_split(&task, &dir, split, false)?;
+        if let Some(n) = limit {
             items.truncate(n);
         }
         data.push(tokenize_task(loaded, &task, &items)?);
-        eprintln!("task {}: {} training examples", name, items.len());
+        eprintln!("task {}: {} {split} examples", name, items.len());
     }
     Ok(data)
 }

@@ -22,6 +22,7 @@ pub mod rollout;
 
 use crate::eval::{self, EvalArgs, TaskSelection};
 use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig};
+use crate::reward_model::LearnedReward;
 use crate::run_dir::{self, MetricsLog, RunState, SavedAdapter};
 use crate::train_config::{progress_bar, LoopArgs, LoraArgs};
 use crate::train_data::{self, BatchPlan, TaskData};
@@ -31,7 +32,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use clap::{Args, ValueEnum};
 use math::KlController;
 use models::generate::{generate, Sampling};
-use models::head::{VALUE_HEAD, VALUE_HEAD_FILE};
+use models::head::HeadKind;
 use models::{LoadedModel, LoraAdapter, Mode, ScalarHead};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -65,6 +66,17 @@ pub enum ActionSpace {
     Labels,
 }
 
+/// What the policy is rewarded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RewardKind {
+    /// The method's rule reward (+1 / -1 / -3).
+    Rule,
+    /// A reward model's normalised score (`--reward-model`).
+    Learned,
+    /// `min(learned, --learned-reward-cap)` plus the rule reward (RLLR's mixed form).
+    Mixed,
+}
+
 /// Which KL controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KlKind {
@@ -94,6 +106,15 @@ pub struct PpoArgs {
     pub train: LoopArgs,
     #[command(flatten)]
     pub reward: RuleReward,
+    /// The reward optimised: rule, learned or mixed.
+    #[arg(long = "reward", value_enum, default_value_t = RewardKind::Rule)]
+    pub reward_kind: RewardKind,
+    /// The reward model for `--reward learned|mixed` (a `verdict-train reward-model` run's `best/`).
+    #[arg(long)]
+    pub reward_model: Option<PathBuf>,
+    /// Cap on the learned reward in the mixed form (RLLR: 3.9).
+    #[arg(long, default_value_t = 3.9)]
+    pub learned_reward_cap: f64,
     #[arg(long, value_enum, default_value_t = Algorithm::Ppo)]
     pub algorithm: Algorithm,
     /// Prompts per rollout step.
@@ -185,10 +206,20 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
     if args.algorithm == Algorithm::Grpo && args.group_size < 2 {
         bail!("GRPO needs --group-size of at least 2 (advantages compare samples of one prompt)");
     }
+    if args.reward_kind != RewardKind::Rule && args.reward_model.is_none() {
+        bail!("--reward learned|mixed needs --reward-model DIR");
+    }
     let ckpt = run_dir::prepare(&args.out, args.resume)?;
     let loaded = args.model.load_for_training(cache)?;
     let base_sha = args.model.weights_sha256(cache)?;
     let data = train_data::load(&loaded, &args.select, t.train_limit, cache)?;
+    let learned = match (&args.reward_model, args.reward_kind) {
+        (Some(dir), RewardKind::Learned | RewardKind::Mixed) => {
+            let tasks: Vec<_> = data.iter().map(|d| d.task.clone()).collect();
+            Some(LearnedReward::load(dir, &loaded, &args.model, &tasks, cache)?)
+        }
+        _ => None,
+    };
     let total_steps = t.total_steps(train_data::batches_per_epoch(&data, args.batch_size) as f64);
     let hidden = loaded.model.config().hidden_size;
 
@@ -197,18 +228,17 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
             let tasks: Vec<_> = data.iter().map(|d| d.task.clone()).collect();
             eval::check_adapter(dir, &args.model, &tasks, cache)?;
             let a = LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)?.trainable()?;
-            let head_file = dir.join(VALUE_HEAD_FILE);
-            let h = if head_file.is_file() {
-                ScalarHead::load(VALUE_HEAD, hidden, &head_file, &Device::Cpu)?
+            let h = if dir.join(HeadKind::Value.file()).is_file() {
+                ScalarHead::load(HeadKind::Value, hidden, dir, &Device::Cpu)?
             } else {
-                ScalarHead::init(VALUE_HEAD, hidden, t.seed, &Device::Cpu)?
+                ScalarHead::init(HeadKind::Value, hidden, t.seed, &Device::Cpu)?
             };
             eprintln!("starting from adapter {}", dir.display());
             (a, h)
         }
         None => (
             LoraAdapter::init(args.lora.config(), loaded.model.config(), t.seed, DType::F32, &Device::Cpu)?,
-            ScalarHead::init(VALUE_HEAD, hidden, t.seed, &Device::Cpu)?,
+            ScalarHead::init(HeadKind::Value, hidden, t.seed, &Device::Cpu)?,
         ),
     };
     let use_critic = args.algorithm == Algorithm::Ppo;
@@ -287,7 +317,7 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
             rollout_seed,
         )?;
         let rollout_secs = step_start.elapsed().as_secs_f64();
-        let mut scores = Vec::with_capacity(responses.len());
+        let mut rule_scores = Vec::with_capacity(responses.len());
         let mut outcomes = Vec::with_capacity(responses.len());
         for (resp, gold) in responses.iter().zip(&golds) {
             let (r, o) = match answers[ti].iter().position(|a| a == resp) {
@@ -298,9 +328,24 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
                     args.reward.reward(&d.task, &loaded.decode(&shown)?, *gold)
                 }
             };
-            scores.push(r);
+            rule_scores.push(r);
             outcomes.push(o);
         }
+        let learned_scores = match &learned {
+            Some(rm) => {
+                let b: Vec<&[u32]> = bodies.iter().map(Vec::as_slice).collect();
+                let r: Vec<&[u32]> = responses.iter().map(Vec::as_slice).collect();
+                Some(rm.rewards(&loaded, &d.prefix, &b, &r)?)
+            }
+            None => None,
+        };
+        let scores: Vec<f64> = match (&learned_scores, args.reward_kind) {
+            (Some(l), RewardKind::Learned) => l.clone(),
+            (Some(l), RewardKind::Mixed) => {
+                l.iter().zip(&rule_scores).map(|(l, r)| l.min(args.learned_reward_cap) + r).collect()
+            }
+            _ => rule_scores.clone(),
+        };
         let rollout =
             build_rollout(args, &loaded, &policy, head.as_ref(), d, bodies, responses, &scores, restrict, &kl_ctl)?;
         let kl_per_response: Vec<f64> = rollout
@@ -362,6 +407,8 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
         let entry = serde_json::json!({
             "step": step,
             "reward": mean(&scores),
+            "reward_rule": mean(&rule_scores),
+            "reward_learned": learned_scores.as_deref().map(mean),
             "accuracy": count(&|o| *o == Outcome::Correct),
             "unparseable": count(&|o| *o == Outcome::Unparseable),
             "kl": mean_kl,
@@ -404,7 +451,7 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
             if state.best_score.is_none_or(|b| score > b) {
                 state.best_score = Some(score);
                 state.best_step = Some(step);
-                let saved = SavedAdapter { method, command: &command, step, dev: &reports, value_head: head.as_ref() };
+                let saved = SavedAdapter { method, command: &command, step, dev: &reports, head: head.as_ref() };
                 run_dir::save_adapter(
                     &args.out.join("best"),
                     &snapshot,
@@ -428,7 +475,7 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    let saved = SavedAdapter { method, command: &command, step: state.step, dev: &[], value_head: head.as_ref() };
+    let saved = SavedAdapter { method, command: &command, step: state.step, dev: &[], head: head.as_ref() };
     run_dir::save_adapter(
         &args.out.join("adapter"),
         &adapter.snapshot()?,
@@ -588,7 +635,9 @@ fn eval_args(args: &PpoArgs) -> impl Fn(&str) -> EvalArgs + '_ {
 fn draw_curves(out: &Path, log: &MetricsLog, method: &str) -> Result<()> {
     let mut series = Vec::new();
     for (name, key) in [
-        ("reward (rule, mean per response)", "reward"),
+        ("reward optimised (mean per response)", "reward"),
+        ("rule reward", "reward_rule"),
+        ("learned reward (normalised)", "reward_learned"),
         ("dev score", "dev_score"),
         ("KL to the reference (summed per response)", "kl"),
         ("KL coefficient", "kl_coef"),

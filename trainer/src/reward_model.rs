@@ -1,0 +1,557 @@
+//! `verdict-train reward-model`: a reward model learned from label-sensitive pairs (RLLR).
+//!
+//! A pair is one training input with two responses in the answer-tag format: the gold label's
+//! answer (chosen) and a wrong label's (rejected), optionally each followed by a short analysis
+//! that the current policy writes for that label. The reward model is the base model plus a
+//! LoRA adapter plus a scalar score head read at the last token; it trains on
+//! `-log sigmoid(r_chosen - r_rejected)`. The loop, checkpoints, resume, log and curves are
+//! SFT's. At each evaluation the scores' mean and standard deviation over the dev pairs are
+//! stored with the head, so PPO can use the normalised reward.
+
+use crate::eval::{self, TaskSelection};
+use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig};
+use crate::run_dir::{self, MetricsLog, RunState, SavedAdapter};
+use crate::train_config::{progress_bar, LoopArgs, LoraArgs};
+use crate::train_data::{self, BatchPlan, TaskData};
+use crate::ModelArgs;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use clap::Args;
+use models::generate::{generate, Sampling};
+use models::head::HeadKind;
+use models::{Decoder, KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, Padding, ScalarHead, TokenBatch};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use shared::task::{Label, Task};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The reward model's default peak learning rate.
+const DEFAULT_LR: f64 = 2e-4;
+
+#[derive(Args, Clone)]
+pub struct RewardModelArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub select: TaskSelection,
+    /// Run directory: checkpoints, metrics.jsonl, curves.svg, best/ and adapter/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in `--out`.
+    #[arg(long)]
+    pub resume: bool,
+    /// Start the reward model's adapter from this one (an SFT run's `best/`, as RLLR starts from
+    /// the SFT model). Default: a fresh adapter.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    pub train: LoopArgs,
+    /// Pairs per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Follow each answer with an analysis of up to this many tokens, written greedily by the
+    /// policy for that answer's label (0: answers only).
+    #[arg(long, default_value_t = 0)]
+    pub rationale_tokens: usize,
+    /// The policy that writes the analyses (default: the base model).
+    #[arg(long)]
+    pub policy_adapter: Option<PathBuf>,
+}
+
+/// `-log sigmoid(r_chosen - r_rejected)`, mean over pairs.
+pub fn pairwise_loss(chosen: &Tensor, rejected: &Tensor) -> candle_core::Result<Tensor> {
+    // -log sigmoid(d) = log(1 + exp(-d)); beyond d = -30 it is -d to f32 precision, and the
+    // exponent is capped so the branch not taken stays finite (its gradient is 0, not NaN).
+    // Smooth everywhere: no |d| or relu kink whose subgradient at 0 would be wrong.
+    let d = (chosen - rejected)?;
+    let soft = (d.maximum(-30.0)?.neg()?.exp()? + 1.0)?.log()?;
+    let far = d.lt(-30.0)?;
+    far.where_cond(&d.neg()?, &soft)?.mean_all()
+}
+
+/// One scalar per row: the head at the last token of `prefix + body + response`.
+#[allow(clippy::too_many_arguments)]
+pub fn score_sequences(
+    model: &Decoder,
+    adapter: &LoraAdapter,
+    head: &ScalarHead,
+    prefix: &[u32],
+    bodies: &[&[u32]],
+    responses: &[&[u32]],
+    mode: Mode,
+    pad: u32,
+) -> Result<Tensor> {
+    let b = bodies.len();
+    let mut cache = KvCache::new(model.config().num_layers);
+    model.forward(&TokenBatch::single(prefix)?, Some(&mut cache), Some(adapter), mode, LogitsAt::None)?;
+    let mut cache = cache.expand_batch(b)?;
+    let seqs: Vec<Vec<u32>> =
+        bodies.iter().zip(responses).map(|(x, r)| x.iter().chain(r.iter()).copied().collect()).collect();
+    let batch = TokenBatch::new(&seqs, pad, Padding::Right)?;
+    let t = batch.seq_len();
+    let body_mode = match mode {
+        Mode::Train { dropout_seed: Some(s) } => Mode::Train { dropout_seed: Some(s ^ 0x5555) },
+        m => m,
+    };
+    let out = model.forward(&batch, Some(&mut cache), Some(adapter), body_mode, LogitsAt::None)?;
+    let hidden = out.hidden.reshape((b * t, out.hidden.dim(2)?))?;
+    let last: Vec<u32> = seqs.iter().enumerate().map(|(r, s)| (r * t + s.len() - 1) as u32).collect();
+    let idx = Tensor::from_vec(last, b, hidden.device())?;
+    Ok(head.forward(&hidden.index_select(&idx, 0)?)?)
+}
+
+/// A trained reward model, for PPO's learned reward.
+pub struct LearnedReward {
+    adapter: LoraAdapter,
+    head: ScalarHead,
+}
+
+impl LearnedReward {
+    /// Loads `dir` (adapter + score head), refusing one for other base weights or tasks.
+    pub fn load(dir: &Path, loaded: &LoadedModel, model: &ModelArgs, tasks: &[Task], cache: &Path) -> Result<Self> {
+        eval::check_adapter(dir, model, tasks, cache)?;
+        let cfg = loaded.model.config();
+        let adapter = LoraAdapter::load_peft_dir(dir, cfg, DType::F32, &Device::Cpu)?;
+        let head = ScalarHead::load(HeadKind::Score, cfg.hidden_size, dir, &Device::Cpu)?;
+        if head.norm.is_none() {
+            bail!(
+                "{}: the score head has no normalisation (not written by `verdict-train reward-model`)",
+                dir.display()
+            );
+        }
+        Ok(Self { adapter, head })
+    }
+
+    /// Normalised learned rewards of the responses.
+    pub fn rewards(
+        &self,
+        loaded: &LoadedModel,
+        prefix: &[u32],
+        bodies: &[&[u32]],
+        responses: &[&[u32]],
+    ) -> Result<Vec<f64>> {
+        let (mean, std) = self.head.norm.unwrap_or((0.0, 1.0));
+        let r = score_sequences(
+            &loaded.model,
+            &self.adapter,
+            &self.head,
+            prefix,
+            bodies,
+            responses,
+            Mode::Inference,
+            loaded.special.pad_id(),
+        )?;
+        Ok(r.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|x| (x - mean) / std).collect())
+    }
+}
+
+/// Builds the responses of label-sensitive pairs: answer tokens per class, and (when asked)
+/// the policy's analysis of each label for each example, written once and kept.
+struct PairBuilder<'a> {
+    loaded: &'a LoadedModel,
+    policy: Option<LoraAdapter>,
+    rationale_tokens: usize,
+    /// Per task: every class's answer tokens.
+    answers: Vec<Vec<Vec<u32>>>,
+    /// `(task, example, class)` -> analysis tokens.
+    rationales: BTreeMap<(usize, usize, usize), Vec<u32>>,
+    open: Vec<u32>,
+    close: Vec<u32>,
+}
+
+impl<'a> PairBuilder<'a> {
+    fn new(loaded: &'a LoadedModel, data: &[TaskData], args: &RewardModelArgs) -> Result<Self> {
+        let answers = data
+            .iter()
+            .map(|d| d.task.answer_texts().iter().map(|a| loaded.encode(a, false)).collect::<Result<Vec<_>, _>>())
+            .collect::<Result<_, _>>()?;
+        let policy = match &args.policy_adapter {
+            Some(dir) => Some(LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)?),
+            None => None,
+        };
+        Ok(Self {
+            loaded,
+            policy,
+            rationale_tokens: args.rationale_tokens,
+            answers,
+            rationales: BTreeMap::new(),
+            open: loaded.encode(" <Analysis>", false)?,
+            close: loaded.encode(" </Analysis>", false)?,
+        })
+    }
+
+    /// A wrong class for `gold`, seeded (score tasks: a word at least 2 away from the gold).
+    fn wrong_class(task: &Task, gold: Label, seed: u64) -> usize {
+        let gold_class = Self::gold_class(task, gold);
+        let candidates: Vec<usize> = (0..task.num_classes())
+            .filter(|&c| match gold {
+                Label::Class(_) => c != gold_class,
+                Label::Score(v) => (label_value(task.label_of_class(c)) - v).abs() >= 2.0,
+            })
+            .collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        candidates[rng.random_range(0..candidates.len())]
+    }
+
+    /// The gold class of an example (score tasks: the nearest word).
+    fn gold_class(task: &Task, gold: Label) -> usize {
+        match gold {
+            Label::Class(c) => c,
+            Label::Score(v) => (0..task.num_classes())
+                .min_by(|&a, &b| {
+                    let dist = |c: usize| (label_value(task.label_of_class(c)) - v).abs();
+                    dist(a).total_cmp(&dist(b))
+                })
+                .unwrap_or(0),
+        }
+    }
+
+    /// `(chosen, rejected)` responses of examples `rows` of task `ti`.
+    fn pairs(&mut self, data: &[TaskData], ti: usize, rows: &[usize], seed: u64) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        let d = &data[ti];
+        let classes: Vec<(usize, usize)> = rows
+            .iter()
+            .map(|&i| {
+                let gold = d.examples[i].label;
+                let wrong = Self::wrong_class(&d.task, gold, seed ^ ((ti as u64) << 40) ^ i as u64);
+                (Self::gold_class(&d.task, gold), wrong)
+            })
+            .collect();
+        if self.rationale_tokens > 0 {
+            let need: Vec<(usize, usize)> = rows
+                .iter()
+                .zip(&classes)
+                .flat_map(|(&i, &(c, w))| [(i, c), (i, w)])
+                .filter(|&(i, c)| !self.rationales.contains_key(&(ti, i, c)))
+                .collect();
+            if !need.is_empty() {
+                self.write_rationales(d, ti, &need)?;
+            }
+        }
+        Ok(rows.iter().zip(&classes).map(|(&i, &(c, w))| (self.response(ti, i, c), self.response(ti, i, w))).collect())
+    }
+
+    fn response(&self, ti: usize, i: usize, class: usize) -> Vec<u32> {
+        let mut r = self.answers[ti][class].clone();
+        if let Some(a) = self.rationales.get(&(ti, i, class)) {
+            r.extend(&self.open);
+            r.extend(a);
+            r.extend(&self.close);
+        }
+        r
+    }
+
+    /// Greedy analyses by the policy, after each label's answer and the opening analysis tag.
+    fn write_rationales(&mut self, d: &TaskData, ti: usize, need: &[(usize, usize)]) -> Result<()> {
+        let mut prefix = KvCache::new(self.loaded.model.config().num_layers);
+        let policy = self.policy.as_ref();
+        self.loaded.model.forward(
+            &TokenBatch::single(&d.prefix)?,
+            Some(&mut prefix),
+            policy,
+            Mode::Inference,
+            LogitsAt::None,
+        )?;
+        let prompts: Vec<Vec<u32>> = need
+            .iter()
+            .map(|&(i, c)| {
+                let mut p = d.examples[i].body.clone();
+                p.extend(&self.answers[ti][c]);
+                p.extend(&self.open);
+                p
+            })
+            .collect();
+        let stop_seq = self.loaded.encode(" </Analysis", false)?;
+        let settings = Sampling {
+            max_new_tokens: self.rationale_tokens,
+            stop_sequences: vec![stop_seq.clone()],
+            ..Sampling::greedy()
+        };
+        let outs =
+            generate(&self.loaded.model, policy, Some(&prefix), &prompts, &settings, &self.loaded.special.stop, 0)?;
+        for (&(i, c), mut out) in need.iter().zip(outs) {
+            out.retain(|t| !self.loaded.special.stop.contains(t));
+            if out.ends_with(&stop_seq) {
+                out.truncate(out.len() - stop_seq.len());
+            }
+            self.rationales.insert((ti, i, c), out);
+        }
+        Ok(())
+    }
+}
+
+fn label_value(l: Label) -> f64 {
+    match l {
+        Label::Class(c) => c as f64,
+        Label::Score(v) => v,
+    }
+}
+
+/// Scores of chosen and rejected responses for `pairs` of task `d`, in `mode`.
+#[allow(clippy::too_many_arguments)]
+fn score_pairs(
+    loaded: &LoadedModel,
+    adapter: &LoraAdapter,
+    head: &ScalarHead,
+    d: &TaskData,
+    rows: &[usize],
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    mode: Mode,
+) -> Result<(Tensor, Tensor)> {
+    let n = rows.len();
+    let bodies: Vec<&[u32]> = rows.iter().chain(rows).map(|&i| d.examples[i].body.as_slice()).collect();
+    let responses: Vec<&[u32]> =
+        pairs.iter().map(|p| p.0.as_slice()).chain(pairs.iter().map(|p| p.1.as_slice())).collect();
+    let r =
+        score_sequences(&loaded.model, adapter, head, &d.prefix, &bodies, &responses, mode, loaded.special.pad_id())?;
+    Ok((r.narrow(0, 0, n)?, r.narrow(0, n, n)?))
+}
+
+/// Pairwise accuracy on each task's dev pairs (ties count as wrong), and the mean and standard
+/// deviation of all dev scores (the normalisation PPO uses).
+fn dev_eval(
+    args: &RewardModelArgs,
+    loaded: &LoadedModel,
+    adapter: &LoraAdapter,
+    head: &ScalarHead,
+    dev: &[TaskData],
+    builder: &mut PairBuilder,
+) -> Result<(f64, Vec<serde_json::Value>, (f64, f64))> {
+    let mut accs = Vec::new();
+    let mut reports = Vec::new();
+    let mut all = Vec::new();
+    for (ti, d) in dev.iter().enumerate() {
+        let (mut right, mut total) = (0usize, 0usize);
+        let rows: Vec<usize> = (0..d.examples.len()).collect();
+        for chunk in rows.chunks(16) {
+            let pairs = builder.pairs(dev, ti, chunk, args.train.seed ^ 0xDE5)?;
+            let (c, r) = score_pairs(loaded, adapter, head, d, chunk, &pairs, Mode::Inference)?;
+            let (c, r): (Vec<f32>, Vec<f32>) = (c.to_vec1()?, r.to_vec1()?);
+            right += c.iter().zip(&r).filter(|(a, b)| a > b).count();
+            total += c.len();
+            all.extend(c.iter().chain(&r).map(|&x| x as f64));
+        }
+        let acc = right as f64 / total.max(1) as f64;
+        accs.push(acc);
+        reports.push(serde_json::json!({"task": d.task.name, "pairwise_accuracy": acc, "pairs": total}));
+    }
+    let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
+    let var = all.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (all.len().max(2) - 1) as f64;
+    Ok((shared::metrics::average(&accs), reports, (mean, var.sqrt().max(1e-6))))
+}
+
+pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
+    let t = &args.train;
+    if args.batch_size == 0 || t.grad_accum == 0 {
+        bail!("--batch-size and --grad-accum must be at least 1");
+    }
+    let ckpt = run_dir::prepare(&args.out, args.resume)?;
+    let loaded = args.model.load_for_training(cache)?;
+    let base_sha = args.model.weights_sha256(cache)?;
+    let data = train_data::load(&loaded, &args.select, t.train_limit, cache)?;
+    let dev = train_data::load_split(&loaded, &args.select, &t.eval_split, t.eval_limit, cache)?;
+    if data.iter().any(|d| d.task.num_classes() < 2) {
+        bail!("label-sensitive pairs need at least two labels");
+    }
+    let batches_per_epoch = train_data::batches_per_epoch(&data, args.batch_size);
+    let total_steps = t.total_steps(batches_per_epoch as f64 / t.grad_accum as f64);
+    let hidden = loaded.model.config().hidden_size;
+    let adapter = match &args.init_adapter {
+        Some(dir) => {
+            let tasks: Vec<Task> = data.iter().map(|d| d.task.clone()).collect();
+            eval::check_adapter(dir, &args.model, &tasks, cache)?;
+            eprintln!("starting from adapter {}", dir.display());
+            LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)?.trainable()?
+        }
+        None => LoraAdapter::init(args.lora.config(), loaded.model.config(), t.seed, DType::F32, &Device::Cpu)?,
+    };
+    let mut head = ScalarHead::init(HeadKind::Score, hidden, t.seed, &Device::Cpu)?;
+    let mut vars: Vec<(String, Var)> = adapter.vars().to_vec();
+    vars.extend(head.vars());
+    let mut opt =
+        Optimizer::new(OptimizerConfig { kind: t.optimizer, weight_decay: t.weight_decay, ..Default::default() });
+    let mut state = RunState::default();
+    if let Some(dir) = &ckpt {
+        state = run_dir::load_checkpoint(dir, &adapter, Some(&head), &mut opt)?;
+        eprintln!("resumed from {} (step {})", dir.display(), state.step);
+    }
+    let log = MetricsLog::open(&args.out, ckpt.as_ref().map(|_| state.step))?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let peak_lr = t.lr.unwrap_or(DEFAULT_LR);
+    let mut builder = PairBuilder::new(&loaded, &data, args)?;
+    let mut dev_builder = PairBuilder::new(&loaded, &dev, args)?;
+
+    let bar = progress_bar("reward-model", total_steps, state.step);
+    let start = Instant::now();
+    let mut plan = BatchPlan::new(&data, args.batch_size, t.seed);
+    while state.step < total_steps {
+        let step = state.step + 1;
+        let step_start = Instant::now();
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let (mut loss_sum, mut right, mut seen, mut margin) = (0.0, 0usize, 0usize, 0.0);
+        for micro in 0..t.grad_accum {
+            let pos = (step - 1) * t.grad_accum as u64 + micro as u64;
+            let (ti, rows) = plan.batch(&data, pos);
+            let pairs = builder.pairs(&data, ti, &rows, t.seed ^ pos.wrapping_mul(0x9E37_79B9))?;
+            let mode = Mode::Train { dropout_seed: Some(t.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ pos) };
+            let (c, r) = score_pairs(&loaded, &adapter, &head, &data[ti], &rows, &pairs, mode)?;
+            let loss = pairwise_loss(&c, &r)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let (cv, rv): (Vec<f32>, Vec<f32>) = (c.to_vec1()?, r.to_vec1()?);
+            right += cv.iter().zip(&rv).filter(|(a, b)| a > b).count();
+            margin += cv.iter().zip(&rv).map(|(a, b)| (a - b) as f64).sum::<f64>();
+            seen += cv.len();
+            let g = (loss / t.grad_accum as f64)?.backward()?;
+            run_dir::accumulate_grads(&mut grads, &g, &vars)?;
+        }
+        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        let lr = learning_rate(t.schedule, peak_lr, step, t.warmup_steps, total_steps);
+        opt.step(&vars, &grads, lr)?;
+        state.step = step;
+        let loss = loss_sum / t.grad_accum as f64;
+        let (acc, margin) = (right as f64 / seen as f64, margin / seen as f64);
+        let step_secs = step_start.elapsed().as_secs_f64();
+        log.append(&serde_json::json!({"step": step, "loss": loss, "pairwise_accuracy": acc, "margin": margin, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_secs}))?;
+        bar.set_message(format!("loss {loss:.4} acc {acc:.2}"));
+        bar.set_position(step);
+        if t.log_due(step, total_steps) {
+            bar.suspend(|| eprintln!("step {step}/{total_steps} loss {loss:.4} pairwise-acc {acc:.3} margin {margin:.3} lr {lr:.2e} {step_secs:.2}s/step"));
+        }
+        if t.eval_due(step, total_steps) {
+            let snapshot = adapter.snapshot()?;
+            let (score, reports, norm) =
+                bar.suspend(|| dev_eval(args, &loaded, &snapshot, &head, &dev, &mut dev_builder))?;
+            bar.suspend(|| eprintln!("step {step}: dev pairwise accuracy {score:.4}"));
+            log.append(&serde_json::json!({"step": step, "dev_score": score, "dev": reports, "score_mean": norm.0, "score_std": norm.1}))?;
+            head.norm = Some(norm);
+            if state.best_score.is_none_or(|b| score > b) {
+                state.best_score = Some(score);
+                state.best_step = Some(step);
+                let saved =
+                    SavedAdapter { method: "reward-model", command: &command, step, dev: &reports, head: Some(&head) };
+                run_dir::save_adapter(
+                    &args.out.join("best"),
+                    &snapshot,
+                    &data[0].task,
+                    &args.model,
+                    &base_sha,
+                    &saved,
+                )?;
+            }
+        }
+        if t.save_due(step, total_steps) {
+            run_dir::save_checkpoint(
+                &args.out,
+                &adapter,
+                Some(&head),
+                &opt,
+                &state,
+                &args.model.model,
+                t.keep_checkpoints,
+            )?;
+        }
+    }
+    bar.finish_and_clear();
+    let saved =
+        SavedAdapter { method: "reward-model", command: &command, step: state.step, dev: &[], head: Some(&head) };
+    run_dir::save_adapter(
+        &args.out.join("adapter"),
+        &adapter.snapshot()?,
+        &data[0].task,
+        &args.model,
+        &base_sha,
+        &saved,
+    )?;
+    run_dir::write_curves_svg(
+        &args.out.join("curves.svg"),
+        "Reward model",
+        &[
+            ("pairwise loss", log.series("loss")?),
+            ("training pairwise accuracy", log.series("pairwise_accuracy")?),
+            ("dev pairwise accuracy", log.series("dev_score")?),
+            ("margin r_chosen - r_rejected", log.series("margin")?),
+        ],
+    )?;
+    eprintln!(
+        "done: {} steps in {:.1}s; best dev pairwise accuracy {:?} at step {:?}; reward model in {}",
+        state.step,
+        start.elapsed().as_secs_f64(),
+        state.best_score,
+        state.best_step,
+        args.out.join("best").display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn the_score_is_the_head_at_the_last_real_token() {
+        use models::random::{random_decoder, tiny_config};
+        use models::{Arch, LoraConfig, Projection, WeightMode};
+        let cfg = tiny_config(Arch::Qwen2, 64);
+        let model = random_decoder(&cfg, 5, WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
+        let lora = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            use_rslora: false,
+            dropout: 0.0,
+            targets: vec![Projection::Q, Projection::V],
+            layers: None,
+        };
+        let adapter = LoraAdapter::init_random(lora, &cfg, 3, DType::F32, &Device::Cpu).unwrap();
+        let head = ScalarHead::init(HeadKind::Score, cfg.hidden_size, 4, &Device::Cpu).unwrap();
+        let prefix = [1u32, 2, 3];
+        let bodies: [&[u32]; 3] = [&[10, 11, 12], &[13], &[10, 11, 12]];
+        let responses: [&[u32]; 3] = [&[20, 21], &[22, 23, 24, 25], &[30, 21]];
+        let got = score_sequences(&model, &adapter, &head, &prefix, &bodies, &responses, Mode::Inference, 0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for i in 0..3 {
+            let seq: Vec<u32> = prefix.iter().chain(bodies[i]).chain(responses[i]).copied().collect();
+            let out = model
+                .forward(&TokenBatch::single(&seq).unwrap(), None, Some(&adapter), Mode::Inference, LogitsAt::None)
+                .unwrap();
+            let last = out.hidden.squeeze(0).unwrap().narrow(0, seq.len() - 1, 1).unwrap();
+            let want = head.forward(&last).unwrap().to_vec1::<f32>().unwrap()[0];
+            assert!((got[i] - want).abs() < 1e-4, "row {i}: {got:?} vs {want}");
+        }
+        // Rows 0 and 2 differ only in the first response token: their scores must differ.
+        assert!((got[0] - got[2]).abs() > 1e-3, "the score ignores the answer: {got:?}");
+    }
+
+    #[test]
+    fn pairwise_loss_and_gradient_by_hand() {
+        let dev = Device::Cpu;
+        // d = [2, -1, 0]: loss = mean(log(1 + e^-2), log(1 + e^1), log 2).
+        let c = Var::new(&[3.0f32, 0.0, 1.5], &dev).unwrap();
+        let r = Var::new(&[1.0f32, 1.0, 1.5], &dev).unwrap();
+        let loss = pairwise_loss(c.as_tensor(), r.as_tensor()).unwrap();
+        let want = ((1.0 + (-2f64).exp()).ln() + (1.0 + 1f64.exp()).ln() + 2f64.ln()) / 3.0;
+        assert!((loss.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-6);
+        // d/dr_c = -(1 - sigmoid(d)) / n = -sigmoid(-d) / n; d/dr_r the opposite.
+        let g = loss.backward().unwrap();
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let want_c: Vec<f64> = [2.0, -1.0, 0.0].iter().map(|d: &f64| -sig(-d) / 3.0).collect();
+        let gc = g.get(c.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let gr = g.get(r.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        for i in 0..3 {
+            assert!((gc[i] as f64 - want_c[i]).abs() < 1e-6, "{gc:?} vs {want_c:?}");
+            assert!((gr[i] as f64 + want_c[i]).abs() < 1e-6, "{gr:?}");
+        }
+        // Large margins stay finite (the stable form).
+        let big = pairwise_loss(&Tensor::new(&[-100.0f32], &dev).unwrap(), &Tensor::new(&[100.0f32], &dev).unwrap())
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((big - 200.0).abs() < 1e-3, "{big}");
+    }
+}
