@@ -7,7 +7,7 @@
 //! work, and single-token candidates cost nothing beyond the prefill.
 
 use crate::batch::{KvCache, Padding, TokenBatch};
-use crate::decoder::{Decoder, LogitsAt, Mode};
+use crate::decoder::{Adapters, Decoder, LogitsAt, Mode};
 use crate::lora::LoraAdapter;
 use crate::Error;
 use candle_core::{Tensor, D};
@@ -85,53 +85,99 @@ pub fn score_candidates(
     candidates: &[Vec<u32>],
     pad_id: u32,
 ) -> Result<Vec<Vec<f64>>, Error> {
-    let trie = Trie::new(candidates)?;
-    let b = prompts.len();
-    let mut cache = match prefix {
-        Some(p) => p.expand_batch(b)?,
+    let cache = match prefix {
+        Some(p) => p.expand_batch(prompts.len())?,
         None => KvCache::new(model.config().num_layers),
     };
-    let batch = TokenBatch::new(prompts, pad_id, Padding::Right)?;
-    let logits =
-        model.forward(&batch, Some(&mut cache), adapter, Mode::Inference, LogitsAt::Last)?.logits.expect("logits");
-    // Next-token log-probs at each node, per prompt: node -> [b, vocab].
-    let mut node_logp: Vec<Option<Vec<Vec<f32>>>> = vec![None; trie.nodes.len()];
-    node_logp[0] = Some(log_softmax_rows(&logits)?);
-    // Each node's cache row block: row `i * n + j` is prompt `i` at the `j`th node of a level.
-    let mut level_cache = cache;
-    let mut level_nodes = vec![0usize];
-    for nodes in trie.inner_nodes_by_depth() {
-        let n = nodes.len();
-        let mut rows = Vec::with_capacity(b * n);
-        let mut tokens = Vec::with_capacity(b * n);
-        for i in 0..b {
-            for &node in &nodes {
-                let parent = trie.nodes[node].0;
-                let j = level_nodes.iter().position(|&x| x == parent).expect("parent is on the previous level");
-                rows.push(i * level_nodes.len() + j);
-                tokens.push(vec![trie.nodes[node].1]);
-            }
-        }
-        let mut next = level_cache.select_rows(&rows)?;
-        let step = TokenBatch::from_rows(tokens)?;
-        let logits =
-            model.forward(&step, Some(&mut next), adapter, Mode::Inference, LogitsAt::Last)?.logits.expect("logits");
-        let logp = log_softmax_rows(&logits)?;
-        for (j, &node) in nodes.iter().enumerate() {
-            node_logp[node] = Some((0..b).map(|i| logp[i * n + j].clone()).collect());
-        }
-        level_cache = next;
-        level_nodes = nodes;
+    let per_row: Vec<&[Vec<u32>]> = vec![candidates; prompts.len()];
+    score_rows(model, Adapters::Same(adapter), cache, prompts, &per_row, pad_id)
+}
+
+/// The general form of [`score_candidates`], for a batch that mixes tasks and adapters: row
+/// `i` continues `cache` row `i` (an empty cache: no prefix; rows of different lengths:
+/// [`KvCache::stack`]) with `prompts[i]` through adapter `adapters.row(i)`, and its candidates
+/// are `candidates[i]`. Row `i`'s answer is the one it gets scored alone.
+pub fn score_rows(
+    model: &Decoder,
+    adapters: Adapters,
+    mut cache: KvCache,
+    prompts: &[Vec<u32>],
+    candidates: &[&[Vec<u32>]],
+    pad_id: u32,
+) -> Result<Vec<Vec<f64>>, Error> {
+    let b = prompts.len();
+    if candidates.len() != b || (cache.batch_size() != 0 && cache.batch_size() != b) {
+        return Err(Error::Invalid(format!(
+            "{b} prompts, {} candidate sets, a cache of {} rows",
+            candidates.len(),
+            cache.batch_size()
+        )));
     }
-    let mut out = vec![vec![0f64; candidates.len()]; b];
-    for (c, (cand, path)) in candidates.iter().zip(&trie.paths).enumerate() {
-        for (k, &tok) in cand.iter().enumerate() {
-            let from = if k == 0 { 0 } else { path[k - 1] };
-            let lp = node_logp[from].as_ref().expect("every needed node was computed");
-            for (i, row) in out.iter_mut().enumerate() {
-                row[c] += f64::from(lp[i][tok as usize]);
+    let tries = candidates.iter().map(|c| Trie::new(c)).collect::<Result<Vec<_>, _>>()?;
+    let inner: Vec<Vec<Vec<usize>>> = tries.iter().map(Trie::inner_nodes_by_depth).collect();
+    let batch = TokenBatch::new(prompts, pad_id, Padding::Right)?;
+    let logits = model
+        .forward_rows(&batch, Some(&mut cache), adapters, Mode::Inference, LogitsAt::Last)?
+        .logits
+        .ok_or_else(|| Error::Invalid("no logits".into()))?;
+    // Per row, the log-probs of the tokens that follow each needed trie node: node -> token -> lp.
+    let mut node_logp: Vec<Vec<Vec<(u32, f32)>>> = tries.iter().map(|t| vec![Vec::new(); t.nodes.len()]).collect();
+    let keep = |lp: &[f32], trie: &Trie, node: usize| -> Vec<(u32, f32)> {
+        trie.nodes.iter().filter(|&&(p, _)| p == node).map(|&(_, tok)| (tok, lp[tok as usize])).collect()
+    };
+    for (i, lp) in log_softmax_rows(&logits)?.iter().enumerate() {
+        node_logp[i][0] = keep(lp, &tries[i], 0);
+    }
+    // The rows of the current level's cache: `(prompt, trie node)`.
+    let mut level: Vec<(usize, usize)> = (0..b).map(|i| (i, 0)).collect();
+    let mut level_cache = cache;
+    let depth = inner.iter().map(Vec::len).max().unwrap_or(0);
+    for d in 0..depth {
+        let (mut rows, mut tokens, mut next, mut row_adapters) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, levels) in inner.iter().enumerate() {
+            for &node in levels.get(d).map(Vec::as_slice).unwrap_or(&[]) {
+                let (parent, tok) = tries[i].nodes[node];
+                let j = level
+                    .iter()
+                    .position(|&x| x == (i, parent))
+                    .ok_or_else(|| Error::Invalid("trie parent is not on the previous level".into()))?;
+                rows.push(j);
+                tokens.push(vec![tok]);
+                next.push((i, node));
+                row_adapters.push(adapters.row(i));
             }
         }
+        let mut next_cache = level_cache.select_rows(&rows)?;
+        let step = TokenBatch::from_rows(tokens)?;
+        let step_adapters = match adapters {
+            Adapters::Same(a) => Adapters::Same(a),
+            Adapters::PerRow(_) => Adapters::PerRow(&row_adapters),
+        };
+        let logits = model
+            .forward_rows(&step, Some(&mut next_cache), step_adapters, Mode::Inference, LogitsAt::Last)?
+            .logits
+            .ok_or_else(|| Error::Invalid("no logits".into()))?;
+        for (lp, &(i, node)) in log_softmax_rows(&logits)?.iter().zip(&next) {
+            node_logp[i][node] = keep(lp, &tries[i], node);
+        }
+        level_cache = next_cache;
+        level = next;
+    }
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let mut row = vec![0f64; candidates[i].len()];
+        for (c, (cand, path)) in candidates[i].iter().zip(&tries[i].paths).enumerate() {
+            for (k, &tok) in cand.iter().enumerate() {
+                let from = if k == 0 { 0 } else { path[k - 1] };
+                let lp = node_logp[i][from]
+                    .iter()
+                    .find(|&&(t, _)| t == tok)
+                    .map(|&(_, lp)| lp)
+                    .ok_or_else(|| Error::Invalid("a needed trie node was not computed".into()))?;
+                row[c] += f64::from(lp);
+            }
+        }
+        out.push(row);
     }
     Ok(out)
 }
