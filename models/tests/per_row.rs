@@ -67,6 +67,9 @@ fn mixed_adapter_batch_equals_each_row_alone() {
     }
 }
 
+/// (prefix, adapter, candidates, body) of one row.
+type MixedRow<'a> = (&'a Vec<u32>, Option<&'a LoraAdapter>, &'a Vec<Vec<u32>>, Vec<u32>);
+
 #[test]
 fn stacked_prefix_caches_and_mixed_candidates_equal_uncached_scoring() {
     for arch in [Arch::Llama, Arch::Qwen2] {
@@ -81,7 +84,7 @@ fn stacked_prefix_caches_and_mixed_candidates_equal_uncached_scoring() {
         let cands_2: Vec<Vec<u32>> = vec![vec![20, 21], vec![22, 21]];
         // Rows (after the server's ordering by task and version): task 1 with a (twice),
         // task 2 with b, task 2 zero-shot.
-        let rows: Vec<(&Vec<u32>, Option<&LoraAdapter>, &Vec<Vec<u32>>, Vec<u32>)> = vec![
+        let rows: Vec<MixedRow> = vec![
             (&prefix_1, Some(&a), &cands_1, vec![5, 6, 7]),
             (&prefix_1, Some(&a), &cands_1, vec![9]),
             (&prefix_2, Some(&b), &cands_2, vec![30, 31, 32, 33]),

@@ -341,6 +341,9 @@ fn endpoints_answer_what_the_library_computes() {
     assert!(hits >= 3, "the mr prefix was reused: {hits} hits");
 }
 
+/// (what, path, body, headers, expected status, expected code)
+type Case<'a> = (&'a str, &'a str, Vec<u8>, Vec<&'a str>, u16, &'a str);
+
 #[test]
 fn bad_inputs_get_their_codes_and_the_server_keeps_answering() {
     let fx = Fixture::new("serve-bad");
@@ -373,7 +376,7 @@ fn bad_inputs_get_their_codes_and_the_server_keeps_answering() {
     let auth = format!("Authorization: Bearer {TOKEN}");
     let long: String = vec!["good"; 40].join(" ");
     let huge: String = "x".repeat(5000);
-    let cases: Vec<(&str, &str, Vec<u8>, Vec<&str>, u16, &str)> = vec![
+    let cases: Vec<Case> = vec![
         ("malformed JSON", "/v1/classify", b"{\"task\": \"mr\", \"inputs\": [".to_vec(), vec![], 400, "malformed_json"),
         (
             "invalid UTF-8",
@@ -725,6 +728,9 @@ fn hot_swap_under_load_switches_versions_without_failures() {
     assert!(text.contains("verdict_adapter_swaps_total{task=\"mr\"} 5"), "{text}");
 }
 
+/// (request, task, expected version, the input's fields)
+type MixedRequest<'a> = (Value, &'a str, Option<&'a str>, Vec<(&'a str, &'a str)>);
+
 #[test]
 fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
     let fx = Fixture::new("serve-mixed");
@@ -735,7 +741,7 @@ fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
     fx.registry.promote("rte", "v1").unwrap();
     // Requests of different tasks, versions and zero-shot, sent together: with a long batch
     // wait they share engine batches; the other server computes each alone, uncached.
-    let requests: Vec<(Value, &str, Option<&str>, Vec<(&str, &str)>)> = vec![
+    let requests: Vec<MixedRequest> = vec![
         (json!({"task": "mr", "inputs": "good film"}), "mr", Some("v1"), vec![("sentence", "good film")]),
         (
             json!({"task": "mr", "version": "v2", "inputs": "good film"}),
