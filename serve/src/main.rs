@@ -35,8 +35,10 @@ struct Cli {
     /// The adapter registry: `<dir>/<task>/<version>/` and `<dir>/<task>/CURRENT`.
     #[arg(long, env = "VERDICT_ADAPTERS", default_value = "./adapters")]
     adapters: PathBuf,
-    /// `quantized` (GGUF blocks, default for serving) or `dense` (f32).
-    #[arg(long, env = "VERDICT_WEIGHTS", default_value = "quantized")]
+    /// `dense` (f32; the fast path for serving) or `quantized` (GGUF blocks kept in memory:
+    /// less memory, but every forward of more than 4 rows dequantizes each matrix again, about
+    /// 4x slower per request on Qwen2.5-0.5B, see docs/benchmarks.md).
+    #[arg(long, env = "VERDICT_WEIGHTS", default_value = "dense")]
     weights: WeightMode,
     #[arg(long, env = "VERDICT_CACHE_DIR")]
     cache_dir: Option<PathBuf>,

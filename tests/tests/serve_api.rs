@@ -761,11 +761,13 @@ fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
     ];
     let batched = fx.start(&["--zero-shot-fallback", "--max-batch-wait-ms", "300"]);
     let single = fx.start(&["--zero-shot-fallback", "--no-batching", "--no-prefix-cache"]);
-    // Warm both (v2 is loaded on first use).
-    for s in [&batched, &single] {
+    // Merged mode: each version folded into its own copy of the base.
+    let merged = fx.start(&["--zero-shot-fallback", "--merged", "--max-batch-wait-ms", "300"]);
+    // Warm them (v2 is loaded on first use).
+    for s in [&batched, &single, &merged] {
         assert_eq!(s.post("/v1/classify", &requests[1].0).0, 200);
     }
-    for server in [&batched, &single] {
+    for (server, tol) in [(&batched, TOL), (&single, TOL), (&merged, 1e-4)] {
         let port = server.port;
         let handles: Vec<_> = requests
             .iter()
@@ -780,7 +782,9 @@ fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
             let v: Value = serde_json::from_str(&text).unwrap();
             assert_eq!(v["adapter_version"].as_str(), *version);
             let want = fx.probs(t, *version, fields);
-            assert_close(&probs_of(&v["results"][0], &task(t).label_words()), &want, &format!("{t} {version:?}"));
+            let got = probs_of(&v["results"][0], &task(t).label_words());
+            // Merged weights (W + BA summed once) round differently from the separate delta.
+            assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < tol), "{t} {version:?}: {got:?} vs {want:?}");
         }
     }
     // The batched server really mixed them: fewer batches than requests.
@@ -873,76 +877,79 @@ fn real_smollm2_serves_an_adapter_and_zero_shot() {
     let cache = shared::assets::cache_dir();
     let path =
         shared::assets::resolve_model("smollm2", &cache).expect("SmolLM2 is cached (scripts/test.sh fetches it)");
-    let loaded = models::load_model(&path, WeightMode::Quantized, DType::F32, &Device::Cpu).unwrap();
     let sha = weights_sha256(&path).unwrap();
     let dir = TempDir::new("serve-real");
     let registry = Registry::new(dir.0.join("adapters"));
-    publish(&registry, &loaded, "mr", "r1", 1, &sha);
-    registry.promote("mr", "r1").unwrap();
-    let started = Instant::now();
-    let server = Server::start(&[
-        "--model".into(),
-        "smollm2".into(),
-        "--adapters".into(),
-        registry.root().display().to_string(),
-        "--zero-shot-fallback".into(),
-    ]);
-    eprintln!("SmolLM2: cold start to ready in {} ms", started.elapsed().as_millis());
-    let sentences = ["A gorgeous, moving film with wonderful performances.", "Dull, tedious and badly acted."];
-    let (status, v) = server.post("/v1/classify", &json!({"task": "mr", "inputs": sentences}));
-    assert_eq!(status, 200, "{v}");
     let t = task("mr");
-    let answers: Vec<Vec<u32>> = t.answer_texts().iter().map(|a| loaded.encode(a, false).unwrap()).collect();
-    let adapter = LoraAdapter::load_peft_dir(
-        &registry.version_dir("mr", "r1").unwrap(),
-        loaded.model.config(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    // The evaluator's computation: the prefix once, both bodies in one batch (shortest first,
-    // as the engine orders rows). The batch shape matters with quantized weights: forwards of
-    // at most 4 rows take candle's quantized kernel (q8 activations), longer ones the GEMM.
-    let mut prefix_text = None;
-    let mut bodies = Vec::new();
-    for s in sentences {
-        let fields = BTreeMap::from([("sentence".to_string(), s.to_string())]);
-        let parts = t.prompt(loaded.chat.as_ref(), &[], &fields).unwrap();
-        prefix_text = Some(parts.prefix.clone());
-        bodies.push(loaded.encode(&parts.body, false).unwrap());
-    }
-    let mut order: Vec<usize> = (0..bodies.len()).collect();
-    order.sort_by_key(|&i| bodies[i].len());
-    let sorted: Vec<Vec<u32>> = order.iter().map(|&i| bodies[i].clone()).collect();
-    let mut prefix = models::KvCache::new(loaded.model.config().num_layers);
-    let prefix_ids = loaded.encode(&prefix_text.unwrap(), true).unwrap();
-    loaded
-        .model
-        .forward(
-            &models::TokenBatch::single(&prefix_ids).unwrap(),
-            Some(&mut prefix),
-            Some(&adapter),
-            models::Mode::Inference,
-            models::LogitsAt::None,
+    let sentences = ["A gorgeous, moving film with wonderful performances.", "Dull, tedious and badly acted."];
+    for (mode, flag) in [(WeightMode::Dense, "dense"), (WeightMode::Quantized, "quantized")] {
+        let loaded = models::load_model(&path, mode, DType::F32, &Device::Cpu).unwrap();
+        if registry.current("mr").unwrap().is_none() {
+            publish(&registry, &loaded, "mr", "r1", 1, &sha);
+            registry.promote("mr", "r1").unwrap();
+        }
+        let started = Instant::now();
+        let server = Server::start(&[
+            "--model".into(),
+            "smollm2".into(),
+            "--weights".into(),
+            flag.into(),
+            "--adapters".into(),
+            registry.root().display().to_string(),
+            "--zero-shot-fallback".into(),
+        ]);
+        eprintln!("SmolLM2 {flag}: cold start to ready in {} ms", started.elapsed().as_millis());
+        let (status, v) = server.post("/v1/classify", &json!({"task": "mr", "inputs": sentences}));
+        assert_eq!(status, 200, "{v}");
+        let answers: Vec<Vec<u32>> = t.answer_texts().iter().map(|a| loaded.encode(a, false).unwrap()).collect();
+        let adapter = LoraAdapter::load_peft_dir(
+            &registry.version_dir("mr", "r1").unwrap(),
+            loaded.model.config(),
+            DType::F32,
+            &Device::Cpu,
         )
         .unwrap();
-    let logps =
-        score_candidates(&loaded.model, Some(&adapter), Some(&prefix), &sorted, &answers, loaded.special.pad_id())
-            .unwrap();
-    for (k, &i) in order.iter().enumerate() {
-        let want = normalize(&logps[k]);
-        let got = probs_of(&v["results"][i], &t.label_words());
-        for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() < 1e-4, "{}: {got:?} vs {want:?}", sentences[i]);
+        // The evaluator's computation: the prefix once, both bodies in one batch (shortest
+        // first, as the engine orders rows). The batch shape matters with quantized weights:
+        // forwards of at most 4 rows take candle's quantized kernel, longer ones the GEMM.
+        let mut prefix_text = None;
+        let mut bodies = Vec::new();
+        for s in sentences {
+            let fields = BTreeMap::from([("sentence".to_string(), s.to_string())]);
+            let parts = t.prompt(loaded.chat.as_ref(), &[], &fields).unwrap();
+            prefix_text = Some(parts.prefix.clone());
+            bodies.push(loaded.encode(&parts.body, false).unwrap());
         }
+        let mut order: Vec<usize> = (0..bodies.len()).collect();
+        order.sort_by_key(|&i| bodies[i].len());
+        let sorted: Vec<Vec<u32>> = order.iter().map(|&i| bodies[i].clone()).collect();
+        let mut prefix = models::KvCache::new(loaded.model.config().num_layers);
+        let prefix_ids = loaded.encode(&prefix_text.unwrap(), true).unwrap();
+        loaded
+            .model
+            .forward(
+                &models::TokenBatch::single(&prefix_ids).unwrap(),
+                Some(&mut prefix),
+                Some(&adapter),
+                models::Mode::Inference,
+                models::LogitsAt::None,
+            )
+            .unwrap();
+        let logps =
+            score_candidates(&loaded.model, Some(&adapter), Some(&prefix), &sorted, &answers, loaded.special.pad_id())
+                .unwrap();
+        for (k, &i) in order.iter().enumerate() {
+            let want = normalize(&logps[k]);
+            let got = probs_of(&v["results"][i], &t.label_words());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "{flag} {}: {got:?} vs {want:?}", sentences[i]);
+            }
+        }
+        // Zero-shot through the base model: SmolLM2 gets the obvious cases right.
+        let (status, v) = server.post("/v1/classify", &json!({"task": "sst2", "inputs": sentences}));
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["adapter_version"], Value::Null);
+        let labels = (v["results"][0]["label"].as_str(), v["results"][1]["label"].as_str());
+        assert_eq!(labels, (Some("Positive"), Some("Negative")), "{flag}: {v}");
     }
-    // Zero-shot through the base model: SmolLM2 gets the obvious cases right.
-    let (status, v) = server.post("/v1/classify", &json!({"task": "sst2", "inputs": sentences}));
-    assert_eq!(status, 200, "{v}");
-    assert_eq!(v["adapter_version"], Value::Null);
-    assert_eq!(
-        (v["results"][0]["label"].as_str(), v["results"][1]["label"].as_str()),
-        (Some("Positive"), Some("Negative")),
-        "{v}"
-    );
 }
