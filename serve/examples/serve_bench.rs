@@ -1,8 +1,8 @@
 //! Load generator for `verdict-serve`: latency percentiles and throughput at several client
 //! counts, with batching and the prefix cache on and off, plus cold start, resident memory and
-//! adapter-swap visibility. It starts its own servers (one per configuration, all loaded at
-//! once and measured in interleaved rounds, so background load on a shared machine hits every
-//! configuration alike) on loopback, over a temporary adapter registry.
+//! adapter-swap visibility. It starts its own servers on loopback (one per configuration, all
+//! loaded at once and measured one after another at each client count, so the comparisons are
+//! taken minutes apart under the same background load), over a temporary adapter registry.
 //!
 //! ```text
 //! cargo build --release -p serve --bins --examples

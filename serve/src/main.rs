@@ -37,7 +37,7 @@ struct Cli {
     adapters: PathBuf,
     /// `dense` (f32; the fast path for serving) or `quantized` (GGUF blocks kept in memory:
     /// less memory, but every forward of more than 4 rows dequantizes each matrix again, about
-    /// 4x slower per request on Qwen2.5-0.5B, see docs/benchmarks.md).
+    /// 2x slower per request on Qwen2.5-0.5B, see docs/benchmarks.md).
     #[arg(long, env = "VERDICT_WEIGHTS", default_value = "dense")]
     weights: WeightMode,
     #[arg(long, env = "VERDICT_CACHE_DIR")]
