@@ -240,11 +240,15 @@ async fn main() -> Result<()> {
                 if !watch_every.is_zero() {
                     // Polling watch: a CURRENT changed by `promote` elsewhere is picked up here.
                     let spawned = std::thread::Builder::new().name("verdict-watch".into()).spawn(move || {
+                        // A problem that persists (an unreadable CURRENT) is logged once, not per poll.
+                        let mut last: Vec<String> = Vec::new();
                         while !watch_flag.load(Ordering::Relaxed) {
                             std::thread::sleep(watch_every);
-                            for event in adapters.sync() {
+                            let events = adapters.sync();
+                            for event in events.iter().filter(|e| !last.contains(e)) {
                                 eprintln!("verdict-serve: adapters: {event}");
                             }
+                            last = events;
                         }
                     });
                     if let Err(e) = spawned {
