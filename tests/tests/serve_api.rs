@@ -760,7 +760,7 @@ fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
         (json!({"task": "mr-score", "inputs": "great"}), "mr-score", None, vec![("sentence", "great")]),
     ];
     let batched = fx.start(&["--zero-shot-fallback", "--max-batch-wait-ms", "300"]);
-    let single = fx.start(&["--zero-shot-fallback", "--no-batching", "--no-prefix-cache"]);
+    let single = fx.start(&["--zero-shot-fallback", "--no-batching", "--no-prefix-cache", "--default-task", "rte"]);
     // Merged mode: each version folded into its own copy of the base.
     let merged = fx.start(&["--zero-shot-fallback", "--merged", "--max-batch-wait-ms", "300"]);
     // Warm them (v2 is loaded on first use).
@@ -787,6 +787,26 @@ fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
             assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < tol), "{t} {version:?}: {got:?} vs {want:?}");
         }
     }
+    // TEI pairs on a two-field default task: one pair, and a batch of pairs.
+    let rte_words = task("rte").label_words();
+    let pair_probs = |v: &Value| -> Vec<f64> {
+        rte_words
+            .iter()
+            .map(|w| v.as_array().unwrap().iter().find(|p| p["label"] == *w).unwrap()["score"].as_f64().unwrap())
+            .collect()
+    };
+    let (status, v) = single.post("/predict", &json!({"inputs": ["rain", "wet"]}));
+    assert_eq!(status, 200, "{v}");
+    let want = fx.probs("rte", Some("v1"), &[("sentence1", "rain"), ("sentence2", "wet")]);
+    assert_close(&pair_probs(&v), &want, "one pair");
+    let (status, v) = single.post("/predict", &json!({"inputs": [["rain", "wet"], ["good", "bad"]]}));
+    assert_eq!(status, 200, "{v}");
+    assert_close(&pair_probs(&v[0]), &want, "batch of pairs");
+    let want = fx.probs("rte", Some("v1"), &[("sentence1", "good"), ("sentence2", "bad")]);
+    assert_close(&pair_probs(&v[1]), &want, "batch of pairs");
+    // Two tasks have adapters and no default is set: /predict says so.
+    let (status, v) = batched.post("/predict", &json!({"inputs": "good"}));
+    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("no_default_task")), "{v}");
     // The batched server really mixed them: fewer batches than requests.
     let count = |text: &str, name: &str| -> u64 {
         text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
@@ -795,7 +815,7 @@ fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
     let batches = count(&text, "verdict_batches_total ");
     assert!(batches <= 1 + 3, "6 concurrent requests (after 1 warm-up) ran in {batches} batches:\n{text}");
     let (_, text) = single.get("/metrics");
-    assert_eq!(count(&text, "verdict_batches_total "), 7, "one batch per request without batching");
+    assert_eq!(count(&text, "verdict_batches_total "), 9, "one batch per request without batching");
     assert_eq!(count(&text, "verdict_prefix_cache_hits_total "), 0);
 }
 
