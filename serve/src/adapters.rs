@@ -156,10 +156,23 @@ impl AdapterTable {
         self.read_slots().iter().filter(|(_, s)| s.current.is_some()).map(|(t, _)| t.clone()).collect()
     }
 
-    /// A specific version: the loaded one, else loaded from the registry now.
+    /// A specific version: the loaded one, else loaded from the registry now. A version
+    /// refused before is refused again without rereading it (requests cannot make the server
+    /// reload a bad adapter over and over; an admin `load` retries).
     pub fn get(&self, task: &str, version: &str) -> Result<Arc<AdapterVersion>, AdapterError> {
-        if let Some(v) = self.read_slots().get(task).and_then(|s| s.loaded.get(version).cloned()) {
-            return Ok(v);
+        {
+            let slots = self.read_slots();
+            let slot = slots.get(task);
+            if let Some(v) = slot.and_then(|s| s.loaded.get(version).cloned()) {
+                return Ok(v);
+            }
+            if let Some((_, reason)) = slot.and_then(|s| s.refused.as_ref()).filter(|(v, _)| v == version) {
+                return Err(AdapterError::Refused {
+                    task: task.to_string(),
+                    version: version.to_string(),
+                    reason: reason.clone(),
+                });
+            }
         }
         let _w = self.lock_writer();
         self.load_locked(task, version)
