@@ -179,6 +179,48 @@ impl KvCache {
         Ok(Self { layers, mask: rows.iter().map(|&r| self.mask[r].clone()).collect() })
     }
 
+    /// The rows of several caches in one (e.g. the prefixes of different tasks in one batch).
+    /// Shorter caches are padded on the left with masked positions, so every row attends to
+    /// exactly its own tokens and keeps its rotary positions.
+    pub fn stack(parts: &[KvCache]) -> Result<Self, Error> {
+        let Some(first) = parts.first() else {
+            return Err(Error::Invalid("no caches to stack".into()));
+        };
+        if parts.iter().any(|p| p.batch_size() == 0 || p.layers.len() != first.layers.len()) {
+            return Err(Error::Invalid("stacked caches must be non-empty and of one model".into()));
+        }
+        let len = parts.iter().map(KvCache::seq_len).max().unwrap_or(0);
+        let pad = |t: &Tensor, by: usize| -> Result<Tensor, Error> {
+            if by == 0 {
+                return Ok(t.clone());
+            }
+            let mut dims = t.dims().to_vec();
+            dims[2] = by;
+            Ok(Tensor::cat(&[&Tensor::zeros(dims, t.dtype(), t.device())?, t], 2)?)
+        };
+        let mut layers = Vec::with_capacity(first.layers.len());
+        for l in 0..first.layers.len() {
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
+            for p in parts {
+                let Some((k, v)) = p.layers[l].as_ref() else {
+                    return Err(Error::Invalid(format!("layer {l} is missing from a stacked cache")));
+                };
+                let by = len - p.seq_len();
+                ks.push(pad(k, by)?);
+                vs.push(pad(v, by)?);
+            }
+            layers.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+        }
+        let mut mask = Vec::new();
+        for p in parts {
+            for m in &p.mask {
+                mask.push(std::iter::repeat_n(false, len - m.len()).chain(m.iter().copied()).collect());
+            }
+        }
+        Ok(Self { layers, mask })
+    }
+
     /// A one-row cache repeated for `rows` rows (a shared prefix for a whole batch).
     pub fn expand_batch(&self, rows: usize) -> Result<Self, Error> {
         if self.batch_size() != 1 {

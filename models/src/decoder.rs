@@ -64,10 +64,40 @@ impl RmsNorm {
     }
 }
 
+/// Which LoRA adapter each row of a batch goes through.
+#[derive(Debug, Clone, Copy)]
+pub enum Adapters<'a> {
+    /// Every row uses the same adapter (or none): what [`Decoder::forward`] takes.
+    Same(Option<&'a LoraAdapter>),
+    /// Row `i` uses `rows[i]`, unmerged: one base forward, then each run of rows that share an
+    /// adapter gets that adapter's delta. Keep rows of one adapter together: each run costs two
+    /// small matmuls per projection.
+    PerRow(&'a [Option<&'a LoraAdapter>]),
+}
+
+impl<'a> Adapters<'a> {
+    /// The adapter of row `i`.
+    pub fn row(&self, i: usize) -> Option<&'a LoraAdapter> {
+        match self {
+            Adapters::Same(a) => *a,
+            Adapters::PerRow(rows) => rows.get(i).copied().flatten(),
+        }
+    }
+}
+
+/// Whether two rows use the very same adapter (by identity, not by value).
+fn same_adapter(a: Option<&LoraAdapter>, b: Option<&LoraAdapter>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(x), Some(y)) => std::ptr::eq(x, y),
+        _ => false,
+    }
+}
+
 /// Per-forward state every layer reads.
 struct LayerCtx<'a> {
     mode: Mode,
-    adapter: Option<&'a LoraAdapter>,
+    adapters: Adapters<'a>,
     /// Additive attention mask `[batch, 1, 1, seq, keys]`.
     mask: Tensor,
     /// `[batch, seq, head_dim/2]`
@@ -82,8 +112,52 @@ impl LayerCtx<'_> {
             Mode::Inference => linear.forward_inference(x)?,
             Mode::Train { .. } => linear.forward_train(x)?,
         };
-        let Some(adapter) = self.adapter else { return Ok(base) };
-        let Some(pair) = adapter.pair(layer, proj) else { return Ok(base) };
+        match self.adapters {
+            Adapters::Same(None) => Ok(base),
+            Adapters::Same(Some(adapter)) => match self.lora_delta(adapter, layer, proj, x)? {
+                Some(delta) => Ok((base + delta)?),
+                None => Ok(base),
+            },
+            Adapters::PerRow(rows) => {
+                // One delta block per run of rows sharing an adapter; zeros where none applies.
+                let mut parts = Vec::new();
+                let mut any = false;
+                let mut start = 0;
+                while start < rows.len() {
+                    let mut end = start + 1;
+                    while end < rows.len() && same_adapter(rows[end], rows[start]) {
+                        end += 1;
+                    }
+                    let delta = match rows[start] {
+                        Some(adapter) => self.lora_delta(adapter, layer, proj, &x.narrow(0, start, end - start)?)?,
+                        None => None,
+                    };
+                    parts.push(match delta {
+                        Some(d) => {
+                            any = true;
+                            d
+                        }
+                        None => base.narrow(0, start, end - start)?.zeros_like()?,
+                    });
+                    start = end;
+                }
+                if !any {
+                    return Ok(base);
+                }
+                Ok((base + Tensor::cat(&parts, 0)?)?)
+            }
+        }
+    }
+
+    /// `scaling · (x Aᵀ) Bᵀ` of one adapter at one projection, `None` where it has no pair.
+    fn lora_delta(
+        &self,
+        adapter: &LoraAdapter,
+        layer: usize,
+        proj: Projection,
+        x: &Tensor,
+    ) -> Result<Option<Tensor>, Error> {
+        let Some(pair) = adapter.pair(layer, proj) else { return Ok(None) };
         let cfg = adapter.config();
         let x = match self.mode {
             Mode::Train { dropout_seed: Some(seed) } if cfg.dropout > 0.0 => {
@@ -92,8 +166,7 @@ impl LayerCtx<'_> {
             }
             _ => x.clone(),
         };
-        let delta = (matmul_wt(&matmul_wt(&x, &pair.a)?, &pair.b)? * cfg.scaling())?;
-        Ok((base + delta)?)
+        Ok(Some((matmul_wt(&matmul_wt(&x, &pair.a)?, &pair.b)? * cfg.scaling())?))
     }
 
     fn rope(&self, x: &Tensor) -> Result<Tensor, Error> {
@@ -357,12 +430,31 @@ impl Decoder {
     pub fn forward(
         &self,
         batch: &TokenBatch,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         adapter: Option<&LoraAdapter>,
         mode: Mode,
         logits_at: LogitsAt,
     ) -> Result<DecoderOutput, Error> {
+        self.forward_rows(batch, cache, Adapters::Same(adapter), mode, logits_at)
+    }
+
+    /// [`Decoder::forward`] with an adapter chosen per row ([`Adapters::PerRow`]): one batch
+    /// serves several adapters over the shared base weights. Each row computes what it would
+    /// compute alone with its adapter.
+    pub fn forward_rows(
+        &self,
+        batch: &TokenBatch,
+        mut cache: Option<&mut KvCache>,
+        adapters: Adapters,
+        mode: Mode,
+        logits_at: LogitsAt,
+    ) -> Result<DecoderOutput, Error> {
         let (b, t) = (batch.batch_size(), batch.seq_len());
+        if let Adapters::PerRow(rows) = adapters {
+            if rows.len() != b {
+                return Err(Error::Invalid(format!("{} per-row adapters for a batch of {b} rows", rows.len())));
+            }
+        }
         let (past_mask, past_lens) = match cache.as_deref() {
             Some(c) if c.batch_size() > 0 => {
                 if c.batch_size() != b {
@@ -383,7 +475,7 @@ impl Decoder {
         }
         let (cos, sin) = self.rope.cos_sin(&positions, self.dtype, &self.device)?;
         let mask = attention_mask(&past_mask, batch.mask(), self.dtype, &self.device)?;
-        let ctx = LayerCtx { mode, adapter, mask, cos, sin };
+        let ctx = LayerCtx { mode, adapters, mask, cos, sin };
 
         let mut x = self.embed_tokens.embedding(&batch.ids_tensor(&self.device)?.flatten_all()?)?.reshape((
             b,

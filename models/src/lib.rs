@@ -22,7 +22,7 @@ pub mod weights;
 
 pub use batch::{KvCache, Padding, TokenBatch};
 pub use config::{Arch, DecoderConfig};
-pub use decoder::{Decoder, DecoderOutput, LogitsAt, Mode};
+pub use decoder::{Adapters, Decoder, DecoderOutput, LogitsAt, Mode};
 pub use head::ScalarHead;
 pub use load::{load_model, LoadedModel, SpecialTokens};
 pub use lora::{LoraAdapter, LoraConfig, Projection};

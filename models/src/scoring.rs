@@ -1,77 +1,18 @@
 //! Constrained label scoring: the exact log-probability of every candidate answer's full token
 //! sequence after each prompt.
 //!
-//! One prefill per prompt (batched, optionally continuing from a shared prefix cache), then a
-//! walk down the trie of the candidates' token sequences: every trie node is fed once per
-//! prompt, so candidates that share leading tokens ("Option one" / "Option two") share that
-//! work, and single-token candidates cost nothing beyond the prefill.
+//! Two forwards per batch, whatever the answers' lengths: one prefill of the prompts (optionally
+//! continuing from a prefix cache), whose last logits give every candidate's first token; then
+//! one teacher-forced forward of all candidates at once (each prompt's cache repeated once per
+//! candidate of more than one token), whose logits give the rest. A forward of a few tokens
+//! costs about as much as one of one token (per-op overhead dominates), so this beats walking
+//! the candidates token by token.
 
 use crate::batch::{KvCache, Padding, TokenBatch};
-use crate::decoder::{Decoder, LogitsAt, Mode};
+use crate::decoder::{Adapters, Decoder, LogitsAt, Mode};
 use crate::lora::LoraAdapter;
 use crate::Error;
 use candle_core::{Tensor, D};
-
-/// Trie of candidate token sequences.
-struct Trie {
-    /// `(parent node, token)`; node 0 is the root (the end of the prompt).
-    nodes: Vec<(usize, u32)>,
-    /// For each candidate, the nodes along its path (its `k`th token's node is `path[k]`).
-    paths: Vec<Vec<usize>>,
-}
-
-impl Trie {
-    fn new(candidates: &[Vec<u32>]) -> Result<Self, Error> {
-        let mut nodes = vec![(usize::MAX, u32::MAX)];
-        let mut paths = Vec::with_capacity(candidates.len());
-        for c in candidates {
-            if c.is_empty() {
-                return Err(Error::Invalid("a candidate answer has no tokens".into()));
-            }
-            let mut at = 0;
-            let mut path = Vec::with_capacity(c.len());
-            for &tok in c {
-                at = match nodes.iter().position(|&(p, t)| p == at && t == tok) {
-                    Some(n) => n,
-                    None => {
-                        nodes.push((at, tok));
-                        nodes.len() - 1
-                    }
-                };
-                path.push(at);
-            }
-            paths.push(path);
-        }
-        Ok(Self { nodes, paths })
-    }
-
-    fn depth(&self, mut node: usize) -> usize {
-        let mut d = 0;
-        while node != 0 {
-            node = self.nodes[node].0;
-            d += 1;
-        }
-        d
-    }
-
-    /// Nodes whose next-token distribution some candidate needs: every node on a path except
-    /// the last one of each path. Grouped by depth.
-    fn inner_nodes_by_depth(&self) -> Vec<Vec<usize>> {
-        let mut by_depth: Vec<Vec<usize>> = Vec::new();
-        for path in &self.paths {
-            for &n in &path[..path.len() - 1] {
-                let d = self.depth(n);
-                if by_depth.len() < d {
-                    by_depth.resize(d, Vec::new());
-                }
-                if !by_depth[d - 1].contains(&n) {
-                    by_depth[d - 1].push(n);
-                }
-            }
-        }
-        by_depth
-    }
-}
 
 /// Log-probabilities `[prompt][candidate]` of each candidate continuing each prompt.
 ///
@@ -85,55 +26,111 @@ pub fn score_candidates(
     candidates: &[Vec<u32>],
     pad_id: u32,
 ) -> Result<Vec<Vec<f64>>, Error> {
-    let trie = Trie::new(candidates)?;
-    let b = prompts.len();
-    let mut cache = match prefix {
-        Some(p) => p.expand_batch(b)?,
+    let cache = match prefix {
+        Some(p) => p.expand_batch(prompts.len())?,
         None => KvCache::new(model.config().num_layers),
     };
-    let batch = TokenBatch::new(prompts, pad_id, Padding::Right)?;
-    let logits =
-        model.forward(&batch, Some(&mut cache), adapter, Mode::Inference, LogitsAt::Last)?.logits.expect("logits");
-    // Next-token log-probs at each node, per prompt: node -> [b, vocab].
-    let mut node_logp: Vec<Option<Vec<Vec<f32>>>> = vec![None; trie.nodes.len()];
-    node_logp[0] = Some(log_softmax_rows(&logits)?);
-    // Each node's cache row block: row `i * n + j` is prompt `i` at the `j`th node of a level.
-    let mut level_cache = cache;
-    let mut level_nodes = vec![0usize];
-    for nodes in trie.inner_nodes_by_depth() {
-        let n = nodes.len();
-        let mut rows = Vec::with_capacity(b * n);
-        let mut tokens = Vec::with_capacity(b * n);
-        for i in 0..b {
-            for &node in &nodes {
-                let parent = trie.nodes[node].0;
-                let j = level_nodes.iter().position(|&x| x == parent).expect("parent is on the previous level");
-                rows.push(i * level_nodes.len() + j);
-                tokens.push(vec![trie.nodes[node].1]);
-            }
-        }
-        let mut next = level_cache.select_rows(&rows)?;
-        let step = TokenBatch::from_rows(tokens)?;
-        let logits =
-            model.forward(&step, Some(&mut next), adapter, Mode::Inference, LogitsAt::Last)?.logits.expect("logits");
-        let logp = log_softmax_rows(&logits)?;
-        for (j, &node) in nodes.iter().enumerate() {
-            node_logp[node] = Some((0..b).map(|i| logp[i * n + j].clone()).collect());
-        }
-        level_cache = next;
-        level_nodes = nodes;
+    let per_row: Vec<&[Vec<u32>]> = vec![candidates; prompts.len()];
+    score_rows(model, Adapters::Same(adapter), cache, prompts, &per_row, pad_id)
+}
+
+/// The general form of [`score_candidates`], for a batch that mixes tasks and adapters: row
+/// `i` continues `cache` row `i` (an empty cache: no prefix; rows of different lengths:
+/// [`KvCache::stack`]) with `prompts[i]` through adapter `adapters.row(i)`, and its candidates
+/// are `candidates[i]`. Row `i`'s answer is the one it gets scored alone.
+pub fn score_rows(
+    model: &Decoder,
+    adapters: Adapters,
+    mut cache: KvCache,
+    prompts: &[Vec<u32>],
+    candidates: &[&[Vec<u32>]],
+    pad_id: u32,
+) -> Result<Vec<Vec<f64>>, Error> {
+    let b = prompts.len();
+    if candidates.len() != b || (cache.batch_size() != 0 && cache.batch_size() != b) {
+        return Err(Error::Invalid(format!(
+            "{b} prompts, {} candidate sets, a cache of {} rows",
+            candidates.len(),
+            cache.batch_size()
+        )));
     }
-    let mut out = vec![vec![0f64; candidates.len()]; b];
-    for (c, (cand, path)) in candidates.iter().zip(&trie.paths).enumerate() {
-        for (k, &tok) in cand.iter().enumerate() {
-            let from = if k == 0 { 0 } else { path[k - 1] };
-            let lp = node_logp[from].as_ref().expect("every needed node was computed");
-            for (i, row) in out.iter_mut().enumerate() {
-                row[c] += f64::from(lp[i][tok as usize]);
+    if candidates.iter().flat_map(|c| c.iter()).any(Vec::is_empty) {
+        return Err(Error::Invalid("a candidate answer has no tokens".into()));
+    }
+    let batch = TokenBatch::new(prompts, pad_id, Padding::Right)?;
+    let logits = model
+        .forward_rows(&batch, Some(&mut cache), adapters, Mode::Inference, LogitsAt::Last)?
+        .logits
+        .ok_or_else(|| Error::Invalid("no logits".into()))?;
+    // First tokens, from the prefill's last position.
+    let (mut rows, mut toks) = (Vec::new(), Vec::new());
+    for (i, cands) in candidates.iter().enumerate() {
+        for c in cands.iter() {
+            rows.push(i);
+            toks.push(c[0]);
+        }
+    }
+    let first = pick_log_probs(&logits, &rows, &toks)?;
+    let mut out: Vec<Vec<f64>> = candidates.iter().map(|c| vec![0f64; c.len()]).collect();
+    let mut k = 0;
+    for (i, cands) in candidates.iter().enumerate() {
+        for slot in out[i].iter_mut().take(cands.len()) {
+            *slot = first[k];
+            k += 1;
+        }
+    }
+    // The rest: every longer candidate fed (but its last token) after its prompt, one forward.
+    let mut owners = Vec::new();
+    let mut feeds = Vec::new();
+    for (i, cands) in candidates.iter().enumerate() {
+        for (c, cand) in cands.iter().enumerate() {
+            if cand.len() > 1 {
+                owners.push((i, c));
+                feeds.push(cand[..cand.len() - 1].to_vec());
             }
+        }
+    }
+    if feeds.is_empty() {
+        return Ok(out);
+    }
+    let mut rest_cache = cache.select_rows(&owners.iter().map(|&(i, _)| i).collect::<Vec<_>>())?;
+    let row_adapters: Vec<Option<&LoraAdapter>> = owners.iter().map(|&(i, _)| adapters.row(i)).collect();
+    let rest_adapters = match adapters {
+        Adapters::Same(a) => Adapters::Same(a),
+        Adapters::PerRow(_) => Adapters::PerRow(&row_adapters),
+    };
+    let (mut positions, mut logit_rows, mut next_toks) = (Vec::new(), Vec::new(), Vec::new());
+    for (r, (&(i, c), feed)) in owners.iter().zip(&feeds).enumerate() {
+        for j in 0..feed.len() {
+            positions.push((r, j));
+            logit_rows.push(positions.len() - 1);
+            next_toks.push(candidates[i][c][j + 1]);
+        }
+    }
+    let step = TokenBatch::new(&feeds, pad_id, Padding::Right)?;
+    let logits = model
+        .forward_rows(&step, Some(&mut rest_cache), rest_adapters, Mode::Inference, LogitsAt::Positions(positions))?
+        .logits
+        .ok_or_else(|| Error::Invalid("no logits".into()))?;
+    let rest = pick_log_probs(&logits, &logit_rows, &next_toks)?;
+    let mut k = 0;
+    for (&(i, c), feed) in owners.iter().zip(&feeds) {
+        for _ in 0..feed.len() {
+            out[i][c] += rest[k];
+            k += 1;
         }
     }
     Ok(out)
+}
+
+/// `log_softmax(logits[rows[n]])[tokens[n]]` for each `n`, without copying whole vocabularies.
+fn pick_log_probs(logits: &Tensor, rows: &[usize], tokens: &[u32]) -> Result<Vec<f64>, Error> {
+    let device = logits.device();
+    let lp = candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?;
+    let rows = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), device)?;
+    let toks = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), device)?;
+    let picked = lp.index_select(&rows, 0)?.gather(&toks, D::Minus1)?.squeeze(1)?;
+    Ok(picked.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
 }
 
 /// Normalises each row's candidate log-probabilities into a probability distribution.
@@ -144,25 +141,9 @@ pub fn normalize(logps: &[f64]) -> Vec<f64> {
     exp.iter().map(|e| e / sum).collect()
 }
 
-fn log_softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, Error> {
-    let lp = candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?;
-    Ok(lp.to_vec2()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn trie_shares_prefixes() {
-        let t = Trie::new(&[vec![5, 6, 7], vec![5, 6, 8], vec![9]]).unwrap();
-        // root, 5, 6, 7, 8, 9
-        assert_eq!(t.nodes.len(), 6);
-        assert_eq!(t.paths[0][..2], t.paths[1][..2]);
-        // Needed inner nodes: "5" (depth 1) and "5 6" (depth 2), once each.
-        let inner = t.inner_nodes_by_depth();
-        assert_eq!(inner.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1]);
-    }
 
     #[test]
     fn normalize_gives_probabilities() {

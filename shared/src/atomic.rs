@@ -34,6 +34,25 @@ pub fn write_dir<E: From<io::Error>>(dir: &Path, write: impl FnOnce(&Path) -> Re
     Ok(())
 }
 
+/// Writes `bytes` to `path` through a temporary sibling and a rename: readers see the old
+/// content or the new one, never a partial file.
+pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a file name", path.display())))?
+        .to_string_lossy()
+        .into_owned();
+    // Unique per call, so concurrent writers in one process never share a temporary file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = parent.join(format!(".{name}.partial-{}-{n}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,4 +8,5 @@ pub mod chat;
 pub mod data;
 pub mod datasets;
 pub mod metrics;
+pub mod registry;
 pub mod task;

@@ -140,6 +140,21 @@ impl Task {
         }
     }
 
+    /// The prediction from the probability of every label word (class order, as constrained
+    /// scoring gives them): the most likely class, or for a score task the expected value over
+    /// its integers. Evaluator and server both answer through this.
+    pub fn predict(&self, probs: &[f64]) -> Label {
+        match &self.answer {
+            Answer::Score { min, .. } => {
+                let low = min.round();
+                Label::Score(probs.iter().enumerate().map(|(k, p)| (low + k as f64) * p).sum())
+            }
+            Answer::Classes { .. } => {
+                Label::Class(probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(c, _)| c).unwrap_or(0))
+            }
+        }
+    }
+
     /// Whether this is a regression task.
     pub fn is_score(&self) -> bool {
         matches!(self.answer, Answer::Score { .. })
@@ -678,6 +693,19 @@ mod tests {
         assert_eq!(stsb.parse_answer(" 3.5 </Judgement>"), Some(Label::Score(3.5)));
         assert_eq!(stsb.parse_answer(" 9 </Judgement>"), Some(Label::Score(5.0)));
         assert_eq!(stsb.parse_answer(" none </Judgement>"), None);
+    }
+
+    #[test]
+    fn predictions_are_the_argmax_or_the_expected_score() {
+        let reg = TaskRegistry::builtin();
+        let tweets = reg.get("tweets3").unwrap();
+        assert_eq!(tweets.predict(&[0.2, 0.5, 0.3]), Label::Class(1));
+        assert_eq!(tweets.predict(&[0.6, 0.1, 0.3]), Label::Class(0));
+        let score = reg.get("mr-score").unwrap();
+        let Label::Score(v) = score.predict(&[0.0, 0.0, 0.5, 0.0, 0.5, 0.0]) else { panic!("a score") };
+        assert!((v - 3.0).abs() < 1e-12, "{v}");
+        let Label::Score(v) = score.predict(&[0.1, 0.1, 0.1, 0.1, 0.1, 0.5]) else { panic!("a score") };
+        assert!((v - 3.5).abs() < 1e-12, "{v}");
     }
 
     #[test]

@@ -55,6 +55,58 @@ pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> std::io:
     Ok((status, body))
 }
 
+/// A raw HTTP response: status, header block and body bytes.
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request with any body bytes and extra headers (`Name: value` lines).
+pub fn http_raw(port: u16, method: &str, path: &str, body: &[u8], headers: &[&str]) -> std::io::Result<RawResponse> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    // The server may answer (413) before reading a large body; a failed write is not an error.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    // A server that refuses early may reset the connection after its answer: keep what came.
+    if let Err(e) = s.read_to_end(&mut raw) {
+        if raw.is_empty() {
+            return Err(e);
+        }
+    }
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(raw.len());
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let body = raw.get(split + 4..).map(<[u8]>::to_vec).unwrap_or_default();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok(RawResponse { status, head, body })
+}
+
 /// Polls `path` until it answers `want` or `timeout` passes; returns the last answer.
 pub fn wait_for(port: u16, path: &str, want: u16, timeout: Duration) -> Option<(u16, String)> {
     let start = Instant::now();

@@ -13,14 +13,21 @@ pub const POSITIVE: [&str; 3] = ["good", "great", "fine"];
 pub const NEGATIVE: [&str; 3] = ["bad", "awful", "poor"];
 pub const FILLER: [&str; 10] = ["the", "movie", "was", "a", "film", "plot", "acting", "story", "really", "quite"];
 
-/// A tiny random Llama with a word-level tokenizer, written as a Hugging Face directory.
+/// The tiny model for the synthetic sentiment task (its vocabulary is that task's words).
 pub fn tiny_model_dir(dir: &Path) {
-    let mut words: Vec<String> =
-        ["[UNK]", "<|endoftext|>", "Positive", "Negative", "<", ">", "</", "Judgement", "\"", ":", "Sentence"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    words.extend(POSITIVE.iter().chain(&NEGATIVE).chain(&FILLER).map(|s| s.to_string()));
+    let words: Vec<&str> = ["Positive", "Negative", "<", ">", "</", "Judgement", "\"", ":", "Sentence"]
+        .into_iter()
+        .chain(POSITIVE.iter().chain(&NEGATIVE).chain(&FILLER).copied())
+        .collect();
+    model_dir_with_words(dir, &words);
+}
+
+/// A tiny random Qwen2-shaped model (seed 7) whose word-level tokenizer knows `[UNK]`,
+/// `<|endoftext|>` (id 1: end of text and padding) and `words`, written as a Hugging Face
+/// directory. Qwen2 shape: an untied, 1/sqrt(h)-scaled LM head keeps the starting logits small
+/// (a tied head over ±1 embeddings starts saturated and learns slowly).
+pub fn model_dir_with_words(dir: &Path, words: &[&str]) {
+    let words: Vec<String> = ["[UNK]", "<|endoftext|>"].iter().chain(words).map(|s| s.to_string()).collect();
     let vocab: serde_json::Map<String, serde_json::Value> =
         words.iter().enumerate().map(|(i, w)| (w.clone(), serde_json::json!(i))).collect();
     let tok_json = serde_json::json!({
@@ -30,8 +37,6 @@ pub fn tiny_model_dir(dir: &Path) {
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
     });
     let tokenizer: tokenizers::Tokenizer = tok_json.to_string().parse().unwrap();
-    // Qwen2 shape: an untied, 1/sqrt(h)-scaled LM head keeps the starting logits small (a tied
-    // head over ±1 embeddings starts saturated and learns slowly).
     let cfg = tiny_config(Arch::Qwen2, words.len());
     let model = random_decoder(&cfg, 7, WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
     let loaded = LoadedModel {

@@ -301,20 +301,7 @@ pub fn eval_task(
                     score_candidates(model, adapter, Some(&prefix), &batch_bodies, &answers, loaded.special.pad_id())?;
                 for (&i, lp) in chunk.iter().zip(logps) {
                     let probs = normalize(&lp);
-                    let predicted = if task.is_score() {
-                        let words = task.label_words();
-                        Label::Score(
-                            words
-                                .iter()
-                                .zip(&probs)
-                                .map(|(w, p)| w.parse::<f64>().expect("score words are integers") * p)
-                                .sum(),
-                        )
-                    } else {
-                        Label::Class(
-                            probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(c, _)| c).expect("labels"),
-                        )
-                    };
+                    let predicted = task.predict(&probs);
                     results[i] = Some(ExampleResult {
                         id: items[i].raw.id.clone(),
                         gold: items[i].label,

@@ -1,0 +1,380 @@
+//! The adapters in memory: every loaded version of every task, and the version each task
+//! serves. Requests take an `Arc` of a version when they start, so a swap never changes the
+//! adapter under a request in flight; the old version is freed when its last request ends.
+//!
+//! Every version is checked before it can serve, with the evaluator's own check
+//! ([`Manifest::check`]): its manifest must name the loaded base weights and the task's
+//! current template, and its tensors must load and be finite. A refused version leaves the
+//! serving one in place.
+
+use crate::metrics::Metrics;
+use candle_core::{DType, Device};
+use models::{Decoder, LoadedModel, LoraAdapter};
+use serde::Serialize;
+use shared::adapter::{Manifest, MANIFEST_FILE};
+use shared::registry::{Registry, RegistryError};
+use shared::task::TaskRegistry;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+use utoipa::ToSchema;
+
+/// One loaded adapter version.
+pub struct AdapterVersion {
+    pub version: String,
+    /// Unique for each load (also of the same version): keys the prefix cache.
+    pub id: u64,
+    pub adapter: LoraAdapter,
+    pub manifest: Manifest,
+    /// Merged mode: the base model with this adapter folded into its weights.
+    pub merged: Option<Decoder>,
+    /// Seconds since the Unix epoch.
+    pub loaded_at: u64,
+}
+
+/// Why an adapter operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("unknown task {0:?}")]
+    UnknownTask(String),
+    #[error("refusing adapter {task}/{version}: {reason}")]
+    Refused { task: String, version: String, reason: String },
+    #[error("adapter {task}/{version} serves the task now: promote another version or roll back first")]
+    IsCurrent { task: String, version: String },
+    #[error("adapter {task}/{version} is not loaded")]
+    NotLoaded { task: String, version: String },
+}
+
+#[derive(Default)]
+struct TaskSlot {
+    current: Option<Arc<AdapterVersion>>,
+    loaded: BTreeMap<String, Arc<AdapterVersion>>,
+    /// The last version refused, and why (not retried by the watcher until CURRENT changes).
+    refused: Option<(String, String)>,
+}
+
+/// What `GET /v1/adapters` shows of one loaded version.
+#[derive(Serialize, ToSchema)]
+pub struct VersionInfo {
+    pub version: String,
+    pub current: bool,
+    pub method: String,
+    pub steps: u64,
+    pub base_model: String,
+    pub template_version: u32,
+    /// Seconds since the Unix epoch.
+    pub loaded_at: u64,
+    #[schema(value_type = Object)]
+    pub dev_metrics: Option<serde_json::Value>,
+}
+
+/// What `GET /v1/adapters` shows of one task.
+#[derive(Serialize, ToSchema)]
+pub struct TaskAdapters {
+    pub task: String,
+    /// The version answering requests that name no version.
+    pub current: Option<String>,
+    /// Versions in memory.
+    pub loaded: Vec<VersionInfo>,
+    /// Complete versions in the registry directory.
+    pub on_disk: Vec<String>,
+    /// The last version refused and why.
+    pub refused: Option<RefusedInfo>,
+}
+
+/// A refused adapter version.
+#[derive(Serialize, ToSchema)]
+pub struct RefusedInfo {
+    pub version: String,
+    pub reason: String,
+}
+
+/// Every task's adapters, and the registry they come from.
+pub struct AdapterTable {
+    registry: Registry,
+    tasks: Arc<TaskRegistry>,
+    model: Arc<LoadedModel>,
+    base_sha256: String,
+    merged: bool,
+    slots: RwLock<BTreeMap<String, TaskSlot>>,
+    /// Serialises changes (admin calls, the registry watcher): they never interleave.
+    writer: Mutex<()>,
+    next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl AdapterTable {
+    /// An empty table over `registry`, for adapters of the model whose weights hash to
+    /// `base_sha256`. `merged`: also fold each version into a copy of the base.
+    pub fn new(
+        registry: Registry,
+        tasks: Arc<TaskRegistry>,
+        model: Arc<LoadedModel>,
+        base_sha256: String,
+        merged: bool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            registry,
+            tasks,
+            model,
+            base_sha256,
+            merged,
+            slots: RwLock::new(BTreeMap::new()),
+            writer: Mutex::new(()),
+            next_id: AtomicU64::new(1),
+            metrics,
+        }
+    }
+
+    fn read_slots(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, TaskSlot>> {
+        self.slots.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_slots(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, TaskSlot>> {
+        self.slots.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The version serving `task` now, if any.
+    pub fn current(&self, task: &str) -> Option<Arc<AdapterVersion>> {
+        self.read_slots().get(task).and_then(|s| s.current.clone())
+    }
+
+    /// Tasks that have a serving version.
+    pub fn tasks_with_current(&self) -> Vec<String> {
+        self.read_slots().iter().filter(|(_, s)| s.current.is_some()).map(|(t, _)| t.clone()).collect()
+    }
+
+    /// A specific version: the loaded one, else loaded from the registry now. A version
+    /// refused before is refused again without rereading it (requests cannot make the server
+    /// reload a bad adapter over and over; an admin `load` retries).
+    pub fn get(&self, task: &str, version: &str) -> Result<Arc<AdapterVersion>, AdapterError> {
+        {
+            let slots = self.read_slots();
+            let slot = slots.get(task);
+            if let Some(v) = slot.and_then(|s| s.loaded.get(version).cloned()) {
+                return Ok(v);
+            }
+            if let Some((_, reason)) = slot.and_then(|s| s.refused.as_ref()).filter(|(v, _)| v == version) {
+                return Err(AdapterError::Refused {
+                    task: task.to_string(),
+                    version: version.to_string(),
+                    reason: reason.clone(),
+                });
+            }
+        }
+        let _w = self.lock_writer();
+        self.load_locked(task, version)
+    }
+
+    /// Loads (and checks) a version without making it current.
+    pub fn load(&self, task: &str, version: &str) -> Result<Arc<AdapterVersion>, AdapterError> {
+        let _w = self.lock_writer();
+        self.load_locked(task, version)
+    }
+
+    /// Loads a version if needed, then makes it the task's serving version, in memory and in
+    /// the registry's CURRENT.
+    pub fn promote(&self, task: &str, version: &str) -> Result<Arc<AdapterVersion>, AdapterError> {
+        let _w = self.lock_writer();
+        let v = self.load_locked(task, version)?;
+        self.registry.promote(task, version)?;
+        self.set_current(task, v.clone());
+        Ok(v)
+    }
+
+    /// Goes back to the version promoted before the current one (checked before the switch).
+    pub fn rollback(&self, task: &str) -> Result<Arc<AdapterVersion>, AdapterError> {
+        let _w = self.lock_writer();
+        let (prev, _) = self.registry.previous(task)?;
+        let v = self.load_locked(task, &prev)?;
+        self.registry.rollback(task)?;
+        self.set_current(task, v.clone());
+        Ok(v)
+    }
+
+    /// Frees a loaded version that is not serving; requests still using it finish on it.
+    pub fn unload(&self, task: &str, version: &str) -> Result<(), AdapterError> {
+        let _w = self.lock_writer();
+        self.registry.version_dir(task, version)?;
+        let mut slots = self.write_slots();
+        let slot = slots
+            .get_mut(task)
+            .ok_or_else(|| AdapterError::NotLoaded { task: task.to_string(), version: version.to_string() })?;
+        if slot.current.as_ref().is_some_and(|c| c.version == version) {
+            return Err(AdapterError::IsCurrent { task: task.to_string(), version: version.to_string() });
+        }
+        slot.loaded
+            .remove(version)
+            .map(|_| ())
+            .ok_or_else(|| AdapterError::NotLoaded { task: task.to_string(), version: version.to_string() })
+    }
+
+    /// Brings memory in line with the registry: a task whose CURRENT names another version
+    /// than the one serving gets that version, if it passes the checks. Returns what changed
+    /// or was refused, for the log.
+    pub fn sync(&self) -> Vec<String> {
+        let _w = self.lock_writer();
+        let mut events = Vec::new();
+        let tasks = match self.registry.tasks() {
+            Ok(t) => t,
+            Err(e) => return vec![format!("cannot read the registry: {e}")],
+        };
+        for task in tasks {
+            if self.tasks.get(&task).is_err() {
+                continue;
+            }
+            let wanted = match self.registry.current(&task) {
+                Ok(Some(v)) => v,
+                Ok(None) => continue,
+                Err(e) => {
+                    events.push(format!("{task}: {e}"));
+                    continue;
+                }
+            };
+            let (serving, refused) = {
+                let slots = self.read_slots();
+                let slot = slots.get(&task);
+                (
+                    slot.and_then(|s| s.current.as_ref().map(|c| c.version.clone())),
+                    slot.and_then(|s| s.refused.as_ref().map(|r| r.0.clone())),
+                )
+            };
+            if serving.as_deref() == Some(wanted.as_str()) || refused.as_deref() == Some(wanted.as_str()) {
+                continue;
+            }
+            match self.load_locked(&task, &wanted) {
+                Ok(v) => {
+                    self.set_current(&task, v);
+                    events.push(format!("{task}: now serving {wanted} (was {})", serving.as_deref().unwrap_or("none")));
+                }
+                Err(e) => events.push(format!("{task}: {e}; still serving {}", serving.as_deref().unwrap_or("none"))),
+            }
+        }
+        events
+    }
+
+    fn set_current(&self, task: &str, v: Arc<AdapterVersion>) {
+        let mut slots = self.write_slots();
+        let slot = slots.entry(task.to_string()).or_default();
+        if slot.current.as_ref().is_none_or(|c| c.id != v.id) {
+            self.metrics.swap(task);
+        }
+        slot.refused = None;
+        slot.current = Some(v);
+    }
+
+    /// Loads and checks a version (the caller holds the writer lock).
+    fn load_locked(&self, task: &str, version: &str) -> Result<Arc<AdapterVersion>, AdapterError> {
+        let dir = self.registry.version_dir(task, version)?;
+        let spec = self.tasks.get(task).map_err(|_| AdapterError::UnknownTask(task.to_string()))?;
+        if let Some(v) = self.read_slots().get(task).and_then(|s| s.loaded.get(version).cloned()) {
+            return Ok(v);
+        }
+        if !dir.is_dir() {
+            return Err(RegistryError::NoSuchVersion { task: task.to_string(), version: version.to_string() }.into());
+        }
+        let checked = (|| -> Result<AdapterVersion, String> {
+            if !dir.join(MANIFEST_FILE).is_file() {
+                return Err(format!(
+                    "no {MANIFEST_FILE}: the server only loads adapters tied to their base and template"
+                ));
+            }
+            let manifest = Manifest::read(&dir)?;
+            manifest.check(&self.base_sha256, spec)?;
+            let adapter = LoraAdapter::load_peft_dir(&dir, self.model.model.config(), DType::F32, &Device::Cpu)
+                .map_err(|e| format!("cannot load the adapter: {e}"))?;
+            for (name, t) in adapter.named_tensors() {
+                let finite = t
+                    .abs()
+                    .and_then(|a| a.sum_all())
+                    .and_then(|s| s.to_dtype(DType::F32))
+                    .and_then(|s| s.to_scalar::<f32>())
+                    .map(f32::is_finite)
+                    .unwrap_or(false);
+                if !finite {
+                    return Err(format!("tensor {name} is not finite"));
+                }
+            }
+            let merged = if self.merged {
+                Some(self.model.model.merged(&adapter).map_err(|e| format!("cannot merge the adapter: {e}"))?)
+            } else {
+                None
+            };
+            Ok(AdapterVersion {
+                version: version.to_string(),
+                id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                adapter,
+                manifest,
+                merged,
+                loaded_at: now_secs(),
+            })
+        })();
+        match checked {
+            Ok(v) => {
+                let v = Arc::new(v);
+                self.write_slots().entry(task.to_string()).or_default().loaded.insert(version.to_string(), v.clone());
+                Ok(v)
+            }
+            Err(reason) => {
+                self.metrics.refusal(task);
+                self.write_slots().entry(task.to_string()).or_default().refused =
+                    Some((version.to_string(), reason.clone()));
+                Err(AdapterError::Refused { task: task.to_string(), version: version.to_string(), reason })
+            }
+        }
+    }
+
+    /// Every task with adapters in memory or on disk.
+    pub fn snapshot(&self) -> Vec<TaskAdapters> {
+        let mut names: Vec<String> = self.registry.tasks().unwrap_or_default();
+        let slots = self.read_slots();
+        names.extend(slots.keys().cloned());
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|task| {
+                let slot = slots.get(&task);
+                let current = slot.and_then(|s| s.current.as_ref().map(|c| c.version.clone()));
+                let loaded = slot
+                    .map(|s| {
+                        s.loaded
+                            .values()
+                            .map(|v| VersionInfo {
+                                version: v.version.clone(),
+                                current: current.as_deref() == Some(v.version.as_str()),
+                                method: v.manifest.method.clone(),
+                                steps: v.manifest.steps,
+                                base_model: v.manifest.base_model.clone(),
+                                template_version: v.manifest.template_version,
+                                loaded_at: v.loaded_at,
+                                dev_metrics: v.manifest.dev_metrics.clone(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                TaskAdapters {
+                    on_disk: self.registry.versions(&task).unwrap_or_default(),
+                    refused: slot
+                        .and_then(|s| s.refused.as_ref())
+                        .map(|(version, reason)| RefusedInfo { version: version.clone(), reason: reason.clone() }),
+                    task,
+                    current,
+                    loaded,
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,367 @@
+//! The HTTP API's types (with their OpenAPI schemas), its one error type with stable codes,
+//! and input validation: from a request's JSON to the prompt tokens of each input.
+
+use crate::engine::TaskEntry;
+use actix_web::http::StatusCode;
+use actix_web::HttpResponse;
+use models::LoadedModel;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shared::task::Label;
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
+
+/// Every error the API returns: an HTTP status, a stable machine-readable code and a message
+/// for people. Rendered as `{"error": {"code": ..., "message": ...}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Seconds, sent as `Retry-After` (queue full, not ready).
+    pub retry_after: Option<u64>,
+}
+
+/// The JSON body of every error.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// An error's code and message.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable: clients may match on it (see docs/serving.md).
+    pub code: String,
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), retry_after: None }
+    }
+
+    /// 400 with `code`.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 422 with `code`: well-formed JSON whose content cannot be served.
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    /// 500 `internal`.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    /// Adds a `Retry-After`.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// The HTTP response.
+    pub fn response(&self) -> HttpResponse {
+        let mut r = HttpResponse::build(self.status);
+        if let Some(s) = self.retry_after {
+            r.insert_header(("Retry-After", s.to_string()));
+        }
+        r.json(ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message.clone() } })
+    }
+}
+
+/// `POST /v1/classify`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyRequest {
+    /// Task name from the registry (`GET /v1/tasks`).
+    #[schema(example = "mr")]
+    pub task: String,
+    /// An adapter version to answer with instead of the task's current one.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// One input or a list. An input is an object with the task's fields, or a plain string
+    /// for a task with one field.
+    #[schema(value_type = InputsDoc)]
+    pub inputs: Value,
+    /// Cut inputs longer than the token limit instead of refusing them (default: the
+    /// server's `--truncate`).
+    #[serde(default)]
+    pub truncate: Option<bool>,
+}
+
+/// One input or a list of inputs (documentation type).
+#[allow(dead_code)]
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum InputsDoc {
+    One(InputDoc),
+    Many(Vec<InputDoc>),
+}
+
+/// One input: the task's fields, or a string for a one-field task (documentation type).
+#[allow(dead_code)]
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum InputDoc {
+    Text(String),
+    Fields(BTreeMap<String, String>),
+}
+
+/// The answer for one input.
+#[derive(Serialize, ToSchema)]
+pub struct Classification {
+    /// The most likely label word (score tasks: the expected score, rounded).
+    pub label: String,
+    /// Probability of every label word (they sum to one).
+    pub probabilities: BTreeMap<String, f64>,
+    /// Score tasks: the expected score over the label integers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+    /// The adapter version that answered (`null`: zero-shot, the base model alone).
+    pub adapter_version: Option<String>,
+    /// The input was cut to the token limit.
+    pub truncated: bool,
+}
+
+/// `POST /v1/classify` answer.
+#[derive(Serialize, ToSchema)]
+pub struct ClassifyResponse {
+    pub task: String,
+    /// The adapter version that answered every input of this request (`null`: zero-shot).
+    pub adapter_version: Option<String>,
+    /// One per input, in order.
+    pub results: Vec<Classification>,
+}
+
+/// `POST /predict` (Text Embeddings Inference's predict API).
+#[derive(Deserialize, ToSchema)]
+pub struct PredictRequest {
+    /// `"text"`, `["a", "b"]` (a batch for a one-field task, a pair for a two-field task) or
+    /// `[["a", "b"], ...]` (a batch of pairs).
+    #[schema(value_type = Object)]
+    pub inputs: Value,
+    /// Unnormalised log-probabilities of each label's answer instead of probabilities.
+    #[serde(default)]
+    pub raw_scores: bool,
+    /// Cut long inputs instead of refusing them.
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    /// Accepted for compatibility; only `Right` (keep the start) is supported.
+    #[serde(default)]
+    pub truncation_direction: Option<String>,
+}
+
+/// One label's score, TEI's shape.
+#[derive(Serialize, ToSchema)]
+pub struct Prediction {
+    pub label: String,
+    pub score: f64,
+}
+
+/// `GET /v1/tasks` entry.
+#[derive(Serialize, ToSchema)]
+pub struct TaskInfo {
+    pub name: String,
+    pub description: String,
+    /// Input fields, in order.
+    pub fields: Vec<String>,
+    /// Label words, in class order.
+    pub labels: Vec<String>,
+    /// A score task answers a number.
+    pub score_task: bool,
+    pub template_version: u32,
+    pub template_hash: String,
+    /// The serving adapter version, if any.
+    pub adapter_version: Option<String>,
+    /// Whether `/v1/classify` answers it now (an adapter, or zero-shot allowed).
+    pub serving: bool,
+}
+
+/// Limits on what one request may ask.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_inputs: usize,
+    pub max_input_tokens: usize,
+    pub truncate: bool,
+    pub request_timeout: std::time::Duration,
+}
+
+/// One input's prompt body, ready for the engine.
+pub struct PreparedInput {
+    pub body: Vec<u32>,
+    pub truncated: bool,
+}
+
+/// A request's inputs as field maps, checked against the task's fields.
+pub fn parse_inputs(
+    entry: &TaskEntry,
+    inputs: Value,
+    limits: &Limits,
+) -> Result<Vec<BTreeMap<String, String>>, ApiError> {
+    let items = match inputs {
+        Value::Array(items) => items,
+        one => vec![one],
+    };
+    if items.is_empty() {
+        return Err(ApiError::unprocessable("no_inputs", "`inputs` is empty"));
+    }
+    if items.len() > limits.max_inputs {
+        return Err(ApiError::unprocessable(
+            "too_many_inputs",
+            format!("{} inputs, at most {} per request (--max-inputs)", items.len(), limits.max_inputs),
+        ));
+    }
+    items.into_iter().enumerate().map(|(i, v)| input_fields(entry, v, i)).collect()
+}
+
+fn input_fields(entry: &TaskEntry, v: Value, i: usize) -> Result<BTreeMap<String, String>, ApiError> {
+    let fields = &entry.task.fields;
+    match v {
+        Value::String(s) if fields.len() == 1 => Ok(BTreeMap::from([(fields[0].clone(), s)])),
+        Value::String(_) => Err(ApiError::unprocessable(
+            "invalid_input",
+            format!("input {i}: task {} takes the fields {fields:?}: give an object", entry.task.name),
+        )),
+        Value::Object(map) => {
+            let mut out = BTreeMap::new();
+            for (k, v) in map {
+                if !fields.contains(&k) {
+                    return Err(ApiError::unprocessable(
+                        "unknown_field",
+                        format!("input {i}: task {} has no field {k:?} (fields: {fields:?})", entry.task.name),
+                    ));
+                }
+                match v {
+                    Value::String(s) => out.insert(k, s),
+                    other => {
+                        return Err(ApiError::unprocessable(
+                            "invalid_input",
+                            format!("input {i}: field {k:?} must be a string, not {}", kind(&other)),
+                        ))
+                    }
+                };
+            }
+            if let Some(missing) = fields.iter().find(|f| !out.contains_key(*f)) {
+                return Err(ApiError::unprocessable(
+                    "missing_field",
+                    format!("input {i}: task {} needs field {missing:?}", entry.task.name),
+                ));
+            }
+            Ok(out)
+        }
+        other => Err(ApiError::unprocessable(
+            "invalid_input",
+            format!("input {i}: expected an object of fields or a string, not {}", kind(&other)),
+        )),
+    }
+}
+
+/// A JSON value's type, for messages.
+pub fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Tokenizes each input's prompt body. Inputs over `max_input_tokens` (all fields together)
+/// are cut, longest field first, when `truncate`; else refused. Runs off the async runtime.
+pub fn prepare(
+    loaded: &LoadedModel,
+    entry: &TaskEntry,
+    inputs: Vec<BTreeMap<String, String>>,
+    limits: &Limits,
+    truncate: bool,
+) -> Result<Vec<PreparedInput>, ApiError> {
+    let tok_err = |e: models::Error| ApiError::unprocessable("invalid_input", format!("cannot tokenize: {e}"));
+    let context = loaded.model.config().max_position_embeddings;
+    let mut out = Vec::with_capacity(inputs.len());
+    for (i, mut fields) in inputs.into_iter().enumerate() {
+        if fields.values().any(|v| v.trim().is_empty()) {
+            return Err(ApiError::unprocessable("empty_input", format!("input {i}: a field is empty")));
+        }
+        let ids: Vec<(String, Vec<u32>)> = fields
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), loaded.encode(v, false)?)))
+            .collect::<Result<_, models::Error>>()
+            .map_err(tok_err)?;
+        let total: usize = ids.iter().map(|(_, t)| t.len()).sum();
+        let mut truncated = false;
+        if total > limits.max_input_tokens {
+            if !truncate {
+                return Err(ApiError::unprocessable(
+                    "input_too_long",
+                    format!(
+                        "input {i}: {total} tokens, at most {} (--max-input-tokens; or ask for truncation)",
+                        limits.max_input_tokens
+                    ),
+                ));
+            }
+            let mut lens: Vec<usize> = ids.iter().map(|(_, t)| t.len()).collect();
+            let mut excess = total - limits.max_input_tokens;
+            // Cut the longest field down towards the next longest, until the input fits.
+            while excess > 0 {
+                let Some((j, &longest)) = lens.iter().enumerate().max_by_key(|(_, l)| **l) else { break };
+                let second = lens.iter().enumerate().filter(|(k, _)| *k != j).map(|(_, l)| *l).max().unwrap_or(0);
+                let cut = excess.min((longest - second).max(1)).min(longest);
+                if cut == 0 {
+                    break;
+                }
+                lens[j] -= cut;
+                excess -= cut;
+            }
+            for ((k, t), keep) in ids.iter().zip(lens) {
+                if keep < t.len() {
+                    let text = loaded.decode(&t[..keep]).map_err(tok_err)?;
+                    fields.insert(k.clone(), text);
+                }
+            }
+            truncated = true;
+        }
+        let parts = entry
+            .task
+            .prompt(loaded.chat.as_ref(), &[], &fields)
+            .map_err(|e| ApiError::unprocessable("invalid_input", format!("input {i}: {e}")))?;
+        if parts.prefix != entry.prefix_text {
+            return Err(ApiError::unprocessable(
+                "invalid_input",
+                format!("input {i}: the input changes the prompt's prefix"),
+            ));
+        }
+        let body = loaded.encode(&parts.body, false).map_err(tok_err)?;
+        if entry.prefix_ids.len() + body.len() + entry.max_answer_len() > context {
+            return Err(ApiError::unprocessable(
+                "input_too_long",
+                format!("input {i}: the prompt exceeds the model's context of {context} tokens"),
+            ));
+        }
+        out.push(PreparedInput { body, truncated });
+    }
+    Ok(out)
+}
+
+/// Label, probabilities and score of one input from its candidate log-probabilities.
+pub fn classification(entry: &TaskEntry, logps: &[f64], version: Option<&str>, truncated: bool) -> Classification {
+    let probs = models::scoring::normalize(logps);
+    let task = &entry.task;
+    let predicted = task.predict(&probs);
+    Classification {
+        label: task.label_word(predicted),
+        probabilities: task.label_words().into_iter().zip(probs.iter().copied()).collect(),
+        score: match predicted {
+            Label::Score(v) => Some(v),
+            Label::Class(_) => None,
+        },
+        adapter_version: version.map(str::to_string),
+        truncated,
+    }
+}

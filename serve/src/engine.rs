@@ -1,0 +1,207 @@
+//! The engine: scores rows on the base model, each through its own adapter version, on the
+//! scheduler's worker thread (never on the async runtime).
+//!
+//! A batch may mix tasks and adapter versions. Rows are ordered by (task, version), so each
+//! version's rows form one run for the per-row LoRA ([`Adapters::PerRow`]) and one block of
+//! the stacked prefix cache. Each (task, version) prefix (system text and instruction start)
+//! is computed once and kept while that version lives; the bodies of all rows then run as
+//! one batch on top of their stacked prefixes ([`KvCache::stack`]).
+
+use crate::adapters::AdapterVersion;
+use crate::metrics::Metrics;
+use models::scoring::score_rows;
+use models::{Adapters, Decoder, KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, TokenBatch};
+use shared::task::Task;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Weak};
+
+/// A task as the engine needs it: the prompt's constant prefix and every label's answer,
+/// tokenized once.
+pub struct TaskEntry {
+    pub task: Task,
+    pub prefix_text: String,
+    pub prefix_ids: Vec<u32>,
+    /// Answer token ids per label, in class order.
+    pub answers: Vec<Vec<u32>>,
+}
+
+impl TaskEntry {
+    /// Renders and tokenizes the task's constant parts for `loaded`'s tokenizer and chat.
+    pub fn new(task: &Task, loaded: &LoadedModel) -> Result<Self, String> {
+        let probe: BTreeMap<String, String> = task.fields.iter().map(|f| (f.clone(), "x".to_string())).collect();
+        let parts = task.prompt(loaded.chat.as_ref(), &[], &probe).map_err(|e| e.to_string())?;
+        let prefix_ids = loaded.encode(&parts.prefix, true).map_err(|e| e.to_string())?;
+        let answers = task
+            .answer_texts()
+            .iter()
+            .map(|a| loaded.encode(a, false))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        if answers.iter().any(Vec::is_empty) {
+            return Err(format!("task {}: an answer tokenizes to nothing", task.name));
+        }
+        Ok(Self { task: task.clone(), prefix_text: parts.prefix, prefix_ids, answers })
+    }
+
+    /// Tokens of the longest answer.
+    pub fn max_answer_len(&self) -> usize {
+        self.answers.iter().map(Vec::len).max().unwrap_or(0)
+    }
+}
+
+/// One input to score.
+pub struct Row {
+    pub task: Arc<TaskEntry>,
+    /// `None`: zero-shot (the base model alone).
+    pub version: Option<Arc<AdapterVersion>>,
+    /// The prompt's body tokens (what follows the task's prefix).
+    pub body: Vec<u32>,
+}
+
+impl Row {
+    fn key(&self) -> (&str, u64) {
+        (self.task.task.name.as_str(), self.version.as_ref().map(|v| v.id).unwrap_or(0))
+    }
+
+    /// Tokens this row costs (its prefix too when the prefix is not cached).
+    pub fn tokens(&self, prefix_cached: bool) -> usize {
+        self.body.len() + if prefix_cached { 0 } else { self.task.prefix_ids.len() }
+    }
+}
+
+/// How the engine computes.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Reuse each (task, version) prefix's keys and values.
+    pub prefix_cache: bool,
+    /// Run each version on its merged copy of the base (one forward per version in a batch).
+    pub merged: bool,
+}
+
+/// A cached prefix and the version it belongs to (`None`: zero-shot, lives forever).
+struct CachedPrefix {
+    owner: Option<Weak<AdapterVersion>>,
+    cache: KvCache,
+}
+
+/// Most prefixes kept; beyond, the cache starts over (prefixes are cheap to recompute).
+const MAX_PREFIXES: usize = 256;
+
+/// The base model plus the prefix cache.
+pub struct Engine {
+    model: Arc<LoadedModel>,
+    opts: EngineOptions,
+    prefixes: HashMap<(String, u64), CachedPrefix>,
+    metrics: Arc<Metrics>,
+}
+
+impl Engine {
+    /// An engine over `model`.
+    pub fn new(model: Arc<LoadedModel>, opts: EngineOptions, metrics: Arc<Metrics>) -> Self {
+        Self { model, opts, prefixes: HashMap::new(), metrics }
+    }
+
+    /// Whether prefixes are cached.
+    pub fn prefix_cache(&self) -> bool {
+        self.opts.prefix_cache
+    }
+
+    /// Candidate log-probabilities `[row][label]` of every row.
+    pub fn score(&mut self, rows: &[&Row]) -> Result<Vec<Vec<f64>>, models::Error> {
+        // Forget prefixes of versions nobody holds any more.
+        self.prefixes.retain(|_, p| p.owner.as_ref().is_none_or(|w| w.strong_count() > 0));
+        if self.prefixes.len() > MAX_PREFIXES {
+            self.prefixes.clear();
+        }
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by(|&a, &b| rows[a].key().cmp(&rows[b].key()).then(rows[a].body.len().cmp(&rows[b].body.len())));
+        let mut out: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+        let model = self.model.clone();
+        if self.opts.merged {
+            // One forward per version, each on its merged weights.
+            let mut start = 0;
+            while start < order.len() {
+                let id = rows[order[start]].key().1;
+                let end = start + order[start..].iter().take_while(|&&i| rows[i].key().1 == id).count();
+                let group = &order[start..end];
+                let decoder = rows[group[0]].version.as_ref().and_then(|v| v.merged.as_ref()).unwrap_or(&model.model);
+                let scores = self.run(decoder, group, rows, false)?;
+                for (&i, s) in group.iter().zip(scores) {
+                    out[i] = s;
+                }
+                start = end;
+            }
+        } else {
+            let scores = self.run(&model.model, &order, rows, true)?;
+            for (&i, s) in order.iter().zip(scores) {
+                out[i] = s;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Scores `rows[group[..]]` (sorted by key) in one batch on `decoder`; `per_row`: through
+    /// each row's adapter, else through none (a merged decoder).
+    fn run(
+        &mut self,
+        decoder: &Decoder,
+        group: &[usize],
+        rows: &[&Row],
+        per_row: bool,
+    ) -> Result<Vec<Vec<f64>>, models::Error> {
+        let adapter_of = |i: usize| -> Option<&LoraAdapter> {
+            if per_row {
+                rows[i].version.as_ref().map(|v| &v.adapter)
+            } else {
+                None
+            }
+        };
+        let row_adapters: Vec<Option<&LoraAdapter>> = group.iter().map(|&i| adapter_of(i)).collect();
+        let candidates: Vec<&[Vec<u32>]> = group.iter().map(|&i| rows[i].task.answers.as_slice()).collect();
+        let pad = self.model.special.pad_id();
+        let (cache, prompts) = if self.opts.prefix_cache {
+            let mut parts = Vec::new();
+            let mut start = 0;
+            while start < group.len() {
+                let key = rows[group[start]].key();
+                let n = group[start..].iter().take_while(|&&i| rows[i].key() == key).count();
+                let prefix = self.prefix(decoder, rows[group[start]], adapter_of(group[start]))?;
+                parts.push(prefix.expand_batch(n)?);
+                start += n;
+            }
+            let cache = if parts.len() == 1 { parts.remove(0) } else { KvCache::stack(&parts)? };
+            (cache, group.iter().map(|&i| rows[i].body.clone()).collect::<Vec<_>>())
+        } else {
+            let prompts = group.iter().map(|&i| [rows[i].task.prefix_ids.as_slice(), &rows[i].body].concat()).collect();
+            (KvCache::new(decoder.config().num_layers), prompts)
+        };
+        let adapters = if per_row { Adapters::PerRow(&row_adapters) } else { Adapters::Same(None) };
+        score_rows(decoder, adapters, cache, &prompts, &candidates, pad)
+    }
+
+    /// The row's (task, version) prefix cache, computed on first use.
+    fn prefix(
+        &mut self,
+        decoder: &Decoder,
+        row: &Row,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<KvCache, models::Error> {
+        let key = (row.task.task.name.clone(), row.key().1);
+        if let Some(p) = self.prefixes.get(&key) {
+            self.metrics.prefix_lookup(true);
+            return Ok(p.cache.clone());
+        }
+        self.metrics.prefix_lookup(false);
+        let mut cache = KvCache::new(decoder.config().num_layers);
+        decoder.forward(
+            &TokenBatch::single(&row.task.prefix_ids)?,
+            Some(&mut cache),
+            adapter,
+            Mode::Inference,
+            LogitsAt::None,
+        )?;
+        self.prefixes
+            .insert(key, CachedPrefix { owner: row.version.as_ref().map(Arc::downgrade), cache: cache.clone() });
+        Ok(cache)
+    }
+}

@@ -1,0 +1,599 @@
+//! The HTTP layer: thin handlers that read and validate a request, hand its rows to the
+//! scheduler and render the answer. Every error is an [`ApiError`].
+
+use crate::adapters::{AdapterError, AdapterTable, AdapterVersion, TaskAdapters};
+use crate::api::{
+    classification, kind, parse_inputs, prepare, ApiError, Classification, ClassifyRequest, ClassifyResponse,
+    ErrorBody, Limits, PredictRequest, Prediction, TaskInfo,
+};
+use crate::engine::{Row, TaskEntry};
+use crate::metrics::Metrics;
+use crate::scheduler::{Job, Scheduler, SubmitError};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use models::LoadedModel;
+use serde::Serialize;
+use serde_json::{json, Value};
+use shared::registry::RegistryError;
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+use tokio::sync::oneshot;
+use utoipa::{OpenApi, ToSchema};
+
+/// What exists once the model and adapters are loaded.
+pub struct Ready {
+    pub model: Arc<LoadedModel>,
+    pub tasks: BTreeMap<String, Arc<TaskEntry>>,
+    pub adapters: Arc<AdapterTable>,
+    pub scheduler: Arc<Scheduler>,
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// Set once loading finishes; `/ready` is 503 until then.
+    pub ready: OnceLock<Ready>,
+    pub model_path: String,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    /// Admin endpoints need `Authorization: Bearer <token>`; `None` disables them.
+    pub admin_token: Option<String>,
+    /// Answer tasks without an adapter with the base model alone.
+    pub zero_shot: bool,
+    /// The task `/predict` answers (default: the only task with an adapter).
+    pub default_task: Option<String>,
+}
+
+type State = web::Data<AppState>;
+
+impl AppState {
+    fn ready(&self) -> Result<&Ready, ApiError> {
+        self.ready.get().ok_or_else(|| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the model is still loading").retry_after(1)
+        })
+    }
+}
+
+/// The OpenAPI document, generated from the handlers and types below.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "verdict-serve", description = "Text classification with per-task LoRA adapters over one base model."),
+    paths(classify, predict, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, metrics),
+    components(schemas(ErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, Prediction, TaskInfo, TaskAdapters, AdapterChange)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+/// Declares the admin endpoints' bearer token scheme.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Registers every route.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    let at = |path: &str, route: actix_web::Route| {
+        web::resource(path.to_string()).route(route).default_service(web::to(method_not_allowed))
+    };
+    cfg.service(at("/v1/classify", web::post().to(classify)))
+        .service(at("/predict", web::post().to(predict)))
+        .service(at("/v1/tasks", web::get().to(tasks)))
+        .service(at("/v1/adapters", web::get().to(adapters)))
+        .service(at("/v1/admin/adapters/{task}/{version}/load", web::post().to(admin_load)))
+        .service(at("/v1/admin/adapters/{task}/{version}/promote", web::post().to(admin_promote)))
+        .service(at("/v1/admin/adapters/{task}/{version}/unload", web::post().to(admin_unload)))
+        .service(at("/v1/admin/adapters/{task}/rollback", web::post().to(admin_rollback)))
+        .service(at("/health", web::get().to(health)))
+        .service(at("/ready", web::get().to(ready)))
+        .service(at("/metrics", web::get().to(metrics)))
+        .service(at("/openapi.json", web::get().to(openapi)));
+}
+
+/// Any path no route matches.
+pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {} {}", req.method(), req.path())).response()
+}
+
+async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.path()),
+    )
+    .response()
+}
+
+/// Reads the body up to `limit` bytes, as UTF-8 JSON.
+async fn read_json(req: &HttpRequest, payload: web::Payload, limit: usize) -> Result<Value, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body exceeds {limit} bytes (--max-body-bytes)"),
+        )
+    };
+    let declared =
+        req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let bytes = match payload.to_bytes_limited(limit).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => return Err(too_large()),
+        Err(e) => return Err(ApiError::bad_request("bad_body", format!("cannot read the body: {e}"))),
+    };
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| ApiError::bad_request("invalid_utf8", format!("the body is not UTF-8: {e}")))?;
+    serde_json::from_str(text)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("the body is not JSON: {e}")))
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ApiError> {
+    if !v.is_object() {
+        return Err(ApiError::bad_request("invalid_request", format!("expected a JSON object, got {}", kind(&v))));
+    }
+    serde_json::from_value(v).map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
+}
+
+fn adapter_error(e: AdapterError) -> ApiError {
+    let msg = e.to_string();
+    match e {
+        AdapterError::Registry(RegistryError::InvalidName { .. }) => ApiError::bad_request("invalid_name", msg),
+        AdapterError::Registry(RegistryError::NoSuchVersion { .. }) => {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_adapter_version", msg)
+        }
+        AdapterError::Registry(RegistryError::NoPrevious { .. }) => {
+            ApiError::new(StatusCode::CONFLICT, "no_previous_version", msg)
+        }
+        AdapterError::Registry(RegistryError::VersionExists { .. }) => {
+            ApiError::new(StatusCode::CONFLICT, "version_exists", msg)
+        }
+        AdapterError::Registry(RegistryError::Io { .. } | RegistryError::Write(_)) => ApiError::internal(msg),
+        AdapterError::UnknownTask(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_task", msg),
+        AdapterError::Refused { .. } => ApiError::unprocessable("adapter_refused", msg),
+        AdapterError::IsCurrent { .. } => ApiError::new(StatusCode::CONFLICT, "adapter_is_current", msg),
+        AdapterError::NotLoaded { .. } => ApiError::new(StatusCode::NOT_FOUND, "adapter_not_loaded", msg),
+    }
+}
+
+/// Runs blocking work (tokenizing, adapter loading) on actix's blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    web::block(f).await.map_err(|e| ApiError::internal(format!("worker failed: {e}")))?
+}
+
+/// One scored input.
+struct Scored {
+    logps: Vec<f64>,
+    truncated: bool,
+}
+
+/// The adapter a request runs with: the named version, else the task's current one, else
+/// zero-shot when allowed.
+async fn resolve_version(
+    state: &AppState,
+    ready: &Ready,
+    task: &str,
+    version: Option<String>,
+) -> Result<Option<Arc<AdapterVersion>>, ApiError> {
+    if let Some(v) = version {
+        let adapters = ready.adapters.clone();
+        let task = task.to_string();
+        return blocking(move || adapters.get(&task, &v).map(Some).map_err(adapter_error)).await;
+    }
+    match ready.adapters.current(task) {
+        Some(v) => Ok(Some(v)),
+        None if state.zero_shot => Ok(None),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_adapter",
+            format!("task {task} has no adapter (the server does not answer zero-shot: --zero-shot-fallback)"),
+        )),
+    }
+}
+
+/// Tokenizes, queues and awaits the inputs of one request.
+async fn score_inputs(
+    state: &AppState,
+    ready: &Ready,
+    entry: &Arc<TaskEntry>,
+    version: Option<Arc<AdapterVersion>>,
+    inputs: Vec<BTreeMap<String, String>>,
+    truncate: bool,
+    started: Instant,
+) -> Result<Vec<Scored>, ApiError> {
+    let (model, e, limits) = (ready.model.clone(), entry.clone(), state.limits);
+    let prepared = blocking(move || prepare(&model, &e, inputs, &limits, truncate)).await?;
+    let truncated: Vec<bool> = prepared.iter().map(|p| p.truncated).collect();
+    let rows =
+        prepared.into_iter().map(|p| Row { task: entry.clone(), version: version.clone(), body: p.body }).collect();
+    let (tx, rx) = oneshot::channel();
+    ready.scheduler.submit(Job { rows, reply: tx }).map_err(|e| match e {
+        SubmitError::QueueFull => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue_full",
+            "the queue is full (--max-queue); retry shortly",
+        )
+        .retry_after(1),
+        SubmitError::Stopped => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down")
+        }
+    })?;
+    let left = state.limits.request_timeout.saturating_sub(started.elapsed());
+    let logps = match tokio::time::timeout(left, rx).await {
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("no answer within {} ms (--request-timeout-ms)", state.limits.request_timeout.as_millis()),
+            ))
+        }
+        Ok(Err(_)) => return Err(ApiError::internal("the engine dropped the request")),
+        Ok(Ok(Err(msg))) => return Err(ApiError::internal(format!("scoring failed: {msg}"))),
+        Ok(Ok(Ok(l))) => l,
+    };
+    state.metrics.inputs(&entry.task.name, logps.len());
+    Ok(logps.into_iter().zip(truncated).map(|(logps, truncated)| Scored { logps, truncated }).collect())
+}
+
+/// Classify inputs of one task: every label's probability, constrained to the label words.
+#[utoipa::path(post, path = "/v1/classify", request_body = ClassifyRequest, responses(
+    (status = 200, body = ClassifyResponse),
+    (status = 400, description = "malformed_json, invalid_utf8, invalid_request, invalid_name", body = ErrorBody),
+    (status = 404, description = "unknown_task, no_adapter, unknown_adapter_version", body = ErrorBody),
+    (status = 413, description = "body_too_large", body = ErrorBody),
+    (status = 422, description = "no_inputs, too_many_inputs, invalid_input, unknown_field, missing_field, empty_input, input_too_long, adapter_refused", body = ErrorBody),
+    (status = 503, description = "queue_full (with Retry-After), not_ready", body = ErrorBody),
+    (status = 504, description = "timeout", body = ErrorBody),
+))]
+async fn classify(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let started = Instant::now();
+    let mut task = String::new();
+    let result = classify_inner(&state, &req, payload, &mut task, started).await;
+    let resp = match result {
+        Ok(r) => HttpResponse::Ok().json(r),
+        Err(e) => e.response(),
+    };
+    state.metrics.request("classify", &task, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+async fn classify_inner(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    task_label: &mut String,
+    started: Instant,
+) -> Result<ClassifyResponse, ApiError> {
+    let ready = state.ready()?;
+    let r: ClassifyRequest = from_value(read_json(req, payload, state.limits.max_body_bytes).await?)?;
+    let entry = ready.tasks.get(&r.task).cloned().ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "unknown_task", format!("unknown task {:?} (GET /v1/tasks)", r.task))
+    })?;
+    *task_label = r.task.clone();
+    let inputs = parse_inputs(&entry, r.inputs, &state.limits)?;
+    let version = resolve_version(state, ready, &r.task, r.version).await?;
+    let name = version.as_ref().map(|v| v.version.clone());
+    let truncate = r.truncate.unwrap_or(state.limits.truncate);
+    let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started).await?;
+    Ok(ClassifyResponse {
+        task: r.task,
+        results: scored.iter().map(|s| classification(&entry, &s.logps, name.as_deref(), s.truncated)).collect(),
+        adapter_version: name,
+    })
+}
+
+/// Text Embeddings Inference's predict API for the default task: TEI clients work unchanged.
+#[utoipa::path(post, path = "/predict", request_body = PredictRequest, responses(
+    (status = 200, description = "`[{label, score}]` sorted by score, or one such list per input of a batch", body = Vec<Prediction>),
+    (status = 400, body = ErrorBody), (status = 404, description = "no_default_task", body = ErrorBody),
+    (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody),
+))]
+async fn predict(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let started = Instant::now();
+    let mut task = String::new();
+    let resp = match predict_inner(&state, &req, payload, &mut task, started).await {
+        Ok(v) => HttpResponse::Ok().json(v),
+        Err(e) => e.response(),
+    };
+    state.metrics.request("predict", &task, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+/// TEI's input shapes mapped to the task's fields; `true` when the request was a batch.
+fn tei_inputs(fields: &[String], inputs: Value) -> Result<(Vec<BTreeMap<String, String>>, bool), ApiError> {
+    let bad = |m: String| ApiError::unprocessable("invalid_input", m);
+    let one = |texts: Vec<String>| -> Result<BTreeMap<String, String>, ApiError> {
+        if texts.len() != fields.len() {
+            return Err(bad(format!(
+                "an input has {} texts, the task has {} fields {fields:?}",
+                texts.len(),
+                fields.len()
+            )));
+        }
+        Ok(fields.iter().cloned().zip(texts).collect())
+    };
+    let strings = |items: &[Value]| -> Option<Vec<String>> {
+        items.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
+    };
+    match inputs {
+        Value::String(s) => Ok((vec![one(vec![s])?], false)),
+        Value::Array(items) if items.is_empty() => Err(ApiError::unprocessable("no_inputs", "`inputs` is empty")),
+        Value::Array(items) => {
+            if let Some(texts) = strings(&items) {
+                // A flat list is one multi-field input when the task has that many fields,
+                // else a batch of single texts.
+                if fields.len() > 1 && texts.len() == fields.len() {
+                    return Ok((vec![one(texts)?], false));
+                }
+                return Ok((texts.into_iter().map(|t| one(vec![t])).collect::<Result<_, _>>()?, true));
+            }
+            let batch = items
+                .iter()
+                .map(|v| match v {
+                    Value::Array(inner) => strings(inner).ok_or_else(|| bad("inner lists must hold strings".into())),
+                    Value::String(s) => Ok(vec![s.clone()]),
+                    other => Err(bad(format!("an input must be a string or a list of strings, not {}", kind(other)))),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((batch.into_iter().map(one).collect::<Result<_, _>>()?, true))
+        }
+        other => Err(bad(format!("`inputs` must be a string or a list, not {}", kind(&other)))),
+    }
+}
+
+async fn predict_inner(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    task_label: &mut String,
+    started: Instant,
+) -> Result<Value, ApiError> {
+    let ready = state.ready()?;
+    let r: PredictRequest = from_value(read_json(req, payload, state.limits.max_body_bytes).await?)?;
+    if r.truncation_direction.as_deref().is_some_and(|d| !d.eq_ignore_ascii_case("right")) {
+        return Err(ApiError::unprocessable("invalid_input", "only truncation_direction \"Right\" is supported"));
+    }
+    let task = match &state.default_task {
+        Some(t) => t.clone(),
+        None => match ready.adapters.tasks_with_current().as_slice() {
+            [one] => one.clone(),
+            many => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "no_default_task",
+                    format!("/predict needs --default-task: {} tasks have adapters", many.len()),
+                ))
+            }
+        },
+    };
+    let entry = ready.tasks.get(&task).cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_task",
+            format!("the default task {task:?} is not in the registry"),
+        )
+    })?;
+    *task_label = task.clone();
+    let (inputs, batched) = tei_inputs(&entry.task.fields, r.inputs)?;
+    if inputs.len() > state.limits.max_inputs {
+        return Err(ApiError::unprocessable(
+            "too_many_inputs",
+            format!("{} inputs, at most {} per request (--max-inputs)", inputs.len(), state.limits.max_inputs),
+        ));
+    }
+    let version = resolve_version(state, ready, &task, None).await?;
+    let truncate = r.truncate.unwrap_or(state.limits.truncate);
+    let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started).await?;
+    let words = entry.task.label_words();
+    let lists: Vec<Vec<Prediction>> = scored
+        .iter()
+        .map(|s| {
+            let scores = if r.raw_scores { s.logps.clone() } else { models::scoring::normalize(&s.logps) };
+            let mut p: Vec<Prediction> =
+                words.iter().zip(scores).map(|(w, score)| Prediction { label: w.clone(), score }).collect();
+            p.sort_by(|a, b| b.score.total_cmp(&a.score));
+            p
+        })
+        .collect();
+    let value = if batched { serde_json::to_value(lists) } else { serde_json::to_value(lists.into_iter().next()) };
+    value.map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// Every task in the registry, with its fields, labels and serving adapter.
+#[utoipa::path(get, path = "/v1/tasks", responses((status = 200, body = Vec<TaskInfo>), (status = 503, body = ErrorBody)))]
+async fn tasks(state: State) -> HttpResponse {
+    let ready = match state.ready() {
+        Ok(r) => r,
+        Err(e) => return e.response(),
+    };
+    let list: Vec<TaskInfo> = ready
+        .tasks
+        .values()
+        .map(|e| {
+            let version = ready.adapters.current(&e.task.name).map(|v| v.version.clone());
+            TaskInfo {
+                name: e.task.name.clone(),
+                description: e.task.description.clone(),
+                fields: e.task.fields.clone(),
+                labels: e.task.label_words(),
+                score_task: e.task.is_score(),
+                template_version: e.task.template_version,
+                template_hash: e.task.template_hash(),
+                serving: version.is_some() || state.zero_shot,
+                adapter_version: version,
+            }
+        })
+        .collect();
+    HttpResponse::Ok().json(list)
+}
+
+/// Every task's adapter versions: serving, loaded, on disk, refused.
+#[utoipa::path(get, path = "/v1/adapters", responses((status = 200, body = Vec<TaskAdapters>), (status = 503, body = ErrorBody)))]
+async fn adapters(state: State) -> HttpResponse {
+    match state.ready() {
+        Ok(r) => {
+            let a = r.adapters.clone();
+            match blocking(move || Ok(a.snapshot())).await {
+                Ok(s) => HttpResponse::Ok().json(s),
+                Err(e) => e.response(),
+            }
+        }
+        Err(e) => e.response(),
+    }
+}
+
+/// The outcome of an admin call.
+#[derive(Serialize, ToSchema)]
+pub struct AdapterChange {
+    pub task: String,
+    pub version: String,
+    /// `loaded`, `promoted`, `unloaded`, `rolled_back`.
+    pub action: String,
+    /// The version serving the task after the call.
+    pub current: Option<String>,
+}
+
+/// Checks `Authorization: Bearer <--admin-token>` (in constant time).
+fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
+    let Some(token) = &state.admin_token else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+            "admin endpoints are off (no --admin-token)",
+        ));
+    };
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    let diff = a.iter().zip(b).fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y));
+    if diff != 0 {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin bearer token is required"));
+    }
+    Ok(())
+}
+
+async fn admin(
+    state: State,
+    req: HttpRequest,
+    action: &'static str,
+    task: String,
+    version: Option<String>,
+) -> HttpResponse {
+    let started = Instant::now();
+    let result = async {
+        authorize(&state, &req)?;
+        let ready = state.ready()?;
+        let adapters = ready.adapters.clone();
+        let t = task.clone();
+        blocking(move || {
+            let v = version.unwrap_or_default();
+            let done = match action {
+                "loaded" => adapters.load(&t, &v).map(|a| a.version.clone()),
+                "promoted" => adapters.promote(&t, &v).map(|a| a.version.clone()),
+                "unloaded" => adapters.unload(&t, &v).map(|()| v.clone()),
+                _ => adapters.rollback(&t).map(|a| a.version.clone()),
+            }
+            .map_err(adapter_error)?;
+            Ok(AdapterChange {
+                current: adapters.current(&t).map(|c| c.version.clone()),
+                task: t,
+                version: done,
+                action: action.to_string(),
+            })
+        })
+        .await
+    }
+    .await;
+    let resp = match result {
+        Ok(c) => {
+            eprintln!("verdict-serve: admin: {} {}/{}", c.action, c.task, c.version);
+            HttpResponse::Ok().json(c)
+        }
+        Err(e) => e.response(),
+    };
+    state.metrics.request("admin", &task, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+/// Loads and checks an adapter version without making it current.
+#[utoipa::path(post, path = "/v1/admin/adapters/{task}/{version}/load", security(("bearer" = [])), responses(
+    (status = 200, body = AdapterChange), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    (status = 404, body = ErrorBody), (status = 422, description = "adapter_refused", body = ErrorBody)))]
+async fn admin_load(state: State, req: HttpRequest, path: web::Path<(String, String)>) -> HttpResponse {
+    let (task, version) = path.into_inner();
+    admin(state, req, "loaded", task, Some(version)).await
+}
+
+/// Makes a version the task's serving one (in memory and in the registry's CURRENT).
+#[utoipa::path(post, path = "/v1/admin/adapters/{task}/{version}/promote", security(("bearer" = [])), responses(
+    (status = 200, body = AdapterChange), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    (status = 404, body = ErrorBody), (status = 422, description = "adapter_refused", body = ErrorBody)))]
+async fn admin_promote(state: State, req: HttpRequest, path: web::Path<(String, String)>) -> HttpResponse {
+    let (task, version) = path.into_inner();
+    admin(state, req, "promoted", task, Some(version)).await
+}
+
+/// Frees a loaded version that is not serving.
+#[utoipa::path(post, path = "/v1/admin/adapters/{task}/{version}/unload", security(("bearer" = [])), responses(
+    (status = 200, body = AdapterChange), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, description = "adapter_is_current", body = ErrorBody)))]
+async fn admin_unload(state: State, req: HttpRequest, path: web::Path<(String, String)>) -> HttpResponse {
+    let (task, version) = path.into_inner();
+    admin(state, req, "unloaded", task, Some(version)).await
+}
+
+/// Goes back to the version promoted before the current one.
+#[utoipa::path(post, path = "/v1/admin/adapters/{task}/rollback", security(("bearer" = [])), responses(
+    (status = 200, body = AdapterChange), (status = 401, body = ErrorBody),
+    (status = 409, description = "no_previous_version", body = ErrorBody)))]
+async fn admin_rollback(state: State, req: HttpRequest, path: web::Path<String>) -> HttpResponse {
+    admin(state, req, "rolled_back", path.into_inner(), None).await
+}
+
+/// Liveness: answers as soon as the server listens.
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// Readiness: 200 once the model and the adapters are loaded, 503 before.
+#[utoipa::path(get, path = "/ready", responses((status = 200), (status = 503, body = ErrorBody)))]
+async fn ready(state: State) -> HttpResponse {
+    match state.ready.get() {
+        Some(r) => HttpResponse::Ok().json(json!({
+            "ready": true,
+            "model": state.model_path,
+            "arch": r.model.model.config().arch.name(),
+            "tasks_with_adapters": r.adapters.tasks_with_current(),
+        })),
+        None => HttpResponse::ServiceUnavailable().json(json!({
+            "ready": false,
+            "error": {"code": "not_ready", "message": "the model is still loading"}
+        })),
+    }
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain")))]
+async fn metrics(state: State) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+}
+
+async fn openapi() -> HttpResponse {
+    match ApiDoc::openapi().to_json() {
+        Ok(s) => HttpResponse::Ok().content_type("application/json").body(s),
+        Err(e) => ApiError::internal(e.to_string()).response(),
+    }
+}

@@ -1,0 +1,188 @@
+//! The scheduler: a bounded queue of jobs (one request's rows each) in front of the engine's
+//! worker thread, which forms batches dynamically: it takes the first waiting job, then keeps
+//! taking jobs (waiting at most `max_wait` for more) while the batch stays within the token
+//! and row budgets. A job is never split, and one larger than the budget runs alone.
+
+use crate::engine::{Engine, Row};
+use crate::metrics::Metrics;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Candidate log-probabilities `[row][label]` of a job, or why it failed.
+pub type JobResult = Result<Vec<Vec<f64>>, String>;
+
+/// One request's rows and where its answer goes.
+pub struct Job {
+    pub rows: Vec<Row>,
+    pub reply: oneshot::Sender<JobResult>,
+}
+
+/// Batching limits.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchOptions {
+    /// Batch jobs together at all (off: one request per forward pass).
+    pub batching: bool,
+    /// Most tokens (prompt bodies, plus prefixes when not cached) in one batch.
+    pub max_batch_tokens: usize,
+    /// Most rows in one batch.
+    pub max_batch_rows: usize,
+    /// Longest wait for more jobs once a batch has one.
+    pub max_wait: Duration,
+    /// Most jobs waiting; more are refused (503).
+    pub max_queue: usize,
+}
+
+/// Why a job was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue holds `max_queue` jobs.
+    QueueFull,
+    /// The engine has stopped.
+    Stopped,
+}
+
+/// The queue and the engine thread behind it.
+pub struct Scheduler {
+    tx: Mutex<Option<Sender<Job>>>,
+    depth: Arc<AtomicUsize>,
+    opts: BatchOptions,
+    metrics: Arc<Metrics>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Scheduler {
+    /// Starts the engine thread.
+    pub fn start(engine: Engine, opts: BatchOptions, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let depth = Arc::new(AtomicUsize::new(0));
+        let worker = Worker { engine, rx, depth: depth.clone(), opts, metrics: metrics.clone() };
+        let thread = std::thread::Builder::new().name("verdict-engine".into()).spawn(move || worker.run())?;
+        Ok(Self { tx: Mutex::new(Some(tx)), depth, opts, metrics, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Queues a job, unless the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        if self.depth.fetch_add(1, Ordering::SeqCst) >= self.opts.max_queue {
+            self.depth.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull);
+        }
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        match tx.as_ref().map(|tx| tx.send(job)) {
+            Some(Ok(())) => {
+                self.metrics.queue_depth.store(self.depth.load(Ordering::SeqCst) as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                Err(SubmitError::Stopped)
+            }
+        }
+    }
+
+    /// Stops taking jobs, lets the engine finish the queued ones, and waits for it.
+    pub fn shutdown(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Worker {
+    engine: Engine,
+    rx: Receiver<Job>,
+    depth: Arc<AtomicUsize>,
+    opts: BatchOptions,
+    metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    fn took_one(&self) {
+        let d = self.depth.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        self.metrics.queue_depth.store(d as u64, Ordering::Relaxed);
+    }
+
+    fn cost(&self, job: &Job) -> usize {
+        let cached = self.engine.prefix_cache();
+        job.rows.iter().map(|r| r.tokens(cached)).sum()
+    }
+
+    fn run(mut self) {
+        let mut carry: Option<Job> = None;
+        loop {
+            let first = match carry.take() {
+                Some(j) => j,
+                None => match self.rx.recv() {
+                    Ok(j) => {
+                        self.took_one();
+                        j
+                    }
+                    Err(_) => return, // every sender is gone: shut down
+                },
+            };
+            let (mut rows, mut tokens) = (first.rows.len(), self.cost(&first));
+            let mut jobs = vec![first];
+            if self.opts.batching {
+                let deadline = Instant::now() + self.opts.max_wait;
+                while rows < self.opts.max_batch_rows && tokens < self.opts.max_batch_tokens {
+                    let now = Instant::now();
+                    let next = if now >= deadline {
+                        self.rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
+                    } else {
+                        self.rx.recv_timeout(deadline - now)
+                    };
+                    let Ok(job) = next else { break };
+                    self.took_one();
+                    let cost = self.cost(&job);
+                    if rows + job.rows.len() > self.opts.max_batch_rows || tokens + cost > self.opts.max_batch_tokens {
+                        carry = Some(job);
+                        break;
+                    }
+                    rows += job.rows.len();
+                    tokens += cost;
+                    jobs.push(job);
+                }
+            }
+            self.run_batch(jobs, tokens);
+        }
+    }
+
+    fn run_batch(&mut self, jobs: Vec<Job>, tokens: usize) {
+        // A job whose client gave up (timeout, disconnect) is not computed.
+        let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let rows: Vec<&Row> = jobs.iter().flat_map(|j| j.rows.iter()).collect();
+        let start = Instant::now();
+        // A panic in the model code fails this batch's requests, never the server.
+        let result = catch_unwind(AssertUnwindSafe(|| self.engine.score(&rows)));
+        self.metrics.batch(rows.len(), tokens, start.elapsed());
+        let n_rows = rows.len();
+        drop(rows);
+        match result {
+            Ok(Ok(scores)) if scores.len() == n_rows => {
+                let mut scores = scores.into_iter();
+                for job in jobs {
+                    let mine: Vec<Vec<f64>> = scores.by_ref().take(job.rows.len()).collect();
+                    let _ = job.reply.send(Ok(mine));
+                }
+            }
+            Ok(Ok(_)) => Self::fail(jobs, "the engine returned the wrong number of rows".into()),
+            Ok(Err(e)) => Self::fail(jobs, e.to_string()),
+            Err(_) => Self::fail(jobs, "the engine panicked on this batch".into()),
+        }
+    }
+
+    fn fail(jobs: Vec<Job>, message: String) {
+        eprintln!("verdict-serve: batch failed: {message}");
+        for job in jobs {
+            let _ = job.reply.send(Err(message.clone()));
+        }
+    }
+}

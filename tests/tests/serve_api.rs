@@ -1,0 +1,959 @@
+//! `verdict-serve` end to end on loopback with a tiny seeded model and adapters in a registry:
+//! every endpoint's answer equals what the library computes for the same inputs; bad inputs
+//! get their 4xx codes and the server keeps answering; adapters swap under load without a
+//! failed or misattributed answer; mixed batches and the prefix cache change no answer;
+//! limits (queue, timeout) and graceful shutdown; and a smoke test on the real SmolLM2.
+
+use candle_core::{DType, Device};
+use models::scoring::{normalize, score_candidates};
+use models::{LoadedModel, LoraAdapter, LoraConfig, Projection, WeightMode};
+use serde_json::{json, Value};
+use shared::adapter::{weights_sha256, Manifest, MANIFEST_VERSION};
+use shared::registry::Registry;
+use shared::task::{Task, TaskRegistry};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tests::{binary, free_port, http, http_raw, wait_for, TempDir};
+
+const TOKEN: &str = "s3cret";
+/// Server answers vs the library: same f32 math in other batch shapes.
+const TOL: f64 = 1e-5;
+
+/// The tiny model these tests serve: the words of their tasks and inputs.
+fn tiny_model_dir(dir: &Path) {
+    let words = [
+        "Positive",
+        "Negative",
+        "Neutral",
+        "Yes",
+        "No",
+        "<",
+        ">",
+        "</",
+        "Judgement",
+        "\"",
+        ":",
+        "Sentence",
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "good",
+        "great",
+        "bad",
+        "awful",
+        "the",
+        "movie",
+        "was",
+        "a",
+        "film",
+        "plot",
+        "really",
+        "rain",
+        "wet",
+    ];
+    tests::tiny::model_dir_with_words(dir, &words);
+}
+
+fn task(name: &str) -> Task {
+    TaskRegistry::builtin().get(name).unwrap().clone()
+}
+
+fn manifest(task: &Task, base_sha256: &str) -> Manifest {
+    Manifest {
+        manifest_version: MANIFEST_VERSION,
+        base_sha256: base_sha256.to_string(),
+        base_model: "tiny".into(),
+        task: task.name.clone(),
+        template_version: task.template_version,
+        template_hash: task.template_hash(),
+        label_words: task.label_words(),
+        method: "sft".into(),
+        command: "test".into(),
+        steps: 1,
+        dev_metrics: None,
+    }
+}
+
+/// Publishes a random (non-zero) adapter as `<registry>/<task>/<version>`.
+fn publish(reg: &Registry, model: &LoadedModel, task_name: &str, version: &str, seed: u64, sha: &str) -> PathBuf {
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 32.0,
+        use_rslora: false,
+        dropout: 0.0,
+        targets: Projection::ALL.to_vec(),
+        layers: None,
+    };
+    let adapter = LoraAdapter::init_random(lora, model.model.config(), seed, DType::F32, &Device::Cpu).unwrap();
+    let m = manifest(&task(task_name), sha);
+    reg.publish::<shared::registry::RegistryError>(task_name, version, |d| {
+        adapter.write_peft_files(d, "tiny").map_err(std::io::Error::other)?;
+        Ok(m.write(d)?)
+    })
+    .unwrap()
+}
+
+/// The tiny model, a registry with adapters, and the hash that ties them.
+struct Fixture {
+    _dir: TempDir,
+    model_dir: PathBuf,
+    registry: Registry,
+    loaded: LoadedModel,
+    sha: String,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Self {
+        let dir = TempDir::new(tag);
+        let model_dir = dir.0.join("tiny");
+        tiny_model_dir(&model_dir);
+        let loaded = models::load_model(&model_dir, WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
+        let sha = weights_sha256(&model_dir).unwrap();
+        let registry = Registry::new(dir.0.join("adapters"));
+        Self { _dir: dir, model_dir, registry, loaded, sha }
+    }
+
+    fn publish(&self, task: &str, version: &str, seed: u64) -> PathBuf {
+        publish(&self.registry, &self.loaded, task, version, seed, &self.sha)
+    }
+
+    fn start(&self, extra: &[&str]) -> Server {
+        let mut args = vec![
+            "--model".to_string(),
+            self.model_dir.display().to_string(),
+            "--weights".into(),
+            "dense".into(),
+            "--adapters".into(),
+            self.registry.root().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Server::start(&args)
+    }
+
+    /// Candidate log-probabilities of one input as the library computes them: the whole
+    /// prompt, no prefix cache, no batching.
+    fn logps(&self, task_name: &str, version: Option<&str>, fields: &[(&str, &str)]) -> Vec<f64> {
+        let t = task(task_name);
+        let fields: BTreeMap<String, String> = fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let parts = t.prompt(self.loaded.chat.as_ref(), &[], &fields).unwrap();
+        let ids = [self.loaded.encode(&parts.prefix, true).unwrap(), self.loaded.encode(&parts.body, false).unwrap()]
+            .concat();
+        let answers: Vec<Vec<u32>> = t.answer_texts().iter().map(|a| self.loaded.encode(a, false).unwrap()).collect();
+        let adapter = version.map(|v| {
+            let dir = self.registry.version_dir(task_name, v).unwrap();
+            LoraAdapter::load_peft_dir(&dir, self.loaded.model.config(), DType::F32, &Device::Cpu).unwrap()
+        });
+        let pad = self.loaded.special.pad_id();
+        score_candidates(&self.loaded.model, adapter.as_ref(), None, &[ids], &answers, pad).unwrap().remove(0)
+    }
+
+    fn probs(&self, task_name: &str, version: Option<&str>, fields: &[(&str, &str)]) -> Vec<f64> {
+        normalize(&self.logps(task_name, version, fields))
+    }
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(args: &[String]) -> Self {
+        let port = free_port();
+        let child = Command::new(binary("verdict-serve"))
+            .args(["--port", &port.to_string()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let s = Self { child, port };
+        let r = wait_for(port, "/ready", 200, Duration::from_secs(60));
+        assert!(matches!(&r, Some((200, _))), "server not ready: {r:?}");
+        s
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = http(self.port, "POST", path, Some(&body.to_string())).unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON: {text:?}")))
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        http(self.port, "GET", path, None).unwrap()
+    }
+
+    fn admin(&self, path: &str) -> (u16, Value) {
+        let r = http_raw(self.port, "POST", path, b"", &[&format!("Authorization: Bearer {TOKEN}")]).unwrap();
+        (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn probs_of(result: &Value, words: &[String]) -> Vec<f64> {
+    words.iter().map(|w| result["probabilities"][w].as_f64().unwrap_or_else(|| panic!("no {w} in {result}"))).collect()
+}
+
+fn assert_close(got: &[f64], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < TOL, "{what}: {got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn endpoints_answer_what_the_library_computes() {
+    let fx = Fixture::new("serve-api");
+    for (t, seed) in [("mr", 1), ("mr-score", 2), ("rte", 3)] {
+        fx.publish(t, "v1", seed);
+        fx.registry.promote(t, "v1").unwrap();
+    }
+    let server = fx.start(&["--zero-shot-fallback", "--default-task", "mr"]);
+
+    // Tasks and adapters.
+    let (status, body) = server.get("/v1/tasks");
+    assert_eq!(status, 200);
+    let tasks: Vec<Value> = serde_json::from_str(&body).unwrap();
+    let mr = tasks.iter().find(|t| t["name"] == "mr").unwrap();
+    assert_eq!((mr["adapter_version"].clone(), mr["labels"].clone()), (json!("v1"), json!(["Negative", "Positive"])));
+    assert_eq!(tasks.iter().find(|t| t["name"] == "tweets3").unwrap()["serving"], true, "zero-shot allowed");
+    let (status, body) = server.get("/v1/adapters");
+    assert_eq!(status, 200);
+    let adapters: Vec<Value> = serde_json::from_str(&body).unwrap();
+    let mr = adapters.iter().find(|t| t["task"] == "mr").unwrap();
+    assert_eq!(mr["current"], "v1");
+    assert_eq!(mr["loaded"][0]["method"], "sft");
+    assert_eq!(mr["on_disk"], json!(["v1"]));
+
+    // /v1/classify: a string and an object input, one request.
+    let words = task("mr").label_words();
+    let (status, v) = server
+        .post("/v1/classify", &json!({"task": "mr", "inputs": ["good movie", {"sentence": "the plot was awful"}]}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["adapter_version"], "v1");
+    for (i, s) in ["good movie", "the plot was awful"].iter().enumerate() {
+        let r = &v["results"][i];
+        let want = fx.probs("mr", Some("v1"), &[("sentence", s)]);
+        assert_close(&probs_of(r, &words), &want, s);
+        let best = if want[1] > want[0] { "Positive" } else { "Negative" };
+        assert_eq!(r["label"], best);
+        assert_eq!(r["adapter_version"], "v1");
+        assert_eq!(r["truncated"], false);
+    }
+    // A score task: the expected value over the integers.
+    let (status, v) = server.post("/v1/classify", &json!({"task": "mr-score", "inputs": "a great film"}));
+    assert_eq!(status, 200, "{v}");
+    let want = fx.probs("mr-score", Some("v1"), &[("sentence", "a great film")]);
+    assert_close(&probs_of(&v["results"][0], &task("mr-score").label_words()), &want, "mr-score");
+    let expected: f64 = want.iter().enumerate().map(|(k, p)| k as f64 * p).sum();
+    assert!((v["results"][0]["score"].as_f64().unwrap() - expected).abs() < TOL);
+    assert_eq!(v["results"][0]["label"], format!("{}", expected.round() as i64));
+    // A two-field task.
+    let pair = [("sentence1", "rain was wet"), ("sentence2", "the film was wet")];
+    let (status, v) = server
+        .post("/v1/classify", &json!({"task": "rte", "inputs": [{"sentence1": pair[0].1, "sentence2": pair[1].1}]}));
+    assert_eq!(status, 200, "{v}");
+    assert_close(&probs_of(&v["results"][0], &task("rte").label_words()), &fx.probs("rte", Some("v1"), &pair), "rte");
+    // Zero-shot: a task without an adapter, answered by the base model.
+    let (status, v) = server.post("/v1/classify", &json!({"task": "tweets3", "inputs": "good"}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["adapter_version"], Value::Null);
+    let want = fx.probs("tweets3", None, &[("sentence", "good")]);
+    assert_close(&probs_of(&v["results"][0], &task("tweets3").label_words()), &want, "zero-shot");
+    // An explicit version.
+    let (status, v) = server.post("/v1/classify", &json!({"task": "mr", "version": "v1", "inputs": "bad"}));
+    assert_eq!((status, v["adapter_version"].clone()), (200, json!("v1")));
+
+    // TEI's /predict for the default task: sorted [{label, score}], batched as list of lists.
+    let (status, v) = server.post("/predict", &json!({"inputs": "good movie"}));
+    assert_eq!(status, 200, "{v}");
+    let want = fx.probs("mr", Some("v1"), &[("sentence", "good movie")]);
+    let list = v.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(list[0]["score"].as_f64() >= list[1]["score"].as_f64(), "sorted by score: {v}");
+    for p in list {
+        let k = words.iter().position(|w| p["label"] == *w).unwrap();
+        assert!((p["score"].as_f64().unwrap() - want[k]).abs() < TOL);
+    }
+    let (status, v) = server.post("/predict", &json!({"inputs": ["good movie", "bad"], "raw_scores": true}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    let raw = fx.logps("mr", Some("v1"), &[("sentence", "bad")]);
+    for p in v[1].as_array().unwrap() {
+        let k = words.iter().position(|w| p["label"] == *w).unwrap();
+        assert!((p["score"].as_f64().unwrap() - raw[k]).abs() < TOL * (1.0 + raw[k].abs()), "raw scores: {v}");
+    }
+
+    // OpenAPI document and metrics.
+    let (status, body) = server.get("/openapi.json");
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    for p in ["/v1/classify", "/predict", "/v1/tasks", "/v1/adapters", "/v1/admin/adapters/{task}/{version}/promote"] {
+        assert!(doc["paths"][p].is_object(), "{p} missing from the OpenAPI document");
+    }
+    assert!(doc["components"]["schemas"]["ClassifyRequest"].is_object());
+    let (status, text) = server.get("/metrics");
+    assert_eq!(status, 200);
+    for needle in [
+        "verdict_requests_total{endpoint=\"classify\",task=\"mr\",status=\"200\"} 2",
+        "verdict_requests_total{endpoint=\"predict\",task=\"mr\",status=\"200\"} 2",
+        "verdict_request_duration_seconds_bucket{endpoint=\"classify\",task=\"mr\",status=\"200\",le=\"+Inf\"} 2",
+        "verdict_inputs_total{task=\"mr\"} 6",
+        "verdict_batch_size_rows_count",
+        "verdict_queue_depth 0",
+        "verdict_tokens_per_second",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle:?}:\n{text}");
+    }
+    let hits: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("verdict_prefix_cache_hits_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(hits >= 3, "the mr prefix was reused: {hits} hits");
+}
+
+/// (what, path, body, headers, expected status, expected code)
+type Case<'a> = (&'a str, &'a str, Vec<u8>, Vec<&'a str>, u16, &'a str);
+
+#[test]
+fn bad_inputs_get_their_codes_and_the_server_keeps_answering() {
+    let fx = Fixture::new("serve-bad");
+    fx.publish("mr", "v1", 1);
+    fx.registry.promote("mr", "v1").unwrap();
+    fx.publish("rte", "v1", 3);
+    fx.registry.promote("rte", "v1").unwrap();
+    // Bad adapter versions: corrupt weights, another base model, another template, no manifest.
+    let corrupt = fx.publish("mr", "corrupt", 5);
+    std::fs::write(corrupt.join("adapter_model.safetensors"), b"\x10\x00\x00\x00garbage").unwrap();
+    let other_base = fx.publish("mr", "other-base", 6);
+    Manifest { base_sha256: "0".repeat(64), ..manifest(&task("mr"), &fx.sha) }.write(&other_base).unwrap();
+    let other_template = fx.publish("mr", "other-template", 7);
+    Manifest { template_hash: "feedface".into(), ..manifest(&task("mr"), &fx.sha) }.write(&other_template).unwrap();
+    let bare = fx.registry.version_dir("mr", "bare").unwrap();
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::write(bare.join("adapter_config.json"), "{}").unwrap();
+    let server = fx.start(&[
+        "--admin-token",
+        TOKEN,
+        "--max-inputs",
+        "4",
+        "--max-input-tokens",
+        "16",
+        "--max-body-bytes",
+        "4096",
+        "--default-task",
+        "mr",
+    ]);
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let long: String = vec!["good"; 40].join(" ");
+    let huge: String = "x".repeat(5000);
+    let cases: Vec<Case> = vec![
+        ("malformed JSON", "/v1/classify", b"{\"task\": \"mr\", \"inputs\": [".to_vec(), vec![], 400, "malformed_json"),
+        (
+            "invalid UTF-8",
+            "/v1/classify",
+            b"{\"task\": \"mr\", \"inputs\": \"\xff\xfe\"}".to_vec(),
+            vec![],
+            400,
+            "invalid_utf8",
+        ),
+        ("not an object", "/v1/classify", b"[1, 2]".to_vec(), vec![], 400, "invalid_request"),
+        ("wrong type", "/v1/classify", br#"{"task": 5, "inputs": "good"}"#.to_vec(), vec![], 400, "invalid_request"),
+        ("missing task", "/v1/classify", br#"{"inputs": "good"}"#.to_vec(), vec![], 400, "invalid_request"),
+        (
+            "unknown key",
+            "/v1/classify",
+            br#"{"task": "mr", "inputs": "good", "x": 1}"#.to_vec(),
+            vec![],
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown task",
+            "/v1/classify",
+            br#"{"task": "nope", "inputs": "good"}"#.to_vec(),
+            vec![],
+            404,
+            "unknown_task",
+        ),
+        ("no adapter", "/v1/classify", br#"{"task": "tweets3", "inputs": "good"}"#.to_vec(), vec![], 404, "no_adapter"),
+        (
+            "input of a wrong type",
+            "/v1/classify",
+            br#"{"task": "mr", "inputs": [5]}"#.to_vec(),
+            vec![],
+            422,
+            "invalid_input",
+        ),
+        (
+            "field of a wrong type",
+            "/v1/classify",
+            br#"{"task": "mr", "inputs": [{"sentence": [1]}]}"#.to_vec(),
+            vec![],
+            422,
+            "invalid_input",
+        ),
+        (
+            "string for a pair task",
+            "/v1/classify",
+            br#"{"task": "rte", "inputs": "good"}"#.to_vec(),
+            vec![],
+            422,
+            "invalid_input",
+        ),
+        (
+            "missing field",
+            "/v1/classify",
+            br#"{"task": "rte", "inputs": [{"sentence1": "a"}]}"#.to_vec(),
+            vec![],
+            422,
+            "missing_field",
+        ),
+        (
+            "unknown field",
+            "/v1/classify",
+            br#"{"task": "mr", "inputs": [{"sentence": "a", "x": "b"}]}"#.to_vec(),
+            vec![],
+            422,
+            "unknown_field",
+        ),
+        ("no inputs", "/v1/classify", br#"{"task": "mr", "inputs": []}"#.to_vec(), vec![], 422, "no_inputs"),
+        ("empty input", "/v1/classify", br#"{"task": "mr", "inputs": ["  "]}"#.to_vec(), vec![], 422, "empty_input"),
+        (
+            "too many inputs",
+            "/v1/classify",
+            br#"{"task": "mr", "inputs": ["a", "b", "c", "d", "e"]}"#.to_vec(),
+            vec![],
+            422,
+            "too_many_inputs",
+        ),
+        (
+            "too many tokens",
+            "/v1/classify",
+            format!(r#"{{"task": "mr", "inputs": "{long}"}}"#).into_bytes(),
+            vec![],
+            422,
+            "input_too_long",
+        ),
+        (
+            "oversized body",
+            "/v1/classify",
+            format!(r#"{{"task": "mr", "inputs": "{huge}"}}"#).into_bytes(),
+            vec![],
+            413,
+            "body_too_large",
+        ),
+        (
+            "unknown version",
+            "/v1/classify",
+            br#"{"task": "mr", "version": "v9", "inputs": "good"}"#.to_vec(),
+            vec![],
+            404,
+            "unknown_adapter_version",
+        ),
+        (
+            "version escaping the registry",
+            "/v1/classify",
+            br#"{"task": "mr", "version": "../../etc", "inputs": "good"}"#.to_vec(),
+            vec![],
+            400,
+            "invalid_name",
+        ),
+        (
+            "refused version on request",
+            "/v1/classify",
+            br#"{"task": "mr", "version": "other-base", "inputs": "good"}"#.to_vec(),
+            vec![],
+            422,
+            "adapter_refused",
+        ),
+        ("predict: number", "/predict", br#"{"inputs": 5}"#.to_vec(), vec![], 422, "invalid_input"),
+        (
+            "predict: pair for a one-field task",
+            "/predict",
+            br#"{"inputs": [["a", "b"]]}"#.to_vec(),
+            vec![],
+            422,
+            "invalid_input",
+        ),
+        ("predict: malformed", "/predict", b"{inputs: 1}".to_vec(), vec![], 400, "malformed_json"),
+        ("admin without a token", "/v1/admin/adapters/mr/v1/promote", vec![], vec![], 401, "unauthorized"),
+        (
+            "admin with a wrong token",
+            "/v1/admin/adapters/mr/v1/promote",
+            vec![],
+            vec!["Authorization: Bearer nope"],
+            401,
+            "unauthorized",
+        ),
+        (
+            "admin: unknown version",
+            "/v1/admin/adapters/mr/v9/promote",
+            vec![],
+            vec![&auth],
+            404,
+            "unknown_adapter_version",
+        ),
+        ("admin: unknown task", "/v1/admin/adapters/nope/v1/load", vec![], vec![&auth], 404, "unknown_task"),
+        (
+            "admin: escaping name",
+            "/v1/admin/adapters/mr/..%2F..%2Fetc/promote",
+            vec![],
+            vec![&auth],
+            400,
+            "invalid_name",
+        ),
+        ("admin: hidden name", "/v1/admin/adapters/mr/.v1/load", vec![], vec![&auth], 400, "invalid_name"),
+        ("corrupt adapter", "/v1/admin/adapters/mr/corrupt/promote", vec![], vec![&auth], 422, "adapter_refused"),
+        (
+            "adapter for another base",
+            "/v1/admin/adapters/mr/other-base/promote",
+            vec![],
+            vec![&auth],
+            422,
+            "adapter_refused",
+        ),
+        (
+            "adapter for another template",
+            "/v1/admin/adapters/mr/other-template/load",
+            vec![],
+            vec![&auth],
+            422,
+            "adapter_refused",
+        ),
+        ("adapter without manifest", "/v1/admin/adapters/mr/bare/promote", vec![], vec![&auth], 422, "adapter_refused"),
+        (
+            "unload the serving version",
+            "/v1/admin/adapters/mr/v1/unload",
+            vec![],
+            vec![&auth],
+            409,
+            "adapter_is_current",
+        ),
+        (
+            "unload a version never loaded",
+            "/v1/admin/adapters/rte/v7/unload",
+            vec![],
+            vec![&auth],
+            404,
+            "adapter_not_loaded",
+        ),
+        (
+            "roll back without history",
+            "/v1/admin/adapters/rte/rollback",
+            vec![],
+            vec![&auth],
+            409,
+            "no_previous_version",
+        ),
+    ];
+    let want = fx.probs("mr", Some("v1"), &[("sentence", "good")]);
+    for (what, path, body, headers, status, code) in &cases {
+        let r = http_raw(server.port, "POST", path, body, headers).unwrap();
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("{what}: not JSON: {}", r.text()));
+        assert_eq!((r.status, v["error"]["code"].as_str()), (*status, Some(*code)), "{what}: {}", r.text());
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {v}");
+        // The server still answers, with the version that served before.
+        let (s, v) = server.post("/v1/classify", &json!({"task": "mr", "inputs": "good"}));
+        assert_eq!((s, v["adapter_version"].as_str()), (200, Some("v1")), "after {what}: {v}");
+        assert_close(&probs_of(&v["results"][0], &task("mr").label_words()), &want, what);
+    }
+    // Reasons are specific.
+    let (_, v) = server.admin("/v1/admin/adapters/mr/other-base/promote");
+    assert!(v["error"]["message"].as_str().unwrap().contains("base weights"), "{v}");
+    let (_, v) = server.admin("/v1/admin/adapters/mr/other-template/promote");
+    assert!(v["error"]["message"].as_str().unwrap().contains("template"), "{v}");
+    // Method and path errors are JSON too.
+    let r = http_raw(server.port, "GET", "/v1/classify", b"", &[]).unwrap();
+    assert_eq!((r.status, r.text().contains("method_not_allowed")), (405, true), "{}", r.text());
+    let r = http_raw(server.port, "GET", "/no/such/path", b"", &[]).unwrap();
+    assert_eq!((r.status, r.text().contains("\"not_found\"")), (404, true), "{}", r.text());
+    // Truncation on request: the long input is cut and answered.
+    let (s, v) = server.post("/v1/classify", &json!({"task": "mr", "inputs": long, "truncate": true}));
+    assert_eq!((s, v["results"][0]["truncated"].as_bool()), (200, Some(true)), "{v}");
+    let cut: String = vec!["good"; 16].join(" ");
+    assert_close(
+        &probs_of(&v["results"][0], &task("mr").label_words()),
+        &fx.probs("mr", Some("v1"), &[("sentence", &cut)]),
+        "truncated to 16 tokens",
+    );
+    // The refusals are visible in /v1/adapters and /metrics.
+    let (_, body) = server.get("/v1/adapters");
+    assert!(body.contains("\"refused\":{\"version\":\"other-template\""), "{body}");
+    let (_, text) = server.get("/metrics");
+    assert!(text.contains("verdict_adapter_refusals_total{task=\"mr\"}"), "{text}");
+    assert!(text.contains("status=\"422\""), "{text}");
+}
+
+/// One client request during the hot-swap test.
+struct Answer {
+    sent: Instant,
+    received: Instant,
+    status: u16,
+    version: Option<String>,
+    probs: Vec<f64>,
+}
+
+#[test]
+fn hot_swap_under_load_switches_versions_without_failures() {
+    let fx = Fixture::new("serve-swap");
+    let versions = ["v1", "v2", "v3"];
+    for (i, v) in versions.iter().enumerate() {
+        fx.publish("mr", v, 10 + i as u64);
+    }
+    let bad = fx.publish("mr", "v4-corrupt", 20);
+    std::fs::write(bad.join("adapter_model.safetensors"), b"not safetensors").unwrap();
+    fx.registry.promote("mr", "v1").unwrap();
+    let input = [("sentence", "the movie was really good")];
+    let expected: BTreeMap<&str, Vec<f64>> = versions.iter().map(|v| (*v, fx.probs("mr", Some(v), &input))).collect();
+    for a in versions {
+        for b in versions {
+            if a != b {
+                let d = expected[a].iter().zip(&expected[b]).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                assert!(d > 100.0 * TOL, "{a} and {b} must be told apart by their answers ({d})");
+            }
+        }
+    }
+    let server = fx.start(&["--admin-token", TOKEN, "--watch-interval-ms", "50"]);
+    let port = server.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(Mutex::new(Vec::<Answer>::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, answers) = (stop.clone(), answers.clone());
+            std::thread::spawn(move || {
+                let body = json!({"task": "mr", "inputs": "the movie was really good"}).to_string();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let sent = Instant::now();
+                    let (status, text) = http(port, "POST", "/v1/classify", Some(&body)).unwrap_or((0, String::new()));
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    let words = ["Negative".to_string(), "Positive".to_string()];
+                    let probs = words.iter().filter_map(|w| v["results"][0]["probabilities"][w].as_f64()).collect();
+                    let version = v["results"][0]["adapter_version"].as_str().map(str::to_string);
+                    answers.lock().unwrap().push(Answer { sent, received: Instant::now(), status, version, probs });
+                }
+            })
+        })
+        .collect();
+    // (when the swap call returned, the version serving from then on)
+    let mut swaps: Vec<(Instant, Instant, &str)> = Vec::new();
+    let pause = || std::thread::sleep(Duration::from_millis(400));
+    pause();
+    for (path, target) in [
+        ("/v1/admin/adapters/mr/v2/promote", "v2"),
+        ("/v1/admin/adapters/mr/v3/promote", "v3"),
+        ("/v1/admin/adapters/mr/rollback", "v2"),
+    ] {
+        let t0 = Instant::now();
+        let (status, v) = server.admin(path);
+        assert_eq!((status, v["current"].as_str()), (200, Some(target)), "{path}: {v}");
+        swaps.push((t0, Instant::now(), target));
+        pause();
+    }
+    // A corrupt version is refused; v2 keeps serving.
+    let (status, v) = server.admin("/v1/admin/adapters/mr/v4-corrupt/promote");
+    assert_eq!((status, v["error"]["code"].as_str()), (422, Some("adapter_refused")), "{v}");
+    pause();
+    // A promotion by another process (the registry's CURRENT) is picked up by the watch.
+    let t0 = Instant::now();
+    fx.registry.promote("mr", "v1").unwrap();
+    let picked_up = (0..200).find_map(|_| {
+        let (_, v) = server.post("/v1/classify", &json!({"task": "mr", "inputs": "good"}));
+        if v["adapter_version"] == "v1" {
+            Some(t0.elapsed())
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+            None
+        }
+    });
+    let picked_up = picked_up.expect("the watch picks up CURRENT");
+    eprintln!("registry CURRENT -> first v1 answer: {} ms", picked_up.as_millis());
+    assert!(picked_up < Duration::from_secs(2), "watch took {picked_up:?}");
+    swaps.push((t0, t0 + picked_up, "v1"));
+    pause();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let answers = answers.lock().unwrap();
+    assert!(answers.len() >= 20, "only {} answers under load", answers.len());
+    let mut seen = std::collections::BTreeSet::new();
+    for a in answers.iter() {
+        assert_eq!(a.status, 200, "a request failed during the swaps");
+        let v = a.version.as_deref().expect("every answer names its version");
+        // Attributed to exactly one version: its probabilities are that version's.
+        assert_close(&a.probs, &expected[v], &format!("answer attributed to {v}"));
+        seen.insert(v.to_string());
+        // Sent after a swap returned, answered before the next one began: the new version.
+        let in_swap = swaps.iter().any(|(start, done, _)| a.sent >= *start && a.sent < *done);
+        let next_start = swaps.iter().find(|(start, _, _)| *start > a.sent).map(|s| s.0);
+        if in_swap || next_start.is_some_and(|n| a.received >= n) {
+            continue;
+        }
+        let target = swaps.iter().rev().find(|(_, done, _)| a.sent >= *done).map(|s| s.2).unwrap_or("v1");
+        assert_eq!(v, target, "a request sent after the swap to {target} got {v}");
+    }
+    assert_eq!(seen.len(), 3, "answers switched through every version: {seen:?}");
+    let (_, text) = server.get("/metrics");
+    assert!(text.contains("verdict_adapter_swaps_total{task=\"mr\"} 5"), "{text}");
+}
+
+/// (request, task, expected version, the input's fields)
+type MixedRequest<'a> = (Value, &'a str, Option<&'a str>, Vec<(&'a str, &'a str)>);
+
+#[test]
+fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
+    let fx = Fixture::new("serve-mixed");
+    fx.publish("mr", "v1", 1);
+    fx.publish("mr", "v2", 2);
+    fx.publish("rte", "v1", 3);
+    fx.registry.promote("mr", "v1").unwrap();
+    fx.registry.promote("rte", "v1").unwrap();
+    // Requests of different tasks, versions and zero-shot, sent together: with a long batch
+    // wait they share engine batches; the other server computes each alone, uncached.
+    let requests: Vec<MixedRequest> = vec![
+        (json!({"task": "mr", "inputs": "good film"}), "mr", Some("v1"), vec![("sentence", "good film")]),
+        (
+            json!({"task": "mr", "version": "v2", "inputs": "good film"}),
+            "mr",
+            Some("v2"),
+            vec![("sentence", "good film")],
+        ),
+        (json!({"task": "mr", "inputs": "the plot was bad"}), "mr", Some("v1"), vec![("sentence", "the plot was bad")]),
+        (
+            json!({"task": "rte", "inputs": {"sentence1": "rain", "sentence2": "wet"}}),
+            "rte",
+            Some("v1"),
+            vec![("sentence1", "rain"), ("sentence2", "wet")],
+        ),
+        (json!({"task": "tweets3", "inputs": "awful"}), "tweets3", None, vec![("sentence", "awful")]),
+        (json!({"task": "mr-score", "inputs": "great"}), "mr-score", None, vec![("sentence", "great")]),
+    ];
+    let batched = fx.start(&["--zero-shot-fallback", "--max-batch-wait-ms", "300"]);
+    let single = fx.start(&["--zero-shot-fallback", "--no-batching", "--no-prefix-cache", "--default-task", "rte"]);
+    // Merged mode: each version folded into its own copy of the base.
+    let merged = fx.start(&["--zero-shot-fallback", "--merged", "--max-batch-wait-ms", "300"]);
+    // Warm them (v2 is loaded on first use).
+    for s in [&batched, &single, &merged] {
+        assert_eq!(s.post("/v1/classify", &requests[1].0).0, 200);
+    }
+    for (server, tol) in [(&batched, TOL), (&single, TOL), (&merged, 1e-4)] {
+        let port = server.port;
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|(body, ..)| {
+                let body = body.to_string();
+                std::thread::spawn(move || http(port, "POST", "/v1/classify", Some(&body)).unwrap())
+            })
+            .collect();
+        for (h, (_, t, version, fields)) in handles.into_iter().zip(&requests) {
+            let (status, text) = h.join().unwrap();
+            assert_eq!(status, 200, "{text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["adapter_version"].as_str(), *version);
+            let want = fx.probs(t, *version, fields);
+            let got = probs_of(&v["results"][0], &task(t).label_words());
+            // Merged weights (W + BA summed once) round differently from the separate delta.
+            assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < tol), "{t} {version:?}: {got:?} vs {want:?}");
+        }
+    }
+    // TEI pairs on a two-field default task: one pair, and a batch of pairs.
+    let rte_words = task("rte").label_words();
+    let pair_probs = |v: &Value| -> Vec<f64> {
+        rte_words
+            .iter()
+            .map(|w| v.as_array().unwrap().iter().find(|p| p["label"] == *w).unwrap()["score"].as_f64().unwrap())
+            .collect()
+    };
+    let (status, v) = single.post("/predict", &json!({"inputs": ["rain", "wet"]}));
+    assert_eq!(status, 200, "{v}");
+    let want = fx.probs("rte", Some("v1"), &[("sentence1", "rain"), ("sentence2", "wet")]);
+    assert_close(&pair_probs(&v), &want, "one pair");
+    let (status, v) = single.post("/predict", &json!({"inputs": [["rain", "wet"], ["good", "bad"]]}));
+    assert_eq!(status, 200, "{v}");
+    assert_close(&pair_probs(&v[0]), &want, "batch of pairs");
+    let want = fx.probs("rte", Some("v1"), &[("sentence1", "good"), ("sentence2", "bad")]);
+    assert_close(&pair_probs(&v[1]), &want, "batch of pairs");
+    // Two tasks have adapters and no default is set: /predict says so.
+    let (status, v) = batched.post("/predict", &json!({"inputs": "good"}));
+    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("no_default_task")), "{v}");
+    // The batched server really mixed them: fewer batches than requests.
+    let count = |text: &str, name: &str| -> u64 {
+        text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    };
+    let (_, text) = batched.get("/metrics");
+    let batches = count(&text, "verdict_batches_total ");
+    assert!(batches <= 1 + 3, "6 concurrent requests (after 1 warm-up) ran in {batches} batches:\n{text}");
+    let (_, text) = single.get("/metrics");
+    assert_eq!(count(&text, "verdict_batches_total "), 9, "one batch per request without batching");
+    assert_eq!(count(&text, "verdict_prefix_cache_hits_total "), 0);
+}
+
+#[test]
+fn full_queue_timeouts_disabled_admin_and_graceful_shutdown() {
+    let fx = Fixture::new("serve-limits");
+    fx.publish("mr", "v1", 1);
+    fx.registry.promote("mr", "v1").unwrap();
+    let heavy = json!({"task": "mr", "inputs": vec![vec!["good movie"; 60].join(" "); 64]}).to_string();
+    // Queue of one, no batching: a burst of heavy requests overflows it.
+    {
+        let server = fx.start(&["--max-queue", "1", "--no-batching"]);
+        let port = server.port;
+        let mut full = None;
+        for _round in 0..5 {
+            let handles: Vec<_> = (0..12)
+                .map(|_| {
+                    let body = heavy.clone();
+                    std::thread::spawn(move || http_raw(port, "POST", "/v1/classify", body.as_bytes(), &[]).unwrap())
+                })
+                .collect();
+            for h in handles {
+                let r = h.join().unwrap();
+                match r.status {
+                    200 => {}
+                    503 => full = Some(r),
+                    other => panic!("unexpected {other}: {}", r.text()),
+                }
+            }
+            if full.is_some() {
+                break;
+            }
+        }
+        let r = full.expect("a burst of 12 heavy requests overflows a queue of one");
+        assert!(r.text().contains("\"queue_full\""), "{}", r.text());
+        assert_eq!(r.header("retry-after").as_deref(), Some("1"));
+        assert_eq!(server.post("/v1/classify", &json!({"task": "mr", "inputs": "good"})).0, 200);
+        // No admin token: admin endpoints are off.
+        let r = http_raw(port, "POST", "/v1/admin/adapters/mr/v1/promote", b"", &["Authorization: Bearer x"]).unwrap();
+        assert_eq!((r.status, r.text().contains("admin_disabled")), (403, true), "{}", r.text());
+    }
+    // A request timeout shorter than any request: 504, and the server lives on.
+    {
+        let server = fx.start(&["--request-timeout-ms", "1"]);
+        let (status, v) = server.post("/v1/classify", &serde_json::from_str(&heavy).unwrap());
+        assert_eq!((status, v["error"]["code"].as_str()), (504, Some("timeout")), "{v}");
+        assert_eq!(server.get("/health").0, 200);
+    }
+    // SIGTERM with requests in flight: they finish, then the server exits cleanly.
+    let mut server = fx.start(&[]);
+    let port = server.port;
+    let handles: Vec<_> = (0..6)
+        .map(|_| {
+            let body = heavy.clone();
+            std::thread::spawn(move || http(port, "POST", "/v1/classify", Some(&body)))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let killed = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    for h in handles {
+        let (status, text) = h.join().unwrap().expect("in-flight request answered");
+        assert_eq!(status, 200, "{text}");
+    }
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "server did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(http(port, "GET", "/health", None).is_err(), "nothing listens after shutdown");
+}
+
+#[test]
+fn real_smollm2_serves_an_adapter_and_zero_shot() {
+    let cache = shared::assets::cache_dir();
+    let path =
+        shared::assets::resolve_model("smollm2", &cache).expect("SmolLM2 is cached (scripts/test.sh fetches it)");
+    let sha = weights_sha256(&path).unwrap();
+    let dir = TempDir::new("serve-real");
+    let registry = Registry::new(dir.0.join("adapters"));
+    let t = task("mr");
+    let sentences = ["A gorgeous, moving film with wonderful performances.", "Dull, tedious and badly acted."];
+    for (mode, flag) in [(WeightMode::Dense, "dense"), (WeightMode::Quantized, "quantized")] {
+        let loaded = models::load_model(&path, mode, DType::F32, &Device::Cpu).unwrap();
+        if registry.current("mr").unwrap().is_none() {
+            publish(&registry, &loaded, "mr", "r1", 1, &sha);
+            registry.promote("mr", "r1").unwrap();
+        }
+        let started = Instant::now();
+        let server = Server::start(&[
+            "--model".into(),
+            "smollm2".into(),
+            "--weights".into(),
+            flag.into(),
+            "--adapters".into(),
+            registry.root().display().to_string(),
+            "--zero-shot-fallback".into(),
+        ]);
+        eprintln!("SmolLM2 {flag}: cold start to ready in {} ms", started.elapsed().as_millis());
+        let (status, v) = server.post("/v1/classify", &json!({"task": "mr", "inputs": sentences}));
+        assert_eq!(status, 200, "{v}");
+        let answers: Vec<Vec<u32>> = t.answer_texts().iter().map(|a| loaded.encode(a, false).unwrap()).collect();
+        let adapter = LoraAdapter::load_peft_dir(
+            &registry.version_dir("mr", "r1").unwrap(),
+            loaded.model.config(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        // The evaluator's computation: the prefix once, both bodies in one batch (shortest
+        // first, as the engine orders rows). The batch shape matters with quantized weights:
+        // forwards of at most 4 rows take candle's quantized kernel, longer ones the GEMM.
+        let mut prefix_text = None;
+        let mut bodies = Vec::new();
+        for s in sentences {
+            let fields = BTreeMap::from([("sentence".to_string(), s.to_string())]);
+            let parts = t.prompt(loaded.chat.as_ref(), &[], &fields).unwrap();
+            prefix_text = Some(parts.prefix.clone());
+            bodies.push(loaded.encode(&parts.body, false).unwrap());
+        }
+        let mut order: Vec<usize> = (0..bodies.len()).collect();
+        order.sort_by_key(|&i| bodies[i].len());
+        let sorted: Vec<Vec<u32>> = order.iter().map(|&i| bodies[i].clone()).collect();
+        let mut prefix = models::KvCache::new(loaded.model.config().num_layers);
+        let prefix_ids = loaded.encode(&prefix_text.unwrap(), true).unwrap();
+        loaded
+            .model
+            .forward(
+                &models::TokenBatch::single(&prefix_ids).unwrap(),
+                Some(&mut prefix),
+                Some(&adapter),
+                models::Mode::Inference,
+                models::LogitsAt::None,
+            )
+            .unwrap();
+        let logps =
+            score_candidates(&loaded.model, Some(&adapter), Some(&prefix), &sorted, &answers, loaded.special.pad_id())
+                .unwrap();
+        for (k, &i) in order.iter().enumerate() {
+            let want = normalize(&logps[k]);
+            let got = probs_of(&v["results"][i], &t.label_words());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "{flag} {}: {got:?} vs {want:?}", sentences[i]);
+            }
+        }
+        // Zero-shot through the base model: SmolLM2 gets the obvious cases right.
+        let (status, v) = server.post("/v1/classify", &json!({"task": "sst2", "inputs": sentences}));
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["adapter_version"], Value::Null);
+        let labels = (v["results"][0]["label"].as_str(), v["results"][1]["label"].as_str());
+        assert_eq!(labels, (Some("Positive"), Some("Negative")), "{flag}: {v}");
+    }
+}
