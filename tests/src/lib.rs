@@ -33,6 +33,14 @@ pub fn run(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
     cmd.output().expect("spawn binary")
 }
 
+/// Runs `verdict-train` with `args`, requires success and returns its stderr.
+pub fn train_ok(args: &[&str]) -> String {
+    let o = run("verdict-train", args, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "verdict-train {args:?} failed:\n{stderr}");
+    stderr
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

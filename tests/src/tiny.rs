@@ -78,3 +78,9 @@ pub fn setup(tag: &str) -> (TempDir, String, String) {
     let (m, d) = (model.to_str().unwrap().to_string(), data.to_str().unwrap().to_string());
     (dir, m, d)
 }
+
+/// The start of a training command on the tiny model and the synthetic `mr` data:
+/// `<command> --model M --task mr --data D --out O --max-steps N --seed S`; callers add the rest.
+pub fn train_args<'a>(command: &'a str, model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![command, "--model", model, "--task", "mr", "--data", data, "--out", out, "--max-steps", steps]
+}

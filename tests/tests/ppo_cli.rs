@@ -5,22 +5,12 @@
 
 use candle_core::Device;
 use std::path::Path;
-use tests::tiny::setup;
-use tests::{metrics_series as series, run};
+use tests::tiny::{setup, train_args};
+use tests::{metrics_series as series, train_ok};
 
 fn ppo_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
-    vec![
-        "ppo",
-        "--model",
-        model,
-        "--task",
-        "mr",
-        "--data",
-        data,
-        "--out",
-        out,
-        "--max-steps",
-        steps,
+    let mut args = train_args("ppo", model, data, out, steps);
+    args.extend([
         "--ppo-epochs",
         "4",
         "--rank",
@@ -37,7 +27,8 @@ fn ppo_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> 
         "2e-3",
         "--seed",
         "5",
-    ]
+    ]);
+    args
 }
 
 fn mean(xs: &[(u64, f64)]) -> f64 {
@@ -47,10 +38,7 @@ fn mean(xs: &[(u64, f64)]) -> f64 {
 fn train(model: &str, data: &str, out: &Path, steps: &str, extra: &[&str]) -> String {
     let mut args = ppo_args(model, data, out.to_str().unwrap(), steps);
     args.extend(extra);
-    let o = run("verdict-train", &args, &[]);
-    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(o.status.success(), "{stderr}");
-    stderr
+    train_ok(&args)
 }
 
 #[test]

@@ -3,33 +3,16 @@
 //! learned reward (alone or mixed with the rule reward) raises the policy's accuracy.
 
 use std::path::Path;
-use tests::tiny::setup;
-use tests::{metrics_series as series, run};
+use tests::tiny::{setup, train_args};
+use tests::{metrics_series as series, run, train_ok};
 
 fn mean(xs: &[(u64, f64)]) -> f64 {
     xs.iter().map(|x| x.1).sum::<f64>() / xs.len() as f64
 }
 
-fn ok(args: &[&str]) -> String {
-    let o = run("verdict-train", args, &[]);
-    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(o.status.success(), "{stderr}");
-    stderr
-}
-
 fn reward_model(model: &str, data: &str, out: &Path, extra: &[&str]) {
-    let mut args = vec![
-        "reward-model",
-        "--model",
-        model,
-        "--task",
-        "mr",
-        "--data",
-        data,
-        "--out",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "60",
+    let mut args = train_args("reward-model", model, data, out.to_str().unwrap(), "60");
+    args.extend([
         "--batch-size",
         "32",
         "--rank",
@@ -50,9 +33,9 @@ fn reward_model(model: &str, data: &str, out: &Path, extra: &[&str]) {
         "30",
         "--seed",
         "2",
-    ];
+    ]);
     args.extend(extra);
-    ok(&args);
+    train_ok(&args);
 }
 
 #[test]
@@ -73,22 +56,12 @@ fn a_reward_model_learns_label_sensitive_pairs_and_ppo_optimises_it() {
 
     // PPO on the learned reward alone: the rule accuracy of the rollouts rises.
     let ppo = |out: &Path, kind: &str| {
-        ok(&[
-            "ppo",
-            "--model",
-            &model,
-            "--task",
-            "mr",
-            "--data",
-            &data,
-            "--out",
-            out.to_str().unwrap(),
+        let mut args = train_args("ppo", &model, &data, out.to_str().unwrap(), "20");
+        args.extend([
             "--reward",
             kind,
             "--reward-model",
             best.to_str().unwrap(),
-            "--max-steps",
-            "20",
             "--batch-size",
             "32",
             "--mini-batch-size",
@@ -113,7 +86,8 @@ fn a_reward_model_learns_label_sensitive_pairs_and_ppo_optimises_it() {
             "fixed",
             "--seed",
             "5",
-        ])
+        ]);
+        train_ok(&args)
     };
     let learned = dir.0.join("ppo-learned");
     ppo(&learned, "learned");

@@ -5,22 +5,12 @@ use candle_core::Device;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::tiny::setup;
+use tests::tiny::{setup, train_args};
 use tests::{binary, metrics_series as series, run};
 
 fn sft_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
-    vec![
-        "sft",
-        "--model",
-        model,
-        "--task",
-        "mr",
-        "--data",
-        data,
-        "--out",
-        out,
-        "--max-steps",
-        steps,
+    let mut args = train_args("sft", model, data, out, steps);
+    args.extend([
         "--batch-size",
         "16",
         "--rank",
@@ -39,7 +29,8 @@ fn sft_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> 
         "20",
         "--seed",
         "3",
-    ]
+    ]);
+    args
 }
 
 #[test]

@@ -8,10 +8,10 @@
 //! SFT's. At each evaluation the scores' mean and standard deviation over the dev pairs are
 //! stored with the head, so PPO can use the normalised reward.
 
-use crate::eval::{self, TaskSelection};
+use crate::eval;
 use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig};
-use crate::run_dir::{self, MetricsLog, RunState, SavedAdapter};
-use crate::train_config::{progress_bar, LoopArgs, LoraArgs};
+use crate::run_dir::{self, MetricsLog, Recorder, RunState};
+use crate::train_config::{progress_bar, LoopArgs, LoraArgs, RunArgs};
 use crate::train_data::{self, BatchPlan, TaskData};
 use crate::ModelArgs;
 use anyhow::{bail, Result};
@@ -33,15 +33,7 @@ const DEFAULT_LR: f64 = 2e-4;
 #[derive(Args, Clone)]
 pub struct RewardModelArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub select: TaskSelection,
-    /// Run directory: checkpoints, metrics.jsonl, curves.svg, best/ and adapter/.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Continue from the newest checkpoint in `--out`.
-    #[arg(long)]
-    pub resume: bool,
+    pub run: RunArgs,
     /// Start the reward model's adapter from this one (an SFT run's `best/`, as RLLR starts from
     /// the SFT model). Default: a fresh adapter.
     #[arg(long)]
@@ -349,11 +341,10 @@ pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
     if args.batch_size == 0 || t.grad_accum == 0 {
         bail!("--batch-size and --grad-accum must be at least 1");
     }
-    let ckpt = run_dir::prepare(&args.out, args.resume)?;
-    let loaded = args.model.load_for_training(cache)?;
-    let base_sha = args.model.weights_sha256(cache)?;
-    let data = train_data::load(&loaded, &args.select, t.train_limit, cache)?;
-    let dev = train_data::load_split(&loaded, &args.select, &t.eval_split, t.eval_limit, cache)?;
+    let ckpt = run_dir::prepare(&args.run.out, args.run.resume)?;
+    let loaded = args.run.model.load_for_training(cache)?;
+    let data = train_data::load(&loaded, &args.run.select, t.train_limit, cache)?;
+    let dev = train_data::load_split(&loaded, &args.run.select, &t.eval_split, t.eval_limit, cache)?;
     if data.iter().any(|d| d.task.num_classes() < 2) {
         bail!("label-sensitive pairs need at least two labels");
     }
@@ -363,7 +354,7 @@ pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
     let adapter = match &args.init_adapter {
         Some(dir) => {
             let tasks: Vec<Task> = data.iter().map(|d| d.task.clone()).collect();
-            eval::check_adapter(dir, &args.model, &tasks, cache)?;
+            eval::check_adapter(dir, &args.run.model, &tasks, cache)?;
             eprintln!("starting from adapter {}", dir.display());
             LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)?.trainable()?
         }
@@ -379,8 +370,8 @@ pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
         state = run_dir::load_checkpoint(dir, &adapter, Some(&head), &mut opt)?;
         eprintln!("resumed from {} (step {})", dir.display(), state.step);
     }
-    let log = MetricsLog::open(&args.out, ckpt.as_ref().map(|_| state.step))?;
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let log = MetricsLog::open(&args.run.out, ckpt.as_ref().map(|_| state.step))?;
+    let rec = Recorder::new(&args.run.out, &args.run.model, "reward-model", &data[0].task, t.keep_checkpoints, cache)?;
     let peak_lr = t.lr.unwrap_or(DEFAULT_LR);
     let mut builder = PairBuilder::new(&loaded, &data, args)?;
     let mut dev_builder = PairBuilder::new(&loaded, &dev, args)?;
@@ -428,46 +419,16 @@ pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
             bar.suspend(|| eprintln!("step {step}: dev pairwise accuracy {score:.4}"));
             log.append(&serde_json::json!({"step": step, "dev_score": score, "dev": reports, "score_mean": norm.0, "score_std": norm.1}))?;
             head.norm = Some(norm);
-            if state.best_score.is_none_or(|b| score > b) {
-                state.best_score = Some(score);
-                state.best_step = Some(step);
-                let saved =
-                    SavedAdapter { method: "reward-model", command: &command, step, dev: &reports, head: Some(&head) };
-                run_dir::save_adapter(
-                    &args.out.join("best"),
-                    &snapshot,
-                    &data[0].task,
-                    &args.model,
-                    &base_sha,
-                    &saved,
-                )?;
-            }
+            rec.dev_result(&mut state, score, &reports, &snapshot, Some(&head))?;
         }
         if t.save_due(step, total_steps) {
-            run_dir::save_checkpoint(
-                &args.out,
-                &adapter,
-                Some(&head),
-                &opt,
-                &state,
-                &args.model.model,
-                t.keep_checkpoints,
-            )?;
+            rec.checkpoint(&adapter, Some(&head), &opt, &state)?;
         }
     }
     bar.finish_and_clear();
-    let saved =
-        SavedAdapter { method: "reward-model", command: &command, step: state.step, dev: &[], head: Some(&head) };
-    run_dir::save_adapter(
-        &args.out.join("adapter"),
-        &adapter.snapshot()?,
-        &data[0].task,
-        &args.model,
-        &base_sha,
-        &saved,
-    )?;
+    rec.finish(&adapter, Some(&head), &state, start.elapsed().as_secs_f64())?;
     run_dir::write_curves_svg(
-        &args.out.join("curves.svg"),
+        &args.run.out.join("curves.svg"),
         "Reward model",
         &[
             ("pairwise loss", log.series("loss")?),
@@ -476,14 +437,6 @@ pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
             ("margin r_chosen - r_rejected", log.series("margin")?),
         ],
     )?;
-    eprintln!(
-        "done: {} steps in {:.1}s; best dev pairwise accuracy {:?} at step {:?}; reward model in {}",
-        state.step,
-        start.elapsed().as_secs_f64(),
-        state.best_score,
-        state.best_step,
-        args.out.join("best").display()
-    );
     Ok(())
 }
 

@@ -290,47 +290,117 @@ pub fn dev_eval(
     Ok((score, reports))
 }
 
-/// What a saved adapter's manifest records about its training.
-pub struct SavedAdapter<'a> {
-    /// `sft`, `ppo` or `grpo`.
-    pub method: &'a str,
-    pub command: &'a str,
-    pub step: u64,
-    /// Dev reports at this step (empty: none).
-    pub dev: &'a [serde_json::Value],
-    /// PPO's value head or a reward model's score head, saved beside the adapter.
-    pub head: Option<&'a ScalarHead>,
+/// Where a run's adapters go and what their manifests record: one per run, it selects the best
+/// adapter on the dev score, writes checkpoints and the final adapter.
+pub struct Recorder<'a> {
+    out: &'a Path,
+    model: &'a ModelArgs,
+    /// `sft`, `ppo`, `grpo` or `reward-model`.
+    method: &'a str,
+    /// A mix of tasks records its first task in the manifest.
+    task: &'a Task,
+    keep_checkpoints: usize,
+    base_sha: String,
+    command: String,
 }
 
-/// Writes a trained adapter (PEFT files, value head if any, Verdict manifest) atomically.
-/// A mix of tasks records its first task in the manifest.
-pub fn save_adapter(
-    dir: &Path,
-    adapter: &LoraAdapter,
-    task: &Task,
-    model: &ModelArgs,
-    base_sha: &str,
-    saved: &SavedAdapter,
-) -> Result<()> {
-    write_dir_atomically(dir, |tmp| {
-        adapter.write_peft_files(tmp, &model.model)?;
-        if let Some(h) = saved.head {
-            h.save(tmp)?;
+impl<'a> Recorder<'a> {
+    pub fn new(
+        out: &'a Path,
+        model: &'a ModelArgs,
+        method: &'a str,
+        task: &'a Task,
+        keep_checkpoints: usize,
+        cache: &Path,
+    ) -> Result<Self> {
+        Ok(Self {
+            out,
+            model,
+            method,
+            task,
+            keep_checkpoints,
+            base_sha: model.weights_sha256(cache)?,
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+        })
+    }
+
+    /// Records a dev evaluation of `snapshot`: keeps it as `best/` when it beats the best so far.
+    pub fn dev_result(
+        &self,
+        state: &mut RunState,
+        score: f64,
+        reports: &[serde_json::Value],
+        snapshot: &LoraAdapter,
+        head: Option<&ScalarHead>,
+    ) -> Result<()> {
+        if state.best_score.is_none_or(|b| score > b) {
+            state.best_score = Some(score);
+            state.best_step = Some(state.step);
+            self.save(&self.out.join("best"), snapshot, head, state.step, reports)?;
         }
-        let manifest = Manifest {
-            manifest_version: MANIFEST_VERSION,
-            base_sha256: base_sha.to_string(),
-            base_model: model.model.clone(),
-            task: task.name.clone(),
-            template_version: task.template_version,
-            template_hash: task.template_hash(),
-            label_words: task.label_words(),
-            method: saved.method.into(),
-            command: saved.command.to_string(),
-            steps: saved.step,
-            dev_metrics: if saved.dev.is_empty() { None } else { Some(serde_json::Value::Array(saved.dev.to_vec())) },
-        };
-        manifest.write(tmp)?;
-        Ok::<(), anyhow::Error>(())
-    })
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the run (adapter, head, optimizer, state).
+    pub fn checkpoint(
+        &self,
+        adapter: &LoraAdapter,
+        head: Option<&ScalarHead>,
+        opt: &Optimizer,
+        state: &RunState,
+    ) -> Result<()> {
+        save_checkpoint(self.out, adapter, head, opt, state, &self.model.model, self.keep_checkpoints)
+    }
+
+    /// Writes the final adapter to `adapter/` and says where the best one is.
+    pub fn finish(
+        &self,
+        adapter: &LoraAdapter,
+        head: Option<&ScalarHead>,
+        state: &RunState,
+        seconds: f64,
+    ) -> Result<()> {
+        self.save(&self.out.join("adapter"), &adapter.snapshot()?, head, state.step, &[])?;
+        eprintln!(
+            "done: {} steps in {seconds:.1}s; best dev score {:?} at step {:?} ({}); final adapter in {}",
+            state.step,
+            state.best_score,
+            state.best_step,
+            self.out.join("best").display(),
+            self.out.join("adapter").display()
+        );
+        Ok(())
+    }
+
+    /// An adapter directory: PEFT files, head if any, Verdict manifest; atomically.
+    fn save(
+        &self,
+        dir: &Path,
+        adapter: &LoraAdapter,
+        head: Option<&ScalarHead>,
+        step: u64,
+        dev: &[serde_json::Value],
+    ) -> Result<()> {
+        write_dir_atomically(dir, |tmp| {
+            adapter.write_peft_files(tmp, &self.model.model)?;
+            if let Some(h) = head {
+                h.save(tmp)?;
+            }
+            let manifest = Manifest {
+                manifest_version: MANIFEST_VERSION,
+                base_sha256: self.base_sha.clone(),
+                base_model: self.model.model.clone(),
+                task: self.task.name.clone(),
+                template_version: self.task.template_version,
+                template_hash: self.task.template_hash(),
+                label_words: self.task.label_words(),
+                method: self.method.into(),
+                command: self.command.clone(),
+                steps: step,
+                dev_metrics: if dev.is_empty() { None } else { Some(serde_json::Value::Array(dev.to_vec())) },
+            };
+            manifest.write(tmp)?;
+            Ok::<(), anyhow::Error>(())
+        })
+    }
 }

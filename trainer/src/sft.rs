@@ -7,32 +7,23 @@
 //! on the dev split every `eval_every` steps and keep the best adapter; checkpoint atomically.
 //! Data order and dropout depend only on the seed and the step, so `--resume` continues exactly.
 
-use crate::eval::{EvalArgs, TaskSelection};
+use crate::eval::EvalArgs;
 use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig};
-use crate::run_dir::{self, MetricsLog, RunState, SavedAdapter};
-use crate::train_config::{progress_bar, LoopArgs, LoraArgs};
+use crate::run_dir::{self, MetricsLog, Recorder, RunState};
+use crate::train_config::{progress_bar, LoopArgs, LoraArgs, RunArgs};
 use crate::train_data::{self, BatchPlan, TaskData};
-use crate::ModelArgs;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use clap::Args;
 use models::{Decoder, KvCache, LogitsAt, LoraAdapter, Mode, Padding, TokenBatch};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 #[derive(Args, Clone)]
 pub struct SftArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub select: TaskSelection,
-    /// Run directory: checkpoints, metrics.jsonl, curves.svg, best/ and adapter/.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Continue from the newest checkpoint in `--out`.
-    #[arg(long)]
-    pub resume: bool,
+    pub run: RunArgs,
     #[command(flatten)]
     pub lora: LoraArgs,
     #[command(flatten)]
@@ -88,10 +79,9 @@ fn answer_nll(
 }
 
 pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
-    let ckpt = run_dir::prepare(&args.out, args.resume)?;
-    let loaded = args.model.load_for_training(cache)?;
-    let base_sha = args.model.weights_sha256(cache)?;
-    let data = train_data::load(&loaded, &args.select, args.train.train_limit, cache)?;
+    let ckpt = run_dir::prepare(&args.run.out, args.run.resume)?;
+    let loaded = args.run.model.load_for_training(cache)?;
+    let data = train_data::load(&loaded, &args.run.select, args.train.train_limit, cache)?;
     let t = &args.train;
     let batches_per_epoch = train_data::batches_per_epoch(&data, args.batch_size);
     let total_steps = t.total_steps(batches_per_epoch as f64 / t.grad_accum as f64);
@@ -104,8 +94,8 @@ pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
         state = run_dir::load_checkpoint(dir, &adapter, None, &mut opt)?;
         eprintln!("resumed from {} (step {})", dir.display(), state.step);
     }
-    let log = MetricsLog::open(&args.out, ckpt.as_ref().map(|_| state.step))?;
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let log = MetricsLog::open(&args.run.out, ckpt.as_ref().map(|_| state.step))?;
+    let rec = Recorder::new(&args.run.out, &args.run.model, "sft", &data[0].task, t.keep_checkpoints, cache)?;
     let pad = loaded.special.pad_id();
     let peak_lr = t.lr.unwrap_or(DEFAULT_LR);
 
@@ -146,49 +136,21 @@ pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
             let snapshot = adapter.snapshot()?;
             let (score, reports) = run_dir::dev_eval(&loaded, &snapshot, &data, args_eval(args), &bar, cache)?;
             log.append(&serde_json::json!({"step": step, "dev_score": score, "dev": reports}))?;
-            if state.best_score.is_none_or(|b| score > b) {
-                state.best_score = Some(score);
-                state.best_step = Some(step);
-                let saved = SavedAdapter { method: "sft", command: &command, step, dev: &reports, head: None };
-                run_dir::save_adapter(
-                    &args.out.join("best"),
-                    &snapshot,
-                    &data[0].task,
-                    &args.model,
-                    &base_sha,
-                    &saved,
-                )?;
-            }
+            rec.dev_result(&mut state, score, &reports, &snapshot, None)?;
         }
         if t.save_due(step, total_steps) {
-            run_dir::save_checkpoint(&args.out, &adapter, None, &opt, &state, &args.model.model, t.keep_checkpoints)?;
+            rec.checkpoint(&adapter, None, &opt, &state)?;
         }
     }
     bar.finish_and_clear();
-    let saved = SavedAdapter { method: "sft", command: &command, step: state.step, dev: &[], head: None };
-    run_dir::save_adapter(
-        &args.out.join("adapter"),
-        &adapter.snapshot()?,
-        &data[0].task,
-        &args.model,
-        &base_sha,
-        &saved,
-    )?;
-    draw_curves(&args.out, &log)?;
-    eprintln!(
-        "done: {} steps in {:.1}s; best dev score {:?} at step {:?}; adapter in {}",
-        state.step,
-        start.elapsed().as_secs_f64(),
-        state.best_score,
-        state.best_step,
-        args.out.join("adapter").display()
-    );
+    rec.finish(&adapter, None, &state, start.elapsed().as_secs_f64())?;
+    draw_curves(&args.run.out, &log)?;
     Ok(())
 }
 
 /// The dev evaluation settings of this run, per task.
 fn args_eval(args: &SftArgs) -> impl Fn(&str) -> EvalArgs + '_ {
-    move |task| args.train.dev_eval_args(&args.model, &args.select, task)
+    move |task| args.train.dev_eval_args(&args.run, task)
 }
 
 fn draw_curves(out: &Path, log: &MetricsLog) -> Result<()> {

@@ -7,6 +7,22 @@ use crate::ModelArgs;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use models::{LoraConfig, Projection};
+use std::path::PathBuf;
+
+/// Which model, which tasks, which run directory: the head of every training command.
+#[derive(Args, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub select: TaskSelection,
+    /// Run directory: checkpoints, metrics.jsonl, curves.svg, best/ and adapter/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in `--out`.
+    #[arg(long)]
+    pub resume: bool,
+}
 
 /// A fresh adapter's shape (ignored when training continues from an existing adapter).
 #[derive(Args, Clone, Debug)]
@@ -110,10 +126,10 @@ impl LoopArgs {
     }
 
     /// The in-training dev evaluation: constrained answers, zero-shot prompt, as served.
-    pub fn dev_eval_args(&self, model: &ModelArgs, select: &TaskSelection, task: &str) -> EvalArgs {
+    pub fn dev_eval_args(&self, run: &RunArgs, task: &str) -> EvalArgs {
         EvalArgs {
-            model: model.clone(),
-            select: TaskSelection { tasks: vec![task.to_string()], ..select.clone() },
+            model: run.model.clone(),
+            select: TaskSelection { tasks: vec![task.to_string()], ..run.select.clone() },
             split: self.eval_split.clone(),
             shots: 0,
             mode: EvalMode::Constrained,

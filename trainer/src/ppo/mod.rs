@@ -20,13 +20,12 @@ pub mod math;
 pub mod reward;
 pub mod rollout;
 
-use crate::eval::{self, EvalArgs, TaskSelection};
+use crate::eval::{self, EvalArgs};
 use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig};
 use crate::reward_model::LearnedReward;
-use crate::run_dir::{self, MetricsLog, RunState, SavedAdapter};
-use crate::train_config::{progress_bar, LoopArgs, LoraArgs};
+use crate::run_dir::{self, MetricsLog, Recorder, RunState};
+use crate::train_config::{progress_bar, LoopArgs, LoraArgs, RunArgs};
 use crate::train_data::{self, BatchPlan, TaskData};
-use crate::ModelArgs;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use clap::{Args, ValueEnum};
@@ -87,15 +86,7 @@ pub enum KlKind {
 #[derive(Args, Clone)]
 pub struct PpoArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub select: TaskSelection,
-    /// Run directory: checkpoints, metrics.jsonl, curves.svg, best/ and adapter/.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Continue from the newest checkpoint in `--out`.
-    #[arg(long)]
-    pub resume: bool,
+    pub run: RunArgs,
     /// Start from this adapter (an SFT run's `best/`; a PPO adapter's value head comes along).
     /// Default: a fresh adapter, i.e. the base model.
     #[arg(long)]
@@ -209,14 +200,13 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
     if args.reward_kind != RewardKind::Rule && args.reward_model.is_none() {
         bail!("--reward learned|mixed needs --reward-model DIR");
     }
-    let ckpt = run_dir::prepare(&args.out, args.resume)?;
-    let loaded = args.model.load_for_training(cache)?;
-    let base_sha = args.model.weights_sha256(cache)?;
-    let data = train_data::load(&loaded, &args.select, t.train_limit, cache)?;
+    let ckpt = run_dir::prepare(&args.run.out, args.run.resume)?;
+    let loaded = args.run.model.load_for_training(cache)?;
+    let data = train_data::load(&loaded, &args.run.select, t.train_limit, cache)?;
     let learned = match (&args.reward_model, args.reward_kind) {
         (Some(dir), RewardKind::Learned | RewardKind::Mixed) => {
             let tasks: Vec<_> = data.iter().map(|d| d.task.clone()).collect();
-            Some(LearnedReward::load(dir, &loaded, &args.model, &tasks, cache)?)
+            Some(LearnedReward::load(dir, &loaded, &args.run.model, &tasks, cache)?)
         }
         _ => None,
     };
@@ -226,7 +216,7 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
     let (adapter, head) = match &args.init_adapter {
         Some(dir) => {
             let tasks: Vec<_> = data.iter().map(|d| d.task.clone()).collect();
-            eval::check_adapter(dir, &args.model, &tasks, cache)?;
+            eval::check_adapter(dir, &args.run.model, &tasks, cache)?;
             let a = LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)?.trainable()?;
             let h = if dir.join(HeadKind::Value.file()).is_file() {
                 ScalarHead::load(HeadKind::Value, hidden, dir, &Device::Cpu)?
@@ -259,12 +249,12 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
         KlKind::Fixed => KlController::Fixed { coef },
         KlKind::Adaptive => KlController::Adaptive { coef, target: args.kl_target, horizon: args.kl_horizon },
     };
-    let log = MetricsLog::open(&args.out, ckpt.as_ref().map(|_| state.step))?;
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let log = MetricsLog::open(&args.run.out, ckpt.as_ref().map(|_| state.step))?;
     let method = match args.algorithm {
         Algorithm::Ppo => "ppo",
         Algorithm::Grpo => "grpo",
     };
+    let rec = Recorder::new(&args.run.out, &args.run.model, method, &data[0].task, t.keep_checkpoints, cache)?;
     let peak_lr = t.lr.unwrap_or(DEFAULT_LR);
     let answers: Vec<Vec<Vec<u32>>> = data
         .iter()
@@ -448,51 +438,15 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
             let snapshot = adapter.snapshot()?;
             let (score, reports) = run_dir::dev_eval(&loaded, &snapshot, &data, eval_args(args), &bar, cache)?;
             log.append(&serde_json::json!({"step": step, "dev_score": score, "dev": reports}))?;
-            if state.best_score.is_none_or(|b| score > b) {
-                state.best_score = Some(score);
-                state.best_step = Some(step);
-                let saved = SavedAdapter { method, command: &command, step, dev: &reports, head: head.as_ref() };
-                run_dir::save_adapter(
-                    &args.out.join("best"),
-                    &snapshot,
-                    &data[0].task,
-                    &args.model,
-                    &base_sha,
-                    &saved,
-                )?;
-            }
+            rec.dev_result(&mut state, score, &reports, &snapshot, head.as_ref())?;
         }
         if t.save_due(step, total_steps) {
-            run_dir::save_checkpoint(
-                &args.out,
-                &adapter,
-                head.as_ref(),
-                &opt,
-                &state,
-                &args.model.model,
-                t.keep_checkpoints,
-            )?;
+            rec.checkpoint(&adapter, head.as_ref(), &opt, &state)?;
         }
     }
     bar.finish_and_clear();
-    let saved = SavedAdapter { method, command: &command, step: state.step, dev: &[], head: head.as_ref() };
-    run_dir::save_adapter(
-        &args.out.join("adapter"),
-        &adapter.snapshot()?,
-        &data[0].task,
-        &args.model,
-        &base_sha,
-        &saved,
-    )?;
-    draw_curves(&args.out, &log, method)?;
-    eprintln!(
-        "done: {} steps in {:.1}s; best dev score {:?} at step {:?}; adapter in {}",
-        state.step,
-        start.elapsed().as_secs_f64(),
-        state.best_score,
-        state.best_step,
-        args.out.join("adapter").display()
-    );
+    rec.finish(&adapter, head.as_ref(), &state, start.elapsed().as_secs_f64())?;
+    draw_curves(&args.run.out, &log, method)?;
     Ok(())
 }
 
@@ -629,7 +583,7 @@ fn mean(xs: &[f64]) -> f64 {
 }
 
 fn eval_args(args: &PpoArgs) -> impl Fn(&str) -> EvalArgs + '_ {
-    move |task| args.train.dev_eval_args(&args.model, &args.select, task)
+    move |task| args.train.dev_eval_args(&args.run, task)
 }
 
 fn draw_curves(out: &Path, log: &MetricsLog, method: &str) -> Result<()> {
