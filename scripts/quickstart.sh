@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the default model, end to end: build, fetch SmolLM2-135M and the real movie
-# review data, classify 200 test sentences with answers constrained to the label words, start
-# verdict-serve on loopback, wait until it is ready and classify over HTTP (zero-shot).
-# (Training a quick adapter and classifying over HTTP join this script as those land.)
+# review data, classify 200 test sentences zero-shot with answers constrained to the label
+# words, train a quick LoRA adapter (SFT, 40 steps, a few minutes on 2 cores), classify the same
+# sentences with it, install it in the adapter registry, start verdict-serve on loopback and
+# classify over HTTP with the adapter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bins
@@ -11,20 +12,29 @@ bin=./target/release
 "$bin/verdict-train" fetch-data mr
 echo "== zero-shot classification of 200 mr test sentences (constrained to Negative / Positive)"
 "$bin/verdict-train" eval --model smollm2 --task mr --split test --limit 200 --batch-size 16
-echo "== greedy generation (dense f32 weights)"
-"$bin/verdict-train" generate --prompt "The capital of France is" --max-new-tokens 8
-echo "== chat, quantized weights"
-"$bin/verdict-train" generate --weights quantized --chat --prompt "Is the review 'a gorgeous, witty, seductive movie' positive or negative? Answer in one word." --max-new-tokens 8
+echo "== quick adapter: LoRA SFT on mr, 40 steps of 8 (runs/quickstart; rerunning continues it)"
+"$bin/verdict-train" sft --model smollm2 --task mr --out runs/quickstart --max-steps 40 --batch-size 8 \
+  --warmup-steps 5 --eval-limit 100 --save-every 20 --log-every 10 --resume
+echo "== the same 200 test sentences with the adapter"
+"$bin/verdict-train" eval --model smollm2 --task mr --split test --limit 200 --batch-size 16 --adapter runs/quickstart/best
+echo "== install it in the registry: adapters/mr/quickstart, then CURRENT (docs/serving.md)"
+mkdir -p adapters/mr
+rm -rf adapters/mr/.quickstart.tmp && cp -r runs/quickstart/best adapters/mr/.quickstart.tmp
+rm -rf adapters/mr/quickstart && mv adapters/mr/.quickstart.tmp adapters/mr/quickstart
+echo quickstart > adapters/mr/.CURRENT.tmp && mv adapters/mr/.CURRENT.tmp adapters/mr/CURRENT
 port=${VERDICT_PORT:-8080}
 echo "== verdict-serve on 127.0.0.1:$port"
-# No adapters yet in ./adapters: answer zero-shot with the base model.
-"$bin/verdict-serve" --model smollm2 --port "$port" --zero-shot-fallback &
+"$bin/verdict-serve" --model smollm2 --adapters ./adapters --port "$port" --zero-shot-fallback &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
+for _ in $(seq 1 150); do
   if curl -fsS "http://127.0.0.1:$port/ready" 2>/dev/null; then echo; break; fi
   sleep 0.2
 done
 curl -fsS "http://127.0.0.1:$port/health"; echo
-echo "== classify (zero-shot; docs/serving.md for adapters)"
-curl -fsS "http://127.0.0.1:$port/v1/classify" -d '{"task": "sst2", "inputs": ["a gorgeous, witty, seductive movie", "dull and lifeless"]}'; echo
+echo "== classify over HTTP with the adapter (label, every label's probability, adapter version)"
+curl -fsS "http://127.0.0.1:$port/v1/classify" -d '{"task": "mr", "inputs": ["a gorgeous, witty, seductive movie", "dull and lifeless"]}'; echo
+echo "== the TEI-compatible /predict (default task: the one with an adapter)"
+curl -fsS "http://127.0.0.1:$port/predict" -d '{"inputs": "a gorgeous, witty, seductive movie"}'; echo
+echo "== zero-shot on a task without an adapter (--zero-shot-fallback)"
+curl -fsS "http://127.0.0.1:$port/v1/classify" -d '{"task": "sst2", "inputs": ["a gorgeous, witty, seductive movie"]}'; echo
