@@ -158,3 +158,9 @@ pub fn metrics_series(out: &std::path::Path, key: &str) -> Vec<(u64, f64)> {
         .filter_map(|v| Some((v["step"].as_u64()?, v[key].as_f64()?)))
         .collect()
 }
+
+/// An adapter directory's Verdict manifest, as JSON.
+pub fn read_manifest(adapter: &std::path::Path) -> serde_json::Value {
+    let path = adapter.join(shared::adapter::MANIFEST_FILE);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}

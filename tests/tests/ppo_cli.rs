@@ -70,8 +70,7 @@ fn ppo_raises_the_reward_and_the_kl_penalty_bounds_the_drift() {
     // The adapter carries its value head and a PPO manifest.
     let adapter = out.join("adapter");
     assert!(adapter.join("value_head.safetensors").is_file());
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(adapter.join("verdict_manifest.json")).unwrap()).unwrap();
+    let manifest = tests::read_manifest(&adapter);
     assert_eq!((manifest["method"].as_str(), manifest["steps"].as_u64()), (Some("ppo"), Some(20)));
 
     // The same run with a strong KL penalty stays nearer the reference policy.
@@ -110,8 +109,7 @@ fn grpo_raises_the_reward_without_a_critic() {
     assert!(series(&out, "kl").iter().all(|k| k.1 < 1.5));
     let adapter = out.join("adapter");
     assert!(!adapter.join("value_head.safetensors").exists(), "GRPO has no critic");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(adapter.join("verdict_manifest.json")).unwrap()).unwrap();
+    let manifest = tests::read_manifest(&adapter);
     assert_eq!(manifest["method"], "grpo");
 }
 

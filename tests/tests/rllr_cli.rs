@@ -50,8 +50,7 @@ fn a_reward_model_learns_label_sensitive_pairs_and_ppo_optimises_it() {
     assert!(mean(&loss[50..]) < 0.5 * mean(&loss[..5]), "pairwise loss did not fall: {loss:?}");
     let best = rm.join("best");
     assert!(best.join("score_head.safetensors").is_file());
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(best.join("verdict_manifest.json")).unwrap()).unwrap();
+    let manifest = tests::read_manifest(&best);
     assert_eq!(manifest["method"], "reward-model");
 
     // PPO on the learned reward alone: the rule accuracy of the rollouts rises.

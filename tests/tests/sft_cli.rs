@@ -58,8 +58,7 @@ fn a_tiny_model_learns_a_synthetic_task() {
     assert!(acc < 0.8, "untrained accuracy {acc}");
     // The trained adapter evaluates the same through `eval --adapter`, and carries its manifest.
     let adapter = out.join("adapter");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(adapter.join("verdict_manifest.json")).unwrap()).unwrap();
+    let manifest = tests::read_manifest(&adapter);
     assert_eq!(manifest["task"], "mr");
     assert_eq!(manifest["steps"], 200);
     let o = run(

@@ -17,7 +17,7 @@ use serde::Serialize;
 use shared::adapter::{Manifest, MANIFEST_FILE};
 use shared::data::{self, ColumnMap, RawExample, ReadOptions};
 use shared::metrics::{score_task, Predictions, TaskScore};
-use shared::task::{DataFormat, Label, Task, TaskRegistry, CLOSE_TAG_STEM};
+use shared::task::{DataFormat, Label, Task, TaskRegistry};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -266,8 +266,7 @@ pub fn eval_task(
     }
     let prefix_ids = loaded.encode(prefix_text, true)?;
     let bodies: Vec<Vec<u32>> = parts.iter().map(|p| loaded.encode(&p.body, false)).collect::<Result<_, _>>()?;
-    let answers: Vec<Vec<u32>> =
-        task.answer_texts().iter().map(|a| loaded.encode(a, false)).collect::<Result<_, _>>()?;
+    let answers = crate::train_data::encode_answers(loaded, task)?;
 
     let start = Instant::now();
     let model = &loaded.model;
@@ -287,10 +286,7 @@ pub fn eval_task(
         min_new_tokens: 0,
         max_new_tokens: args.max_new_tokens,
         // Stop at the closing tag, however it is split into tokens here.
-        stop_sequences: [format!(" {CLOSE_TAG_STEM}"), CLOSE_TAG_STEM.to_string()]
-            .iter()
-            .map(|t| loaded.encode(t, false))
-            .collect::<Result<_, _>>()?,
+        stop_sequences: crate::train_data::close_tag_stops(loaded)?,
         restrict_to: Vec::new(),
     };
     for (batch_no, chunk) in order.chunks(args.batch_size.max(1)).enumerate() {

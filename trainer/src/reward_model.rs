@@ -11,7 +11,7 @@
 use crate::eval;
 use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig};
 use crate::run_dir::{self, MetricsLog, Recorder, RunState};
-use crate::train_config::{progress_bar, LoopArgs, LoraArgs, RunArgs};
+use crate::train_config::{initial_adapter, progress_bar, LoopArgs, LoraArgs, RunArgs};
 use crate::train_data::{self, BatchPlan, TaskData};
 use crate::ModelArgs;
 use anyhow::{bail, Result};
@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use clap::Args;
 use models::generate::{generate, Sampling};
 use models::head::HeadKind;
-use models::{Decoder, KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, Padding, ScalarHead, TokenBatch};
+use models::{Decoder, LoadedModel, LogitsAt, LoraAdapter, Mode, ScalarHead};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use shared::task::{Label, Task};
@@ -78,18 +78,9 @@ pub fn score_sequences(
     pad: u32,
 ) -> Result<Tensor> {
     let b = bodies.len();
-    let mut cache = KvCache::new(model.config().num_layers);
-    model.forward(&TokenBatch::single(prefix)?, Some(&mut cache), Some(adapter), mode, LogitsAt::None)?;
-    let mut cache = cache.expand_batch(b)?;
     let seqs: Vec<Vec<u32>> =
         bodies.iter().zip(responses).map(|(x, r)| x.iter().chain(r.iter()).copied().collect()).collect();
-    let batch = TokenBatch::new(&seqs, pad, Padding::Right)?;
-    let t = batch.seq_len();
-    let body_mode = match mode {
-        Mode::Train { dropout_seed: Some(s) } => Mode::Train { dropout_seed: Some(s ^ 0x5555) },
-        m => m,
-    };
-    let out = model.forward(&batch, Some(&mut cache), Some(adapter), body_mode, LogitsAt::None)?;
+    let (out, t) = train_data::forward_after_prefix(model, Some(adapter), prefix, &seqs, pad, mode, LogitsAt::None)?;
     let hidden = out.hidden.reshape((b * t, out.hidden.dim(2)?))?;
     let last: Vec<u32> = seqs.iter().enumerate().map(|(r, s)| (r * t + s.len() - 1) as u32).collect();
     let idx = Tensor::from_vec(last, b, hidden.device())?;
@@ -157,10 +148,7 @@ struct PairBuilder<'a> {
 
 impl<'a> PairBuilder<'a> {
     fn new(loaded: &'a LoadedModel, data: &[TaskData], args: &RewardModelArgs) -> Result<Self> {
-        let answers = data
-            .iter()
-            .map(|d| d.task.answer_texts().iter().map(|a| loaded.encode(a, false)).collect::<Result<Vec<_>, _>>())
-            .collect::<Result<_, _>>()?;
+        let answers = data.iter().map(|d| train_data::encode_answers(loaded, &d.task)).collect::<Result<_>>()?;
         let policy = match &args.policy_adapter {
             Some(dir) => Some(LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)?),
             None => None,
@@ -239,15 +227,8 @@ impl<'a> PairBuilder<'a> {
 
     /// Greedy analyses by the policy, after each label's answer and the opening analysis tag.
     fn write_rationales(&mut self, d: &TaskData, ti: usize, need: &[(usize, usize)]) -> Result<()> {
-        let mut prefix = KvCache::new(self.loaded.model.config().num_layers);
         let policy = self.policy.as_ref();
-        self.loaded.model.forward(
-            &TokenBatch::single(&d.prefix)?,
-            Some(&mut prefix),
-            policy,
-            Mode::Inference,
-            LogitsAt::None,
-        )?;
+        let prefix = train_data::prefix_cache(&self.loaded.model, policy, &d.prefix)?;
         let prompts: Vec<Vec<u32>> = need
             .iter()
             .map(|&(i, c)| {
@@ -351,15 +332,8 @@ pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
     let batches_per_epoch = train_data::batches_per_epoch(&data, args.batch_size);
     let total_steps = t.total_steps(batches_per_epoch as f64 / t.grad_accum as f64);
     let hidden = loaded.model.config().hidden_size;
-    let adapter = match &args.init_adapter {
-        Some(dir) => {
-            let tasks: Vec<Task> = data.iter().map(|d| d.task.clone()).collect();
-            eval::check_adapter(dir, &args.run.model, &tasks, cache)?;
-            eprintln!("starting from adapter {}", dir.display());
-            LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)?.trainable()?
-        }
-        None => LoraAdapter::init(args.lora.config(), loaded.model.config(), t.seed, DType::F32, &Device::Cpu)?,
-    };
+    let tasks: Vec<Task> = data.iter().map(|d| d.task.clone()).collect();
+    let adapter = initial_adapter(args.init_adapter.as_deref(), &args.lora, &args.run, &loaded, &tasks, t.seed, cache)?;
     let mut head = ScalarHead::init(HeadKind::Score, hidden, t.seed, &Device::Cpu)?;
     let mut vars: Vec<(String, Var)> = adapter.vars().to_vec();
     vars.extend(head.vars());
@@ -448,7 +422,7 @@ mod tests {
     #[test]
     fn the_score_is_the_head_at_the_last_real_token() {
         use models::random::{random_decoder, tiny_config};
-        use models::{Arch, LoraConfig, Projection, WeightMode};
+        use models::{Arch, LoraConfig, Projection, TokenBatch, WeightMode};
         let cfg = tiny_config(Arch::Qwen2, 64);
         let model = random_decoder(&cfg, 5, WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
         let lora = LoraConfig {

@@ -10,8 +10,9 @@
 //! <out>/adapter/                 the final adapter (+ verdict_manifest.json)
 //! ```
 
-use crate::eval::{self, EvalArgs};
+use crate::eval;
 use crate::optim::Optimizer;
+use crate::train_config::{LoopArgs, RunArgs};
 use crate::train_data::TaskData;
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
@@ -274,14 +275,17 @@ pub fn dev_eval(
     loaded: &LoadedModel,
     snapshot: &LoraAdapter,
     data: &[TaskData],
-    eval_args: impl Fn(&str) -> EvalArgs,
+    run: &RunArgs,
+    train: &LoopArgs,
     bar: &ProgressBar,
     cache: &Path,
 ) -> Result<(f64, Vec<serde_json::Value>)> {
     let mut scores = Vec::new();
     let mut reports = Vec::new();
     for d in data {
-        let r = bar.suspend(|| eval::eval_task(loaded, Some(snapshot), &d.task, &eval_args(&d.task.name), cache))?;
+        let r = bar.suspend(|| {
+            eval::eval_task(loaded, Some(snapshot), &d.task, &train.dev_eval_args(run, &d.task.name), cache)
+        })?;
         scores.push(r.score.score);
         reports.push(serde_json::json!({"task": d.task.name, "score": r.score}));
     }

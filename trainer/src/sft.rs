@@ -7,7 +7,6 @@
 //! on the dev split every `eval_every` steps and keep the best adapter; checkpoint atomically.
 //! Data order and dropout depend only on the seed and the step, so `--resume` continues exactly.
 
-use crate::eval::EvalArgs;
 use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig};
 use crate::run_dir::{self, MetricsLog, Recorder, RunState};
 use crate::train_config::{progress_bar, LoopArgs, LoraArgs, RunArgs};
@@ -15,7 +14,7 @@ use crate::train_data::{self, BatchPlan, TaskData};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use clap::Args;
-use models::{Decoder, KvCache, LogitsAt, LoraAdapter, Mode, Padding, TokenBatch};
+use models::{Decoder, LogitsAt, LoraAdapter, Mode};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -45,16 +44,6 @@ fn answer_nll(
     pad: u32,
     dropout_seed: u64,
 ) -> Result<(Tensor, usize)> {
-    let mut cache = KvCache::new(model.config().num_layers);
-    let train = |s: u64| Mode::Train { dropout_seed: Some(s) };
-    model.forward(
-        &TokenBatch::single(&data.prefix)?,
-        Some(&mut cache),
-        Some(adapter),
-        train(dropout_seed),
-        LogitsAt::None,
-    )?;
-    let mut cache = cache.expand_batch(rows.len())?;
     let mut seqs = Vec::with_capacity(rows.len());
     let mut positions = Vec::new();
     let mut targets = Vec::new();
@@ -66,11 +55,17 @@ fn answer_nll(
         }
         seqs.push(ex.body.iter().chain(&ex.answer).copied().collect::<Vec<u32>>());
     }
-    let batch = TokenBatch::new(&seqs, pad, Padding::Right)?;
-    let logits = model
-        .forward(&batch, Some(&mut cache), Some(adapter), train(dropout_seed ^ 0x5555), LogitsAt::Positions(positions))?
-        .logits
-        .expect("logits requested");
+    let mode = Mode::Train { dropout_seed: Some(dropout_seed) };
+    let (out, _) = train_data::forward_after_prefix(
+        model,
+        Some(adapter),
+        &data.prefix,
+        &seqs,
+        pad,
+        mode,
+        LogitsAt::Positions(positions),
+    )?;
+    let logits = out.logits.expect("logits requested");
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let n = targets.len();
     let targets = Tensor::from_vec(targets, (n, 1), logp.device())?;
@@ -134,7 +129,7 @@ pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
         }
         if t.eval_due(step, total_steps) {
             let snapshot = adapter.snapshot()?;
-            let (score, reports) = run_dir::dev_eval(&loaded, &snapshot, &data, args_eval(args), &bar, cache)?;
+            let (score, reports) = run_dir::dev_eval(&loaded, &snapshot, &data, &args.run, &args.train, &bar, cache)?;
             log.append(&serde_json::json!({"step": step, "dev_score": score, "dev": reports}))?;
             rec.dev_result(&mut state, score, &reports, &snapshot, None)?;
         }
@@ -146,11 +141,6 @@ pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
     rec.finish(&adapter, None, &state, start.elapsed().as_secs_f64())?;
     draw_curves(&args.run.out, &log)?;
     Ok(())
-}
-
-/// The dev evaluation settings of this run, per task.
-fn args_eval(args: &SftArgs) -> impl Fn(&str) -> EvalArgs + '_ {
-    move |task| args.train.dev_eval_args(&args.run, task)
 }
 
 fn draw_curves(out: &Path, log: &MetricsLog) -> Result<()> {

@@ -4,10 +4,12 @@
 use crate::eval::{EvalArgs, EvalMode, TaskSelection};
 use crate::optim::{OptimizerKind, Schedule};
 use crate::ModelArgs;
+use candle_core::{DType, Device};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use models::{LoraConfig, Projection};
-use std::path::PathBuf;
+use models::{LoadedModel, LoraAdapter, LoraConfig, Projection};
+use shared::task::Task;
+use std::path::{Path, PathBuf};
 
 /// Which model, which tasks, which run directory: the head of every training command.
 #[derive(Args, Clone)]
@@ -147,6 +149,28 @@ impl LoopArgs {
             predictions: false,
         }
     }
+}
+
+/// The adapter a run trains: `init` (an earlier run's adapter, whose manifest must fit this
+/// model and these tasks) as trainable variables, else a fresh one of `lora`'s shape.
+pub fn initial_adapter(
+    init: Option<&Path>,
+    lora: &LoraArgs,
+    run: &RunArgs,
+    loaded: &LoadedModel,
+    tasks: &[Task],
+    seed: u64,
+    cache: &Path,
+) -> anyhow::Result<LoraAdapter> {
+    let cfg = loaded.model.config();
+    Ok(match init {
+        Some(dir) => {
+            crate::eval::check_adapter(dir, &run.model, tasks, cache)?;
+            eprintln!("starting from adapter {}", dir.display());
+            LoraAdapter::load_peft_dir(dir, cfg, DType::F32, &Device::Cpu)?.trainable()?
+        }
+        None => LoraAdapter::init(lora.config(), cfg, seed, DType::F32, &Device::Cpu)?,
+    })
 }
 
 /// The training progress bar: position, rate and ETA (hidden when stderr is not a terminal).

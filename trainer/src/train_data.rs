@@ -5,10 +5,11 @@
 
 use crate::eval::{self, TaskSelection};
 use anyhow::{bail, Context, Result};
-use models::LoadedModel;
+use models::{Decoder, DecoderOutput, KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, Padding, TokenBatch};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use shared::task::CLOSE_TAG_STEM;
 use shared::task::{Label, Task};
 use std::path::Path;
 
@@ -125,4 +126,53 @@ pub fn load_split(
         eprintln!("task {}: {} {split} examples", name, items.len());
     }
     Ok(data)
+}
+
+/// Runs the one-row `prefix` once and its KV broadcast to every row of `seqs` (right-padded),
+/// the way every training pass (SFT loss, PPO scores, reward-model scores) runs a batch of one
+/// task. In training mode the rows get their own dropout masks (`seed ^ 0x5555`). Returns the
+/// output for the rows and their padded length.
+pub fn forward_after_prefix(
+    model: &Decoder,
+    adapter: Option<&LoraAdapter>,
+    prefix: &[u32],
+    seqs: &[Vec<u32>],
+    pad: u32,
+    mode: Mode,
+    logits_at: LogitsAt,
+) -> Result<(DecoderOutput, usize)> {
+    let body_mode = match mode {
+        Mode::Train { dropout_seed: Some(s) } => Mode::Train { dropout_seed: Some(s ^ 0x5555) },
+        m => m,
+    };
+    let batch = TokenBatch::new(seqs, pad, Padding::Right)?;
+    let t = batch.seq_len();
+    if prefix.is_empty() {
+        return Ok((model.forward(&batch, None, adapter, body_mode, logits_at)?, t));
+    }
+    let mut cache = KvCache::new(model.config().num_layers);
+    model.forward(&TokenBatch::single(prefix)?, Some(&mut cache), adapter, mode, LogitsAt::None)?;
+    let mut cache = cache.expand_batch(seqs.len())?;
+    Ok((model.forward(&batch, Some(&mut cache), adapter, body_mode, logits_at)?, t))
+}
+
+/// Every class's answer continuation (label word and closing tag), tokenized, in class order.
+pub fn encode_answers(loaded: &LoadedModel, task: &Task) -> Result<Vec<Vec<u32>>> {
+    Ok(task.answer_texts().iter().map(|a| loaded.encode(a, false)).collect::<Result<_, _>>()?)
+}
+
+/// The closing tag's stem in the tokenizations it can take after an answer: generation stops
+/// once its output ends with one of these.
+pub fn close_tag_stops(loaded: &LoadedModel) -> Result<Vec<Vec<u32>>> {
+    Ok([format!(" {CLOSE_TAG_STEM}"), CLOSE_TAG_STEM.to_string()]
+        .iter()
+        .map(|t| loaded.encode(t, false))
+        .collect::<Result<_, _>>()?)
+}
+
+/// The one-row prefix's KV under `adapter` (inference), for sampling after it.
+pub fn prefix_cache(model: &Decoder, adapter: Option<&LoraAdapter>, prefix: &[u32]) -> Result<KvCache> {
+    let mut cache = KvCache::new(model.config().num_layers);
+    model.forward(&TokenBatch::single(prefix)?, Some(&mut cache), adapter, Mode::Inference, LogitsAt::None)?;
+    Ok(cache)
 }

@@ -20,11 +20,10 @@ pub mod math;
 pub mod reward;
 pub mod rollout;
 
-use crate::eval::{self, EvalArgs};
 use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig};
 use crate::reward_model::LearnedReward;
 use crate::run_dir::{self, MetricsLog, Recorder, RunState};
-use crate::train_config::{progress_bar, LoopArgs, LoraArgs, RunArgs};
+use crate::train_config::{initial_adapter, progress_bar, LoopArgs, LoraArgs, RunArgs};
 use crate::train_data::{self, BatchPlan, TaskData};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -38,7 +37,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use reward::{Outcome, RuleReward};
 use rollout::{score_responses, split_rows, Responses};
-use shared::task::{Label, CLOSE_TAG_STEM};
+use shared::metrics::average as mean;
+use shared::task::Label;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -168,6 +168,8 @@ pub struct PpoArgs {
 struct Rollout {
     bodies: Vec<Vec<u32>>,
     responses: Vec<Vec<u32>>,
+    /// Per row: the summed per-token KL `logp - ref_logp` (the controller's input).
+    kl: Vec<f64>,
     /// Per row, per token.
     old_logp: Vec<Vec<f64>>,
     ref_logp: Vec<Vec<f64>>,
@@ -213,23 +215,12 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
     let total_steps = t.total_steps(train_data::batches_per_epoch(&data, args.batch_size) as f64);
     let hidden = loaded.model.config().hidden_size;
 
-    let (adapter, head) = match &args.init_adapter {
-        Some(dir) => {
-            let tasks: Vec<_> = data.iter().map(|d| d.task.clone()).collect();
-            eval::check_adapter(dir, &args.run.model, &tasks, cache)?;
-            let a = LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)?.trainable()?;
-            let h = if dir.join(HeadKind::Value.file()).is_file() {
-                ScalarHead::load(HeadKind::Value, hidden, dir, &Device::Cpu)?
-            } else {
-                ScalarHead::init(HeadKind::Value, hidden, t.seed, &Device::Cpu)?
-            };
-            eprintln!("starting from adapter {}", dir.display());
-            (a, h)
-        }
-        None => (
-            LoraAdapter::init(args.lora.config(), loaded.model.config(), t.seed, DType::F32, &Device::Cpu)?,
-            ScalarHead::init(HeadKind::Value, hidden, t.seed, &Device::Cpu)?,
-        ),
+    let tasks: Vec<_> = data.iter().map(|d| d.task.clone()).collect();
+    let adapter = initial_adapter(args.init_adapter.as_deref(), &args.lora, &args.run, &loaded, &tasks, t.seed, cache)?;
+    // A PPO adapter's value head comes along; otherwise the head starts fresh.
+    let head = match args.init_adapter.as_deref().filter(|d| d.join(HeadKind::Value.file()).is_file()) {
+        Some(dir) => ScalarHead::load(HeadKind::Value, hidden, dir, &Device::Cpu)?,
+        None => ScalarHead::init(HeadKind::Value, hidden, t.seed, &Device::Cpu)?,
     };
     let use_critic = args.algorithm == Algorithm::Ppo;
     let head = use_critic.then_some(head);
@@ -256,14 +247,9 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
     };
     let rec = Recorder::new(&args.run.out, &args.run.model, method, &data[0].task, t.keep_checkpoints, cache)?;
     let peak_lr = t.lr.unwrap_or(DEFAULT_LR);
-    let answers: Vec<Vec<Vec<u32>>> = data
-        .iter()
-        .map(|d| d.task.answer_texts().iter().map(|a| loaded.encode(a, false)).collect::<Result<Vec<_>, _>>())
-        .collect::<Result<_, _>>()?;
-    let close_tag: Vec<Vec<u32>> = [format!(" {CLOSE_TAG_STEM}"), CLOSE_TAG_STEM.to_string()]
-        .iter()
-        .map(|s| loaded.encode(s, false))
-        .collect::<Result<_, _>>()?;
+    let answers: Vec<Vec<Vec<u32>>> =
+        data.iter().map(|d| train_data::encode_answers(&loaded, &d.task)).collect::<Result<_>>()?;
+    let close_tag = train_data::close_tag_stops(&loaded)?;
 
     let bar = progress_bar(method, total_steps, state.step);
     let start = Instant::now();
@@ -281,7 +267,7 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
 
         // 1-3. Rollout and its scores, without gradients.
         let policy = adapter.snapshot()?;
-        let prefix_kv = rollout::prefix_cache(&loaded.model, Some(&policy), &d.prefix)?;
+        let prefix_kv = train_data::prefix_cache(&loaded.model, Some(&policy), &d.prefix)?;
         let bodies: Vec<Vec<u32>> =
             rows.iter().flat_map(|&i| std::iter::repeat_n(d.examples[i].body.clone(), group)).collect();
         let golds: Vec<Label> = rows.iter().flat_map(|&i| std::iter::repeat_n(d.examples[i].label, group)).collect();
@@ -338,13 +324,7 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
         };
         let rollout =
             build_rollout(args, &loaded, &policy, head.as_ref(), d, bodies, responses, &scores, restrict, &kl_ctl)?;
-        let kl_per_response: Vec<f64> = rollout
-            .old_logp
-            .iter()
-            .zip(&rollout.ref_logp)
-            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x - y).sum())
-            .collect();
-        let mean_kl = mean(&kl_per_response);
+        let mean_kl = mean(&rollout.kl);
 
         // 5. PPO epochs over shuffled mini-batches.
         let lr = learning_rate(t.schedule, peak_lr, step, t.warmup_steps, total_steps);
@@ -436,7 +416,7 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
         }
         if t.eval_due(step, total_steps) {
             let snapshot = adapter.snapshot()?;
-            let (score, reports) = run_dir::dev_eval(&loaded, &snapshot, &data, eval_args(args), &bar, cache)?;
+            let (score, reports) = run_dir::dev_eval(&loaded, &snapshot, &data, &args.run, &args.train, &bar, cache)?;
             log.append(&serde_json::json!({"step": step, "dev_score": score, "dev": reports}))?;
             rec.dev_result(&mut state, score, &reports, &snapshot, head.as_ref())?;
         }
@@ -484,6 +464,10 @@ fn build_rollout(
         Some(v) => to_rows(&v.detach())?,
         None => lens.iter().map(|&l| vec![0.0; l]).collect(),
     };
+    let mut kl = Vec::with_capacity(lens.len());
+    for i in 0..lens.len() {
+        kl.push(old_logp[i].iter().zip(&ref_logp[i]).map(|(a, b)| a - b).sum());
+    }
     let (mut advantages, mut returns) = (Vec::with_capacity(lens.len()), Vec::with_capacity(lens.len()));
     match args.algorithm {
         Algorithm::Ppo => {
@@ -507,7 +491,7 @@ fn build_rollout(
         math::whiten(&mut flat, true);
         advantages = split_rows(&flat, &lens);
     }
-    Ok(Rollout { bodies, responses, old_logp, ref_logp, old_values, advantages, returns })
+    Ok(Rollout { bodies, responses, kl, old_logp, ref_logp, old_values, advantages, returns })
 }
 
 /// The loss of one micro-batch (rows `micro` of the rollout), with gradients.
@@ -572,18 +556,6 @@ impl LossStats {
         self.approx_kl += s.approx_kl * w;
         self.entropy += s.entropy * w;
     }
-}
-
-fn mean(xs: &[f64]) -> f64 {
-    if xs.is_empty() {
-        0.0
-    } else {
-        xs.iter().sum::<f64>() / xs.len() as f64
-    }
-}
-
-fn eval_args(args: &PpoArgs) -> impl Fn(&str) -> EvalArgs + '_ {
-    move |task| args.train.dev_eval_args(&args.run, task)
 }
 
 fn draw_curves(out: &Path, log: &MetricsLog, method: &str) -> Result<()> {

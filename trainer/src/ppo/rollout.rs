@@ -6,10 +6,11 @@
 //! reference log-probs (the same base with the adapter switched off: no second copy of the
 //! weights) and, in training mode, the log-probs and values the PPO loss differentiates.
 
+use crate::train_data::forward_after_prefix;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use models::generate::allowed_next;
-use models::{Decoder, KvCache, LogitsAt, LoraAdapter, Mode, Padding, ScalarHead, TokenBatch};
+use models::{Decoder, LogitsAt, LoraAdapter, Mode, ScalarHead};
 
 /// Added to the logits of tokens outside the allowed set: finite, so `p * log p` stays 0.
 const MASKED: f32 = -1e9;
@@ -58,15 +59,6 @@ pub fn score_responses(
     if r.bodies.iter().any(|x| x.is_empty()) || r.responses.iter().any(|x| x.is_empty()) {
         bail!("score_responses: empty body or response");
     }
-    let body_mode = match mode {
-        Mode::Train { dropout_seed: Some(s) } => Mode::Train { dropout_seed: Some(s ^ 0x5555) },
-        m => m,
-    };
-    let mut cache = KvCache::new(model.config().num_layers);
-    if !r.prefix.is_empty() {
-        model.forward(&TokenBatch::single(r.prefix)?, Some(&mut cache), adapter, mode, LogitsAt::None)?;
-        cache = cache.expand_batch(b)?;
-    }
     let mut seqs = Vec::with_capacity(b);
     let mut positions = Vec::with_capacity(r.num_tokens());
     let mut targets = Vec::with_capacity(r.num_tokens());
@@ -77,15 +69,8 @@ pub fn score_responses(
         }
         seqs.push(body.iter().chain(resp.iter()).copied().collect::<Vec<u32>>());
     }
-    let batch = TokenBatch::new(&seqs, pad, Padding::Right)?;
-    let t = batch.seq_len();
-    let out = model.forward(
-        &batch,
-        if r.prefix.is_empty() { None } else { Some(&mut cache) },
-        adapter,
-        body_mode,
-        LogitsAt::Positions(positions.clone()),
-    )?;
+    let (out, t) =
+        forward_after_prefix(model, adapter, r.prefix, &seqs, pad, mode, LogitsAt::Positions(positions.clone()))?;
     let mut logits = out.logits.expect("logits requested").to_dtype(DType::F32)?;
     let n = targets.len();
     if !r.restrict_to.is_empty() {
@@ -132,19 +117,12 @@ pub fn split_rows<T: Clone>(flat: &[T], lens: &[usize]) -> Vec<Vec<T>> {
     out
 }
 
-/// The prefix's KV under `adapter`, for sampling.
-pub fn prefix_cache(model: &Decoder, adapter: Option<&LoraAdapter>, prefix: &[u32]) -> Result<KvCache> {
-    let mut cache = KvCache::new(model.config().num_layers);
-    model.forward(&TokenBatch::single(prefix)?, Some(&mut cache), adapter, Mode::Inference, LogitsAt::None)?;
-    Ok(cache)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
     use models::random::{random_decoder, tiny_config};
-    use models::{Arch, LoraConfig, Projection, WeightMode};
+    use models::{Arch, LoraConfig, Projection, TokenBatch, WeightMode};
 
     const VOCAB: usize = 64;
 
