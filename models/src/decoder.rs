@@ -40,9 +40,11 @@ pub enum LogitsAt {
 /// What a forward pass returns.
 #[derive(Debug, Clone)]
 pub struct DecoderOutput {
-    /// Final hidden states after the last norm, `[batch, seq, hidden]`: the value-head hook.
+    /// Final hidden states after the last norm, `[batch, seq, hidden]` (f32 under bf16/f16
+    /// weights): the value-head hook.
     pub hidden: Tensor,
-    /// Logits as requested by [`LogitsAt`] (`None` for [`LogitsAt::None`]).
+    /// Logits as requested by [`LogitsAt`] (`None` for [`LogitsAt::None`]; f32 under bf16/f16
+    /// weights).
     pub logits: Option<Tensor>,
 }
 
@@ -159,6 +161,10 @@ impl LayerCtx<'_> {
     ) -> Result<Option<Tensor>, Error> {
         let Some(pair) = adapter.pair(layer, proj) else { return Ok(None) };
         let cfg = adapter.config();
+        // The factors keep their own precision (f32) under bf16/f16 base weights; the delta
+        // returns in the activations' dtype.
+        let x_dtype = x.dtype();
+        let x = &x.to_dtype(pair.a.dtype())?;
         let x = match self.mode {
             Mode::Train { dropout_seed: Some(seed) } if cfg.dropout > 0.0 => {
                 let site = seed ^ ((layer as u64) << 32) ^ ((proj as u64 + 1) << 56);
@@ -166,7 +172,7 @@ impl LayerCtx<'_> {
             }
             _ => x.clone(),
         };
-        Ok(Some((matmul_wt(&matmul_wt(&x, &pair.a)?, &pair.b)? * cfg.scaling())?))
+        Ok(Some((matmul_wt(&matmul_wt(&x, &pair.a)?, &pair.b)? * cfg.scaling())?.to_dtype(x_dtype)?))
     }
 
     fn rope(&self, x: &Tensor) -> Result<Tensor, Error> {
@@ -505,7 +511,12 @@ impl Decoder {
             }
             LogitsAt::Positions(pos) => Some(head(&gather_positions(&hidden, &pos)?)?),
         };
-        Ok(DecoderOutput { hidden, logits })
+        // Heads, log-probs and losses work in f32 (or f64) whatever the weights' precision.
+        let widen = |t: Tensor| match t.dtype() {
+            DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
+            _ => Ok(t),
+        };
+        Ok(DecoderOutput { hidden: widen(hidden)?, logits: logits.map(widen).transpose()? })
     }
 
     /// A copy of the model with the adapter's deltas added into the base weights: one adapter

@@ -3,7 +3,7 @@
 
 use crate::config::{Arch, DecoderConfig};
 use crate::decoder::Decoder;
-use crate::linear::BaseWeight;
+use crate::linear::{qtensor_to_device, BaseWeight};
 use crate::load::{LoadedModel, SpecialTokens};
 use crate::tokenizer::{self, GgufVocab};
 use crate::weights::{WeightMap, WeightMode};
@@ -165,17 +165,19 @@ pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -
     let mut tensors = HashMap::new();
     for gguf_name in content.tensor_infos.keys() {
         let Some(name) = hf_name(gguf_name) else { continue };
-        let mut t = content.tensor(&mut reader, gguf_name, device)?;
+        // Blocks are read and reordered on the CPU; only the finished weight moves to `device`.
+        let cpu = &Device::Cpu;
+        let mut t = content.tensor(&mut reader, gguf_name, cpu)?;
         if cfg.arch == Arch::Llama {
             if name.ends_with("q_proj.weight") {
-                t = unpermute_rows(&t, cfg.num_heads, device)?;
+                t = unpermute_rows(&t, cfg.num_heads, cpu)?;
             } else if name.ends_with("k_proj.weight") {
-                t = unpermute_rows(&t, cfg.num_kv_heads, device)?;
+                t = unpermute_rows(&t, cfg.num_kv_heads, cpu)?;
             }
         }
         let w = match mode {
-            WeightMode::Quantized if t.rank() == 2 => BaseWeight::Quantized(Arc::new(t)),
-            _ => BaseWeight::Dense(t.dequantize(device)?.to_dtype(dtype)?),
+            WeightMode::Quantized if t.rank() == 2 => BaseWeight::Quantized(Arc::new(qtensor_to_device(t, device)?)),
+            _ => BaseWeight::Dense(t.dequantize(cpu)?.to_dtype(dtype)?.to_device(device)?),
         };
         tensors.insert(name, w);
     }

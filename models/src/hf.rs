@@ -3,7 +3,7 @@
 
 use crate::config::DecoderConfig;
 use crate::decoder::Decoder;
-use crate::linear::BaseWeight;
+use crate::linear::{qtensor_to_device, BaseWeight};
 use crate::load::{LoadedModel, SpecialTokens};
 use crate::weights::{WeightMap, WeightMode};
 use crate::Error;
@@ -60,15 +60,17 @@ pub fn load_dir(dir: &Path, mode: WeightMode, dtype: DType, device: &Device) -> 
         let st = safetensors::SafeTensors::deserialize(&mmap)
             .map_err(|e| Error::Format(format!("{}: {e}", file.display())))?;
         for (name, view) in st.tensors() {
-            let t = Tensor::from_raw_buffer(view.data(), candle_dtype(view.dtype())?, view.shape(), device)?;
+            // Read and quantize on the CPU; only the finished weight moves to `device`.
+            let t = Tensor::from_raw_buffer(view.data(), candle_dtype(view.dtype())?, view.shape(), &Device::Cpu)?;
             let quantizable = mode == WeightMode::Quantized
                 && t.rank() == 2
                 && name.ends_with("_proj.weight")
                 && t.dim(1)?.is_multiple_of(GgmlDType::Q8_0.block_size());
             let w = if quantizable {
-                BaseWeight::Quantized(Arc::new(QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::Q8_0)?))
+                let q = QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;
+                BaseWeight::Quantized(Arc::new(qtensor_to_device(q, device)?))
             } else {
-                BaseWeight::Dense(t.to_dtype(dtype)?)
+                BaseWeight::Dense(t.to_dtype(dtype)?.to_device(device)?)
             };
             tensors.insert(name, w);
         }

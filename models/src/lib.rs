@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod config;
 pub mod decoder;
+pub mod device;
 pub mod generate;
 pub mod gguf;
 pub mod head;
@@ -23,6 +24,7 @@ pub mod weights;
 pub use batch::{KvCache, Padding, TokenBatch};
 pub use config::{Arch, DecoderConfig};
 pub use decoder::{Adapters, Decoder, DecoderOutput, LogitsAt, Mode};
+pub use device::{DTypeSpec, DeviceSpec};
 pub use head::ScalarHead;
 pub use load::{load_model, LoadedModel, SpecialTokens};
 pub use lora::{LoraAdapter, LoraConfig, Projection};

@@ -37,6 +37,14 @@ impl BaseWeight {
     }
 }
 
+/// `q` on `device`: the same blocks, byte for byte (a no-op on the CPU).
+pub fn qtensor_to_device(q: QTensor, device: &candle_core::Device) -> Result<QTensor> {
+    if device.same_device(&q.device()) {
+        return Ok(q);
+    }
+    candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &q.data()?, q.shape().dims().to_vec(), device)
+}
+
 /// A frozen linear layer: base weight plus optional bias.
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {

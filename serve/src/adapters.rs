@@ -8,7 +8,7 @@
 //! serving one in place.
 
 use crate::metrics::Metrics;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use models::{Decoder, LoadedModel, LoraAdapter};
 use serde::Serialize;
 use shared::adapter::{Manifest, MANIFEST_FILE};
@@ -293,8 +293,9 @@ impl AdapterTable {
             }
             let manifest = Manifest::read(&dir)?;
             manifest.check(&self.base_sha256, spec)?;
-            let adapter = LoraAdapter::load_peft_dir(&dir, self.model.model.config(), DType::F32, &Device::Cpu)
-                .map_err(|e| format!("cannot load the adapter: {e}"))?;
+            let adapter =
+                LoraAdapter::load_peft_dir(&dir, self.model.model.config(), DType::F32, self.model.model.device())
+                    .map_err(|e| format!("cannot load the adapter: {e}"))?;
             for (name, t) in adapter.named_tensors() {
                 let finite = t
                     .abs()

@@ -15,7 +15,7 @@ use actix_web::{web, App, HttpServer};
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device};
 use clap::Parser;
-use models::{load_model, WeightMode};
+use models::{load_model, DTypeSpec, DeviceSpec, WeightMode};
 use shared::adapter::weights_sha256;
 use shared::assets;
 use shared::registry::Registry;
@@ -40,6 +40,13 @@ struct Cli {
     /// 2x slower per request on Qwen2.5-0.5B, see docs/benchmarks.md).
     #[arg(long, env = "VERDICT_WEIGHTS", default_value = "dense")]
     weights: WeightMode,
+    /// `cpu`, `cuda` or `cuda:N` (a binary built with the `cuda` feature; see docs/gpu.md).
+    #[arg(long, env = "VERDICT_DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
+    /// Precision of the base weights and activations: `auto` (f32 on CPU, bf16 on a GPU),
+    /// `f32`, `bf16`, `f16`. Adapters and label probabilities stay f32.
+    #[arg(long, env = "VERDICT_DTYPE", default_value = "auto")]
+    dtype: DTypeSpec,
     #[arg(long, env = "VERDICT_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
     /// Extra task definitions (TOML, repeatable); see docs/tasks.md.
@@ -118,7 +125,7 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
     // Hash the weights (the adapters' manifests name them) while the model loads.
     let (loaded, sha) = std::thread::scope(|s| {
         let hasher = s.spawn(|| weights_sha256(&path));
-        let loaded = load_model(&path, weights, DType::F32, &Device::Cpu);
+        let loaded = load_model(&path, weights, cli.dtype, &cli.device);
         (loaded, hasher.join())
     });
     let loaded = Arc::new(loaded.map_err(|e| anyhow!("{}: {e}", path.display()))?);
@@ -160,6 +167,8 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
 struct LoadArgs {
     path: PathBuf,
     weights: WeightMode,
+    device: Device,
+    dtype: DType,
     adapters: PathBuf,
     task_files: Vec<PathBuf>,
     merged: bool,
@@ -178,6 +187,8 @@ async fn main() -> Result<()> {
             "--max-inputs, --max-input-tokens, --max-batch-rows and --max-batch-tokens must be positive"
         ));
     }
+    let device = cli.device.open()?;
+    let dtype = cli.dtype.resolve(&device);
     let cache = cli.cache_dir.clone().unwrap_or_else(assets::cache_dir);
     let path = assets::resolve_model(&cli.model, &cache).map_err(|e| anyhow!(e))?;
     let metrics = Arc::new(metrics::Metrics::default());
@@ -210,6 +221,8 @@ async fn main() -> Result<()> {
     let args = LoadArgs {
         path,
         weights: cli.weights,
+        device,
+        dtype,
         adapters: cli.adapters.clone(),
         task_files: cli.task_files.clone(),
         merged: cli.merged,

@@ -108,3 +108,33 @@ fn export_hf_writes_a_loadable_directory() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).starts_with(" Paris"), "{}", stdout(&o));
 }
+
+/// A CPU build asked for a GPU says so, and how to get a GPU build, instead of falling back.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_cpu_build_refuses_cuda_with_the_way_to_build_one() {
+    let dir = TempDir::new("no-cuda");
+    let model = dir.0.join("tiny");
+    tests::tiny::tiny_model_dir(&model);
+    let model = model.to_str().unwrap();
+    let o = run("verdict-train", &["generate", "--model", model, "--prompt", "hi", "--device", "cuda"], &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("without the `cuda` feature") && stderr(&o).contains("build_cuda.sh"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run("verdict-train", &["generate", "--model", model, "--prompt", "hi", "--device", "tpu"], &[]);
+    assert!(!o.status.success() && stderr(&o).contains("unknown device"), "{}", stderr(&o));
+    let o = run("verdict-serve", &["--model", model, "--port", "0", "--device", "cuda:1"], &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("without the `cuda` feature"), "{}", stderr(&o));
+    // bf16 on the CPU is allowed (slow, but correct: models/tests/devices.rs).
+    let o = run(
+        "verdict-train",
+        &["generate", "--model", model, "--prompt", "hi", "--dtype", "bf16", "--max-new-tokens", "2"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("BF16 on cpu"), "{}", stderr(&o));
+}

@@ -3,9 +3,9 @@
 
 use crate::ModelArgs;
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use models::{DecoderConfig, KvCache, LogitsAt, Mode, TokenBatch, WeightMode};
+use models::{DTypeSpec, DecoderConfig, DeviceSpec, KvCache, LogitsAt, Mode, TokenBatch, WeightMode};
 use std::path::Path;
 use std::time::Instant;
 
@@ -26,6 +26,12 @@ pub struct BenchArgs {
     /// Timed repetitions (the best is reported, as the least disturbed by other load).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Precision of dense weights: `auto` (f32 on CPU, bf16 on a GPU), `f32`, `bf16`, `f16`.
+    #[arg(long, default_value = "auto")]
+    dtype: DTypeSpec,
 }
 
 /// FLOPs of one prefill of `t` tokens with logits for the last one: projections, attention
@@ -38,15 +44,18 @@ pub fn prefill_flops(cfg: &DecoderConfig, t: usize) -> f64 {
     proj + attn + head
 }
 
-/// Best-of-`repeats` GFLOP/s of an `n x n x n` f32 matmul through candle's CPU kernels.
-fn matmul_rate(n: usize, repeats: usize) -> Result<f64> {
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+/// Best-of-`repeats` GFLOP/s of an `n x n x n` matmul in `dtype` through candle's kernels on
+/// `dev` (GPU work is synchronised before the clock stops).
+fn matmul_rate(n: usize, repeats: usize, dtype: DType, dev: &Device) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
     a.matmul(&b)?;
+    dev.synchronize()?;
     let mut best = f64::MAX;
     for _ in 0..repeats.max(3) {
         let t = Instant::now();
         a.matmul(&b)?;
+        dev.synchronize()?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
@@ -54,13 +63,20 @@ fn matmul_rate(n: usize, repeats: usize) -> Result<f64> {
 
 pub fn run(args: &BenchArgs, cache: &Path) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
-    let peak = matmul_rate(1024, args.repeats)?;
-    println!("f32 matmul 1024x1024x1024 through candle: {peak:.1} GFLOP/s ({threads} threads)\n");
+    let dev = args.device.open()?;
+    let dtype = args.dtype.resolve(&dev);
+    let n = if dev.is_cpu() { 1024 } else { 4096 };
+    let peak = matmul_rate(n, args.repeats, dtype, &dev)?;
+    println!(
+        "{dtype:?} matmul {n}x{n}x{n} through candle on {}: {peak:.1} GFLOP/s ({threads} CPU threads)\n",
+        args.device
+    );
     println!("| model | weights | prompt tokens | prefill s | prefill tok/s | prefill GFLOP/s | % of matmul rate | decode ms/token |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for name in &args.models {
         for &weights in &args.weights {
-            let loaded = ModelArgs { model: name.clone(), weights }.load(cache)?;
+            let loaded =
+                ModelArgs { model: name.clone(), weights, device: args.device, dtype: args.dtype }.load(cache)?;
             let model = &loaded.model;
             let cfg = model.config().clone();
             // A prompt of ordinary text, repeated to length.
@@ -72,6 +88,7 @@ pub fn run(args: &BenchArgs, cache: &Path) -> Result<()> {
                 let mut cache = KvCache::new(cfg.num_layers);
                 let t = Instant::now();
                 model.forward(&prompt, Some(&mut cache), None, Mode::Inference, LogitsAt::Last)?;
+                dev.synchronize()?;
                 Ok((t.elapsed().as_secs_f64(), cache))
             };
             prefill()?;

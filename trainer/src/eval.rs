@@ -4,7 +4,7 @@
 
 use crate::ModelArgs;
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use models::generate::{generate, Sampling};
@@ -442,7 +442,7 @@ pub fn run(args: &EvalArgs, cache: &Path) -> Result<()> {
     }
     let adapter = match &args.adapter {
         Some(dir) => Some(
-            LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)
+            LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, loaded.model.device())
                 .with_context(|| format!("loading adapter {}", dir.display()))?,
         ),
         None => None,

@@ -14,9 +14,8 @@ mod train_config;
 mod train_data;
 
 use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
-use models::{generate, load_model, LoadedModel, WeightMode};
+use models::{generate, load_model, DTypeSpec, DeviceSpec, LoadedModel, WeightMode};
 use shared::assets::{self, MODELS};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -104,10 +103,23 @@ enum Command {
 pub struct ModelArgs {
     /// A model name (`smollm2`, `qwen0.5b`, `qwen1.5b`), a .gguf file or a Hugging Face directory.
     #[arg(long, default_value = "smollm2")]
-    model: String,
+    pub model: String,
     /// `dense` (f32, the reference) or `quantized` (GGUF blocks as they are).
     #[arg(long, default_value = "dense")]
-    weights: WeightMode,
+    pub weights: WeightMode,
+    /// `cpu`, `cuda` or `cuda:N` (a binary built with the `cuda` feature; see docs/gpu.md).
+    #[arg(long, env = "VERDICT_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Precision of the base weights and activations: `auto` (f32 on CPU, bf16 on a GPU),
+    /// `f32`, `bf16`, `f16`. LoRA factors, heads and losses stay f32.
+    #[arg(long, env = "VERDICT_DTYPE", default_value = "auto")]
+    pub dtype: DTypeSpec,
+}
+
+impl Default for ModelArgs {
+    fn default() -> Self {
+        Self { model: "smollm2".into(), weights: WeightMode::Dense, device: DeviceSpec::Cpu, dtype: DTypeSpec::Auto }
+    }
 }
 
 impl ModelArgs {
@@ -128,13 +140,16 @@ impl ModelArgs {
     fn load(&self, cache: &std::path::Path) -> Result<LoadedModel> {
         let path = assets::resolve_model(&self.model, cache).map_err(|e| anyhow!(e))?;
         let t = Instant::now();
-        let loaded = load_model(&path, self.weights, DType::F32, &Device::Cpu)
-            .with_context(|| format!("loading {}", path.display()))?;
+        let device = self.device.open()?;
+        let dtype = self.dtype.resolve(&device);
+        let loaded =
+            load_model(&path, self.weights, dtype, &device).with_context(|| format!("loading {}", path.display()))?;
         eprintln!(
-            "loaded {} ({:?}, {:?} weights) in {:.1}s",
+            "loaded {} ({:?}, {:?} weights, {dtype:?} on {}) in {:.1}s",
             path.display(),
             loaded.model.config().arch,
             self.weights,
+            self.device,
             t.elapsed().as_secs_f64()
         );
         Ok(loaded)

@@ -15,7 +15,7 @@ use crate::train_config::{initial_adapter, progress_bar, LoopArgs, LoraArgs, Run
 use crate::train_data::{self, BatchPlan, TaskData};
 use crate::ModelArgs;
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use clap::Args;
 use models::generate::{generate, Sampling};
 use models::head::HeadKind;
@@ -98,8 +98,9 @@ impl LearnedReward {
     pub fn load(dir: &Path, loaded: &LoadedModel, model: &ModelArgs, tasks: &[Task], cache: &Path) -> Result<Self> {
         eval::check_adapter(dir, model, tasks, cache)?;
         let cfg = loaded.model.config();
-        let adapter = LoraAdapter::load_peft_dir(dir, cfg, DType::F32, &Device::Cpu)?;
-        let head = ScalarHead::load(HeadKind::Score, cfg.hidden_size, dir, &Device::Cpu)?;
+        let device = loaded.model.device();
+        let adapter = LoraAdapter::load_peft_dir(dir, cfg, DType::F32, device)?;
+        let head = ScalarHead::load(HeadKind::Score, cfg.hidden_size, dir, device)?;
         if head.norm.is_none() {
             bail!(
                 "{}: the score head has no normalisation (not written by `verdict-train reward-model`)",
@@ -150,7 +151,9 @@ impl<'a> PairBuilder<'a> {
     fn new(loaded: &'a LoadedModel, data: &[TaskData], args: &RewardModelArgs) -> Result<Self> {
         let answers = data.iter().map(|d| train_data::encode_answers(loaded, &d.task)).collect::<Result<_>>()?;
         let policy = match &args.policy_adapter {
-            Some(dir) => Some(LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, &Device::Cpu)?),
+            Some(dir) => {
+                Some(LoraAdapter::load_peft_dir(dir, loaded.model.config(), DType::F32, loaded.model.device())?)
+            }
             None => None,
         };
         Ok(Self {
@@ -334,7 +337,7 @@ pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
     let hidden = loaded.model.config().hidden_size;
     let tasks: Vec<Task> = data.iter().map(|d| d.task.clone()).collect();
     let adapter = initial_adapter(args.init_adapter.as_deref(), &args.lora, &args.run, &loaded, &tasks, t.seed, cache)?;
-    let mut head = ScalarHead::init(HeadKind::Score, hidden, t.seed, &Device::Cpu)?;
+    let mut head = ScalarHead::init(HeadKind::Score, hidden, t.seed, loaded.model.device())?;
     let mut vars: Vec<(String, Var)> = adapter.vars().to_vec();
     vars.extend(head.vars());
     let mut opt =
@@ -417,7 +420,7 @@ pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     #[test]
     fn the_score_is_the_head_at_the_last_real_token() {

@@ -148,17 +148,18 @@ pub fn load_checkpoint(
         if t.dims() != var.as_tensor().dims() {
             bail!("{}: {name} has shape {:?}, the run expects {:?}", dir.display(), t.dims(), var.as_tensor().dims());
         }
-        var.set(&t.to_dtype(var.as_tensor().dtype())?)?;
+        var.set(&t.to_dtype(var.as_tensor().dtype())?.to_device(var.device())?)?;
     }
+    let device = adapter.vars().first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
     if let Some(head) = head {
-        head.set_from(&ScalarHead::load(head.kind(), head.width(), dir, &Device::Cpu)?)?;
+        head.set_from(&ScalarHead::load(head.kind(), head.width(), dir, &device)?)?;
     }
     opt.state.clear();
     let opt_file = dir.join("optimizer.safetensors");
     if opt_file.is_file() {
         for (key, t) in candle_core::safetensors::load(&opt_file, &Device::Cpu)? {
             let (var, k) = key.rsplit_once("::").context("optimizer tensor name")?;
-            opt.state.entry(var.to_string()).or_default().insert(k.to_string(), t);
+            opt.state.entry(var.to_string()).or_default().insert(k.to_string(), t.to_device(&device)?);
         }
     }
     Ok(state)

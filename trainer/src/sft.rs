@@ -12,7 +12,7 @@ use crate::run_dir::{self, MetricsLog, Recorder, RunState};
 use crate::train_config::{progress_bar, LoopArgs, LoraArgs, RunArgs};
 use crate::train_data::{self, BatchPlan, TaskData};
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use clap::Args;
 use models::{Decoder, LogitsAt, LoraAdapter, Mode};
 use std::collections::BTreeMap;
@@ -81,7 +81,8 @@ pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
     let batches_per_epoch = train_data::batches_per_epoch(&data, args.batch_size);
     let total_steps = t.total_steps(batches_per_epoch as f64 / t.grad_accum as f64);
 
-    let adapter = LoraAdapter::init(args.lora.config(), loaded.model.config(), t.seed, DType::F32, &Device::Cpu)?;
+    let adapter =
+        LoraAdapter::init(args.lora.config(), loaded.model.config(), t.seed, DType::F32, loaded.model.device())?;
     let mut opt =
         Optimizer::new(OptimizerConfig { kind: t.optimizer, weight_decay: t.weight_decay, ..Default::default() });
     let mut state = RunState::default();

@@ -4,7 +4,7 @@
 use crate::eval::{EvalArgs, EvalMode, TaskSelection};
 use crate::optim::{OptimizerKind, Schedule};
 use crate::ModelArgs;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use models::{LoadedModel, LoraAdapter, LoraConfig, Projection};
@@ -167,9 +167,9 @@ pub fn initial_adapter(
         Some(dir) => {
             crate::eval::check_adapter(dir, &run.model, tasks, cache)?;
             eprintln!("starting from adapter {}", dir.display());
-            LoraAdapter::load_peft_dir(dir, cfg, DType::F32, &Device::Cpu)?.trainable()?
+            LoraAdapter::load_peft_dir(dir, cfg, DType::F32, loaded.model.device())?.trainable()?
         }
-        None => LoraAdapter::init(lora.config(), cfg, seed, DType::F32, &Device::Cpu)?,
+        None => LoraAdapter::init(lora.config(), cfg, seed, DType::F32, loaded.model.device())?,
     })
 }
 

@@ -26,7 +26,7 @@ use crate::run_dir::{self, MetricsLog, Recorder, RunState};
 use crate::train_config::{initial_adapter, progress_bar, LoopArgs, LoraArgs, RunArgs};
 use crate::train_data::{self, BatchPlan, TaskData};
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use clap::{Args, ValueEnum};
 use math::KlController;
 use models::generate::{generate, Sampling};
@@ -219,8 +219,8 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
     let adapter = initial_adapter(args.init_adapter.as_deref(), &args.lora, &args.run, &loaded, &tasks, t.seed, cache)?;
     // A PPO adapter's value head comes along; otherwise the head starts fresh.
     let head = match args.init_adapter.as_deref().filter(|d| d.join(HeadKind::Value.file()).is_file()) {
-        Some(dir) => ScalarHead::load(HeadKind::Value, hidden, dir, &Device::Cpu)?,
-        None => ScalarHead::init(HeadKind::Value, hidden, t.seed, &Device::Cpu)?,
+        Some(dir) => ScalarHead::load(HeadKind::Value, hidden, dir, loaded.model.device())?,
+        None => ScalarHead::init(HeadKind::Value, hidden, t.seed, loaded.model.device())?,
     };
     let use_critic = args.algorithm == Algorithm::Ppo;
     let head = use_critic.then_some(head);
