@@ -10,7 +10,8 @@
 #      tests/tests/gpu.rs), into target/cuda (the CPU build in target/ is left alone);
 #   4. dist/verdict-gpu.tar.zst (stripped binaries, the test binaries laid out so that they
 #      find the binaries, scripts/gpu_check.sh), small enough for the device tool's carry.
-# Environment: CUDA_COMPUTE_CAP (default 90: H100/H200), VERDICT_CUDA_ROOT, PIP (default pip).
+# Environment: CUDA_COMPUTE_CAP (default 90: H100/H200), VERDICT_CUDA_ROOT, PIP (default pip),
+# VERDICT_CUDA_WHEELS (a directory to download the wheels into, or that already has them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -20,8 +21,7 @@ pip=${PIP:-pip}
 
 if [ ! -x "$root/nvidia/cu13/bin/nvcc" ]; then
   echo "== assembling the CUDA 13.0 toolkit from PyPI wheels into $root"
-  wheels=$(mktemp -d)
-  trap 'rm -rf "$wheels"' EXIT
+  wheels=${VERDICT_CUDA_WHEELS:-$(mktemp -d)}
   "$pip" download --no-deps --only-binary=:all: --python-version 3.11 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$wheels" \
