@@ -12,11 +12,13 @@ pub enum Padding {
     Right,
 }
 
-/// A rectangular batch of token ids with a mask of which entries are real tokens.
+/// A rectangular batch of token ids with a mask of which entries are real tokens, and
+/// optionally a branch id per entry (a depth-1 token tree, see [`TokenBatch::with_branches`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenBatch {
     ids: Vec<Vec<u32>>,
     mask: Vec<Vec<bool>>,
+    branches: Option<Vec<Vec<u32>>>,
 }
 
 impl TokenBatch {
@@ -43,7 +45,7 @@ impl TokenBatch {
             ids.push(row);
             mask.push(m);
         }
-        Ok(Self { ids, mask })
+        Ok(Self { ids, mask, branches: None })
     }
 
     /// One unpadded sequence.
@@ -58,7 +60,7 @@ impl TokenBatch {
             return Err(Error::Invalid("rows must be non-empty and of equal length".into()));
         }
         let mask = rows.iter().map(|r| vec![true; r.len()]).collect();
-        Ok(Self { ids: rows, mask })
+        Ok(Self { ids: rows, mask, branches: None })
     }
 
     /// Rows with an explicit mask (`false` entries are padding), e.g. finished rows of a
@@ -68,7 +70,23 @@ impl TokenBatch {
         if len == 0 || ids.len() != mask.len() || ids.iter().zip(&mask).any(|(i, m)| i.len() != len || m.len() != len) {
             return Err(Error::Invalid("ids and mask must be non-empty rows of one length".into()));
         }
-        Ok(Self { ids, mask })
+        Ok(Self { ids, mask, branches: None })
+    }
+
+    /// Rows with an explicit mask and a branch id per entry: 0 for the trunk, `k > 0` for
+    /// branch `k`. A token attends to the cache, to the real trunk tokens before it, and to the
+    /// real tokens before it in its own branch, never to another branch; its rotary position is
+    /// what it would have if its branch alone followed the trunk. Several continuations of one
+    /// prompt (the candidate answers of constrained scoring) thus run in one sequence, each
+    /// computing what it would compute alone. A forward of such a batch reads a cache but
+    /// leaves it unchanged ([`crate::Decoder::forward`]).
+    pub fn with_branches(ids: Vec<Vec<u32>>, mask: Vec<Vec<bool>>, branches: Vec<Vec<u32>>) -> Result<Self, Error> {
+        let mut batch = Self::with_mask(ids, mask)?;
+        if branches.len() != batch.ids.len() || branches.iter().any(|b| b.len() != batch.seq_len()) {
+            return Err(Error::Invalid("branch ids must have the shape of the token ids".into()));
+        }
+        batch.branches = Some(branches);
+        Ok(batch)
     }
 
     /// Number of rows.
@@ -89,6 +107,11 @@ impl TokenBatch {
     /// `true` where a real token sits.
     pub fn mask(&self) -> &[Vec<bool>] {
         &self.mask
+    }
+
+    /// Branch id of every entry (0: trunk), `None` for a batch without branches.
+    pub fn branches(&self) -> Option<&[Vec<u32>]> {
+        self.branches.as_deref()
     }
 
     /// Column of each row's last real token (`None` for an all-padding row).

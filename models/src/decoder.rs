@@ -13,6 +13,7 @@ use crate::weights::{WeightMap, WeightMode, Weights};
 use crate::Error;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Which computation path a forward pass takes.
@@ -428,7 +429,8 @@ impl Decoder {
         &self.device
     }
 
-    /// Runs the model over `batch`, appending to `cache` when given.
+    /// Runs the model over `batch`, appending to `cache` when given; a batch with branches
+    /// ([`TokenBatch::with_branches`]) reads `cache` but leaves it unchanged.
     ///
     /// Rotary positions continue from the real tokens already in the cache, so left or right
     /// padding, incremental decoding and a shared prefix all give each real token the position
@@ -450,12 +452,19 @@ impl Decoder {
     pub fn forward_rows(
         &self,
         batch: &TokenBatch,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         adapters: Adapters,
         mode: Mode,
         logits_at: LogitsAt,
     ) -> Result<DecoderOutput, Error> {
         let (b, t) = (batch.batch_size(), batch.seq_len());
+        // Branch tokens must never reach the caller's cache (a later forward would attend to
+        // them all): a branched forward appends to a copy (its tensors are shared, not copied).
+        let mut scratch = None;
+        let mut cache = match cache {
+            Some(c) if batch.branches().is_some() => Some(scratch.insert(c.clone())),
+            c => c,
+        };
         if let Adapters::PerRow(rows) = adapters {
             if rows.len() != b {
                 return Err(Error::Invalid(format!("{} per-row adapters for a batch of {b} rows", rows.len())));
@@ -470,7 +479,7 @@ impl Decoder {
             }
             _ => (vec![Vec::new(); b], vec![0; b]),
         };
-        let positions = positions(batch.mask(), &past_lens);
+        let positions = positions(batch.mask(), batch.branches(), &past_lens);
         if let Some(max) = positions.iter().flatten().max() {
             if *max >= self.cfg.max_position_embeddings {
                 return Err(Error::Invalid(format!(
@@ -480,7 +489,7 @@ impl Decoder {
             }
         }
         let (cos, sin) = self.rope.cos_sin(&positions, self.dtype, &self.device)?;
-        let mask = attention_mask(&past_mask, batch.mask(), self.dtype, &self.device)?;
+        let mask = attention_mask(&past_mask, batch.mask(), batch.branches(), self.dtype, &self.device)?;
         let ctx = LayerCtx { mode, adapters, mask, cos, sin };
 
         let mut x = self.embed_tokens.embedding(&batch.ids_tensor(&self.device)?.flatten_all()?)?.reshape((
@@ -604,18 +613,29 @@ impl DecoderLayer {
     }
 }
 
-/// Rotary position of every new token: real tokens already cached plus real tokens before it
-/// in this block. Padding entries repeat the neighbouring position (they are masked anyway).
-fn positions(mask: &[Vec<bool>], past_lens: &[usize]) -> Vec<Vec<usize>> {
+/// Rotary position of every new token: real tokens already cached plus the real tokens before
+/// it that it attends to (the trunk's, and its own branch's when `branches` gives it one).
+/// Padding entries repeat the neighbouring position (they are masked anyway).
+fn positions(mask: &[Vec<bool>], branches: Option<&[Vec<u32>]>, past_lens: &[usize]) -> Vec<Vec<usize>> {
     mask.iter()
         .zip(past_lens)
-        .map(|(row, &past)| {
-            let mut seen = 0usize;
+        .enumerate()
+        .map(|(r, (row, &past))| {
+            // Real tokens seen so far on the trunk and on each branch.
+            let mut trunk = 0usize;
+            let mut own: HashMap<u32, usize> = HashMap::new();
             row.iter()
-                .map(|&real| {
+                .enumerate()
+                .map(|(c, &real)| {
+                    let b = branches.map_or(0, |br| br[r][c]);
                     if real {
-                        seen += 1;
+                        if b == 0 {
+                            trunk += 1;
+                        } else {
+                            *own.entry(b).or_default() += 1;
+                        }
                     }
+                    let seen = trunk + if b == 0 { 0 } else { own.get(&b).copied().unwrap_or(0) };
                     past + seen.saturating_sub(1)
                 })
                 .collect()
@@ -624,11 +644,19 @@ fn positions(mask: &[Vec<bool>], past_lens: &[usize]) -> Vec<Vec<usize>> {
 }
 
 /// `[batch, 1, 1, seq, past + seq]` additive mask: causal over the new tokens, padding keys
-/// hidden everywhere. A padding query may see itself so its row is never fully masked.
-fn attention_mask(past: &[Vec<bool>], new: &[Vec<bool>], dtype: DType, device: &Device) -> Result<Tensor, Error> {
+/// hidden everywhere; with `branches`, a token sees only the trunk and its own branch. A padding
+/// query may see itself so its row is never fully masked.
+fn attention_mask(
+    past: &[Vec<bool>],
+    new: &[Vec<bool>],
+    branches: Option<&[Vec<u32>]>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor, Error> {
     let (b, t) = (new.len(), new[0].len());
     let p = past.first().map(Vec::len).unwrap_or(0);
     let keys = p + t;
+    let branch = |r: usize, c: usize| branches.map_or(0, |br| br[r][c]);
     let mut m = vec![MASKED as f32; b * t * keys];
     for r in 0..b {
         for i in 0..t {
@@ -639,7 +667,8 @@ fn attention_mask(past: &[Vec<bool>], new: &[Vec<bool>], dtype: DType, device: &
                 }
             }
             for j in 0..=i {
-                if new[r][j] || j == i && !new[r][i] {
+                let same_tree_path = branch(r, j) == 0 || branch(r, j) == branch(r, i);
+                if new[r][j] && same_tree_path || j == i && !new[r][i] {
                     row[p + j] = 0.0;
                 }
             }
@@ -669,16 +698,38 @@ mod tests {
     #[test]
     fn positions_follow_real_tokens() {
         let mask = vec![vec![false, false, true, true], vec![true, true, true, false]];
-        assert_eq!(positions(&mask, &[0, 0]), vec![vec![0, 0, 0, 1], vec![0, 1, 2, 2]]);
-        assert_eq!(positions(&mask, &[5, 2]), vec![vec![5, 5, 5, 6], vec![2, 3, 4, 4]]);
+        assert_eq!(positions(&mask, None, &[0, 0]), vec![vec![0, 0, 0, 1], vec![0, 1, 2, 2]]);
+        assert_eq!(positions(&mask, None, &[5, 2]), vec![vec![5, 5, 5, 6], vec![2, 3, 4, 4]]);
     }
 
     #[test]
     fn mask_is_causal_and_hides_padding() {
-        let m = attention_mask(&[vec![true, false]], &[vec![true, true]], DType::F32, &Device::Cpu).unwrap();
+        let m = attention_mask(&[vec![true, false]], &[vec![true, true]], None, DType::F32, &Device::Cpu).unwrap();
         let m: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
         // keys: past0 (real), past1 (pad), new0, new1
         let x = MASKED as f32;
         assert_eq!(m, vec![0.0, x, 0.0, x, 0.0, x, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn branches_see_the_trunk_and_themselves_and_take_positions_after_the_trunk() {
+        // Trunk t0 t1, branch 1 (a0 a1), branch 2 (b0), then padding.
+        let mask = vec![vec![true, true, true, true, true, false]];
+        let branches = vec![vec![0, 0, 1, 1, 2, 0]];
+        assert_eq!(positions(&mask, Some(&branches), &[3]), vec![vec![3, 4, 5, 6, 5, 4]]);
+        let m = attention_mask(&[Vec::new()], &mask, Some(&branches), DType::F32, &Device::Cpu).unwrap();
+        let m: Vec<Vec<f32>> = m.reshape((6, 6)).unwrap().to_vec2().unwrap();
+        let x = MASKED as f32;
+        assert_eq!(
+            m,
+            vec![
+                vec![0.0, x, x, x, x, x],
+                vec![0.0, 0.0, x, x, x, x],
+                vec![0.0, 0.0, 0.0, x, x, x],
+                vec![0.0, 0.0, 0.0, 0.0, x, x],
+                vec![0.0, 0.0, x, x, 0.0, x],
+                vec![0.0, 0.0, x, x, x, 0.0],
+            ]
+        );
     }
 }

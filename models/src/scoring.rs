@@ -1,14 +1,15 @@
 //! Constrained label scoring: the exact log-probability of every candidate answer's full token
 //! sequence after each prompt.
 //!
-//! Two forwards per batch, whatever the answers' lengths: one prefill of the prompts (optionally
-//! continuing from a prefix cache), whose last logits give every candidate's first token; then
-//! one teacher-forced forward of all candidates at once (each prompt's cache repeated once per
-//! candidate of more than one token), whose logits give the rest. A forward of a few tokens
-//! costs about as much as one of one token (per-op overhead dominates), so this beats walking
-//! the candidates token by token.
+//! One forward per batch, whatever the answers' lengths. Each row is its prompt followed by
+//! every candidate of more than one token (all but its last token) as a branch of a depth-1
+//! token tree ([`TokenBatch::with_branches`]): a branch sees the cache, its prompt and its own
+//! earlier tokens, never another candidate, and takes the positions it would have alone after
+//! the prompt. The prompt's last logits give every candidate's first token, each branch
+//! position's logits the candidate's next one. On a CPU every forward streams all the weights
+//! once, so one forward of a few more tokens costs far less than a second forward.
 
-use crate::batch::{KvCache, Padding, TokenBatch};
+use crate::batch::{KvCache, TokenBatch};
 use crate::decoder::{Adapters, Decoder, LogitsAt, Mode};
 use crate::lora::LoraAdapter;
 use crate::Error;
@@ -57,68 +58,50 @@ pub fn score_rows(
     if candidates.iter().flat_map(|c| c.iter()).any(Vec::is_empty) {
         return Err(Error::Invalid("a candidate answer has no tokens".into()));
     }
-    let batch = TokenBatch::new(prompts, pad_id, Padding::Right)?;
-    let logits = model
-        .forward_rows(&batch, Some(&mut cache), adapters, Mode::Inference, LogitsAt::Last)?
-        .logits
-        .ok_or_else(|| Error::Invalid("no logits".into()))?;
-    // First tokens, from the prefill's last position.
-    let (mut rows, mut toks) = (Vec::new(), Vec::new());
-    for (i, cands) in candidates.iter().enumerate() {
-        for c in cands.iter() {
-            rows.push(i);
-            toks.push(c[0]);
-        }
+    if prompts.iter().any(Vec::is_empty) {
+        // The first answer token is read from the prompt's last logits.
+        return Err(Error::Invalid("a prompt has no tokens".into()));
     }
-    let first = pick_log_probs(&logits, &rows, &toks)?;
-    let mut out: Vec<Vec<f64>> = candidates.iter().map(|c| vec![0f64; c.len()]).collect();
-    let mut k = 0;
-    for (i, cands) in candidates.iter().enumerate() {
-        for slot in out[i].iter_mut().take(cands.len()) {
-            *slot = first[k];
-            k += 1;
-        }
-    }
-    // The rest: every longer candidate fed (but its last token) after its prompt, one forward.
-    let mut owners = Vec::new();
-    let mut feeds = Vec::new();
-    for (i, cands) in candidates.iter().enumerate() {
+    // Row i: its prompt (branch 0), then candidate c's tokens but the last as branch c + 1.
+    // `columns` are the positions that get logits; `picks` (logit row, row, candidate, token)
+    // the log-probabilities summed into each candidate's score.
+    let (mut ids, mut branches) = (Vec::with_capacity(b), Vec::with_capacity(b));
+    let (mut columns, mut picks) = (Vec::new(), Vec::new());
+    for (i, (prompt, cands)) in prompts.iter().zip(candidates).enumerate() {
+        let (mut row, mut branch) = (prompt.clone(), vec![0u32; prompt.len()]);
+        let last = columns.len();
+        columns.push((i, prompt.len() - 1));
         for (c, cand) in cands.iter().enumerate() {
-            if cand.len() > 1 {
-                owners.push((i, c));
-                feeds.push(cand[..cand.len() - 1].to_vec());
+            picks.push((last, i, c, cand[0]));
+            for j in 0..cand.len() - 1 {
+                picks.push((columns.len(), i, c, cand[j + 1]));
+                columns.push((i, row.len()));
+                row.push(cand[j]);
+                branch.push(c as u32 + 1);
             }
         }
+        ids.push(row);
+        branches.push(branch);
     }
-    if feeds.is_empty() {
-        return Ok(out);
+    // Right padding: masked, on the trunk.
+    let len = ids.iter().map(Vec::len).max().unwrap_or(0);
+    let mask = ids.iter().map(|r| (0..len).map(|k| k < r.len()).collect()).collect();
+    for (row, branch) in ids.iter_mut().zip(&mut branches) {
+        row.resize(len, pad_id);
+        branch.resize(len, 0);
     }
-    let mut rest_cache = cache.select_rows(&owners.iter().map(|&(i, _)| i).collect::<Vec<_>>())?;
-    let row_adapters: Vec<Option<&LoraAdapter>> = owners.iter().map(|&(i, _)| adapters.row(i)).collect();
-    let rest_adapters = match adapters {
-        Adapters::Same(a) => Adapters::Same(a),
-        Adapters::PerRow(_) => Adapters::PerRow(&row_adapters),
-    };
-    let (mut positions, mut logit_rows, mut next_toks) = (Vec::new(), Vec::new(), Vec::new());
-    for (r, (&(i, c), feed)) in owners.iter().zip(&feeds).enumerate() {
-        for j in 0..feed.len() {
-            positions.push((r, j));
-            logit_rows.push(positions.len() - 1);
-            next_toks.push(candidates[i][c][j + 1]);
-        }
-    }
-    let step = TokenBatch::new(&feeds, pad_id, Padding::Right)?;
+    let batch = TokenBatch::with_branches(ids, mask, branches)?;
+    // A branched forward leaves `cache` as it was: it is only read.
     let logits = model
-        .forward_rows(&step, Some(&mut rest_cache), rest_adapters, Mode::Inference, LogitsAt::Positions(positions))?
+        .forward_rows(&batch, Some(&mut cache), adapters, Mode::Inference, LogitsAt::Positions(columns))?
         .logits
         .ok_or_else(|| Error::Invalid("no logits".into()))?;
-    let rest = pick_log_probs(&logits, &logit_rows, &next_toks)?;
-    let mut k = 0;
-    for (&(i, c), feed) in owners.iter().zip(&feeds) {
-        for _ in 0..feed.len() {
-            out[i][c] += rest[k];
-            k += 1;
-        }
+    let rows: Vec<usize> = picks.iter().map(|p| p.0).collect();
+    let toks: Vec<u32> = picks.iter().map(|p| p.3).collect();
+    let log_probs = pick_log_probs(&logits, &rows, &toks)?;
+    let mut out: Vec<Vec<f64>> = candidates.iter().map(|c| vec![0f64; c.len()]).collect();
+    for (&(_, i, c, _), lp) in picks.iter().zip(log_probs) {
+        out[i][c] += lp;
     }
     Ok(out)
 }
