@@ -41,8 +41,6 @@ pub enum RegistryError {
     NoPrevious { task: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path}:{line}: not an audit record: {message}")]
-    BadAuditLine { path: PathBuf, line: usize, message: String },
     /// Writing a new version failed.
     #[error(transparent)]
     Write(#[from] io::Error),
@@ -216,10 +214,9 @@ impl Registry {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
-                serde_json::from_str(l).map_err(|e| RegistryError::BadAuditLine {
-                    path: p.clone(),
-                    line: i + 1,
-                    message: e.to_string(),
+                serde_json::from_str(l).map_err(|e| {
+                    let msg = format!("line {}: not an audit record: {e}", i + 1);
+                    io_err(&p)(io::Error::new(io::ErrorKind::InvalidData, msg))
                 })
             })
             .collect()
