@@ -2,8 +2,8 @@
 //! data, with a weak adapter (3 SFT steps) and a good one (100 steps): a worse candidate is
 //! refused and leaves the registry as it was, a better one becomes a new serving version,
 //! rollback goes back, every decision is one audit line whose numbers are the evaluator's; and
-//! a server under load switches to a promoted version (admin API) and back (registry watch)
-//! without a failed request.
+//! a server under load follows promotions and rollbacks, made through its admin API or in the
+//! registry (its watch), without a failed request.
 
 use serde_json::{json, Value};
 use shared::registry::Registry;
@@ -231,7 +231,7 @@ struct Answer {
 }
 
 #[test]
-fn a_server_under_load_switches_to_a_promoted_version_and_back_without_failures() {
+fn a_server_under_load_follows_promotions_and_rollbacks_without_failures() {
     let t = train("promote-serve");
     let root = t.dir.0.join("adapters");
     let reg = Registry::new(&root);
@@ -270,40 +270,61 @@ fn a_server_under_load_switches_to_a_promoted_version_and_back_without_failures(
         })
         .collect();
     let pause = || std::thread::sleep(Duration::from_millis(400));
+    // The first answer from `version` to a request sent after `done`: when the server switched.
+    let switched = |done: Instant, version: &str| loop {
+        let seen = answers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a.sent >= done && a.version.as_deref() == Some(version))
+            .map(|a| a.received)
+            .min();
+        if let Some(at) = seen {
+            break at;
+        }
+        assert!(done.elapsed() < Duration::from_secs(2), "the server did not serve {version} within 2 s");
+        std::thread::sleep(Duration::from_millis(10));
+    };
     pause();
+    let url = format!("http://127.0.0.1:{port}");
+    let through_server = ["--server", url.as_str(), "--admin-token", TOKEN];
+    // (when the command started, when the server switched, the version serving from then on)
+    let mut switches: Vec<(Instant, Instant, &str)> = Vec::new();
 
     // Promote through the admin API: swapped when the command returns.
-    let url = format!("http://127.0.0.1:{port}");
-    let o = promote(&t, &root, &t.good, &["--eval-limit", "32", "--server", &url, "--admin-token", TOKEN]);
-    let promoted_at = Instant::now();
+    let started = Instant::now();
+    let o = promote(&t, &root, &t.good, &[&["--eval-limit", "32"][..], &through_server].concat());
+    let done = Instant::now();
     assert!(o.ok, "{}", o.stderr);
     let record = o.record.unwrap();
     assert_eq!(record["to_version"], "v2");
     assert!(!record["command"].as_str().unwrap().contains(TOKEN), "the token stays out of the log");
     assert_eq!(reg.current("mr").unwrap().as_deref(), Some("v2"), "the server wrote CURRENT");
     assert_eq!(reg.history("mr").unwrap(), vec!["v1", "v2"]);
+    switches.push((started, done, "v2"));
     pause();
 
     // Roll back through the registry: the server's watch picks up CURRENT.
-    let rollback_started = Instant::now();
+    let started = Instant::now();
     let o = rollback(&root, &[]);
-    let rolled_back_at = Instant::now();
     assert!(o.ok, "{}", o.stderr);
-    let picked_up = loop {
-        let seen = answers
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|a| a.sent >= rolled_back_at && a.version.as_deref() == Some("v1"))
-            .map(|a| a.received)
-            .min();
-        if let Some(at) = seen {
-            break at;
-        }
-        assert!(rolled_back_at.elapsed() < Duration::from_secs(2), "the watch did not pick up the rollback in 2 s");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    eprintln!("rollback -> first v1 answer: {} ms", (picked_up - rolled_back_at).as_millis());
+    let at = switched(Instant::now(), "v1");
+    eprintln!("rollback in the registry -> first v1 answer: {} ms", at.duration_since(started).as_millis());
+    switches.push((started, at, "v1"));
+    pause();
+
+    // Promote in the registry (the watch again), then roll back through the admin API.
+    let started = Instant::now();
+    let o = promote(&t, &root, &t.good, &["--eval-limit", "32"]);
+    assert!(o.ok, "{}", o.stderr);
+    let at = switched(Instant::now(), "v3");
+    switches.push((started, at, "v3"));
+    pause();
+    let started = Instant::now();
+    let o = rollback(&root, &through_server);
+    assert!(o.ok, "{}", o.stderr);
+    switches.push((started, Instant::now(), "v1"));
+    assert_eq!(reg.current("mr").unwrap().as_deref(), Some("v1"), "the server wrote CURRENT");
     pause();
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -315,26 +336,22 @@ fn a_server_under_load_switches_to_a_promoted_version_and_back_without_failures(
     assert!(answers.len() >= 10, "only {} answers under load", answers.len());
     let failed = answers.iter().filter(|a| a.status != 200).count();
     assert_eq!(failed, 0, "{failed} of {} requests failed during the switches", answers.len());
-    let (mut v1, mut v2) = (0, 0);
+    let mut checked = vec![0usize; switches.len()];
     for a in answers.iter() {
         let v = a.version.as_deref().expect("every answer names its version");
-        assert!(v == "v1" || v == "v2", "unknown version {v}");
-        if a.sent >= promoted_at && a.received < rollback_started {
-            assert_eq!(v, "v2", "sent after promote returned");
-            v2 += 1;
+        assert!(["v1", "v2", "v3"].contains(&v), "unknown version {v}");
+        // Sent once a switch was done and answered before the next began: that switch's version.
+        let Some(i) = switches.iter().rposition(|(_, done, _)| a.sent >= *done) else { continue };
+        if switches.get(i + 1).is_some_and(|(next, _, _)| a.received >= *next) {
+            continue;
         }
-        if a.sent >= picked_up {
-            assert_eq!(v, "v1", "sent after the server switched back");
-            v1 += 1;
-        }
+        assert_eq!(v, switches[i].2, "a request sent after the switch to {} got {v}", switches[i].2);
+        checked[i] += 1;
     }
-    eprintln!(
-        "{} answers, all 200; {v2} sent after promote returned (v2), {v1} after the switch back (v1)",
-        answers.len()
-    );
-    assert!(v1 > 0 && v2 > 0, "answers from both versions after their switches ({v1} v1, {v2} v2)");
+    eprintln!("{} answers, all 200; checked after each switch: {checked:?}", answers.len());
+    assert!(checked.iter().all(|&n| n > 0), "answers after every switch: {checked:?}");
     let actions: Vec<Value> = audit_lines(&root).iter().map(|l| l["action"].clone()).collect();
-    assert_eq!(actions, vec![json!("promote"), json!("promote"), json!("rollback")]);
+    assert_eq!(actions, ["promote", "promote", "rollback", "promote", "rollback"].map(|a| json!(a)).to_vec());
 }
 
 /// A `verdict-serve` child, killed on drop.

@@ -368,6 +368,11 @@ pub fn rollback(args: &RollbackArgs) -> Result<()> {
     let task = &args.task;
     let from = registry.current(task)?;
     let (previous, _) = registry.previous(task)?;
+    // The fingerprint of the weights the restored version was made for; read first, so a
+    // version no server would load is refused before anything changes.
+    let base_sha256 = shared::adapter::Manifest::read(&registry.version_dir(task, &previous)?)
+        .map(|m| m.base_sha256)
+        .map_err(|e| anyhow!("cannot roll {task} back to {previous}: {e}"))?;
     let serving = match (&args.registry.server, &args.registry.admin_token) {
         (Some(server), Some(token)) => admin_post(server, token, &format!("/v1/admin/adapters/{task}/rollback"))
             .with_context(|| format!("{server} did not roll {task} back: CURRENT is unchanged"))?,
@@ -376,10 +381,6 @@ pub fn rollback(args: &RollbackArgs) -> Result<()> {
     if serving != previous {
         bail!("rolled {task} back to {serving}, expected {previous}: did another promotion run meanwhile?");
     }
-    // The fingerprint of the weights the restored version was made for.
-    let base_sha256 = shared::adapter::Manifest::read(&registry.version_dir(task, &serving)?)
-        .map(|m| m.base_sha256)
-        .map_err(|e| anyhow!(e))?;
     let record = AuditRecord {
         time: rfc3339_utc(SystemTime::now()),
         action: AuditAction::Rollback,
