@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod assets;
 pub mod atomic;
+pub mod audit;
 pub mod chat;
 pub mod data;
 pub mod datasets;

@@ -5,6 +5,7 @@
 //! <root>/<task>/<version>/      one immutable adapter: PEFT files + verdict_manifest.json
 //! <root>/<task>/CURRENT         the version that serves the task (one line)
 //! <root>/<task>/HISTORY         versions promoted so far, oldest first (for rollback)
+//! <root>/<task>/AUDIT.jsonl     promotions, refusals and rollbacks, one JSON line each
 //! ```
 //!
 //! Versions are written under a hidden temporary name and renamed into place, and `CURRENT`
@@ -14,6 +15,7 @@
 
 use crate::adapter::MANIFEST_FILE;
 use crate::atomic;
+use crate::audit::{self, AuditRecord};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +23,8 @@ use std::path::{Path, PathBuf};
 pub const CURRENT_FILE: &str = "CURRENT";
 /// Promotions so far, one version per line, oldest first.
 pub const HISTORY_FILE: &str = "HISTORY";
+/// The task's audit log ([`crate::audit`]).
+pub const AUDIT_FILE: &str = "AUDIT.jsonl";
 /// Longest task or version name.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -126,6 +130,17 @@ impl Registry {
         }
     }
 
+    /// The next free `vN` name: one past the highest `vN` among the task's version
+    /// directories, complete or not (`v1` for none).
+    pub fn next_version(&self, task: &str) -> Result<String, RegistryError> {
+        let last = list_dirs(&self.task_dir(task)?)?
+            .iter()
+            .filter_map(|v| v.strip_prefix('v')?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        Ok(format!("v{}", last + 1))
+    }
+
     /// Writes a new version with `write` (given a temporary directory), then renames it into
     /// place: it appears complete or not at all. An existing version is never replaced.
     pub fn publish<E: From<io::Error> + From<RegistryError>>(
@@ -177,6 +192,34 @@ impl Registry {
         let (prev, history) = self.previous(task)?;
         self.write_pointers(task, &prev, &history)?;
         Ok(prev)
+    }
+
+    /// Appends one record to the task's audit log (`<root>/<task>/AUDIT.jsonl`).
+    pub fn append_audit(&self, task: &str, record: &AuditRecord) -> Result<(), RegistryError> {
+        let dir = self.task_dir(task)?;
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let p = dir.join(AUDIT_FILE);
+        audit::append(&p, record).map_err(io_err(&p))
+    }
+
+    /// The task's audit log, oldest first (none yet: empty).
+    pub fn audit(&self, task: &str) -> Result<Vec<AuditRecord>, RegistryError> {
+        let p = self.task_dir(task)?.join(AUDIT_FILE);
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&p)(e)),
+        };
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| {
+                    let msg = format!("line {}: not an audit record: {e}", i + 1);
+                    io_err(&p)(io::Error::new(io::ErrorKind::InvalidData, msg))
+                })
+            })
+            .collect()
     }
 
     fn write_pointers(&self, task: &str, version: &str, history: &[String]) -> Result<(), RegistryError> {
@@ -234,6 +277,8 @@ mod tests {
         std::fs::create_dir_all(root.join("mr").join("v3")).unwrap();
         assert_eq!(reg.versions("mr").unwrap(), vec!["v1", "v2"], "v3 has no manifest yet");
         assert_eq!(reg.current("mr").unwrap(), None);
+        assert_eq!(reg.next_version("mr").unwrap(), "v4", "v3's directory is taken, complete or not");
+        assert_eq!(reg.next_version("sst2").unwrap(), "v1");
         assert!(matches!(reg.promote("mr", "v3"), Err(RegistryError::NoSuchVersion { .. })));
         reg.promote("mr", "v1").unwrap();
         reg.promote("mr", "v2").unwrap();

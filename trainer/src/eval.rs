@@ -424,10 +424,15 @@ pub(crate) fn check_adapter(dir: &Path, model: &ModelArgs, tasks: &[Task], cache
         );
         return Ok(());
     }
-    let manifest = Manifest::read(dir).map_err(anyhow::Error::msg)?;
-    let sha = model.weights_sha256(cache)?;
+    check_manifest(dir, &model.weights_sha256(cache)?, tasks)
+}
+
+/// Refuses an adapter whose manifest is missing or names other base weights (`base_sha256`),
+/// another task or another template.
+pub(crate) fn check_manifest(dir: &Path, base_sha256: &str, tasks: &[Task]) -> Result<()> {
+    let manifest = Manifest::read(dir).map_err(|e| anyhow!("refusing adapter {}: {e}", dir.display()))?;
     for task in tasks {
-        manifest.check(&sha, task).map_err(|e| anyhow!("refusing adapter {}: {e}", dir.display()))?;
+        manifest.check(base_sha256, task).map_err(|e| anyhow!("refusing adapter {}: {e}", dir.display()))?;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ mod fetch;
 mod fetch_data;
 mod optim;
 mod ppo;
+mod promote;
 mod reward_model;
 mod run_dir;
 mod sft;
@@ -69,6 +70,11 @@ enum Command {
     RewardModel(reward_model::RewardModelArgs),
     /// Zero-shot / few-shot evaluation, constrained or generated answers, with 95% CIs.
     Eval(eval::EvalArgs),
+    /// Publish an adapter as a task's new serving version if it beats the serving one (or
+    /// zero-shot) by a margin on the same examples; logged in the registry's audit log.
+    Promote(promote::PromoteArgs),
+    /// Serve the task's previously promoted version again (logged in the audit log).
+    Rollback(promote::RollbackArgs),
     /// Greedy generation, for smoke tests.
     Generate {
         #[command(flatten)]
@@ -231,6 +237,8 @@ fn main() -> Result<()> {
         Command::Sft(args) => sft::run(&args, &cache)?,
         Command::Ppo(args) => ppo::run(&args, &cache)?,
         Command::RewardModel(args) => reward_model::run(&args, &cache)?,
+        Command::Promote(args) => promote::promote(&args, &cache)?,
+        Command::Rollback(args) => promote::rollback(&args)?,
     }
     Ok(())
 }
