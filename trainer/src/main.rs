@@ -1,5 +1,5 @@
-//! `verdict-train`: fetch models, run them, measure them (training commands arrive with the
-//! SFT and PPO work).
+//! `verdict-train`: fetch models and data, evaluate, train adapters (SFT, PPO / GRPO, RLLR
+//! reward models), promote them into the serving registry, and measure speed.
 
 mod bench;
 mod eval;
