@@ -2,6 +2,7 @@
 //! SFT and PPO work).
 
 mod bench;
+mod encoder_head;
 mod eval;
 mod fetch;
 mod fetch_data;
@@ -69,6 +70,9 @@ enum Command {
     RewardModel(reward_model::RewardModelArgs),
     /// Zero-shot / few-shot evaluation, constrained or generated answers, with 95% CIs.
     Eval(eval::EvalArgs),
+    /// The encoder baseline: a linear head on frozen BERT sentence embeddings (MiniLM), chosen
+    /// on dev, scored on test; `--random` writes a seeded random head (latency baselines).
+    EncoderHead(encoder_head::EncoderHeadArgs),
     /// Greedy generation, for smoke tests.
     Generate {
         #[command(flatten)]
@@ -228,6 +232,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Eval(args) => eval::run(&args, &cache)?,
+        Command::EncoderHead(args) => encoder_head::run(&args, &cache)?,
         Command::Sft(args) => sft::run(&args, &cache)?,
         Command::Ppo(args) => ppo::run(&args, &cache)?,
         Command::RewardModel(args) => reward_model::run(&args, &cache)?,
