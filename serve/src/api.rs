@@ -144,7 +144,8 @@ pub struct PredictRequest {
     /// `[["a", "b"], ...]` (a batch of pairs).
     #[schema(value_type = Object)]
     pub inputs: Value,
-    /// Unnormalised log-probabilities of each label's answer instead of probabilities.
+    /// Unnormalised log-probabilities of each label's answer (an encoder: the head's logits)
+    /// instead of probabilities.
     #[serde(default)]
     pub raw_scores: bool,
     /// Cut long inputs instead of refusing them.
