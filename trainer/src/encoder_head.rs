@@ -40,7 +40,7 @@ pub struct EncoderHeadArgs {
     #[arg(long)]
     pub out: std::path::PathBuf,
     /// L2 penalties tried (comma-separated); the best on dev is kept.
-    #[arg(long, value_delimiter = ',', default_value = "0,0.0001,0.001,0.01")]
+    #[arg(long, value_delimiter = ',', default_value = "0,0.0001,0.001,0.01,0.1,1")]
     pub l2: Vec<f64>,
     /// Full-batch Adam steps per penalty.
     #[arg(long, default_value_t = 500)]
