@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The test command: build the binaries, fetch the real models the tests use (skipped when
-# already cached and verified), run every test of the workspace, and close with one summary
-# line over all test binaries.
+# The test command: build the binaries, fetch the real models the tests use (SmolLM2, Qwen,
+# MiniLM; skipped when already cached and verified), run every test of the workspace, and close
+# with one summary line over all test binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --workspace --bins
-./target/debug/verdict-train fetch smollm2 qwen0.5b
+./target/debug/verdict-train fetch smollm2 qwen0.5b minilm
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

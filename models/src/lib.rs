@@ -4,11 +4,13 @@
 //!   quantized weights) and a training path (differentiable ops, gradients only for LoRA).
 //! - [`lora`]: adapters kept apart from the base weights.
 //! - [`load`]: GGUF files and Hugging Face directories, with their tokenizers.
+//! - [`encoder`]: BERT-family encoders with a linear classification head (the baseline).
 
 pub mod batch;
 pub mod config;
 pub mod decoder;
 pub mod device;
+pub mod encoder;
 pub mod generate;
 pub mod gguf;
 pub mod head;
@@ -25,6 +27,7 @@ pub use batch::{KvCache, Padding, TokenBatch};
 pub use config::{Arch, DecoderConfig};
 pub use decoder::{Adapters, Decoder, DecoderOutput, LogitsAt, Mode};
 pub use device::{DTypeSpec, DeviceSpec};
+pub use encoder::{ClassifierHead, EncodedInput, Encoder, EncoderSource};
 pub use head::ScalarHead;
 pub use load::{load_model, LoadedModel, SpecialTokens};
 pub use lora::{LoraAdapter, LoraConfig, Projection};

@@ -12,14 +12,13 @@
 use candle_core::{DType, Device};
 use models::{load_model, LoraAdapter, LoraConfig, Projection, WeightMode};
 use serde_json::{json, Value};
+use serve::loadgen::{self, Load, Outcome};
 use shared::adapter::{weights_sha256, Manifest, MANIFEST_VERSION};
 use shared::registry::Registry;
 use shared::task::TaskRegistry;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -71,18 +70,9 @@ fn args() -> Res<Args> {
 }
 
 fn http(port: u16, method: &str, path: &str, body: &str, auth: bool) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let auth = if auth { format!("Authorization: Bearer {TOKEN}\r\n") } else { String::new() };
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    let bearer = format!("Bearer {TOKEN}");
+    let headers: &[(&str, &str)] = if auth { &[("Authorization", &bearer)] } else { &[] };
+    loadgen::http(([127, 0, 0, 1], port).into(), method, path, body, headers, Duration::from_secs(120))
 }
 
 /// A random adapter (rank 8 on q, k, v, o) with a manifest for `mr` on these base weights.
@@ -175,43 +165,15 @@ fn start(name: &'static str, bin: &Path, common: &[String], extra: &[&str]) -> R
 }
 
 /// One measurement: `clients` threads sending single-input requests for `seconds`.
-fn measure(port: u16, clients: usize, seconds: f64) -> (Vec<f64>, f64, usize) {
-    let lat = Arc::new(Mutex::new(Vec::new()));
-    let errors = Arc::new(Mutex::new(0usize));
-    let t0 = Instant::now();
-    let deadline = t0 + Duration::from_secs_f64(seconds);
-    let handles: Vec<_> = (0..clients)
-        .map(|c| {
-            let (lat, errors) = (lat.clone(), errors.clone());
-            std::thread::spawn(move || {
-                let mut i = c;
-                while Instant::now() < deadline {
-                    let body = json!({"task": "mr", "inputs": SENTENCES[i % SENTENCES.len()]}).to_string();
-                    let s = Instant::now();
-                    match http(port, "POST", "/v1/classify", &body, false) {
-                        Ok((200, _)) => lat.lock().map(|mut l| l.push(s.elapsed().as_secs_f64() * 1e3)).unwrap_or(()),
-                        _ => *errors.lock().unwrap_or_else(|e| e.into_inner()) += 1,
-                    }
-                    i += clients;
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        let _ = h.join();
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    let mut l = lat.lock().map(|l| l.clone()).unwrap_or_default();
-    l.sort_by(f64::total_cmp);
-    let errors = *errors.lock().unwrap_or_else(|e| e.into_inner());
-    (l, wall, errors)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+fn measure(port: u16, clients: usize, seconds: f64) -> Outcome {
+    let bodies: Vec<String> = SENTENCES.iter().map(|s| json!({"task": "mr", "inputs": s}).to_string()).collect();
+    let load = Load {
+        clients,
+        max_requests: usize::MAX,
+        max_time: Duration::from_secs_f64(seconds),
+        timeout: Duration::from_secs(120),
+    };
+    loadgen::run(([127, 0, 0, 1], port).into(), "/v1/classify", &[], &bodies, &load)
 }
 
 fn main() -> Res<()> {
@@ -270,14 +232,15 @@ fn main() -> Res<()> {
             if c > 8 && s.name.ends_with("prefix cache off") {
                 continue;
             }
-            let (lat, wall, errors) = measure(s.port, c, a.seconds);
+            let o = measure(s.port, c, a.seconds);
             println!(
-                "| {} | {c} | {} | {errors} | {:.0} | {:.0} | {:.2} |",
+                "| {} | {c} | {} | {} | {:.0} | {:.0} | {:.2} |",
                 s.name,
-                lat.len(),
-                pct(&lat, 0.5),
-                pct(&lat, 0.99),
-                lat.len() as f64 / wall
+                o.latencies_ms.len(),
+                o.errors,
+                o.percentile(0.5),
+                o.percentile(0.99),
+                o.throughput()
             );
         }
     }

@@ -1,15 +1,16 @@
-//! The adapters in memory: every loaded version of every task, and the version each task
-//! serves. Requests take an `Arc` of a version when they start, so a swap never changes the
+//! The adapters in memory (LoRA adapters of a decoder, or classification heads of an
+//! encoder): every loaded version of every task, and the version each task serves. Requests take an `Arc` of a version when they start, so a swap never changes the
 //! adapter under a request in flight; the old version is freed when its last request ends.
 //!
 //! Every version is checked before it can serve, with the evaluator's own check
-//! ([`Manifest::check`]): its manifest must name the loaded base weights and the task's
-//! current template, and its tensors must load and be finite. A refused version leaves the
-//! serving one in place.
+//! ([`Manifest::check`]; heads: [`Manifest::check_head`]): its manifest must name the loaded
+//! base weights and the task's current template (heads: its label words), and its tensors
+//! must load and be finite. A refused version leaves the serving one in place.
 
+use crate::backend::Backend;
 use crate::metrics::Metrics;
 use candle_core::DType;
-use models::{Decoder, LoadedModel, LoraAdapter};
+use models::{ClassifierHead, Decoder, LoraAdapter};
 use serde::Serialize;
 use shared::adapter::{Manifest, MANIFEST_FILE};
 use shared::registry::{Registry, RegistryError};
@@ -25,12 +26,44 @@ pub struct AdapterVersion {
     pub version: String,
     /// Unique for each load (also of the same version): keys the prefix cache.
     pub id: u64,
-    pub adapter: LoraAdapter,
+    pub weights: VersionWeights,
     pub manifest: Manifest,
-    /// Merged mode: the base model with this adapter folded into its weights.
-    pub merged: Option<Decoder>,
     /// Seconds since the Unix epoch.
     pub loaded_at: u64,
+}
+
+/// What a version holds, by backend.
+pub enum VersionWeights {
+    /// A decoder's LoRA adapter; in merged mode also the base with it folded in.
+    Lora { adapter: LoraAdapter, merged: Option<Box<Decoder>> },
+    /// An encoder's classification head.
+    Head(ClassifierHead),
+}
+
+impl AdapterVersion {
+    /// The LoRA adapter (decoder backend).
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        match &self.weights {
+            VersionWeights::Lora { adapter, .. } => Some(adapter),
+            VersionWeights::Head(_) => None,
+        }
+    }
+
+    /// Merged mode: the base model with this adapter folded into its weights.
+    pub fn merged(&self) -> Option<&Decoder> {
+        match &self.weights {
+            VersionWeights::Lora { merged, .. } => merged.as_deref(),
+            VersionWeights::Head(_) => None,
+        }
+    }
+
+    /// The classification head (encoder backend).
+    pub fn head(&self) -> Option<&ClassifierHead> {
+        match &self.weights {
+            VersionWeights::Head(h) => Some(h),
+            VersionWeights::Lora { .. } => None,
+        }
+    }
 }
 
 /// Why an adapter operation failed.
@@ -96,7 +129,7 @@ pub struct RefusedInfo {
 pub struct AdapterTable {
     registry: Registry,
     tasks: Arc<TaskRegistry>,
-    model: Arc<LoadedModel>,
+    backend: Backend,
     base_sha256: String,
     merged: bool,
     slots: RwLock<BTreeMap<String, TaskSlot>>,
@@ -116,7 +149,7 @@ impl AdapterTable {
     pub fn new(
         registry: Registry,
         tasks: Arc<TaskRegistry>,
-        model: Arc<LoadedModel>,
+        backend: Backend,
         base_sha256: String,
         merged: bool,
         metrics: Arc<Metrics>,
@@ -124,7 +157,7 @@ impl AdapterTable {
         Self {
             registry,
             tasks,
-            model,
+            backend,
             base_sha256,
             merged,
             slots: RwLock::new(BTreeMap::new()),
@@ -292,33 +325,45 @@ impl AdapterTable {
                 ));
             }
             let manifest = Manifest::read(&dir)?;
-            manifest.check(&self.base_sha256, spec)?;
-            let adapter =
-                LoraAdapter::load_peft_dir(&dir, self.model.model.config(), DType::F32, self.model.model.device())
-                    .map_err(|e| format!("cannot load the adapter: {e}"))?;
-            for (name, t) in adapter.named_tensors() {
-                let finite = t
-                    .abs()
-                    .and_then(|a| a.sum_all())
-                    .and_then(|s| s.to_dtype(DType::F32))
-                    .and_then(|s| s.to_scalar::<f32>())
-                    .map(f32::is_finite)
-                    .unwrap_or(false);
-                if !finite {
-                    return Err(format!("tensor {name} is not finite"));
+            let weights = match &self.backend {
+                Backend::Decoder(model) => {
+                    manifest.check(&self.base_sha256, spec)?;
+                    let adapter =
+                        LoraAdapter::load_peft_dir(&dir, model.model.config(), DType::F32, model.model.device())
+                            .map_err(|e| format!("cannot load the adapter: {e}"))?;
+                    for (name, t) in adapter.named_tensors() {
+                        let finite = t
+                            .abs()
+                            .and_then(|a| a.sum_all())
+                            .and_then(|s| s.to_dtype(DType::F32))
+                            .and_then(|s| s.to_scalar::<f32>())
+                            .map(f32::is_finite)
+                            .unwrap_or(false);
+                        if !finite {
+                            return Err(format!("tensor {name} is not finite"));
+                        }
+                    }
+                    let merged = if self.merged {
+                        Some(Box::new(
+                            model.model.merged(&adapter).map_err(|e| format!("cannot merge the adapter: {e}"))?,
+                        ))
+                    } else {
+                        None
+                    };
+                    VersionWeights::Lora { adapter, merged }
                 }
-            }
-            let merged = if self.merged {
-                Some(self.model.model.merged(&adapter).map_err(|e| format!("cannot merge the adapter: {e}"))?)
-            } else {
-                None
+                Backend::Encoder(encoder) => {
+                    manifest.check_head(&self.base_sha256, spec)?;
+                    let head = ClassifierHead::load(&dir, encoder.hidden_size(), spec.num_classes(), encoder.device())
+                        .map_err(|e| format!("cannot load the head: {e}"))?;
+                    VersionWeights::Head(head)
+                }
             };
             Ok(AdapterVersion {
                 version: version.to_string(),
                 id: self.next_id.fetch_add(1, Ordering::Relaxed),
-                adapter,
+                weights,
                 manifest,
-                merged,
                 loaded_at: now_secs(),
             })
         })();

@@ -1,10 +1,10 @@
 //! The HTTP API's types (with their OpenAPI schemas), its one error type with stable codes,
 //! and input validation: from a request's JSON to the prompt tokens of each input.
 
+use crate::backend::Backend;
 use crate::engine::TaskEntry;
 use actix_web::http::StatusCode;
 use actix_web::HttpResponse;
-use models::LoadedModel;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use shared::task::Label;
@@ -144,7 +144,8 @@ pub struct PredictRequest {
     /// `[["a", "b"], ...]` (a batch of pairs).
     #[schema(value_type = Object)]
     pub inputs: Value,
-    /// Unnormalised log-probabilities of each label's answer instead of probabilities.
+    /// Unnormalised log-probabilities of each label's answer (an encoder: the head's logits)
+    /// instead of probabilities.
     #[serde(default)]
     pub raw_scores: bool,
     /// Cut long inputs instead of refusing them.
@@ -191,9 +192,11 @@ pub struct Limits {
     pub request_timeout: std::time::Duration,
 }
 
-/// One input's prompt body, ready for the engine.
+/// One input's prompt body (an encoder's whole input), ready for the engine.
 pub struct PreparedInput {
     pub body: Vec<u32>,
+    /// An encoder input's segment ids (empty for a decoder).
+    pub type_ids: Vec<u32>,
     pub truncated: bool,
 }
 
@@ -273,17 +276,18 @@ pub fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// Tokenizes each input's prompt body. Inputs over `max_input_tokens` (all fields together)
-/// are cut, longest field first, when `truncate`; else refused. Runs off the async runtime.
+/// Tokenizes each input: a decoder's prompt body (the task's template around the fields), or
+/// an encoder's `[CLS] field [SEP] field [SEP]` (fields in the task's order) with segment ids.
+/// Inputs over `max_input_tokens` (all fields together) are cut, longest field first, when
+/// `truncate`; else refused. Runs off the async runtime.
 pub fn prepare(
-    loaded: &LoadedModel,
+    backend: &Backend,
     entry: &TaskEntry,
     inputs: Vec<BTreeMap<String, String>>,
     limits: &Limits,
     truncate: bool,
 ) -> Result<Vec<PreparedInput>, ApiError> {
     let tok_err = |e: models::Error| ApiError::unprocessable("invalid_input", format!("cannot tokenize: {e}"));
-    let context = loaded.model.config().max_position_embeddings;
     let mut out = Vec::with_capacity(inputs.len());
     for (i, mut fields) in inputs.into_iter().enumerate() {
         if fields.values().any(|v| v.trim().is_empty()) {
@@ -291,12 +295,13 @@ pub fn prepare(
         }
         let ids: Vec<(String, Vec<u32>)> = fields
             .iter()
-            .map(|(k, v)| Ok((k.clone(), loaded.encode(v, false)?)))
+            .map(|(k, v)| Ok((k.clone(), backend.encode(v)?)))
             .collect::<Result<_, models::Error>>()
             .map_err(tok_err)?;
         let total: usize = ids.iter().map(|(_, t)| t.len()).sum();
-        let mut truncated = false;
-        if total > limits.max_input_tokens {
+        let mut keep: Vec<usize> = ids.iter().map(|(_, t)| t.len()).collect();
+        let truncated = total > limits.max_input_tokens;
+        if truncated {
             if !truncate {
                 return Err(ApiError::unprocessable(
                     "input_too_long",
@@ -306,47 +311,75 @@ pub fn prepare(
                     ),
                 ));
             }
-            let mut lens: Vec<usize> = ids.iter().map(|(_, t)| t.len()).collect();
-            let mut excess = total - limits.max_input_tokens;
-            // Cut the longest field down towards the next longest, until the input fits.
-            while excess > 0 {
-                let Some((j, &longest)) = lens.iter().enumerate().max_by_key(|(_, l)| **l) else { break };
-                let second = lens.iter().enumerate().filter(|(k, _)| *k != j).map(|(_, l)| *l).max().unwrap_or(0);
-                let cut = excess.min((longest - second).max(1)).min(longest);
-                if cut == 0 {
-                    break;
-                }
-                lens[j] -= cut;
-                excess -= cut;
-            }
-            for ((k, t), keep) in ids.iter().zip(lens) {
-                if keep < t.len() {
-                    let text = loaded.decode(&t[..keep]).map_err(tok_err)?;
-                    fields.insert(k.clone(), text);
-                }
-            }
-            truncated = true;
+            keep = fit_lengths(keep, limits.max_input_tokens);
         }
-        let parts = entry
-            .task
-            .prompt(loaded.chat.as_ref(), &[], &fields)
-            .map_err(|e| ApiError::unprocessable("invalid_input", format!("input {i}: {e}")))?;
-        if parts.prefix != entry.prefix_text {
-            return Err(ApiError::unprocessable(
-                "invalid_input",
-                format!("input {i}: the input changes the prompt's prefix"),
-            ));
-        }
-        let body = loaded.encode(&parts.body, false).map_err(tok_err)?;
-        if entry.prefix_ids.len() + body.len() + entry.max_answer_len() > context {
-            return Err(ApiError::unprocessable(
+        let too_long = |context: usize| {
+            ApiError::unprocessable(
                 "input_too_long",
                 format!("input {i}: the prompt exceeds the model's context of {context} tokens"),
-            ));
+            )
+        };
+        match backend {
+            Backend::Decoder(loaded) => {
+                for ((k, t), &n) in ids.iter().zip(&keep) {
+                    if n < t.len() {
+                        let text = loaded.decode(&t[..n]).map_err(tok_err)?;
+                        fields.insert(k.clone(), text);
+                    }
+                }
+                let parts = entry
+                    .task
+                    .prompt(loaded.chat.as_ref(), &[], &fields)
+                    .map_err(|e| ApiError::unprocessable("invalid_input", format!("input {i}: {e}")))?;
+                if parts.prefix != entry.prefix_text {
+                    return Err(ApiError::unprocessable(
+                        "invalid_input",
+                        format!("input {i}: the input changes the prompt's prefix"),
+                    ));
+                }
+                let body = loaded.encode(&parts.body, false).map_err(tok_err)?;
+                let context = loaded.model.config().max_position_embeddings;
+                if entry.prefix_ids.len() + body.len() + entry.max_answer_len() > context {
+                    return Err(too_long(context));
+                }
+                out.push(PreparedInput { body, type_ids: Vec::new(), truncated });
+            }
+            Backend::Encoder(encoder) => {
+                // The kept tokens themselves (no detour through text), in the task's field order.
+                let texts: Vec<&[u32]> = entry
+                    .task
+                    .fields
+                    .iter()
+                    .filter_map(|f| ids.iter().position(|(k, _)| k == f))
+                    .map(|j| &ids[j].1[..keep[j]])
+                    .collect();
+                let input = encoder.input(&texts);
+                if input.ids.len() > encoder.max_len() {
+                    return Err(too_long(encoder.max_len()));
+                }
+                out.push(PreparedInput { body: input.ids, type_ids: input.type_ids, truncated });
+            }
         }
-        out.push(PreparedInput { body, truncated });
     }
     Ok(out)
+}
+
+/// Field lengths cut to `budget` tokens in all: the longest field down towards the next
+/// longest, until the input fits.
+fn fit_lengths(mut lens: Vec<usize>, budget: usize) -> Vec<usize> {
+    let total: usize = lens.iter().sum();
+    let mut excess = total.saturating_sub(budget);
+    while excess > 0 {
+        let Some((j, &longest)) = lens.iter().enumerate().max_by_key(|(_, l)| **l) else { break };
+        let second = lens.iter().enumerate().filter(|(k, _)| *k != j).map(|(_, l)| *l).max().unwrap_or(0);
+        let cut = excess.min((longest - second).max(1)).min(longest);
+        if cut == 0 {
+            break;
+        }
+        lens[j] -= cut;
+        excess -= cut;
+    }
+    lens
 }
 
 /// Label, probabilities and score of one input from its candidate log-probabilities.

@@ -8,7 +8,9 @@
 //! one batch on top of their stacked prefixes ([`KvCache::stack`]).
 
 use crate::adapters::AdapterVersion;
+use crate::backend::Backend;
 use crate::metrics::Metrics;
+use crate::scheduler::Compute;
 use models::scoring::score_rows;
 use models::{Adapters, Decoder, KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, TokenBatch};
 use shared::task::Task;
@@ -16,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 
 /// A task as the engine needs it: the prompt's constant prefix and every label's answer,
-/// tokenized once.
+/// tokenized once (a decoder's; an encoder reads no prompt, so both are empty).
 pub struct TaskEntry {
     pub task: Task,
     pub prefix_text: String,
@@ -26,8 +28,18 @@ pub struct TaskEntry {
 }
 
 impl TaskEntry {
+    /// The task's constant parts for `backend`.
+    pub fn new(task: &Task, backend: &Backend) -> Result<Self, String> {
+        match backend {
+            Backend::Decoder(loaded) => Self::for_decoder(task, loaded),
+            Backend::Encoder(_) => {
+                Ok(Self { task: task.clone(), prefix_text: String::new(), prefix_ids: Vec::new(), answers: Vec::new() })
+            }
+        }
+    }
+
     /// Renders and tokenizes the task's constant parts for `loaded`'s tokenizer and chat.
-    pub fn new(task: &Task, loaded: &LoadedModel) -> Result<Self, String> {
+    fn for_decoder(task: &Task, loaded: &LoadedModel) -> Result<Self, String> {
         let probe: BTreeMap<String, String> = task.fields.iter().map(|f| (f.clone(), "x".to_string())).collect();
         let parts = task.prompt(loaded.chat.as_ref(), &[], &probe).map_err(|e| e.to_string())?;
         let prefix_ids = loaded.encode(&parts.prefix, true).map_err(|e| e.to_string())?;
@@ -54,8 +66,10 @@ pub struct Row {
     pub task: Arc<TaskEntry>,
     /// `None`: zero-shot (the base model alone).
     pub version: Option<Arc<AdapterVersion>>,
-    /// The prompt's body tokens (what follows the task's prefix).
+    /// The prompt's body tokens (what follows the task's prefix); an encoder's whole input.
     pub body: Vec<u32>,
+    /// An encoder input's segment ids (empty for a decoder).
+    pub type_ids: Vec<u32>,
 }
 
 impl Row {
@@ -101,13 +115,8 @@ impl Engine {
         Self { model, opts, prefixes: HashMap::new(), metrics }
     }
 
-    /// Whether prefixes are cached.
-    pub fn prefix_cache(&self) -> bool {
-        self.opts.prefix_cache
-    }
-
     /// Candidate log-probabilities `[row][label]` of every row.
-    pub fn score(&mut self, rows: &[&Row]) -> Result<Vec<Vec<f64>>, models::Error> {
+    fn score_rows(&mut self, rows: &[&Row]) -> Result<Vec<Vec<f64>>, models::Error> {
         // Forget prefixes of versions nobody holds any more.
         self.prefixes.retain(|_, p| p.owner.as_ref().is_none_or(|w| w.strong_count() > 0));
         if self.prefixes.len() > MAX_PREFIXES {
@@ -124,7 +133,7 @@ impl Engine {
                 let id = rows[order[start]].key().1;
                 let end = start + order[start..].iter().take_while(|&&i| rows[i].key().1 == id).count();
                 let group = &order[start..end];
-                let decoder = rows[group[0]].version.as_ref().and_then(|v| v.merged.as_ref()).unwrap_or(&model.model);
+                let decoder = rows[group[0]].version.as_ref().and_then(|v| v.merged()).unwrap_or(&model.model);
                 let scores = self.run(decoder, group, rows, false)?;
                 for (&i, s) in group.iter().zip(scores) {
                     out[i] = s;
@@ -151,7 +160,7 @@ impl Engine {
     ) -> Result<Vec<Vec<f64>>, models::Error> {
         let adapter_of = |i: usize| -> Option<&LoraAdapter> {
             if per_row {
-                rows[i].version.as_ref().map(|v| &v.adapter)
+                rows[i].version.as_ref().and_then(|v| v.lora())
             } else {
                 None
             }
@@ -203,5 +212,15 @@ impl Engine {
         self.prefixes
             .insert(key, CachedPrefix { owner: row.version.as_ref().map(Arc::downgrade), cache: cache.clone() });
         Ok(cache)
+    }
+}
+
+impl Compute for Engine {
+    fn score(&mut self, rows: &[&Row]) -> Result<Vec<Vec<f64>>, models::Error> {
+        self.score_rows(rows)
+    }
+
+    fn prefix_cache(&self) -> bool {
+        self.opts.prefix_cache
     }
 }

@@ -6,12 +6,12 @@ use crate::api::{
     classification, kind, parse_inputs, prepare, ApiError, Classification, ClassifyRequest, ClassifyResponse,
     ErrorBody, Limits, PredictRequest, Prediction, TaskInfo,
 };
+use crate::backend::Backend;
 use crate::engine::{Row, TaskEntry};
 use crate::metrics::Metrics;
 use crate::scheduler::{Job, Scheduler, SubmitError};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use models::LoadedModel;
 use serde::Serialize;
 use serde_json::{json, Value};
 use shared::registry::RegistryError;
@@ -23,7 +23,7 @@ use utoipa::{OpenApi, ToSchema};
 
 /// What exists once the model and adapters are loaded.
 pub struct Ready {
-    pub model: Arc<LoadedModel>,
+    pub backend: Backend,
     pub tasks: BTreeMap<String, Arc<TaskEntry>>,
     pub adapters: Arc<AdapterTable>,
     pub scheduler: Arc<Scheduler>,
@@ -209,11 +209,13 @@ async fn score_inputs(
     truncate: bool,
     started: Instant,
 ) -> Result<Vec<Scored>, ApiError> {
-    let (model, e, limits) = (ready.model.clone(), entry.clone(), state.limits);
-    let prepared = blocking(move || prepare(&model, &e, inputs, &limits, truncate)).await?;
+    let (backend, e, limits) = (ready.backend.clone(), entry.clone(), state.limits);
+    let prepared = blocking(move || prepare(&backend, &e, inputs, &limits, truncate)).await?;
     let truncated: Vec<bool> = prepared.iter().map(|p| p.truncated).collect();
-    let rows =
-        prepared.into_iter().map(|p| Row { task: entry.clone(), version: version.clone(), body: p.body }).collect();
+    let rows = prepared
+        .into_iter()
+        .map(|p| Row { task: entry.clone(), version: version.clone(), body: p.body, type_ids: p.type_ids })
+        .collect();
     let (tx, rx) = oneshot::channel();
     ready.scheduler.submit(Job { rows, reply: tx }).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::new(
@@ -575,7 +577,7 @@ async fn ready(state: State) -> HttpResponse {
         Some(r) => HttpResponse::Ok().json(json!({
             "ready": true,
             "model": state.model_path,
-            "arch": r.model.model.config().arch.name(),
+            "arch": r.backend.arch(),
             "tasks_with_adapters": r.adapters.tasks_with_current(),
         })),
         None => HttpResponse::ServiceUnavailable().json(json!({

@@ -2,10 +2,14 @@
 //! directory (hot-swapped while serving), and an HTTP API that answers with the probability of
 //! every label. Layers, as in TEI: `http` (validation, errors, OpenAPI, metrics) ->
 //! `scheduler` (queue, dynamic batching) -> `engine` (base model, per-row adapters, prefix
-//! cache) with `adapters` (loaded versions, checks, registry watch).
+//! cache) with `adapters` (loaded versions, checks, registry watch). With a BERT encoder
+//! (`--model minilm|bert-base|bert-large|<dir>`) the same layers serve per-task heads through
+//! `encoder_engine` (`backend`).
 
 mod adapters;
 mod api;
+mod backend;
+mod encoder_engine;
 mod engine;
 mod http;
 mod metrics;
@@ -13,9 +17,10 @@ mod scheduler;
 
 use actix_web::{web, App, HttpServer};
 use anyhow::{anyhow, Context, Result};
+use backend::Backend;
 use candle_core::{DType, Device};
 use clap::Parser;
-use models::{load_model, DTypeSpec, DeviceSpec, WeightMode};
+use models::{load_model, DTypeSpec, DeviceSpec, Encoder, EncoderSource, WeightMode};
 use shared::adapter::weights_sha256;
 use shared::assets;
 use shared::registry::Registry;
@@ -29,10 +34,13 @@ use std::time::{Duration, Instant};
 #[derive(Parser)]
 #[command(name = "verdict-serve", version, about = "Serve Verdict classifiers over HTTP")]
 struct Cli {
-    /// A model name, .gguf file or Hugging Face directory.
+    /// A model name (decoders: smollm2, qwen0.5b, qwen1.5b; encoders: minilm, and bert-base,
+    /// bert-large with seeded random weights), a .gguf file or a Hugging Face directory (a
+    /// decoder, or a BERT encoder served through classification heads).
     #[arg(long, env = "VERDICT_MODEL", default_value = "smollm2")]
     model: String,
-    /// The adapter registry: `<dir>/<task>/<version>/` and `<dir>/<task>/CURRENT`.
+    /// The adapter registry: `<dir>/<task>/<version>/` and `<dir>/<task>/CURRENT` (an
+    /// encoder's versions are heads: `verdict-train encoder-head`).
     #[arg(long, env = "VERDICT_ADAPTERS", default_value = "./adapters")]
     adapters: PathBuf,
     /// `dense` (f32; the fast path for serving) or `quantized` (GGUF blocks kept in memory:
@@ -117,21 +125,49 @@ struct Cli {
     shutdown_timeout_s: u64,
 }
 
+/// The model a `--model` argument resolved to.
+enum ModelSource {
+    Decoder(PathBuf),
+    Encoder(EncoderSource),
+}
+
+impl ModelSource {
+    fn describe(&self) -> String {
+        match self {
+            ModelSource::Decoder(p) => p.display().to_string(),
+            ModelSource::Encoder(e) => e.describe(),
+        }
+    }
+}
+
+/// Loads the model and hashes its weights (the adapters' manifests name them) at once.
+fn load_backend(cli: &LoadArgs) -> Result<(Backend, String)> {
+    let (backend, sha) = std::thread::scope(|s| match &cli.model {
+        ModelSource::Decoder(path) => {
+            let hasher = s.spawn(|| weights_sha256(path));
+            let loaded = load_model(path, cli.weights, cli.dtype, &cli.device)
+                .map(|m| Backend::Decoder(Arc::new(m)))
+                .map_err(|e| anyhow!("{}: {e}", path.display()));
+            (loaded, hasher.join())
+        }
+        ModelSource::Encoder(source) => {
+            let hasher = s.spawn(|| source.weights_sha256());
+            let loaded = Encoder::load(source, &cli.device)
+                .map(|e| Backend::Encoder(Arc::new(e)))
+                .map_err(|e| anyhow!("{}: {e}", source.describe()));
+            (loaded, hasher.join())
+        }
+    });
+    let sha = sha
+        .map_err(|_| anyhow!("the hashing thread panicked"))?
+        .with_context(|| format!("hashing {}", cli.model.describe()))?;
+    Ok((backend?, sha))
+}
+
 /// Loads the model, the tasks and the adapters; starts the engine.
 fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
     let t0 = Instant::now();
-    let path = cli.path.clone();
-    let weights = cli.weights;
-    // Hash the weights (the adapters' manifests name them) while the model loads.
-    let (loaded, sha) = std::thread::scope(|s| {
-        let hasher = s.spawn(|| weights_sha256(&path));
-        let loaded = load_model(&path, weights, cli.dtype, &cli.device);
-        (loaded, hasher.join())
-    });
-    let loaded = Arc::new(loaded.map_err(|e| anyhow!("{}: {e}", path.display()))?);
-    let sha = sha
-        .map_err(|_| anyhow!("the hashing thread panicked"))?
-        .with_context(|| format!("hashing {}", path.display()))?;
+    let (backend, sha) = load_backend(cli)?;
     let mut registry = TaskRegistry::builtin();
     for f in &cli.task_files {
         registry.load_file(f)?;
@@ -140,12 +176,12 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
     let tasks: BTreeMap<String, Arc<engine::TaskEntry>> = registry
         .tasks()
         .iter()
-        .map(|t| Ok((t.name.clone(), Arc::new(engine::TaskEntry::new(t, &loaded).map_err(anyhow::Error::msg)?))))
+        .map(|t| Ok((t.name.clone(), Arc::new(engine::TaskEntry::new(t, &backend).map_err(anyhow::Error::msg)?))))
         .collect::<Result<_>>()?;
     let adapters = Arc::new(adapters::AdapterTable::new(
         Registry::new(&cli.adapters),
         registry,
-        loaded.clone(),
+        backend.clone(),
         sha,
         cli.merged,
         metrics.clone(),
@@ -153,19 +189,22 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
     for event in adapters.sync() {
         eprintln!("verdict-serve: adapters: {event}");
     }
-    let engine = engine::Engine::new(
-        loaded.clone(),
-        engine::EngineOptions { prefix_cache: cli.prefix_cache, merged: cli.merged },
-        metrics.clone(),
-    );
-    let scheduler = Arc::new(scheduler::Scheduler::start(engine, cli.batch, metrics)?);
+    let compute: Box<dyn scheduler::Compute> = match &backend {
+        Backend::Decoder(loaded) => Box::new(engine::Engine::new(
+            loaded.clone(),
+            engine::EngineOptions { prefix_cache: cli.prefix_cache, merged: cli.merged },
+            metrics.clone(),
+        )),
+        Backend::Encoder(encoder) => Box::new(encoder_engine::EncoderEngine::new(encoder.clone())),
+    };
+    let scheduler = Arc::new(scheduler::Scheduler::start(compute, cli.batch, metrics)?);
     eprintln!("verdict-serve: model and adapters loaded in {:.2} s", t0.elapsed().as_secs_f64());
-    Ok(http::Ready { model: loaded, tasks, adapters, scheduler })
+    Ok(http::Ready { backend, tasks, adapters, scheduler })
 }
 
 /// What the loading thread needs from the command line.
 struct LoadArgs {
-    path: PathBuf,
+    model: ModelSource,
     weights: WeightMode,
     device: Device,
     dtype: DType,
@@ -190,11 +229,23 @@ async fn main() -> Result<()> {
     let device = cli.device.open()?;
     let dtype = cli.dtype.resolve(&device);
     let cache = cli.cache_dir.clone().unwrap_or_else(assets::cache_dir);
-    let path = assets::resolve_model(&cli.model, &cache).map_err(|e| anyhow!(e))?;
+    let model = match models::encoder::resolve(&cli.model, &cache).map_err(|e| anyhow!(e))? {
+        Some(source) => {
+            // Heads classify from f32 embeddings: nothing to merge, no base model to fall back on.
+            if cli.merged || cli.zero_shot_fallback || cli.weights != WeightMode::Dense {
+                return Err(anyhow!(
+                    "{} is an encoder: --merged, --zero-shot-fallback and --weights quantized are for decoders",
+                    cli.model
+                ));
+            }
+            ModelSource::Encoder(source)
+        }
+        None => ModelSource::Decoder(assets::resolve_model(&cli.model, &cache).map_err(|e| anyhow!(e))?),
+    };
     let metrics = Arc::new(metrics::Metrics::default());
     let state = web::Data::new(http::AppState {
         ready: OnceLock::new(),
-        model_path: path.display().to_string(),
+        model_path: model.describe(),
         limits: api::Limits {
             max_body_bytes: cli.max_body_bytes,
             max_inputs: cli.max_inputs,
@@ -219,7 +270,7 @@ async fn main() -> Result<()> {
         .run()
     };
     let args = LoadArgs {
-        path,
+        model,
         weights: cli.weights,
         device,
         dtype,

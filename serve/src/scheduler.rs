@@ -3,7 +3,7 @@
 //! taking jobs (waiting at most `max_wait` for more) while the batch stays within the token
 //! and row budgets. A job is never split, and one larger than the budget runs alone.
 
-use crate::engine::{Engine, Row};
+use crate::engine::Row;
 use crate::metrics::Metrics;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +12,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+
+/// What the engine thread computes with: the decoder engine (`engine`) or the encoder engine
+/// (`encoder_engine`). Runs on the engine thread only.
+pub trait Compute: Send {
+    /// Label scores `[row][label]` of every row (log-probabilities or logits: the HTTP layer
+    /// normalises them), in the rows' order.
+    fn score(&mut self, rows: &[&Row]) -> Result<Vec<Vec<f64>>, models::Error>;
+    /// Whether task prefixes are cached (they then cost no batch tokens).
+    fn prefix_cache(&self) -> bool;
+}
 
 /// Candidate log-probabilities `[row][label]` of a job, or why it failed.
 pub type JobResult = Result<Vec<Vec<f64>>, String>;
@@ -57,7 +67,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Starts the engine thread.
-    pub fn start(engine: Engine, opts: BatchOptions, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+    pub fn start(engine: Box<dyn Compute>, opts: BatchOptions, metrics: Arc<Metrics>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let depth = Arc::new(AtomicUsize::new(0));
         let worker = Worker { engine, rx, depth: depth.clone(), opts, metrics: metrics.clone() };
@@ -94,7 +104,7 @@ impl Scheduler {
 }
 
 struct Worker {
-    engine: Engine,
+    engine: Box<dyn Compute>,
     rx: Receiver<Job>,
     depth: Arc<AtomicUsize>,
     opts: BatchOptions,

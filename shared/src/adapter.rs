@@ -8,6 +8,8 @@ use std::path::Path;
 
 /// File name of the manifest inside an adapter directory.
 pub const MANIFEST_FILE: &str = "verdict_manifest.json";
+/// `method` of an encoder head's manifest (the same manifest, next to `head.safetensors`).
+pub const HEAD_METHOD: &str = "encoder-head";
 /// Bumped when the manifest's meaning changes.
 pub const MANIFEST_VERSION: u32 = 1;
 
@@ -63,6 +65,36 @@ impl Manifest {
         Ok(())
     }
 
+    /// Refuses an encoder head (`models::encoder::ClassifierHead`) made for other encoder
+    /// weights, another task or other label words. Heads read no prompt, so the template is
+    /// not checked; the label words (their order is the head's rows) are.
+    pub fn check_head(&self, encoder_sha256: &str, task: &Task) -> Result<(), String> {
+        if self.manifest_version != MANIFEST_VERSION {
+            return Err(format!("manifest version {} is not {MANIFEST_VERSION}", self.manifest_version));
+        }
+        if self.method != HEAD_METHOD {
+            return Err(format!("a {} adapter, not an encoder head (method {HEAD_METHOD})", self.method));
+        }
+        if self.base_sha256 != encoder_sha256 {
+            return Err(format!(
+                "head was trained on encoder weights {} ({}), this encoder's weights are {}",
+                short(&self.base_sha256),
+                self.base_model,
+                short(encoder_sha256)
+            ));
+        }
+        if self.task != task.name {
+            return Err(format!("head is for task {}, not {}", self.task, task.name));
+        }
+        if task.is_score() {
+            return Err(format!("task {} is a score task; heads classify", task.name));
+        }
+        if self.label_words != task.label_words() {
+            return Err(format!("head labels {:?}, task {} has {:?}", self.label_words, task.name, task.label_words()));
+        }
+        Ok(())
+    }
+
     /// Reads `<dir>/verdict_manifest.json`.
     pub fn read(dir: &Path) -> Result<Self, String> {
         let p = dir.join(MANIFEST_FILE);
@@ -81,6 +113,13 @@ impl Manifest {
 
 fn short(sha: &str) -> &str {
     &sha[..sha.len().min(12)]
+}
+
+/// sha256 (hex) of a text: the fingerprint of weights that exist only as a recipe (seeded
+/// random encoder weights, `models::encoder`).
+pub fn text_sha256(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(text.as_bytes()))
 }
 
 /// sha256 (hex) of a model's weights: the file itself, or a Hugging Face directory's
@@ -154,5 +193,23 @@ mod tests {
         // sha256("abc")
         assert_eq!(weights_sha256(&dir).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn head_check_looks_at_method_encoder_task_and_labels_not_the_template() {
+        let reg = TaskRegistry::builtin();
+        let mr = reg.get("mr").unwrap();
+        let mut m = manifest(mr);
+        assert!(m.check_head(&"ab".repeat(32), mr).unwrap_err().contains("not an encoder head"));
+        m.method = HEAD_METHOD.into();
+        assert!(m.check_head(&"ab".repeat(32), mr).is_ok());
+        let mut reworded = mr.clone();
+        reworded.instruction = reworded.instruction.replace("sentiment", "mood");
+        assert!(m.check_head(&"ab".repeat(32), &reworded).is_ok());
+        assert!(m.check_head(&"cd".repeat(32), mr).unwrap_err().contains("encoder weights"));
+        assert!(m.check_head(&"ab".repeat(32), reg.get("sst2").unwrap()).unwrap_err().contains("for task mr"));
+        m.label_words.reverse();
+        assert!(m.check_head(&"ab".repeat(32), mr).unwrap_err().contains("labels"));
+        assert_eq!(text_sha256("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

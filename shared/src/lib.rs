@@ -9,5 +9,6 @@ pub mod chat;
 pub mod data;
 pub mod datasets;
 pub mod metrics;
+pub mod plot;
 pub mod registry;
 pub mod task;

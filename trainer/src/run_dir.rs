@@ -22,6 +22,7 @@ use indicatif::ProgressBar;
 use models::{LoadedModel, LoraAdapter, ScalarHead};
 use serde::{Deserialize, Serialize};
 use shared::adapter::{Manifest, MANIFEST_VERSION};
+use shared::plot::{Panel, Series};
 use shared::task::Task;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -216,59 +217,15 @@ impl MetricsLog {
 
 /// Draws one panel per series (x = step) into an SVG file.
 pub fn write_curves_svg(path: &Path, title: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Result<()> {
-    let (w, panel_h, margin) = (720.0, 220.0, 50.0);
-    let panels: Vec<&(&str, Vec<(f64, f64)>)> = series.iter().filter(|(_, pts)| !pts.is_empty()).collect();
-    let h = 40.0 + panels.len() as f64 * (panel_h + 30.0);
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"24\" font-size=\"15\">{}</text>\n",
-        margin,
-        escape(title)
-    );
-    for (i, (name, pts)) in panels.iter().enumerate() {
-        let top = 40.0 + i as f64 * (panel_h + 30.0);
-        let (x0, x1) =
-            (pts.iter().map(|p| p.0).fold(f64::MAX, f64::min), pts.iter().map(|p| p.0).fold(f64::MIN, f64::max));
-        let (y0, y1) =
-            (pts.iter().map(|p| p.1).fold(f64::MAX, f64::min), pts.iter().map(|p| p.1).fold(f64::MIN, f64::max));
-        let (xs, ys) = ((x1 - x0).max(1e-12), (y1 - y0).max(1e-12));
-        let px = |x: f64| margin + (x - x0) / xs * (w - 2.0 * margin);
-        let py = |y: f64| top + 10.0 + (1.0 - (y - y0) / ys) * (panel_h - 30.0);
-        svg.push_str(&format!(
-            "<rect x=\"{margin}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#999\"/>\n<text x=\"{margin}\" y=\"{}\">{}</text>\n",
-            top + 10.0,
-            w - 2.0 * margin,
-            panel_h - 30.0,
-            top + 5.0,
-            escape(name)
-        ));
-        svg.push_str(&format!(
-            "<text x=\"4\" y=\"{:.1}\">{:.4}</text><text x=\"4\" y=\"{:.1}\">{:.4}</text><text x=\"{margin}\" y=\"{:.1}\">step {x0}</text><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">step {x1}</text>\n",
-            py(y1) + 4.0, y1, py(y0), y0, top + panel_h, w - margin, top + panel_h
-        ));
-        let path: Vec<String> = pts.iter().map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y))).collect();
-        svg.push_str(&format!(
-            "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n",
-            path.join(" ")
-        ));
-        if pts.len() <= 60 {
-            for (x, y) in pts.iter() {
-                svg.push_str(&format!(
-                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"#1f77b4\"/>\n",
-                    px(*x),
-                    py(*y)
-                ));
-            }
-        }
-    }
-    svg.push_str("</svg>\n");
-    let tmp = path.with_extension("svg.partial");
-    std::fs::write(&tmp, svg)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    let panels: Vec<Panel> = series
+        .iter()
+        .map(|(name, pts)| Panel {
+            title: name.to_string(),
+            x_label: "step".into(),
+            series: vec![Series { name: name.to_string(), points: pts.clone() }],
+        })
+        .collect();
+    Ok(shared::plot::write_svg(path, title, &panels)?)
 }
 
 /// Evaluates a snapshot on every task's dev split: the average score and per-task reports.

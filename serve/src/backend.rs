@@ -1,0 +1,35 @@
+//! The model behind the server: a decoder answering with constrained scoring through per-task
+//! LoRA adapters, or a BERT encoder answering through per-task linear heads. Everything above
+//! it (HTTP, validation and limits, the queue and batching, the registry and hot swap,
+//! metrics) is the same for both; the compute each runs is behind `scheduler::Compute`.
+
+use models::{Encoder, LoadedModel};
+use std::sync::Arc;
+
+/// The loaded model.
+#[derive(Clone)]
+pub enum Backend {
+    /// A decoder: tasks are prompts, adapters are LoRA (`engine`).
+    Decoder(Arc<LoadedModel>),
+    /// An encoder: inputs are `[CLS] text [SEP]`, adapters are classification heads
+    /// (`encoder_engine`).
+    Encoder(Arc<Encoder>),
+}
+
+impl Backend {
+    /// The architecture, for `/ready`.
+    pub fn arch(&self) -> String {
+        match self {
+            Backend::Decoder(m) => m.model.config().arch.name().to_string(),
+            Backend::Encoder(_) => "bert".to_string(),
+        }
+    }
+
+    /// Token ids of one input field (no special tokens).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, models::Error> {
+        match self {
+            Backend::Decoder(m) => m.encode(text, false),
+            Backend::Encoder(e) => e.encode(text),
+        }
+    }
+}

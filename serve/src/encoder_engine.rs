@@ -1,0 +1,60 @@
+//! The encoder engine: one BERT forward for every row of a batch (rows of different tasks and
+//! head versions alike: the encoder is shared), mean pooling, then each run of rows through its
+//! own task head. Answers are the head's logits; the HTTP layer turns them into probabilities
+//! exactly as it does a decoder's answer log-probabilities.
+
+use crate::engine::Row;
+use crate::scheduler::Compute;
+use models::encoder::rows_f64;
+use models::{EncodedInput, Encoder};
+use std::sync::Arc;
+
+/// The encoder, on the engine thread.
+pub struct EncoderEngine {
+    encoder: Arc<Encoder>,
+}
+
+impl EncoderEngine {
+    /// An engine over `encoder`.
+    pub fn new(encoder: Arc<Encoder>) -> Self {
+        Self { encoder }
+    }
+}
+
+impl Compute for EncoderEngine {
+    fn score(&mut self, rows: &[&Row]) -> Result<Vec<Vec<f64>>, models::Error> {
+        let inputs: Vec<EncodedInput> =
+            rows.iter().map(|r| EncodedInput { ids: r.body.clone(), type_ids: r.type_ids.clone() }).collect();
+        let refs: Vec<&EncodedInput> = inputs.iter().collect();
+        let embeddings = self.encoder.embed(&refs)?;
+        // Rows of one head version form one matmul.
+        let mut out: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| rows[i].version.as_ref().map(|v| v.id).unwrap_or(0));
+        let mut start = 0;
+        while start < order.len() {
+            let id = rows[order[start]].version.as_ref().map(|v| v.id);
+            let end =
+                start + order[start..].iter().take_while(|&&i| rows[i].version.as_ref().map(|v| v.id) == id).count();
+            let group = &order[start..end];
+            let head = rows[group[0]]
+                .version
+                .as_ref()
+                .and_then(|v| v.head())
+                .ok_or_else(|| models::Error::Invalid("an encoder row without a head".into()))?;
+            let index: Vec<u32> = group.iter().map(|&i| i as u32).collect();
+            let index = candle_core::Tensor::from_vec(index, group.len(), embeddings.device())?;
+            let logits = head.logits(&embeddings.index_select(&index, 0)?)?;
+            for (&i, row) in group.iter().zip(rows_f64(&logits)?) {
+                out[i] = row;
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    fn prefix_cache(&self) -> bool {
+        // No prompt, no prefix: a row costs its own tokens.
+        true
+    }
+}

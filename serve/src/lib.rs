@@ -1,0 +1,5 @@
+//! What `verdict-serve`'s companion tools share: the HTTP load generator used by
+//! `verdict-bench` and `examples/serve_bench.rs`. The server itself is the `verdict-serve`
+//! binary (`src/main.rs`).
+
+pub mod loadgen;

@@ -1,0 +1,216 @@
+//! HTTP load generation against `verdict-serve` (or any server with its API), shared by
+//! `verdict-bench` and `examples/serve_bench.rs`: a minimal HTTP/1.1 client, endpoints that
+//! must be on loopback, closed-loop clients bounded in request count and time, and latency
+//! percentiles.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A named endpoint on this machine: `name=http://127.0.0.1:8080/v1/classify`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// The request path, e.g. `/v1/classify` or `/predict`.
+    pub path: String,
+}
+
+impl Endpoint {
+    /// Parses `name=http://host:port/path`. Only loopback hosts are accepted (`127.0.0.0/8`,
+    /// `localhost`, `[::1]`): a load generator here never sends traffic elsewhere.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let (name, url) =
+            spec.split_once('=').ok_or_else(|| format!("{spec:?}: expected NAME=http://HOST:PORT/PATH"))?;
+        if name.is_empty() {
+            return Err(format!("{spec:?}: the endpoint needs a name"));
+        }
+        let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url:?}: only http:// URLs on loopback"))?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && !p.contains(']') => {
+                (h, p.parse::<u16>().map_err(|_| format!("{url:?}: bad port {p:?}"))?)
+            }
+            _ => (authority, 80),
+        };
+        Ok(Self { name: name.to_string(), addr: SocketAddr::new(loopback_ip(host)?, port), path: path.to_string() })
+    }
+}
+
+/// The address of a loopback host; any other host is refused.
+pub fn loopback_ip(host: &str) -> Result<IpAddr, String> {
+    let refuse =
+        || format!("refusing {host:?}: verdict-bench only sends requests to loopback (127.0.0.0/8, localhost, [::1])");
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    match literal.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => Ok(ip),
+        _ => Err(refuse()),
+    }
+}
+
+/// One HTTP/1.1 request on a new connection; returns the status and the body.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_nodelay(true)?;
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let raw = String::from_utf8_lossy(&raw);
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+/// How much load one measurement sends.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Concurrent closed-loop clients (each sends its next request when the last returns).
+    pub clients: usize,
+    /// Requests in all, at most.
+    pub max_requests: usize,
+    /// Stop sending after this long (requests in flight finish).
+    pub max_time: Duration,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// What one measurement saw.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Latencies of the successful (2xx) requests in milliseconds, sorted.
+    pub latencies_ms: Vec<f64>,
+    /// Requests that failed (connection error or a non-2xx status).
+    pub errors: usize,
+    /// The first failure, for the log.
+    pub first_error: Option<String>,
+    pub wall: Duration,
+}
+
+impl Outcome {
+    /// Requests sent.
+    pub fn requests(&self) -> usize {
+        self.latencies_ms.len() + self.errors
+    }
+
+    /// Successful requests per second of wall time.
+    pub fn throughput(&self) -> f64 {
+        self.latencies_ms.len() as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// Latency percentile (`p` in 0..=1) of the successful requests, ms; NaN with none.
+    pub fn percentile(&self, p: f64) -> f64 {
+        percentile(&self.latencies_ms, p)
+    }
+}
+
+/// The `p` percentile (0..=1) of sorted values: the nearest rank, NaN for none.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p.clamp(0.0, 1.0)).round() as usize]
+}
+
+/// Sends `bodies` (request `i` sends `bodies[i % len]`) to `addr` + `path` with `load.clients`
+/// closed-loop clients, until `max_requests` were sent or `max_time` passed.
+pub fn run(addr: SocketAddr, path: &str, headers: &[(&str, &str)], bodies: &[String], load: &Load) -> Outcome {
+    let bodies: Arc<Vec<String>> = Arc::new(bodies.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Outcome::default()));
+    let t0 = Instant::now();
+    let deadline = t0 + load.max_time;
+    let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let handles: Vec<_> = (0..load.clients.max(1))
+        .map(|_| {
+            let (bodies, next, seen, path, headers) =
+                (bodies.clone(), next.clone(), seen.clone(), path.to_string(), headers.clone());
+            let timeout = load.timeout;
+            let max = load.max_requests;
+            std::thread::spawn(move || {
+                let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                while Instant::now() < deadline && !bodies.is_empty() {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= max {
+                        break;
+                    }
+                    let s = Instant::now();
+                    let result = http(addr, "POST", &path, &bodies[i % bodies.len()], &hdrs, timeout);
+                    let ms = s.elapsed().as_secs_f64() * 1e3;
+                    let mut o = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    match result {
+                        Ok((200..=299, _)) => o.latencies_ms.push(ms),
+                        Ok((status, body)) => {
+                            o.errors += 1;
+                            o.first_error.get_or_insert_with(|| format!("HTTP {status}: {}", body.trim()));
+                        }
+                        Err(e) => {
+                            o.errors += 1;
+                            o.first_error.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    let mut o = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
+    o.wall = t0.elapsed();
+    o.latencies_ms.sort_by(f64::total_cmp);
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_must_be_on_loopback() {
+        let e = Endpoint::parse("bert=http://127.0.0.1:8081/v1/classify").unwrap();
+        assert_eq!((e.name.as_str(), e.addr.port(), e.path.as_str()), ("bert", 8081, "/v1/classify"));
+        assert!(Endpoint::parse("x=http://localhost:9/predict").unwrap().addr.ip().is_loopback());
+        assert!(Endpoint::parse("x=http://127.3.2.1:9/predict").is_ok());
+        assert!(Endpoint::parse("x=http://[::1]:9/predict").unwrap().addr.is_ipv6());
+        for bad in [
+            "x=http://10.0.0.1:8080/v1/classify",
+            "x=http://192.168.1.2:8080/predict",
+            "x=http://example.com:80/predict",
+            "x=http://0.0.0.0:8080/predict",
+            "x=https://127.0.0.1:8080/predict",
+            "http://127.0.0.1:8080/predict",
+            "x=http://127.0.0.1:notaport/predict",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn percentiles_take_the_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 51.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&v, 1.0), 100.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+}
