@@ -17,7 +17,7 @@
 
 use crate::eval::{data_dir, read_split, Item, TaskSelection};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use models::{ClassifierHead, EncodedInput, Encoder};
@@ -34,6 +34,9 @@ pub struct EncoderHeadArgs {
     /// The encoder: `minilm`, `bert-base`, `bert-large` (random weights) or a BERT directory.
     #[arg(long, default_value = "minilm")]
     pub model: String,
+    /// `cpu`, `cuda` or `cuda:N` (the encoder runs f32 on either).
+    #[arg(long, env = "VERDICT_DEVICE", default_value = "cpu")]
+    pub device: models::DeviceSpec,
     #[command(flatten)]
     pub select: TaskSelection,
     /// The head's directory (copy it to `<registry>/<task>/<version>/` to serve it).
@@ -82,7 +85,7 @@ pub fn run(args: &EncoderHeadArgs, cache: &Path) -> Result<()> {
         anyhow!("{} is not an encoder (minilm, bert-base, bert-large or a BERT directory)", args.model)
     })?;
     let sha = source.weights_sha256().context("hashing the encoder weights")?;
-    let device = Device::Cpu;
+    let device = args.device.open()?;
     let encoder = Encoder::load(&source, &device)?;
     eprintln!("encoder {} loaded in {:.1}s", source.describe(), started.elapsed().as_secs_f64());
     std::fs::create_dir_all(&args.out)?;
@@ -211,7 +214,7 @@ fn embed_split(
     let cache_dir = out.join("embeddings");
     let (file, key_file) = (cache_dir.join(format!("{split}.safetensors")), cache_dir.join(format!("{split}.key")));
     if std::fs::read_to_string(&key_file).is_ok_and(|k| k.trim() == key) {
-        if let Some(x) = candle_core::safetensors::load(&file, &Device::Cpu)?.remove("embeddings") {
+        if let Some(x) = candle_core::safetensors::load(&file, encoder.device())?.remove("embeddings") {
             eprintln!("{split}: {} cached embeddings", gold.len());
             return Ok(SplitData { x, gold });
         }
