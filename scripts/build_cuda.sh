@@ -82,3 +82,21 @@ rm -rf "$stage"
 ls -l dist/verdict-gpu.tar.zst
 echo "NEEDED by verdict-train:"
 readelf -d "$rel/verdict-train" | grep NEEDED
+
+echo "== smoke check here, with the stub standing in for the driver"
+# The binaries must load and run their CPU paths; a CUDA device must fail at the (stub) driver.
+stubrt=$(mktemp -d)
+ln -s "$cuda/lib/stubs/libcuda.so" "$stubrt/libcuda.so.1"
+export LD_LIBRARY_PATH="$stubrt:$cuda/lib"
+"$rel/verdict-train" --version
+"$rel/verdict-serve" --version
+for t in "${test_bins[@]}"; do "$t" --list >/dev/null; done
+for t in "${test_bins[@]}"; do
+  case "$(basename "$t")" in devices-*) "$t" --skip cuda --test-threads=1 | grep "test result" ;; esac
+done
+if "$rel/verdict-train" bench --device cuda --model none 2>"$stubrt/err"; then
+  echo "a CUDA device opened against the stub driver: the check is broken"; exit 1
+fi
+grep -q "DriverError" "$stubrt/err" || { cat "$stubrt/err"; exit 1; }
+echo "--device cuda reaches the driver (stub: CUDA_ERROR_UNKNOWN, as expected here)"
+rm -rf "$stubrt"

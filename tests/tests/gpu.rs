@@ -197,7 +197,7 @@ fn eval_and_serving_on_cuda_match_the_cpu() {
 
     let registry = dir.0.join("adapters");
     let reg = Registry::new(&registry);
-    reg.publish("mr", "v1", |tmp| -> std::io::Result<()> {
+    reg.publish("mr", "v1", |tmp| -> Result<(), Box<dyn std::error::Error>> {
         for f in std::fs::read_dir(&adapter)? {
             let f = f?;
             std::fs::copy(f.path(), tmp.join(f.file_name()))?;
