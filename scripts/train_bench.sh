@@ -3,10 +3,15 @@
 # few PPO steps (from a fresh adapter, label-restricted rollouts) per model, then the medians from
 # each run's metrics.jsonl. Run it on a quiet machine; it takes about 10 minutes on 2 cores.
 # Usage: scripts/train_bench.sh [models...]   (default: smollm2 qwen0.5b)
+# On the GPU machine (no cargo there): VERDICT_BIN=/tmp/verdict-gpu/verdict-gpu/verdict-train
+# VERDICT_DEVICE=cuda scripts/train_bench.sh (the binaries read VERDICT_DEVICE / VERDICT_DTYPE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bins
-bin=./target/release/verdict-train
+bin=${VERDICT_BIN:-}
+if [ -z "$bin" ]; then
+  cargo build --release --bins
+  bin=./target/release/verdict-train
+fi
 out=${TRAIN_BENCH_DIR:-runs/train-bench}
 rm -rf "$out"
 models=("$@")
