@@ -9,7 +9,7 @@ use shared::registry::Registry;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tests::tiny::{setup, train_args};
+use tests::tiny::{setup, train_args, PPO_SETTINGS, SFT_SETTINGS};
 use tests::{binary, free_port, http, metrics_series as series, train_ok, wait_for};
 
 /// f32 on the GPU: different kernels and summation orders, the same math.
@@ -17,22 +17,7 @@ const F32_TOL: f64 = 1e-3;
 
 fn sft(model: &str, data: &str, out: &Path, steps: &str, device: &[&str]) {
     let mut args = train_args("sft", model, data, out.to_str().unwrap(), steps);
-    args.extend([
-        "--batch-size",
-        "16",
-        "--rank",
-        "8",
-        "--alpha",
-        "16",
-        "--targets",
-        "q,k,v,o,gate,up,down",
-        "--lr",
-        "3e-3",
-        "--schedule",
-        "constant",
-        "--seed",
-        "3",
-    ]);
+    args.extend(SFT_SETTINGS);
     args.extend(device);
     train_ok(&args);
 }
@@ -65,32 +50,8 @@ fn ppo_and_the_reward_model_run_on_cuda() {
     let (dir, model, data) = setup("gpu-ppo");
     let out = dir.0.join("ppo");
     let mut args = train_args("ppo", &model, &data, out.to_str().unwrap(), "20");
-    args.extend([
-        "--device",
-        "cuda",
-        "--batch-size",
-        "32",
-        "--mini-batch-size",
-        "16",
-        "--whiten-advantages",
-        "false",
-        "--ppo-epochs",
-        "4",
-        "--rank",
-        "8",
-        "--alpha",
-        "16",
-        "--lora-dropout",
-        "0",
-        "--targets",
-        "q,k,v,o,gate,up,down",
-        "--schedule",
-        "constant",
-        "--lr",
-        "2e-3",
-        "--seed",
-        "5",
-    ]);
+    args.extend(["--device", "cuda", "--batch-size", "32", "--mini-batch-size", "16", "--whiten-advantages", "false"]);
+    args.extend(PPO_SETTINGS);
     train_ok(&args);
     let reward = series(&out, "reward");
     let mean = |xs: &[(u64, f64)]| xs.iter().map(|x| x.1).sum::<f64>() / xs.len() as f64;

@@ -5,29 +5,12 @@
 
 use candle_core::Device;
 use std::path::Path;
-use tests::tiny::{setup, train_args};
+use tests::tiny::{setup, train_args, PPO_SETTINGS};
 use tests::{metrics_series as series, train_ok};
 
 fn ppo_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     let mut args = train_args("ppo", model, data, out, steps);
-    args.extend([
-        "--ppo-epochs",
-        "4",
-        "--rank",
-        "8",
-        "--alpha",
-        "16",
-        "--lora-dropout",
-        "0",
-        "--targets",
-        "q,k,v,o,gate,up,down",
-        "--schedule",
-        "constant",
-        "--lr",
-        "2e-3",
-        "--seed",
-        "5",
-    ]);
+    args.extend(PPO_SETTINGS);
     args
 }
 

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tests::tiny::{setup, train_args};
+use tests::tiny::{setup, train_args, SFT_SETTINGS};
 use tests::{binary, free_port, http, run, train_ok, wait_for, TempDir};
 
 const TOKEN: &str = "s3cret";
@@ -31,24 +31,8 @@ fn train(tag: &str) -> Trained {
     let sft = |name: &str, steps: &str| {
         let out = dir.0.join(name);
         let mut args = train_args("sft", &model, &data, out.to_str().unwrap(), steps);
-        args.extend([
-            "--batch-size",
-            "16",
-            "--rank",
-            "8",
-            "--alpha",
-            "16",
-            "--targets",
-            "q,k,v,o,gate,up,down",
-            "--lr",
-            "3e-3",
-            "--schedule",
-            "constant",
-            "--save-every",
-            "1000",
-            "--seed",
-            "3",
-        ]);
+        args.extend(SFT_SETTINGS);
+        args.extend(["--save-every", "1000"]);
         train_ok(&args);
         out.join("best")
     };

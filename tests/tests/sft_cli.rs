@@ -5,31 +5,13 @@ use candle_core::Device;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::tiny::{setup, train_args};
+use tests::tiny::{setup, train_args, SFT_SETTINGS};
 use tests::{binary, metrics_series as series, run};
 
 fn sft_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     let mut args = train_args("sft", model, data, out, steps);
-    args.extend([
-        "--batch-size",
-        "16",
-        "--rank",
-        "8",
-        "--alpha",
-        "16",
-        "--targets",
-        "q,k,v,o,gate,up,down",
-        "--lr",
-        "3e-3",
-        "--schedule",
-        "constant",
-        "--save-every",
-        "5",
-        "--keep-checkpoints",
-        "20",
-        "--seed",
-        "3",
-    ]);
+    args.extend(SFT_SETTINGS);
+    args.extend(["--save-every", "5", "--keep-checkpoints", "20"]);
     args
 }
 
