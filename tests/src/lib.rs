@@ -6,7 +6,7 @@ pub mod tiny;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Path of a workspace binary, built by `cargo build --bins` into the same target directory
@@ -163,4 +163,47 @@ pub fn metrics_series(out: &std::path::Path, key: &str) -> Vec<(u64, f64)> {
 pub fn read_manifest(adapter: &std::path::Path) -> serde_json::Value {
     let path = adapter.join(shared::adapter::MANIFEST_FILE);
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// A `verdict-serve` on a free loopback port, started with the given arguments and killed on
+/// drop.
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    /// Starts `verdict-serve --port P <args>` and waits up to two minutes for `/ready`.
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
+        let port = free_port();
+        let child = Command::new(binary("verdict-serve"))
+            .args(["--port", &port.to_string()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let s = Self { child, port };
+        let r = wait_for(port, "/ready", 200, Duration::from_secs(120));
+        assert!(matches!(&r, Some((200, _))), "server not ready: {r:?}");
+        s
+    }
+
+    /// `POST path` with a JSON body; the status and the JSON answer (a non-JSON answer fails).
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let (status, text) = http(self.port, "POST", path, Some(&body.to_string())).unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON: {text:?}")))
+    }
+
+    /// `GET path`: the status and the body as text.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http(self.port, "GET", path, None).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -7,10 +7,8 @@
 use serde_json::{json, Value};
 use shared::registry::Registry;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 use tests::tiny::{setup, train_args, PPO_SETTINGS, SFT_SETTINGS};
-use tests::{binary, free_port, http, metrics_series as series, train_ok, wait_for};
+use tests::{http, metrics_series as series, train_ok, Server};
 
 /// f32 on the GPU: different kernels and summation orders, the same math.
 const F32_TOL: f64 = 1e-3;
@@ -114,28 +112,10 @@ fn eval_report(model: &str, data: &str, adapter: &Path, out: &Path, device: &str
     serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
 }
 
-struct Server(Child, u16);
-
-impl Server {
-    fn start(model: &str, registry: &Path, device: &str) -> Self {
-        let port = free_port();
-        let child = Command::new(binary("verdict-serve"))
-            .args(["--port", &port.to_string(), "--model", model, "--adapters", registry.to_str().unwrap()])
-            .args(["--device", device, "--dtype", "f32"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        assert!(wait_for(port, "/ready", 200, Duration::from_secs(60)).is_some(), "server on {device} never ready");
-        Self(child, port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `verdict-serve` on `device` (f32) over the registry.
+fn serve(model: &str, registry: &Path, device: &str) -> Server {
+    let registry = registry.to_str().unwrap();
+    Server::start(&["--model", model, "--adapters", registry, "--device", device, "--dtype", "f32"])
 }
 
 #[test]
@@ -167,14 +147,14 @@ fn eval_and_serving_on_cuda_match_the_cpu() {
     })
     .unwrap();
     reg.promote("mr", "v1").unwrap();
-    let (s_cpu, s_gpu) = (Server::start(&model, &registry, "cpu"), Server::start(&model, &registry, "cuda"));
+    let (s_cpu, s_gpu) = (serve(&model, &registry, "cpu"), serve(&model, &registry, "cuda"));
     let body = json!({"task": "mr", "inputs": ["a good film", "awful and dull", "the plot was fine"]}).to_string();
     let ask = |port: u16| -> Value {
         let (status, text) = http(port, "POST", "/v1/classify", Some(&body)).unwrap();
         assert_eq!(status, 200, "{text}");
         serde_json::from_str(&text).unwrap()
     };
-    let (vc, vg) = (ask(s_cpu.1), ask(s_gpu.1));
+    let (vc, vg) = (ask(s_cpu.port), ask(s_gpu.port));
     for (c, g) in vc["results"].as_array().unwrap().iter().zip(vg["results"].as_array().unwrap()) {
         assert_eq!(c["label"], g["label"]);
         for (w, p) in c["probabilities"].as_object().unwrap() {

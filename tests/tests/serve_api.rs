@@ -13,11 +13,11 @@ use shared::registry::Registry;
 use shared::task::{Task, TaskRegistry};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tests::{binary, free_port, http, http_raw, wait_for, TempDir};
+use tests::{http, http_raw, Server, TempDir};
 
 const TOKEN: &str = "s3cret";
 /// Server answers vs the library: same f32 math in other batch shapes.
@@ -159,46 +159,15 @@ impl Fixture {
     }
 }
 
-struct Server {
-    child: Child,
-    port: u16,
+/// The admin calls, with this file's bearer token.
+trait Admin {
+    fn admin(&self, path: &str) -> (u16, Value);
 }
 
-impl Server {
-    fn start(args: &[String]) -> Self {
-        let port = free_port();
-        let child = Command::new(binary("verdict-serve"))
-            .args(["--port", &port.to_string()])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let s = Self { child, port };
-        let r = wait_for(port, "/ready", 200, Duration::from_secs(60));
-        assert!(matches!(&r, Some((200, _))), "server not ready: {r:?}");
-        s
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let (status, text) = http(self.port, "POST", path, Some(&body.to_string())).unwrap();
-        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON: {text:?}")))
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        http(self.port, "GET", path, None).unwrap()
-    }
-
+impl Admin for Server {
     fn admin(&self, path: &str) -> (u16, Value) {
         let r = http_raw(self.port, "POST", path, b"", &[&format!("Authorization: Bearer {TOKEN}")]).unwrap();
         (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

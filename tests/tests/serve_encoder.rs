@@ -12,9 +12,8 @@ use shared::adapter::{weights_sha256, Manifest, HEAD_METHOD, MANIFEST_VERSION};
 use shared::registry::Registry;
 use shared::task::TaskRegistry;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-use tests::{binary, free_port, http, http_raw, wait_for, TempDir};
+use std::process::Command;
+use tests::{binary, http, http_raw, Server, TempDir};
 
 /// Server answers vs the library: the same f32 math in other batch shapes.
 const TOL: f64 = 1e-5;
@@ -51,40 +50,6 @@ fn publish_head(reg: &Registry, task: &str, version: &str, seed: u64, sha: &str,
     })
     .unwrap();
     head
-}
-
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(args: &[String]) -> Self {
-        let port = free_port();
-        let child = Command::new(binary("verdict-serve"))
-            .args(["--port", &port.to_string(), "--threads", "2"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let s = Self { child, port };
-        let r = wait_for(port, "/ready", 200, Duration::from_secs(120));
-        assert!(matches!(&r, Some((200, _))), "server not ready: {r:?}");
-        s
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let (status, text) = http(self.port, "POST", path, Some(&body.to_string())).unwrap();
-        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON: {text:?}")))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// MiniLM, a registry with heads for `mr` (v1, v2, a refused one) and `mrpc` (a pair task).
@@ -134,6 +99,8 @@ impl Fixture {
             minilm_dir().display().to_string(),
             "--adapters".into(),
             self.registry.root().display().to_string(),
+            "--threads".into(),
+            "2".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Server::start(&args)
