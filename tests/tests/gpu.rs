@@ -7,7 +7,7 @@
 use serde_json::{json, Value};
 use shared::registry::Registry;
 use std::path::Path;
-use tests::tiny::{setup, train_args, PPO_SETTINGS, SFT_SETTINGS};
+use tests::tiny::{setup, train_args, PPO_BATCH, PPO_SETTINGS, SFT_SETTINGS};
 use tests::{http, metrics_series as series, train_ok, Server};
 
 /// f32 on the GPU: different kernels and summation orders, the same math.
@@ -48,7 +48,8 @@ fn ppo_and_the_reward_model_run_on_cuda() {
     let (dir, model, data) = setup("gpu-ppo");
     let out = dir.0.join("ppo");
     let mut args = train_args("ppo", &model, &data, out.to_str().unwrap(), "20");
-    args.extend(["--device", "cuda", "--batch-size", "32", "--mini-batch-size", "16", "--whiten-advantages", "false"]);
+    args.extend(["--device", "cuda"]);
+    args.extend(PPO_BATCH);
     args.extend(PPO_SETTINGS);
     train_ok(&args);
     let reward = series(&out, "reward");

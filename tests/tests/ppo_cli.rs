@@ -5,7 +5,7 @@
 
 use candle_core::Device;
 use std::path::Path;
-use tests::tiny::{setup, train_args, PPO_SETTINGS};
+use tests::tiny::{setup, train_args, PPO_BATCH, PPO_SETTINGS};
 use tests::{metrics_series as series, train_ok};
 
 fn ppo_args<'a>(model: &'a str, data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
@@ -28,9 +28,7 @@ fn train(model: &str, data: &str, out: &Path, steps: &str, extra: &[&str]) -> St
 fn ppo_raises_the_reward_and_the_kl_penalty_bounds_the_drift() {
     let (dir, model, data) = setup("ppo-learn");
     let out = dir.0.join("ppo");
-    // Whitening off: once every response is right, whitening blows the residual noise up to
-    // unit scale and the tiny policy drifts (TRL behaves the same); docs/training.md says more.
-    let common = ["--batch-size", "32", "--mini-batch-size", "16", "--whiten-advantages", "false"];
+    let common = PPO_BATCH;
     let mut args = common.to_vec();
     args.extend(["--kl-coef", "0.05", "--kl-controller", "fixed", "--eval-every", "10"]);
     train(&model, &data, &out, "20", &args);

@@ -3,7 +3,7 @@
 //! learned reward (alone or mixed with the rule reward) raises the policy's accuracy.
 
 use std::path::Path;
-use tests::tiny::{setup, train_args};
+use tests::tiny::{setup, train_args, PPO_BATCH, PPO_SETTINGS};
 use tests::{metrics_series as series, run, train_ok};
 
 fn mean(xs: &[(u64, f64)]) -> f64 {
@@ -61,31 +61,14 @@ fn a_reward_model_learns_label_sensitive_pairs_and_ppo_optimises_it() {
             kind,
             "--reward-model",
             best.to_str().unwrap(),
-            "--batch-size",
-            "32",
-            "--mini-batch-size",
-            "16",
-            "--whiten-advantages",
-            "false",
-            "--rank",
-            "8",
-            "--alpha",
-            "16",
-            "--lora-dropout",
-            "0",
-            "--targets",
-            "q,k,v,o,gate,up,down",
-            "--lr",
-            "2e-3",
-            "--schedule",
-            "constant",
             "--kl-coef",
             "0.05",
             "--kl-controller",
             "fixed",
-            "--seed",
-            "5",
         ]);
+        // PPO_SETTINGS adds `--ppo-epochs 4`, the default, to what this test ran before.
+        args.extend(PPO_BATCH);
+        args.extend(PPO_SETTINGS);
         train_ok(&args)
     };
     let learned = dir.0.join("ppo-learned");
