@@ -38,20 +38,7 @@ pub struct Manifest {
 impl Manifest {
     /// Refuses an adapter made for other base weights or another task template, with the reason.
     pub fn check(&self, base_sha256: &str, task: &Task) -> Result<(), String> {
-        if self.manifest_version != MANIFEST_VERSION {
-            return Err(format!("manifest version {} is not {MANIFEST_VERSION}", self.manifest_version));
-        }
-        if self.base_sha256 != base_sha256 {
-            return Err(format!(
-                "adapter was trained on base weights {} ({}), this model's weights are {}",
-                short(&self.base_sha256),
-                self.base_model,
-                short(base_sha256)
-            ));
-        }
-        if self.task != task.name {
-            return Err(format!("adapter is for task {}, not {}", self.task, task.name));
-        }
+        self.check_version_weights_task(("adapter", "base weights", "this model's"), base_sha256, task)?;
         if self.template_version != task.template_version || self.template_hash != task.template_hash() {
             return Err(format!(
                 "adapter was trained with template v{} ({}) of {}, the current one is v{} ({})",
@@ -65,27 +52,39 @@ impl Manifest {
         Ok(())
     }
 
+    /// The checks adapters and heads share: manifest version, the weights it was trained on,
+    /// the task; the tuple names what it is, what its weights are called and whose these are.
+    fn check_version_weights_task(
+        &self,
+        (what, weights, these): (&str, &str, &str),
+        sha256: &str,
+        task: &Task,
+    ) -> Result<(), String> {
+        if self.manifest_version != MANIFEST_VERSION {
+            return Err(format!("manifest version {} is not {MANIFEST_VERSION}", self.manifest_version));
+        }
+        if self.base_sha256 != sha256 {
+            return Err(format!(
+                "{what} was trained on {weights} {} ({}), {these} weights are {}",
+                short(&self.base_sha256),
+                self.base_model,
+                short(sha256)
+            ));
+        }
+        if self.task != task.name {
+            return Err(format!("{what} is for task {}, not {}", self.task, task.name));
+        }
+        Ok(())
+    }
+
     /// Refuses an encoder head (`models::encoder::ClassifierHead`) made for other encoder
     /// weights, another task or other label words. Heads read no prompt, so the template is
     /// not checked; the label words (their order is the head's rows) are.
     pub fn check_head(&self, encoder_sha256: &str, task: &Task) -> Result<(), String> {
-        if self.manifest_version != MANIFEST_VERSION {
-            return Err(format!("manifest version {} is not {MANIFEST_VERSION}", self.manifest_version));
-        }
-        if self.method != HEAD_METHOD {
+        if self.manifest_version == MANIFEST_VERSION && self.method != HEAD_METHOD {
             return Err(format!("a {} adapter, not an encoder head (method {HEAD_METHOD})", self.method));
         }
-        if self.base_sha256 != encoder_sha256 {
-            return Err(format!(
-                "head was trained on encoder weights {} ({}), this encoder's weights are {}",
-                short(&self.base_sha256),
-                self.base_model,
-                short(encoder_sha256)
-            ));
-        }
-        if self.task != task.name {
-            return Err(format!("head is for task {}, not {}", self.task, task.name));
-        }
+        self.check_version_weights_task(("head", "encoder weights", "this encoder's"), encoder_sha256, task)?;
         if task.is_score() {
             return Err(format!("task {} is a score task; heads classify", task.name));
         }
