@@ -12,7 +12,10 @@
 # SECONDS_PER endpoint and client count (60), THREADS per server (all cores), BASE_PORT (18180),
 # OUT (docs/bench_vs_bert), PROFILE (release), SMOLLM2_ADAPTER / QWEN_ADAPTER (an adapter
 # directory; default: a 2-step SFT adapter trained here: latency does not depend on the values),
-# MINILM_HEAD (runs/mr-minilm, trained here when missing: docs/results.md).
+# MINILM_HEAD (runs/mr-minilm, trained here when missing: docs/results.md), MERGED=1 (also the
+# decoders in --merged mode: the adapter folded into a copy of the base), TORCH_PYTHON (a Python
+# with torch, transformers and tokenizers: also BERT-large in PyTorch, scripts/torch_bert_server.py,
+# the peer users would deploy; docs/benchmarks.md says how to install one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
@@ -80,6 +83,12 @@ servers=(
   "bert-base|--model bert-base --adapters $work/bert-base"
   "minilm-head|--model minilm --adapters $work/minilm"
 )
+if [ "${MERGED:-0}" = 1 ]; then
+  servers+=(
+    "smollm2-lora-merged|--model smollm2 --merged --adapters $work/smollm2"
+    "qwen0.5b-lora-merged|--model qwen0.5b --merged --adapters $work/qwen"
+  )
+fi
 endpoints=()
 port=$BASE_PORT
 for s in "${servers[@]}"; do
@@ -91,6 +100,15 @@ for s in "${servers[@]}"; do
   endpoints+=(--endpoint "$name=http://127.0.0.1:$port/v1/classify")
   port=$((port + 1))
 done
+if [ -n "${TORCH_PYTHON:-}" ]; then
+  torch_threads=()
+  if [ -n "${THREADS:-}" ]; then torch_threads=(--threads "$THREADS"); fi
+  "$TORCH_PYTHON" scripts/torch_bert_server.py --tokenizer "${VERDICT_CACHE_DIR:-$HOME/.cache/verdict}/models/all-minilm-l6-v2/tokenizer.json" \
+    --shape large --port "$port" "${torch_threads[@]}" 2> "$work/bert-large-torch.log" &
+  pids+=($!)
+  servers+=("bert-large-torch|")
+  endpoints+=(--endpoint "bert-large-torch=http://127.0.0.1:$port/v1/classify")
+fi
 port=$BASE_PORT
 for s in "${servers[@]}"; do
   name=${s%%|*}
