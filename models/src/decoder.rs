@@ -195,7 +195,10 @@ impl LayerCtx<'_> {
 
     fn softmax(&self, x: &Tensor) -> Result<Tensor, Error> {
         Ok(match self.mode {
-            Mode::Inference => candle_nn::ops::softmax_last_dim(x)?,
+            Mode::Inference => match crate::fast::softmax_last_dim(x)? {
+                Some(p) => p,
+                None => candle_nn::ops::softmax_last_dim(x)?,
+            },
             Mode::Train { .. } => candle_nn::ops::softmax(x, D::Minus1)?,
         })
     }
@@ -273,9 +276,17 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, layer: usize, ctx: &LayerCtx) -> Result<Tensor, Error> {
-        let gate = ctx.project(&self.gate_proj, layer, Projection::Gate, x)?.silu()?;
+        let gate = ctx.project(&self.gate_proj, layer, Projection::Gate, x)?;
         let up = ctx.project(&self.up_proj, layer, Projection::Up, x)?;
-        ctx.project(&self.down_proj, layer, Projection::Down, &(gate * up)?)
+        let fused = match ctx.mode {
+            Mode::Inference => crate::fast::swiglu(&gate, &up)?,
+            Mode::Train { .. } => None,
+        };
+        let hidden = match fused {
+            Some(h) => h,
+            None => (gate.silu()? * up)?,
+        };
+        ctx.project(&self.down_proj, layer, Projection::Down, &hidden)
     }
 }
 

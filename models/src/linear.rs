@@ -5,10 +5,11 @@
 //! full-size gradient for every frozen weight. [`FrozenMatmul`] is a custom op whose backward
 //! returns only the input gradient.
 
+use crate::packed::PackedWeight;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Storage, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A base weight matrix of shape `[out, in]`.
 #[derive(Debug, Clone)]
@@ -52,6 +53,9 @@ pub struct FrozenLinear {
     bias: Option<Tensor>,
     /// For quantized weights, candle's dispatcher (it may hold a dense copy for f16/f32 blocks).
     qmatmul: Option<Arc<QMatMul>>,
+    /// Dense f32 weights on the CPU, packed for [`crate::packed`] on the first inference call
+    /// that can use them (shared by clones; `None` inside: this weight cannot be packed).
+    packed: Arc<OnceLock<Option<PackedWeight>>>,
 }
 
 impl FrozenLinear {
@@ -61,7 +65,7 @@ impl FrozenLinear {
             BaseWeight::Quantized(q) => Some(Arc::new(QMatMul::from_arc(q.clone())?)),
             BaseWeight::Dense(_) => None,
         };
-        Ok(Self { weight, bias, qmatmul })
+        Ok(Self { weight, bias, qmatmul, packed: Arc::new(OnceLock::new()) })
     }
 
     /// The base weight.
@@ -87,10 +91,46 @@ impl FrozenLinear {
                 matmul_wt(x, &q.dequantize(&q.device())?.to_dtype(x.dtype())?)?
             }
             (_, Some(q)) => q.forward(x)?,
-            (BaseWeight::Dense(w), None) => matmul_wt(x, w)?,
+            (BaseWeight::Dense(w), None) => match self.packed_product(x, w, rows)? {
+                Some(y) => y,
+                None => matmul_wt(x, w)?,
+            },
             (BaseWeight::Quantized(_), None) => unreachable!("quantized weights always get a QMatMul"),
         };
         self.add_bias(y)
+    }
+
+    /// `x Wᵀ` through the packed kernel when it applies: f32 on a CPU with AVX2/FMA, at most
+    /// [`packed_max_rows`] rows, `VERDICT_PACKED` not `0`. `None`: use the general GEMM.
+    fn packed_product(&self, x: &Tensor, w: &Tensor, rows: usize) -> Result<Option<Tensor>> {
+        if rows > packed_max_rows()
+            || !packed_enabled()
+            || !x.device().is_cpu()
+            || !w.device().is_cpu()
+            || x.dtype() != DType::F32
+            || w.dtype() != DType::F32
+        {
+            return Ok(None);
+        }
+        let packed = self.packed.get_or_init(|| {
+            let (out, inner) = w.dims2().ok()?;
+            let values = w.flatten_all().and_then(|v| v.to_vec1::<f32>()).ok()?;
+            Some(PackedWeight::pack(&values, out, inner))
+        });
+        let Some(packed) = packed else { return Ok(None) };
+        let (out, inner) = packed.dims();
+        if x.dim(candle_core::D::Minus1)? != inner {
+            candle_core::bail!("linear: input has {} features, weight expects {inner}", x.dim(candle_core::D::Minus1)?)
+        }
+        let x = x.contiguous()?;
+        let y = {
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(values)) = &*storage else { return Ok(None) };
+            packed.matmul_t(&values[layout.start_offset()..][..rows * inner], rows)
+        };
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("a tensor with features has a last dimension") = out;
+        Ok(Some(Tensor::from_vec(y, dims, x.device())?))
     }
 
     /// Training forward: gradient flows to `x` only, never to the frozen weight.
@@ -125,6 +165,26 @@ pub fn quantized_kernel_max_rows() -> usize {
             .and_then(|v| v.parse().ok())
             .unwrap_or(QUANTIZED_KERNEL_MAX_ROWS)
     })
+}
+
+/// Default for [`packed_max_rows`]: the packed kernel keeps its row blocks in L2, which holds
+/// for the few dozen tokens of a request; larger batches go to the general GEMM, which packs
+/// them itself (measured with `examples/packed_bench.rs`, docs/benchmarks.md).
+pub const PACKED_MAX_ROWS: usize = 128;
+
+/// Inputs with more rows than this take the general GEMM; `VERDICT_PACKED_MAX_ROWS` overrides it.
+pub fn packed_max_rows() -> usize {
+    static ROWS: OnceLock<usize> = OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("VERDICT_PACKED_MAX_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(PACKED_MAX_ROWS)
+    })
+}
+
+/// Whether the packed kernel runs at all: a CPU with AVX2/FMA and `VERDICT_PACKED` not `0`
+/// (`VERDICT_PACKED=0` gives the general GEMM everywhere, for comparison).
+pub fn packed_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| crate::packed::supported() && std::env::var("VERDICT_PACKED").map_or(true, |v| v != "0"))
 }
 
 /// `x Wᵀ` for `x` of any rank `[.., in]` and `w` `[out, in]`, as one 2-D matmul.
