@@ -45,6 +45,8 @@ fn main() -> candle_core::Result<()> {
         ("qwen0.5b", "k/v", 128, 896),
         ("qwen0.5b", "gate/up", 4864, 896),
         ("qwen0.5b", "down", 896, 4864),
+        ("smollm2", "lm_head", 49152, 576),
+        ("qwen0.5b", "lm_head", 151936, 896),
     ];
     for &m in &rows {
         for &(model, name, out, inner) in &shapes {

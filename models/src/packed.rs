@@ -89,9 +89,11 @@ impl PackedWeight {
         (0..n_panels.div_ceil(per)).into_par_iter().for_each(|c| {
             let y_ptr = &y_ptr;
             let panels = c * per..((c + 1) * per).min(n_panels);
-            for k0 in (0..self.inner).step_by(KC) {
-                let kc = KC.min(self.inner - k0);
-                for p in panels.clone() {
+            // Panel by panel, each streamed once from memory front to back; a panel's block of
+            // KC inner values stays in L1 while every row block uses it.
+            for p in panels.clone() {
+                for k0 in (0..self.inner).step_by(KC) {
+                    let kc = KC.min(self.inner - k0);
                     let cols = NR.min(self.out - p * NR);
                     let panel = &self.panels[p * self.inner * NR + k0 * NR..][..kc * NR];
                     for r0 in (0..rows).step_by(MR) {
