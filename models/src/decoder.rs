@@ -173,7 +173,13 @@ impl LayerCtx<'_> {
             }
             _ => x.clone(),
         };
-        Ok(Some((matmul_wt(&matmul_wt(&x, &pair.a)?, &pair.b)? * cfg.scaling())?.to_dtype(x_dtype)?))
+        let product = |x: &Tensor, w: &Tensor| match self.mode {
+            // The factors may change between calls (dev evaluation during training): packed
+            // afresh each time, which costs little at rank r.
+            Mode::Inference => crate::linear::matmul_wt_packed_once(x, w),
+            Mode::Train { .. } => matmul_wt(x, w),
+        };
+        Ok(Some((product(&product(&x, &pair.a)?, &pair.b)? * cfg.scaling())?.to_dtype(x_dtype)?))
     }
 
     fn rope(&self, x: &Tensor) -> Result<Tensor, Error> {

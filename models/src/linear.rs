@@ -91,46 +91,13 @@ impl FrozenLinear {
                 matmul_wt(x, &q.dequantize(&q.device())?.to_dtype(x.dtype())?)?
             }
             (_, Some(q)) => q.forward(x)?,
-            (BaseWeight::Dense(w), None) => match self.packed_product(x, w, rows)? {
+            (BaseWeight::Dense(w), None) => match packed_product(x, w, rows, &self.packed)? {
                 Some(y) => y,
                 None => matmul_wt(x, w)?,
             },
             (BaseWeight::Quantized(_), None) => unreachable!("quantized weights always get a QMatMul"),
         };
         self.add_bias(y)
-    }
-
-    /// `x Wᵀ` through the packed kernel when it applies: f32 on a CPU with AVX2/FMA, at most
-    /// [`packed_max_rows`] rows, `VERDICT_PACKED` not `0`. `None`: use the general GEMM.
-    fn packed_product(&self, x: &Tensor, w: &Tensor, rows: usize) -> Result<Option<Tensor>> {
-        if rows > packed_max_rows()
-            || !packed_enabled()
-            || !x.device().is_cpu()
-            || !w.device().is_cpu()
-            || x.dtype() != DType::F32
-            || w.dtype() != DType::F32
-        {
-            return Ok(None);
-        }
-        let packed = self.packed.get_or_init(|| {
-            let (out, inner) = w.dims2().ok()?;
-            let values = w.flatten_all().and_then(|v| v.to_vec1::<f32>()).ok()?;
-            Some(PackedWeight::pack(&values, out, inner))
-        });
-        let Some(packed) = packed else { return Ok(None) };
-        let (out, inner) = packed.dims();
-        if x.dim(candle_core::D::Minus1)? != inner {
-            candle_core::bail!("linear: input has {} features, weight expects {inner}", x.dim(candle_core::D::Minus1)?)
-        }
-        let x = x.contiguous()?;
-        let y = {
-            let (storage, layout) = x.storage_and_layout();
-            let Storage::Cpu(CpuStorage::F32(values)) = &*storage else { return Ok(None) };
-            packed.matmul_t(&values[layout.start_offset()..][..rows * inner], rows)
-        };
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("a tensor with features has a last dimension") = out;
-        Ok(Some(Tensor::from_vec(y, dims, x.device())?))
     }
 
     /// Training forward: gradient flows to `x` only, never to the frozen weight.
@@ -185,6 +152,55 @@ pub fn packed_max_rows() -> usize {
 pub fn packed_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| crate::packed::supported() && std::env::var("VERDICT_PACKED").map_or(true, |v| v != "0"))
+}
+
+/// `x Wᵀ` through the packed kernel when it applies: f32 on a CPU with AVX2/FMA, at most
+/// [`packed_max_rows`] rows, `VERDICT_PACKED` not `0`; `cache` holds `w` packed (filled on
+/// first use). `None`: use the general GEMM.
+fn packed_product(
+    x: &Tensor,
+    w: &Tensor,
+    rows: usize,
+    cache: &OnceLock<Option<PackedWeight>>,
+) -> Result<Option<Tensor>> {
+    if rows > packed_max_rows()
+        || !packed_enabled()
+        || !x.device().is_cpu()
+        || !w.device().is_cpu()
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+    {
+        return Ok(None);
+    }
+    let packed = cache.get_or_init(|| {
+        let (out, inner) = w.dims2().ok()?;
+        let values = w.flatten_all().and_then(|v| v.to_vec1::<f32>()).ok()?;
+        Some(PackedWeight::pack(&values, out, inner))
+    });
+    let Some(packed) = packed else { return Ok(None) };
+    let (out, inner) = packed.dims();
+    if x.dim(candle_core::D::Minus1)? != inner {
+        candle_core::bail!("linear: input has {} features, weight expects {inner}", x.dim(candle_core::D::Minus1)?)
+    }
+    let x = x.contiguous()?;
+    let y = {
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(values)) = &*storage else { return Ok(None) };
+        packed.matmul_t(&values[layout.start_offset()..][..rows * inner], rows)
+    };
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("a tensor with features has a last dimension") = out;
+    Ok(Some(Tensor::from_vec(y, dims, x.device())?))
+}
+
+/// `x Wᵀ` through the packed kernel with `w` packed for this call only (small matrices such as
+/// LoRA factors, whose values may change between calls), else through [`matmul_wt`].
+pub(crate) fn matmul_wt_packed_once(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+    match packed_product(x, w, rows, &OnceLock::new())? {
+        Some(y) => Ok(y),
+        None => matmul_wt(x, w),
+    }
 }
 
 /// `x Wᵀ` for `x` of any rank `[.., in]` and `w` `[out, in]`, as one 2-D matmul.
