@@ -1,4 +1,4 @@
-//! The packed small-batch GEMM (`models::packed`) against candle's general GEMM on the
+//! The packed small-batch GEMM (`models::packed`, f32 and bf16 panels) against candle's general GEMM on the
 //! projection shapes of SmolLM2-135M and Qwen2.5-0.5B, at several row counts: median time and
 //! GFLOP/s of each, side by side in one run.
 //!
@@ -34,8 +34,11 @@ fn main() -> candle_core::Result<()> {
         return Ok(());
     }
     println!("threads: {}", rayon::current_num_threads());
-    println!("| model | projection | rows | out | in | candle us | GFLOP/s | packed us | GFLOP/s | speed-up |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let bf16 = packed::bf16_supported();
+    println!(
+        "| model | projection | rows | out | in | candle us | GFLOP/s | packed f32 us | GFLOP/s | speed-up | packed bf16 us | GFLOP/s | speed-up |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let shapes = [
         ("smollm2", "q/o", 576, 576),
         ("smollm2", "k/v", 192, 576),
@@ -62,8 +65,17 @@ fn main() -> candle_core::Result<()> {
                 std::hint::black_box(p.matmul_t(&xv, m));
             });
             let gf = |us: f64| 2.0 * (m * out * inner) as f64 / us / 1e3;
+            let c = if bf16 {
+                let pb = PackedWeight::pack_as(&w.flatten_all()?.to_vec1::<f32>()?, out, inner, packed::Format::Bf16);
+                let c = median_us(&mut || {
+                    std::hint::black_box(pb.matmul_t(&xv, m));
+                });
+                format!("{c:.1} | {:.1} | {:.2}x", gf(c), a / c)
+            } else {
+                "- | - | -".to_string()
+            };
             println!(
-                "| {model} | {name} | {m} | {out} | {inner} | {a:.1} | {:.1} | {b:.1} | {:.1} | {:.2}x |",
+                "| {model} | {name} | {m} | {out} | {inner} | {a:.1} | {:.1} | {b:.1} | {:.1} | {:.2}x | {c} |",
                 gf(a),
                 gf(b),
                 a / b

@@ -91,7 +91,7 @@ impl FrozenLinear {
                 matmul_wt(x, &q.dequantize(&q.device())?.to_dtype(x.dtype())?)?
             }
             (_, Some(q)) => q.forward(x)?,
-            (BaseWeight::Dense(w), None) => match packed_product(x, w, rows, &self.packed)? {
+            (BaseWeight::Dense(w), None) => match packed_product(x, w, rows, &self.packed, crate::packed::format())? {
                 Some(y) => y,
                 None => matmul_wt(x, w)?,
             },
@@ -155,13 +155,14 @@ pub fn packed_enabled() -> bool {
 }
 
 /// `x Wᵀ` through the packed kernel when it applies: f32 on a CPU with AVX2/FMA, at most
-/// [`packed_max_rows`] rows, `VERDICT_PACKED` not `0`; `cache` holds `w` packed (filled on
-/// first use). `None`: use the general GEMM.
+/// [`packed_max_rows`] rows, `VERDICT_PACKED` not `0`; `cache` holds `w` packed in `format`
+/// (filled on first use). `None`: use the general GEMM.
 fn packed_product(
     x: &Tensor,
     w: &Tensor,
     rows: usize,
     cache: &OnceLock<Option<PackedWeight>>,
+    format: crate::packed::Format,
 ) -> Result<Option<Tensor>> {
     if rows > packed_max_rows()
         || !packed_enabled()
@@ -175,7 +176,7 @@ fn packed_product(
     let packed = cache.get_or_init(|| {
         let (out, inner) = w.dims2().ok()?;
         let values = w.flatten_all().and_then(|v| v.to_vec1::<f32>()).ok()?;
-        Some(PackedWeight::pack(&values, out, inner))
+        Some(PackedWeight::pack_as(&values, out, inner, format))
     });
     let Some(packed) = packed else { return Ok(None) };
     let (out, inner) = packed.dims();
@@ -197,7 +198,7 @@ fn packed_product(
 /// LoRA factors, whose values may change between calls), else through [`matmul_wt`].
 pub(crate) fn matmul_wt_packed_once(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-    match packed_product(x, w, rows, &OnceLock::new())? {
+    match packed_product(x, w, rows, &OnceLock::new(), crate::packed::Format::F32)? {
         Some(y) => Ok(y),
         None => matmul_wt(x, w),
     }

@@ -12,8 +12,81 @@
 //! (`R ≤ MR = 6` rows), broadcasting one input value per row and `k`. The inner dimension is cut
 //! into blocks of [`KC`] so a panel's slice stays in L1 and the rows' slices in L2; output panels
 //! are split among rayon's threads (each writes its own columns).
+//!
+//! [`Format::Bf16`] (`--cpu-matmul bf16`, CPUs with AVX512-BF16) stores the panels as bf16
+//! pairs (`lane j = (W[p·NR + j, 2i], W[p·NR + j, 2i + 1])`), rounds each input row to bf16 once
+//! per call and multiplies with `vdpbf16ps`, accumulating in f32: half the weight bytes to stream
+//! and twice the multiply rate of f32 FMA, at bf16's input precision (8 bits of mantissa). Every
+//! other operation of the model stays f32.
 
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// How packed weights are stored and multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// f32 panels, AVX2 FMA: the same products as any f32 GEMM up to summation order.
+    #[default]
+    F32,
+    /// bf16 panels and bf16-rounded inputs, AVX512-BF16 dot products with f32 accumulation.
+    Bf16,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(format!("unknown CPU matmul format {other:?}: use f32 or bf16")),
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+static FORMAT: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the format weights are packed in from now on (set it once, before the first forward:
+/// weights already packed keep theirs). Refuses bf16 on a CPU without AVX512-BF16.
+pub fn set_format(format: Format) -> Result<(), String> {
+    if format == Format::Bf16 && !bf16_supported() {
+        return Err("--cpu-matmul bf16 needs a CPU with AVX512-BF16 (this one has none): use f32".into());
+    }
+    FORMAT.store(format as u8, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The format new packings use ([`set_format`]; f32 by default).
+pub fn format() -> Format {
+    if FORMAT.load(Ordering::Relaxed) == Format::Bf16 as u8 {
+        Format::Bf16
+    } else {
+        Format::F32
+    }
+}
+
+/// Whether this CPU runs the bf16 kernel (x86-64 with AVX-512F and AVX512-BF16).
+pub fn bf16_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Most rows per bf16 micro-kernel call (one 512-bit accumulator per row).
+pub const MR_BF16: usize = 12;
 
 /// Output columns per panel (two AVX registers of 8 lanes).
 pub const NR: usize = 16;
@@ -27,13 +100,25 @@ pub const KC: usize = 256;
 pub struct PackedWeight {
     out: usize,
     inner: usize,
-    panels: Vec<f32>,
+    panels: Panels,
+}
+
+#[derive(Clone)]
+enum Panels {
+    F32(Vec<f32>),
+    /// Two bf16 values per `u32`: the even `k` in the low half.
+    Bf16(Vec<u32>),
 }
 
 impl std::fmt::Debug for PackedWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedWeight [{}, {}]", self.out, self.inner)
+        write!(f, "PackedWeight [{}, {}] {}", self.out, self.inner, self.format())
     }
+}
+
+/// `a` and `b` rounded to bf16 (nearest, ties to even), `a` in the low half.
+fn bf16_pair(a: f32, b: f32) -> u32 {
+    u32::from(half::bf16::from_f32(a).to_bits()) | (u32::from(half::bf16::from_f32(b).to_bits()) << 16)
 }
 
 /// Whether this CPU runs the packed kernel (x86-64 with AVX2 and FMA).
@@ -49,19 +134,42 @@ pub fn supported() -> bool {
 }
 
 impl PackedWeight {
-    /// Packs `w`, row-major `[out, inner]`.
+    /// Packs `w`, row-major `[out, inner]`, as f32 panels.
     pub fn pack(w: &[f32], out: usize, inner: usize) -> Self {
+        Self::pack_as(w, out, inner, Format::F32)
+    }
+
+    /// Packs `w`, row-major `[out, inner]`, in `format`.
+    pub fn pack_as(w: &[f32], out: usize, inner: usize, format: Format) -> Self {
         assert_eq!(w.len(), out * inner, "weight of {} values is not [{out}, {inner}]", w.len());
         let n_panels = out.div_ceil(NR);
-        let mut panels = vec![0f32; n_panels * inner * NR];
-        panels.par_chunks_mut(inner * NR).enumerate().for_each(|(p, panel)| {
-            for j in 0..NR.min(out - p * NR) {
-                let row = &w[(p * NR + j) * inner..(p * NR + j + 1) * inner];
-                for (k, &v) in row.iter().enumerate() {
-                    panel[k * NR + j] = v;
-                }
+        let panels = match format {
+            Format::F32 => {
+                let mut panels = vec![0f32; n_panels * inner * NR];
+                panels.par_chunks_mut(inner * NR).enumerate().for_each(|(p, panel)| {
+                    for j in 0..NR.min(out - p * NR) {
+                        let row = &w[(p * NR + j) * inner..(p * NR + j + 1) * inner];
+                        for (k, &v) in row.iter().enumerate() {
+                            panel[k * NR + j] = v;
+                        }
+                    }
+                });
+                Panels::F32(panels)
             }
-        });
+            Format::Bf16 => {
+                let pairs = inner.div_ceil(2);
+                let mut panels = vec![0u32; n_panels * pairs * NR];
+                panels.par_chunks_mut(pairs * NR).enumerate().for_each(|(p, panel)| {
+                    for j in 0..NR.min(out - p * NR) {
+                        let row = &w[(p * NR + j) * inner..(p * NR + j + 1) * inner];
+                        for (i, pair) in row.chunks(2).enumerate() {
+                            panel[i * NR + j] = bf16_pair(pair[0], pair.get(1).copied().unwrap_or(0.0));
+                        }
+                    }
+                });
+                Panels::Bf16(panels)
+            }
+        };
         Self { out, inner, panels }
     }
 
@@ -70,16 +178,32 @@ impl PackedWeight {
         (self.out, self.inner)
     }
 
+    /// How the panels are stored.
+    pub fn format(&self) -> Format {
+        match self.panels {
+            Panels::F32(_) => Format::F32,
+            Panels::Bf16(_) => Format::Bf16,
+        }
+    }
+
     /// `y = x Wᵀ` for `x` row-major `[rows, inner]`; returns `[rows, out]` row-major.
     ///
     /// # Panics
-    /// If `x` is not `rows · inner` long or the CPU lacks AVX2/FMA ([`supported`]).
+    /// If `x` is not `rows · inner` long or the CPU lacks the format's instructions
+    /// ([`supported`], [`bf16_supported`]).
     pub fn matmul_t(&self, x: &[f32], rows: usize) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.inner, "input of {} values is not [{rows}, {}]", x.len(), self.inner);
         let mut y = vec![0f32; rows * self.out];
         if rows == 0 || self.out == 0 {
             return y;
         }
+        let data = match &self.panels {
+            Panels::F32(data) => data,
+            Panels::Bf16(panels) => {
+                self.matmul_t_bf16(panels, x, rows, &mut y);
+                return y;
+            }
+        };
         assert!(supported(), "the packed kernel needs AVX2 and FMA");
         let n_panels = self.out.div_ceil(NR);
         // Several chunks per thread so a descheduled thread's work is stolen by the other.
@@ -95,7 +219,7 @@ impl PackedWeight {
                 for k0 in (0..self.inner).step_by(KC) {
                     let kc = KC.min(self.inner - k0);
                     let cols = NR.min(self.out - p * NR);
-                    let panel = &self.panels[p * self.inner * NR + k0 * NR..][..kc * NR];
+                    let panel = &data[p * self.inner * NR + k0 * NR..][..kc * NR];
                     for r0 in (0..rows).step_by(MR) {
                         let r = MR.min(rows - r0);
                         // SAFETY: AVX2/FMA checked above; the kernel reads `r` rows of `kc` values
@@ -111,6 +235,137 @@ impl PackedWeight {
             }
         });
         y
+    }
+
+    /// The bf16 form of [`PackedWeight::matmul_t`]: same loop nest over pairs of `k`.
+    fn matmul_t_bf16(&self, panels: &[u32], x: &[f32], rows: usize, y: &mut [f32]) {
+        assert!(bf16_supported(), "bf16 panels need AVX512-BF16");
+        let pairs = self.inner.div_ceil(2);
+        // SAFETY: AVX512-BF16 checked above.
+        let xb = unsafe { to_bf16_pairs(x, self.inner) };
+        let n_panels = self.out.div_ceil(NR);
+        let chunks = (rayon::current_num_threads() * 4).min(n_panels).max(1);
+        let per = n_panels.div_ceil(chunks);
+        let y_ptr = SendPtr(y.as_mut_ptr());
+        (0..n_panels.div_ceil(per)).into_par_iter().for_each(|c| {
+            let y_ptr = &y_ptr;
+            for p in c * per..((c + 1) * per).min(n_panels) {
+                for i0 in (0..pairs).step_by(KC / 2) {
+                    let kc = (KC / 2).min(pairs - i0);
+                    let cols = NR.min(self.out - p * NR);
+                    let panel = &panels[p * pairs * NR + i0 * NR..][..kc * NR];
+                    for r0 in (0..rows).step_by(MR_BF16) {
+                        let r = MR_BF16.min(rows - r0);
+                        // SAFETY: AVX512-BF16 checked above; reads `r` rows of `kc` pairs from
+                        // `xb` at `r0 · pairs + i0`, writes `r × cols` outputs at
+                        // `r0 · out + p · NR`, columns no other chunk touches.
+                        unsafe {
+                            let xs = xb.as_ptr().add(r0 * pairs + i0);
+                            let ys = y_ptr.0.add(r0 * self.out + p * NR);
+                            tile_bf16(r, xs, pairs, panel.as_ptr(), kc, ys, self.out, cols, i0 > 0);
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Each row of `x` (`inner` values) as bf16 pairs, rounded to nearest even like [`bf16_pair`],
+/// a zero after an odd row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn to_bf16_pairs(x: &[f32], inner: usize) -> Vec<u32> {
+    use std::arch::x86_64::*;
+    let pairs = inner.div_ceil(2);
+    let rows = x.len() / inner.max(1);
+    let mut out = vec![0u32; rows * pairs];
+    for (row, dst) in x.chunks(inner).zip(out.chunks_mut(pairs)) {
+        let dst16 = dst.as_mut_ptr() as *mut u16;
+        let whole = inner / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(row.as_ptr().add(i))));
+            _mm256_storeu_si256(dst16.add(i) as *mut __m256i, b);
+        }
+        for (i, &v) in row.iter().enumerate().skip(whole) {
+            *dst16.add(i) = half::bf16::from_f32(v).to_bits();
+        }
+    }
+    out
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn to_bf16_pairs(_: &[f32], _: usize) -> Vec<u32> {
+    unreachable!("the packed kernel is x86-64 only")
+}
+
+/// Dispatches `r` (1..=MR_BF16) rows to the bf16 kernel specialised for it.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn tile_bf16(
+    r: usize,
+    x: *const u32,
+    x_stride: usize,
+    panel: *const u32,
+    kc: usize,
+    y: *mut f32,
+    y_stride: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = match r {
+            1 => kernel_bf16::<1>,
+            2 => kernel_bf16::<2>,
+            3 => kernel_bf16::<3>,
+            4 => kernel_bf16::<4>,
+            5 => kernel_bf16::<5>,
+            6 => kernel_bf16::<6>,
+            7 => kernel_bf16::<7>,
+            8 => kernel_bf16::<8>,
+            9 => kernel_bf16::<9>,
+            10 => kernel_bf16::<10>,
+            11 => kernel_bf16::<11>,
+            _ => kernel_bf16::<12>,
+        };
+        f(x, x_stride, panel, kc, y, y_stride, cols, accumulate)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (r, x, x_stride, panel, kc, y, y_stride, cols, accumulate);
+        unreachable!("the packed kernel is x86-64 only")
+    }
+}
+
+/// `y[0..R, 0..cols] (+)= x[0..R, 0..kc pairs] · panel[0..kc pairs, 0..cols]` with bf16 pairs.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn kernel_bf16<const R: usize>(
+    x: *const u32,
+    x_stride: usize,
+    panel: *const u32,
+    kc: usize,
+    y: *mut f32,
+    y_stride: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); R];
+    for i in 0..kc {
+        let w: __m512bh = std::mem::transmute(_mm512_loadu_ps(panel.add(i * NR) as *const f32));
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x.add(r * x_stride + i) as i32));
+            *a = _mm512_dpbf16_ps(*a, xv, w);
+        }
+    }
+    let mask: __mmask16 = if cols >= NR { 0xffff } else { ((1u32 << cols) - 1) as u16 };
+    for (r, &a) in acc.iter().enumerate() {
+        let out = y.add(r * y_stride);
+        let v = if accumulate { _mm512_add_ps(a, _mm512_maskz_loadu_ps(mask, out)) } else { a };
+        _mm512_mask_storeu_ps(out, mask, v);
     }
 }
 
@@ -252,6 +507,62 @@ mod tests {
                 assert!((got as f64 - want).abs() <= tol, "[{rows}, {out}, {inner}] entry {i}: {got} vs {want}");
             }
         }
+    }
+
+    #[test]
+    fn bf16_panels_give_the_exact_products_of_bf16_rounded_inputs() {
+        if !bf16_supported() {
+            eprintln!("no AVX512-BF16: the bf16 kernel is not used on this CPU");
+            return;
+        }
+        let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect() };
+        // Odd inner sizes (a zero-padded last pair), rows across MR_BF16, ragged columns.
+        for &(rows, out, inner) in &[(1, 1, 1), (3, 17, 7), (12, 16, 256), (13, 40, 257), (25, 5, 601), (52, 192, 576)]
+        {
+            let x = values(rows * inner, rows as u32 * 13 + 5);
+            let w = values(out * inner, out as u32 * 3 + 9);
+            let packed = PackedWeight::pack_as(&w, out, inner, Format::Bf16);
+            assert_eq!(packed.format(), Format::Bf16);
+            let y = packed.matmul_t(&x, rows);
+            // Products of bf16 values are exact in f32; only the f32 summation order differs.
+            let want = reference(&round(&x), &round(&w), rows, out, inner);
+            let full = reference(&x, &w, rows, out, inner);
+            for (i, ((&got, &want), &full)) in y.iter().zip(&want).zip(&full).enumerate() {
+                let tol = 1e-5 * (inner as f64).sqrt().max(1.0) * (1.0 + want.abs());
+                assert!((got as f64 - want).abs() <= tol, "[{rows}, {out}, {inner}] entry {i}: {got} vs {want}");
+                // And within bf16's input precision of the f32 product.
+                let bound = 2f64.powi(-7) * (inner as f64).sqrt() + 1e-6;
+                assert!((got as f64 - full).abs() <= bound, "[{rows}, {out}, {inner}] entry {i}: {got} vs f32 {full}");
+            }
+        }
+    }
+
+    #[test]
+    fn vector_rounding_to_bf16_matches_the_scalar_rounding() {
+        if !bf16_supported() {
+            return;
+        }
+        // Halfway cases (ties to even) and ordinary values, an odd row length.
+        let mut x = values(3 * 37, 11);
+        x[0] = 1.0 + 2f32.powi(-8); // a tie: rounds to 1.0
+        x[1] = 1.0 + 3.0 * 2f32.powi(-8); // a tie: rounds up to 1 + 2⁻⁶
+                                          // SAFETY: AVX512-BF16 checked above.
+        let got = unsafe { to_bf16_pairs(&x, 37) };
+        let want: Vec<u32> =
+            x.chunks(37).flat_map(|r| r.chunks(2).map(|p| bf16_pair(p[0], p.get(1).copied().unwrap_or(0.0)))).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn formats_parse_and_bf16_is_refused_without_the_instructions() {
+        assert_eq!("BF16".parse::<Format>(), Ok(Format::Bf16));
+        assert_eq!("f32".parse::<Format>(), Ok(Format::F32));
+        assert!("int8".parse::<Format>().unwrap_err().contains("f32 or bf16"));
+        // (Not set to bf16 here: other tests in this binary may be packing.)
+        if !bf16_supported() {
+            assert!(set_format(Format::Bf16).unwrap_err().contains("AVX512-BF16"));
+        }
+        assert_eq!(format(), Format::F32);
     }
 
     #[test]

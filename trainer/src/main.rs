@@ -31,6 +31,11 @@ struct Cli {
     /// Compute threads (default: all cores). Under contention one thread can beat two.
     #[arg(long, global = true, env = "VERDICT_THREADS")]
     threads: Option<usize>,
+    /// How dense f32 projections multiply on an x86-64 CPU: `f32` (AVX2 FMA, exact f32 products)
+    /// or `bf16` (weights and inputs rounded to bf16, AVX512-BF16 dot products with f32 sums:
+    /// about 1.6x faster, half the weight bytes; docs/benchmarks.md). Everything else stays f32.
+    #[arg(long, global = true, env = "VERDICT_CPU_MATMUL", default_value = "f32")]
+    cpu_matmul: models::packed::Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -168,6 +173,7 @@ impl ModelArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    models::packed::set_format(cli.cpu_matmul).map_err(|e| anyhow!(e))?;
     if let Some(n) = cli.threads {
         // candle's CPU kernels size their thread pools from this variable.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());

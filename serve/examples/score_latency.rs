@@ -1,0 +1,91 @@
+//! In-process latency of one classification request on a real decoder, without HTTP: the
+//! engine's work for one `mr` sentence (the task's prompt body on top of its cached prefix, both
+//! answers scored in one forward) through a real adapter, per-row (as `verdict-serve` runs it),
+//! with the adapter as the whole batch's, merged into the weights, and with no prefix cache.
+//! Median and minimum of 7 runs each, side by side in one process.
+//!
+//! ```text
+//! cargo build --release -p serve --example score_latency
+//! target/release/examples/score_latency smollm2 runs/mr-smollm2/best
+//! VERDICT_CPU_MATMUL=bf16 target/release/examples/score_latency qwen0.5b runs/mr-qwen05/best
+//! VERDICT_PACKED=0 VERDICT_FAST_OPS=0 target/release/examples/score_latency smollm2 runs/mr-smollm2/best
+//! ```
+
+use candle_core::{DType, Device};
+use models::scoring::score_rows;
+use models::{load_model, Adapters, KvCache, LogitsAt, LoraAdapter, Mode, TokenBatch, WeightMode};
+use shared::task::TaskRegistry;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+const SENTENCE: &str =
+    "an ambitious mess that never finds its footing , though the cast does what it can with a thin script .";
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(model), Some(adapter_dir)) = (args.get(1), args.get(2)) else {
+        return Err("usage: score_latency <model> <adapter dir>".into());
+    };
+    if let Ok(f) = std::env::var("VERDICT_CPU_MATMUL") {
+        models::packed::set_format(f.parse()?)?;
+    }
+    let path = shared::assets::resolve_model(model, &shared::assets::cache_dir())?;
+    let loaded = load_model(&path, WeightMode::Dense, DType::F32, &Device::Cpu)?;
+    let dec = &loaded.model;
+    let adapter = LoraAdapter::load_peft_dir(adapter_dir.as_ref(), dec.config(), DType::F32, &Device::Cpu)?;
+    let tasks = TaskRegistry::builtin();
+    let task = tasks.get("mr")?;
+    let fields = BTreeMap::from([(task.fields[0].clone(), SENTENCE.to_string())]);
+    let parts = task.prompt(loaded.chat.as_ref(), &[], &fields)?;
+    let prefix = loaded.encode(&parts.prefix, true)?;
+    let body = loaded.encode(&parts.body, false)?;
+    let answers =
+        task.answer_texts().iter().map(|a| loaded.encode(a, false)).collect::<Result<Vec<_>, _>>()?;
+    println!(
+        "{model}, CPU matmul {}: prefix {} tokens, body {} tokens, answers {:?} tokens",
+        models::packed::format(),
+        prefix.len(),
+        body.len(),
+        answers.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    let pad = loaded.special.pad_id();
+    let mut cached = KvCache::new(dec.config().num_layers);
+    dec.forward(&TokenBatch::single(&prefix)?, Some(&mut cached), Some(&adapter), Mode::Inference, LogitsAt::None)?;
+    let merged = dec.merged(&adapter)?;
+    let cands: Vec<&[Vec<u32>]> = vec![answers.as_slice()];
+    let whole = [prefix.clone(), body.clone()].concat();
+    let per_row = [Some(&adapter)];
+    let time = |name: &str, f: &dyn Fn() -> Res<()>| -> Res<()> {
+        f()?;
+        let mut ts = Vec::new();
+        for _ in 0..7 {
+            let t = Instant::now();
+            f()?;
+            ts.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        ts.sort_by(|a, b| a.total_cmp(b));
+        println!("{name:34} median {:7.1} ms  min {:7.1} ms", ts[3], ts[0]);
+        Ok(())
+    };
+    let prefixed = || cached.expand_batch(1);
+    time("prefix cache, per-row adapter", &|| {
+        score_rows(dec, Adapters::PerRow(&per_row), prefixed()?, std::slice::from_ref(&body), &cands, pad)?;
+        Ok(())
+    })?;
+    time("prefix cache, batch adapter", &|| {
+        score_rows(dec, Adapters::Same(Some(&adapter)), prefixed()?, std::slice::from_ref(&body), &cands, pad)?;
+        Ok(())
+    })?;
+    time("prefix cache, merged adapter", &|| {
+        score_rows(&merged, Adapters::Same(None), prefixed()?, std::slice::from_ref(&body), &cands, pad)?;
+        Ok(())
+    })?;
+    time("no prefix cache, merged adapter", &|| {
+        let empty = KvCache::new(dec.config().num_layers);
+        score_rows(&merged, Adapters::Same(None), empty, std::slice::from_ref(&whole), &cands, pad)?;
+        Ok(())
+    })?;
+    Ok(())
+}
