@@ -15,7 +15,9 @@
 # MINILM_HEAD (runs/mr-minilm, trained here when missing: docs/results.md), MERGED=1 (also the
 # decoders in --merged mode: the adapter folded into a copy of the base), TORCH_PYTHON (a Python
 # with torch, transformers and tokenizers: also BERT-large in PyTorch, scripts/torch_bert_server.py,
-# the peer users would deploy; docs/benchmarks.md says how to install one).
+# the peer users would deploy, in f32 and, where the CPU has AVX512-BF16, bf16; docs/benchmarks.md
+# says how to install one). On a CPU with AVX512-BF16 the decoders are also served with
+# --cpu-matmul bf16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
@@ -83,6 +85,12 @@ servers=(
   "bert-base|--model bert-base --adapters $work/bert-base"
   "minilm-head|--model minilm --adapters $work/minilm"
 )
+if grep -qw avx512_bf16 /proc/cpuinfo; then
+  servers+=(
+    "smollm2-lora-bf16|--model smollm2 --cpu-matmul bf16 --adapters $work/smollm2"
+    "qwen0.5b-lora-bf16|--model qwen0.5b --cpu-matmul bf16 --adapters $work/qwen"
+  )
+fi
 if [ "${MERGED:-0}" = 1 ]; then
   servers+=(
     "smollm2-lora-merged|--model smollm2 --merged --adapters $work/smollm2"
@@ -103,11 +111,18 @@ done
 if [ -n "${TORCH_PYTHON:-}" ]; then
   torch_threads=()
   if [ -n "${THREADS:-}" ]; then torch_threads=(--threads "$THREADS"); fi
-  "$TORCH_PYTHON" scripts/torch_bert_server.py --tokenizer "${VERDICT_CACHE_DIR:-$HOME/.cache/verdict}/models/all-minilm-l6-v2/tokenizer.json" \
-    --shape large --port "$port" "${torch_threads[@]}" 2> "$work/bert-large-torch.log" &
-  pids+=($!)
-  servers+=("bert-large-torch|")
-  endpoints+=(--endpoint "bert-large-torch=http://127.0.0.1:$port/v1/classify")
+  torch_dtypes=(f32)
+  if grep -qw avx512_bf16 /proc/cpuinfo; then torch_dtypes+=(bf16); fi
+  for dt in "${torch_dtypes[@]}"; do
+    name=bert-large-torch; [ "$dt" = f32 ] || name=bert-large-torch-$dt
+    "$TORCH_PYTHON" scripts/torch_bert_server.py --shape large --dtype "$dt" --port "$port" "${torch_threads[@]}" \
+      --tokenizer "${VERDICT_CACHE_DIR:-$HOME/.cache/verdict}/models/all-minilm-l6-v2/tokenizer.json" \
+      2> "$work/$name.log" &
+    pids+=($!)
+    servers+=("$name|")
+    endpoints+=(--endpoint "$name=http://127.0.0.1:$port/v1/classify")
+    port=$((port + 1))
+  done
 fi
 port=$BASE_PORT
 for s in "${servers[@]}"; do

@@ -41,6 +41,12 @@ def main():
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--dtype",
+        choices=["f32", "bf16"],
+        default="f32",
+        help="bf16: the model's weights and activations in bfloat16 (oneDNN's AVX512-BF16 kernels)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -52,6 +58,8 @@ def main():
     torch.manual_seed(args.seed)
     config = BertConfig(vocab_size=30522, num_labels=len(LABELS), **SHAPES[args.shape])
     model = BertForSequenceClassification(config).eval()
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
     tokenizer = Tokenizer.from_file(args.tokenizer)
     tokenizer.enable_truncation(max_length=512)
     tokenizer.no_padding()
@@ -78,7 +86,8 @@ def main():
                     ids[i, : len(e.ids)] = torch.tensor(e.ids)
                     mask[i, : len(e.ids)] = 1
                 with torch.inference_mode():
-                    probs = torch.softmax(model(input_ids=ids, attention_mask=mask).logits, dim=-1).tolist()
+                    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                    probs = torch.softmax(logits, dim=-1).tolist()
                 start = 0
                 for job in batch:
                     job["result"] = probs[start : start + len(job["texts"])]
@@ -107,7 +116,7 @@ def main():
 
         def do_GET(self):
             if self.path in ("/ready", "/health"):
-                self.reply(200, {"ready": True, "model": f"torch bert-{args.shape} (random, seed {args.seed})"})
+                self.reply(200, {"ready": True, "model": f"torch bert-{args.shape} {args.dtype} (random, seed {args.seed})"})
             else:
                 self.reply(404, {"error": {"code": "not_found", "message": self.path}})
 

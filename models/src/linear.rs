@@ -155,7 +155,8 @@ pub fn packed_enabled() -> bool {
 }
 
 /// `x Wᵀ` through the packed kernel when it applies: f32 on a CPU with AVX2/FMA, at most
-/// [`packed_max_rows`] rows, `VERDICT_PACKED` not `0`; `cache` holds `w` packed in `format`
+/// [`packed_max_rows`] rows in the f32 format (any number in bf16), `VERDICT_PACKED` not `0`;
+/// `cache` holds `w` packed in `format`
 /// (filled on first use). `None`: use the general GEMM.
 fn packed_product(
     x: &Tensor,
@@ -164,7 +165,9 @@ fn packed_product(
     cache: &OnceLock<Option<PackedWeight>>,
     format: crate::packed::Format,
 ) -> Result<Option<Tensor>> {
-    if rows > packed_max_rows()
+    // bf16 applies at every size, so an input's answer does not depend on its batch; f32 hands
+    // large inputs to the general GEMM (the same products up to summation order).
+    if (rows > packed_max_rows() && format == crate::packed::Format::F32)
         || !packed_enabled()
         || !x.device().is_cpu()
         || !w.device().is_cpu()
