@@ -41,8 +41,7 @@ fn main() -> Res<()> {
     let parts = task.prompt(loaded.chat.as_ref(), &[], &fields)?;
     let prefix = loaded.encode(&parts.prefix, true)?;
     let body = loaded.encode(&parts.body, false)?;
-    let answers =
-        task.answer_texts().iter().map(|a| loaded.encode(a, false)).collect::<Result<Vec<_>, _>>()?;
+    let answers = task.answer_texts().iter().map(|a| loaded.encode(a, false)).collect::<Result<Vec<_>, _>>()?;
     println!(
         "{model}, CPU matmul {}: prefix {} tokens, body {} tokens, answers {:?} tokens",
         models::packed::format(),
