@@ -205,70 +205,72 @@ impl PackedWeight {
             }
         };
         assert!(supported(), "the packed kernel needs AVX2 and FMA");
-        let n_panels = self.out.div_ceil(NR);
-        // Several chunks per thread so a descheduled thread's work is stolen by the other.
-        let chunks = (rayon::current_num_threads() * 4).min(n_panels).max(1);
-        let per = n_panels.div_ceil(chunks);
-        let y_ptr = SendPtr(y.as_mut_ptr());
-        (0..n_panels.div_ceil(per)).into_par_iter().for_each(|c| {
-            let y_ptr = &y_ptr;
-            let panels = c * per..((c + 1) * per).min(n_panels);
-            // Panel by panel, each streamed once from memory front to back; a panel's block of
-            // KC inner values stays in L1 while every row block uses it.
-            for p in panels.clone() {
-                for k0 in (0..self.inner).step_by(KC) {
-                    let kc = KC.min(self.inner - k0);
-                    let cols = NR.min(self.out - p * NR);
-                    let panel = &data[p * self.inner * NR + k0 * NR..][..kc * NR];
-                    for r0 in (0..rows).step_by(MR) {
-                        let r = MR.min(rows - r0);
-                        // SAFETY: AVX2/FMA checked above; the kernel reads `r` rows of `kc` values
-                        // from `x` at `r0 · inner + k0` and writes `r × cols` outputs at
-                        // `r0 · out + p · NR`, columns no other chunk touches.
-                        unsafe {
-                            let xs = x.as_ptr().add(r0 * self.inner + k0);
-                            let ys = y_ptr.0.add(r0 * self.out + p * NR);
-                            tile(r, xs, self.inner, panel.as_ptr(), kc, ys, self.out, cols, k0 > 0);
-                        }
-                    }
-                }
-            }
-        });
+        // SAFETY: AVX2/FMA checked above.
+        unsafe { drive(data, x, rows, self.out, self.inner, KC, &F32_TILES, &mut y) };
         y
     }
 
-    /// The bf16 form of [`PackedWeight::matmul_t`]: same loop nest over pairs of `k`.
+    /// The bf16 form of [`PackedWeight::matmul_t`]: the same loop nest over pairs of `k`.
     fn matmul_t_bf16(&self, panels: &[u32], x: &[f32], rows: usize, y: &mut [f32]) {
         assert!(bf16_supported(), "bf16 panels need AVX512-BF16");
-        let pairs = self.inner.div_ceil(2);
-        // SAFETY: AVX512-BF16 checked above.
-        let xb = unsafe { to_bf16_pairs(x, self.inner) };
-        let n_panels = self.out.div_ceil(NR);
-        let chunks = (rayon::current_num_threads() * 4).min(n_panels).max(1);
-        let per = n_panels.div_ceil(chunks);
-        let y_ptr = SendPtr(y.as_mut_ptr());
-        (0..n_panels.div_ceil(per)).into_par_iter().for_each(|c| {
-            let y_ptr = &y_ptr;
-            for p in c * per..((c + 1) * per).min(n_panels) {
-                for i0 in (0..pairs).step_by(KC / 2) {
-                    let kc = (KC / 2).min(pairs - i0);
-                    let cols = NR.min(self.out - p * NR);
-                    let panel = &panels[p * pairs * NR + i0 * NR..][..kc * NR];
-                    for r0 in (0..rows).step_by(MR_BF16) {
-                        let r = MR_BF16.min(rows - r0);
-                        // SAFETY: AVX512-BF16 checked above; reads `r` rows of `kc` pairs from
-                        // `xb` at `r0 · pairs + i0`, writes `r × cols` outputs at
-                        // `r0 · out + p · NR`, columns no other chunk touches.
-                        unsafe {
-                            let xs = xb.as_ptr().add(r0 * pairs + i0);
-                            let ys = y_ptr.0.add(r0 * self.out + p * NR);
-                            tile_bf16(r, xs, pairs, panel.as_ptr(), kc, ys, self.out, cols, i0 > 0);
-                        }
+        // SAFETY: AVX512-BF16 checked above (for the rounding and for the kernel).
+        unsafe {
+            let xb = to_bf16_pairs(x, self.inner);
+            drive(panels, &xb, rows, self.out, self.inner.div_ceil(2), KC / 2, &BF16_TILES, y);
+        }
+    }
+}
+
+/// A tile kernel for a fixed number of rows: `(x, x stride, panel, inner units, y, y stride,
+/// columns, accumulate)`.
+type Tile<T> = unsafe fn(*const T, usize, *const T, usize, *mut f32, usize, usize, bool);
+
+/// The loop nest of both formats. Output panels are split across rayon's threads (several
+/// chunks per thread, so a descheduled thread's work is stolen); each chunk goes panel by panel,
+/// streaming each once from memory front to back, in blocks of `block` inner units (values or
+/// pairs) that stay in L1 while every block of `tiles.len()` rows uses them (`tiles[r - 1]`
+/// computes `r` rows).
+///
+/// # Safety
+/// `tiles` must be callable on this CPU; `panels` holds `out.div_ceil(NR)` panels of
+/// `units · NR` elements, `x` `rows · units` elements and `y` `rows · out`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn drive<T: Sync>(
+    panels: &[T],
+    x: &[T],
+    rows: usize,
+    out: usize,
+    units: usize,
+    block: usize,
+    tiles: &[Tile<T>],
+    y: &mut [f32],
+) {
+    let mr = tiles.len();
+    let n_panels = out.div_ceil(NR);
+    let chunks = (rayon::current_num_threads() * 4).min(n_panels).max(1);
+    let per = n_panels.div_ceil(chunks);
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    (0..n_panels.div_ceil(per)).into_par_iter().for_each(|c| {
+        let y_ptr = &y_ptr;
+        for p in c * per..((c + 1) * per).min(n_panels) {
+            let cols = NR.min(out - p * NR);
+            for k0 in (0..units).step_by(block) {
+                let kc = block.min(units - k0);
+                let panel = &panels[p * units * NR + k0 * NR..][..kc * NR];
+                for r0 in (0..rows).step_by(mr) {
+                    // SAFETY: the caller's contract; the kernel reads `r` rows of `kc` units of
+                    // `x` at `r0 · units + k0` and writes `r × cols` outputs at `r0 · out + p · NR`,
+                    // columns no other chunk touches.
+                    unsafe {
+                        let xs = x.as_ptr().add(r0 * units + k0);
+                        let ys = y_ptr.0.add(r0 * out + p * NR);
+                        let r = mr.min(rows - r0);
+                        tiles[r - 1](xs, units, panel.as_ptr(), kc, ys, out, cols, k0 > 0);
                     }
                 }
             }
-        });
-    }
+        }
+    });
 }
 
 /// Each row of `x` (`inner` values) as bf16 pairs, rounded to nearest even like [`bf16_pair`],
@@ -297,45 +299,6 @@ unsafe fn to_bf16_pairs(x: &[f32], inner: usize) -> Vec<u32> {
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn to_bf16_pairs(_: &[f32], _: usize) -> Vec<u32> {
     unreachable!("the packed kernel is x86-64 only")
-}
-
-/// Dispatches `r` (1..=MR_BF16) rows to the bf16 kernel specialised for it.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn tile_bf16(
-    r: usize,
-    x: *const u32,
-    x_stride: usize,
-    panel: *const u32,
-    kc: usize,
-    y: *mut f32,
-    y_stride: usize,
-    cols: usize,
-    accumulate: bool,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let f = match r {
-            1 => kernel_bf16::<1>,
-            2 => kernel_bf16::<2>,
-            3 => kernel_bf16::<3>,
-            4 => kernel_bf16::<4>,
-            5 => kernel_bf16::<5>,
-            6 => kernel_bf16::<6>,
-            7 => kernel_bf16::<7>,
-            8 => kernel_bf16::<8>,
-            9 => kernel_bf16::<9>,
-            10 => kernel_bf16::<10>,
-            11 => kernel_bf16::<11>,
-            _ => kernel_bf16::<12>,
-        };
-        f(x, x_stride, panel, kc, y, y_stride, cols, accumulate)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (r, x, x_stride, panel, kc, y, y_stride, cols, accumulate);
-        unreachable!("the packed kernel is x86-64 only")
-    }
 }
 
 /// `y[0..R, 0..cols] (+)= x[0..R, 0..kc pairs] · panel[0..kc pairs, 0..cols]` with bf16 pairs.
@@ -374,38 +337,30 @@ struct SendPtr(*mut f32);
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
-/// Dispatches `r` (1..=MR) rows to the kernel specialised for it.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn tile(
-    r: usize,
-    x: *const f32,
-    x_stride: usize,
-    panel: *const f32,
-    kc: usize,
-    y: *mut f32,
-    y_stride: usize,
-    cols: usize,
-    accumulate: bool,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let f = match r {
-            1 => kernel::<1>,
-            2 => kernel::<2>,
-            3 => kernel::<3>,
-            4 => kernel::<4>,
-            5 => kernel::<5>,
-            _ => kernel::<6>,
-        };
-        f(x, x_stride, panel, kc, y, y_stride, cols, accumulate)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (r, x, x_stride, panel, kc, y, y_stride, cols, accumulate);
-        unreachable!("the packed kernel is x86-64 only")
-    }
-}
+/// The f32 kernels by row count (entry `r - 1` computes `r` rows).
+#[cfg(target_arch = "x86_64")]
+const F32_TILES: [Tile<f32>; MR] = [kernel::<1>, kernel::<2>, kernel::<3>, kernel::<4>, kernel::<5>, kernel::<6>];
+/// The bf16 kernels by row count.
+#[cfg(target_arch = "x86_64")]
+const BF16_TILES: [Tile<u32>; MR_BF16] = [
+    kernel_bf16::<1>,
+    kernel_bf16::<2>,
+    kernel_bf16::<3>,
+    kernel_bf16::<4>,
+    kernel_bf16::<5>,
+    kernel_bf16::<6>,
+    kernel_bf16::<7>,
+    kernel_bf16::<8>,
+    kernel_bf16::<9>,
+    kernel_bf16::<10>,
+    kernel_bf16::<11>,
+    kernel_bf16::<12>,
+];
+// Elsewhere no kernel exists and `supported()` / `bf16_supported()` refuse before any call.
+#[cfg(not(target_arch = "x86_64"))]
+const F32_TILES: [Tile<f32>; 0] = [];
+#[cfg(not(target_arch = "x86_64"))]
+const BF16_TILES: [Tile<u32>; 0] = [];
 
 /// `y[0..R, 0..cols] (+)= x[0..R, 0..kc] · panel[0..kc, 0..cols]`.
 #[cfg(target_arch = "x86_64")]
