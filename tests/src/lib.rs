@@ -175,18 +175,23 @@ pub struct Server {
 impl Server {
     /// Starts `verdict-serve --port P <args>` and waits up to two minutes for `/ready`.
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
+        let s = Self::spawn(args, Stdio::inherit());
+        let r = wait_for(s.port, "/ready", 200, Duration::from_secs(120));
+        assert!(matches!(&r, Some((200, _))), "server not ready: {r:?}");
+        s
+    }
+
+    /// Starts `verdict-serve --port P <args>` with its stderr going to `stderr`, without waiting.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S], stderr: Stdio) -> Self {
         let port = free_port();
         let child = Command::new(binary("verdict-serve"))
             .args(["--port", &port.to_string()])
             .args(args)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
-        let s = Self { child, port };
-        let r = wait_for(port, "/ready", 200, Duration::from_secs(120));
-        assert!(matches!(&r, Some((200, _))), "server not ready: {r:?}");
-        s
+        Self { child, port }
     }
 
     /// `POST path` with a JSON body; the status and the JSON answer (a non-JSON answer fails).

@@ -1,34 +1,14 @@
 //! `verdict-serve` on loopback: health before and after loading, readiness, clean refusal of a
 //! model that cannot be loaded.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
-use tests::{binary, free_port, http, wait_for, TempDir};
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(args: &[&str]) -> (Server, u16) {
-    let port = free_port();
-    let child = Command::new(binary("verdict-serve"))
-        .args(["--port", &port.to_string()])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    (Server(child), port)
-}
+use tests::{http, wait_for, Server, TempDir};
 
 #[test]
 fn server_reports_health_and_readiness() {
-    let (_server, port) = start(&["--model", "smollm2"]);
+    let server = Server::spawn(&["--model", "smollm2"], Stdio::piped());
+    let port = server.port;
     let (status, body) = wait_for(port, "/health", 200, Duration::from_secs(30)).expect("server answers");
     assert_eq!(status, 200);
     assert!(body.contains("\"ok\""), "{body}");
@@ -46,11 +26,12 @@ fn server_refuses_a_corrupt_model_file() {
     let dir = TempDir::new("serve-bad");
     let bad = dir.0.join("broken.gguf");
     std::fs::write(&bad, b"GGUF\x03\x00\x00\x00 truncated").unwrap();
-    let (mut server, port) = start(&["--model", bad.to_str().unwrap()]);
-    let status = server.0.wait_timeout(Duration::from_secs(30));
+    let mut server = Server::spawn(&["--model", bad.to_str().unwrap()], Stdio::piped());
+    let port = server.port;
+    let status = server.child.wait_timeout(Duration::from_secs(30));
     assert!(matches!(status, Some(s) if !s.success()), "server should exit non-zero, got {status:?}");
     let mut err = String::new();
-    std::io::Read::read_to_string(server.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    std::io::Read::read_to_string(server.child.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(err.contains("cannot load the model") && err.contains("broken.gguf"), "{err}");
     assert!(http(port, "GET", "/health", None).is_err(), "nothing listens after the refusal");
 }
