@@ -135,8 +135,8 @@ pub fn quantized_kernel_max_rows() -> usize {
 }
 
 /// Default for [`packed_max_rows`]. Measured with `examples/packed_bench.rs` (docs/benchmarks.md):
-/// the packed kernel is 1.1-5x faster than the general GEMM up to 128 rows (a request is a few
-/// dozen), and about even at 512, where the general GEMM's own packing pays for itself.
+/// the packed kernel is 1.05-5.6x faster than the general GEMM up to 128 rows on the projections
+/// (a request is a few dozen), and 0.92-1.78x at 512, where the general GEMM's own packing pays.
 pub const PACKED_MAX_ROWS: usize = 256;
 
 /// Inputs with more rows than this take the general GEMM; `VERDICT_PACKED_MAX_ROWS` overrides it.
@@ -156,8 +156,7 @@ pub fn packed_enabled() -> bool {
 
 /// `x Wᵀ` through the packed kernel when it applies: f32 on a CPU with AVX2/FMA, at most
 /// [`packed_max_rows`] rows in the f32 format (any number in bf16), `VERDICT_PACKED` not `0`;
-/// `cache` holds `w` packed in `format`
-/// (filled on first use). `None`: use the general GEMM.
+/// `cache` holds `w` packed in `format` (filled on first use). `None`: use the general GEMM.
 fn packed_product(
     x: &Tensor,
     w: &Tensor,
