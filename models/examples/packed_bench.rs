@@ -3,7 +3,8 @@
 //! GFLOP/s of each, side by side in one run.
 //!
 //! ```text
-//! cargo run --release -p models --example packed_bench [-- --rows 1,8,16,52,128,256]
+//! cargo run --release -p models --example packed_bench [-- --rows 1,8,16,52,128,256] [--model qwen0.5b]
+//! VERDICT_AVX512=0 cargo run ...   # the AVX2 f32 kernel on an AVX-512 CPU
 //! ```
 
 use candle_core::{Device, Tensor};
@@ -29,11 +30,17 @@ fn main() -> candle_core::Result<()> {
     if let Some(i) = args.iter().position(|a| a == "--rows") {
         rows = args[i + 1].split(',').map(|r| r.parse().expect("--rows takes numbers")).collect();
     }
+    // `--model qwen0.5b`: that model's shapes only.
+    let only = args.iter().position(|a| a == "--model").map(|i| args[i + 1].clone());
     if !packed::supported() {
         println!("this CPU has no AVX2/FMA: the packed kernel is not used");
         return Ok(());
     }
-    println!("threads: {}", rayon::current_num_threads());
+    println!(
+        "threads: {}, f32 kernel: {}",
+        rayon::current_num_threads(),
+        if packed::avx512_f32() { "AVX-512" } else { "AVX2" }
+    );
     let bf16 = packed::bf16_supported();
     println!(
         "| model | projection | rows | out | in | candle us | GFLOP/s | packed f32 us | GFLOP/s | speed-up | packed bf16 us | GFLOP/s | speed-up |"
@@ -52,7 +59,7 @@ fn main() -> candle_core::Result<()> {
         ("qwen0.5b", "lm_head", 151936, 896),
     ];
     for &m in &rows {
-        for &(model, name, out, inner) in &shapes {
+        for &(model, name, out, inner) in shapes.iter().filter(|s| only.as_ref().is_none_or(|o| o == s.0)) {
             let d = Device::Cpu;
             let x = Tensor::randn(0f32, 1.0, (m, inner), &d)?;
             let w = Tensor::randn(0f32, 1.0, (out, inner), &d)?;

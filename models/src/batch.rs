@@ -19,6 +19,7 @@ pub struct TokenBatch {
     ids: Vec<Vec<u32>>,
     mask: Vec<Vec<bool>>,
     branches: Option<Vec<Vec<u32>>>,
+    segments: Option<Vec<Vec<u32>>>,
 }
 
 impl TokenBatch {
@@ -45,7 +46,7 @@ impl TokenBatch {
             ids.push(row);
             mask.push(m);
         }
-        Ok(Self { ids, mask, branches: None })
+        Ok(Self { ids, mask, branches: None, segments: None })
     }
 
     /// One unpadded sequence.
@@ -60,7 +61,7 @@ impl TokenBatch {
             return Err(Error::Invalid("rows must be non-empty and of equal length".into()));
         }
         let mask = rows.iter().map(|r| vec![true; r.len()]).collect();
-        Ok(Self { ids: rows, mask, branches: None })
+        Ok(Self { ids: rows, mask, branches: None, segments: None })
     }
 
     /// Rows with an explicit mask (`false` entries are padding), e.g. finished rows of a
@@ -70,7 +71,7 @@ impl TokenBatch {
         if len == 0 || ids.len() != mask.len() || ids.iter().zip(&mask).any(|(i, m)| i.len() != len || m.len() != len) {
             return Err(Error::Invalid("ids and mask must be non-empty rows of one length".into()));
         }
-        Ok(Self { ids, mask, branches: None })
+        Ok(Self { ids, mask, branches: None, segments: None })
     }
 
     /// Rows with an explicit mask and a branch id per entry: 0 for the trunk, `k > 0` for
@@ -86,6 +87,25 @@ impl TokenBatch {
             return Err(Error::Invalid("branch ids must have the shape of the token ids".into()));
         }
         batch.branches = Some(branches);
+        Ok(batch)
+    }
+
+    /// [`TokenBatch::with_branches`] with several independent sequences packed into each row
+    /// (a padding-free batch): `segments` gives every entry's sequence id. A token attends only
+    /// to the cache and to tokens of its own segment (its trunk, and its own branch), and takes
+    /// the rotary position it would have if its segment alone followed the cache. Rows of
+    /// different lengths thus cost no padding beyond that of the few packed rows.
+    pub fn with_segments(
+        ids: Vec<Vec<u32>>,
+        mask: Vec<Vec<bool>>,
+        branches: Vec<Vec<u32>>,
+        segments: Vec<Vec<u32>>,
+    ) -> Result<Self, Error> {
+        let mut batch = Self::with_branches(ids, mask, branches)?;
+        if segments.len() != batch.ids.len() || segments.iter().any(|s| s.len() != batch.seq_len()) {
+            return Err(Error::Invalid("segment ids must have the shape of the token ids".into()));
+        }
+        batch.segments = Some(segments);
         Ok(batch)
     }
 
@@ -112,6 +132,11 @@ impl TokenBatch {
     /// Branch id of every entry (0: trunk), `None` for a batch without branches.
     pub fn branches(&self) -> Option<&[Vec<u32>]> {
         self.branches.as_deref()
+    }
+
+    /// Segment id of every entry, `None` for a batch with one sequence per row.
+    pub fn segments(&self) -> Option<&[Vec<u32>]> {
+        self.segments.as_deref()
     }
 
     /// Column of each row's last real token (`None` for an all-padding row).

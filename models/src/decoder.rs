@@ -496,7 +496,7 @@ impl Decoder {
             }
             _ => (vec![Vec::new(); b], vec![0; b]),
         };
-        let positions = positions(batch.mask(), batch.branches(), &past_lens);
+        let positions = positions(batch.mask(), batch.branches(), batch.segments(), &past_lens);
         if let Some(max) = positions.iter().flatten().max() {
             if *max >= self.cfg.max_position_embeddings {
                 return Err(Error::Invalid(format!(
@@ -506,7 +506,8 @@ impl Decoder {
             }
         }
         let (cos, sin) = self.rope.cos_sin(&positions, self.dtype, &self.device)?;
-        let mask = attention_mask(&past_mask, batch.mask(), batch.branches(), self.dtype, &self.device)?;
+        let mask =
+            attention_mask(&past_mask, batch.mask(), batch.branches(), batch.segments(), self.dtype, &self.device)?;
         let ctx = LayerCtx { mode, adapters, mask, cos, sin };
 
         let mut x = self.embed_tokens.embedding(&batch.ids_tensor(&self.device)?.flatten_all()?)?.reshape((
@@ -631,28 +632,35 @@ impl DecoderLayer {
 }
 
 /// Rotary position of every new token: real tokens already cached plus the real tokens before
-/// it that it attends to (the trunk's, and its own branch's when `branches` gives it one).
-/// Padding entries repeat the neighbouring position (they are masked anyway).
-fn positions(mask: &[Vec<bool>], branches: Option<&[Vec<u32>]>, past_lens: &[usize]) -> Vec<Vec<usize>> {
+/// it that it attends to (its segment's trunk, and its own branch's when `branches` gives it
+/// one). Padding entries repeat the neighbouring position (they are masked anyway).
+fn positions(
+    mask: &[Vec<bool>],
+    branches: Option<&[Vec<u32>]>,
+    segments: Option<&[Vec<u32>]>,
+    past_lens: &[usize],
+) -> Vec<Vec<usize>> {
     mask.iter()
         .zip(past_lens)
         .enumerate()
         .map(|(r, (row, &past))| {
-            // Real tokens seen so far on the trunk and on each branch.
-            let mut trunk = 0usize;
-            let mut own: HashMap<u32, usize> = HashMap::new();
+            // Real tokens seen so far on each segment's trunk and on each (segment, branch).
+            let mut trunk: HashMap<u32, usize> = HashMap::new();
+            let mut own: HashMap<(u32, u32), usize> = HashMap::new();
             row.iter()
                 .enumerate()
                 .map(|(c, &real)| {
                     let b = branches.map_or(0, |br| br[r][c]);
+                    let s = segments.map_or(0, |sg| sg[r][c]);
                     if real {
                         if b == 0 {
-                            trunk += 1;
+                            *trunk.entry(s).or_default() += 1;
                         } else {
-                            *own.entry(b).or_default() += 1;
+                            *own.entry((s, b)).or_default() += 1;
                         }
                     }
-                    let seen = trunk + if b == 0 { 0 } else { own.get(&b).copied().unwrap_or(0) };
+                    let seen = trunk.get(&s).copied().unwrap_or(0)
+                        + if b == 0 { 0 } else { own.get(&(s, b)).copied().unwrap_or(0) };
                     past + seen.saturating_sub(1)
                 })
                 .collect()
@@ -661,12 +669,14 @@ fn positions(mask: &[Vec<bool>], branches: Option<&[Vec<u32>]>, past_lens: &[usi
 }
 
 /// `[batch, 1, 1, seq, past + seq]` additive mask: causal over the new tokens, padding keys
-/// hidden everywhere; with `branches`, a token sees only the trunk and its own branch. A padding
-/// query may see itself so its row is never fully masked.
+/// hidden everywhere; with `branches`, a token sees only the trunk and its own branch; with
+/// `segments`, only tokens of its own segment (and the cache). A padding query may see itself
+/// so its row is never fully masked.
 fn attention_mask(
     past: &[Vec<bool>],
     new: &[Vec<bool>],
     branches: Option<&[Vec<u32>]>,
+    segments: Option<&[Vec<u32>]>,
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor, Error> {
@@ -674,6 +684,7 @@ fn attention_mask(
     let p = past.first().map(Vec::len).unwrap_or(0);
     let keys = p + t;
     let branch = |r: usize, c: usize| branches.map_or(0, |br| br[r][c]);
+    let segment = |r: usize, c: usize| segments.map_or(0, |sg| sg[r][c]);
     let mut m = vec![MASKED as f32; b * t * keys];
     for r in 0..b {
         for i in 0..t {
@@ -684,7 +695,8 @@ fn attention_mask(
                 }
             }
             for j in 0..=i {
-                let same_tree_path = branch(r, j) == 0 || branch(r, j) == branch(r, i);
+                let same_tree_path =
+                    segment(r, j) == segment(r, i) && (branch(r, j) == 0 || branch(r, j) == branch(r, i));
                 if new[r][j] && same_tree_path || j == i && !new[r][i] {
                     row[p + j] = 0.0;
                 }
@@ -715,13 +727,14 @@ mod tests {
     #[test]
     fn positions_follow_real_tokens() {
         let mask = vec![vec![false, false, true, true], vec![true, true, true, false]];
-        assert_eq!(positions(&mask, None, &[0, 0]), vec![vec![0, 0, 0, 1], vec![0, 1, 2, 2]]);
-        assert_eq!(positions(&mask, None, &[5, 2]), vec![vec![5, 5, 5, 6], vec![2, 3, 4, 4]]);
+        assert_eq!(positions(&mask, None, None, &[0, 0]), vec![vec![0, 0, 0, 1], vec![0, 1, 2, 2]]);
+        assert_eq!(positions(&mask, None, None, &[5, 2]), vec![vec![5, 5, 5, 6], vec![2, 3, 4, 4]]);
     }
 
     #[test]
     fn mask_is_causal_and_hides_padding() {
-        let m = attention_mask(&[vec![true, false]], &[vec![true, true]], None, DType::F32, &Device::Cpu).unwrap();
+        let m =
+            attention_mask(&[vec![true, false]], &[vec![true, true]], None, None, DType::F32, &Device::Cpu).unwrap();
         let m: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
         // keys: past0 (real), past1 (pad), new0, new1
         let x = MASKED as f32;
@@ -733,8 +746,8 @@ mod tests {
         // Trunk t0 t1, branch 1 (a0 a1), branch 2 (b0), then padding.
         let mask = vec![vec![true, true, true, true, true, false]];
         let branches = vec![vec![0, 0, 1, 1, 2, 0]];
-        assert_eq!(positions(&mask, Some(&branches), &[3]), vec![vec![3, 4, 5, 6, 5, 4]]);
-        let m = attention_mask(&[Vec::new()], &mask, Some(&branches), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(positions(&mask, Some(&branches), None, &[3]), vec![vec![3, 4, 5, 6, 5, 4]]);
+        let m = attention_mask(&[Vec::new()], &mask, Some(&branches), None, DType::F32, &Device::Cpu).unwrap();
         let m: Vec<Vec<f32>> = m.reshape((6, 6)).unwrap().to_vec2().unwrap();
         let x = MASKED as f32;
         assert_eq!(
@@ -746,6 +759,31 @@ mod tests {
                 vec![0.0, 0.0, 0.0, 0.0, x, x],
                 vec![0.0, 0.0, x, x, 0.0, x],
                 vec![0.0, 0.0, x, x, x, 0.0],
+            ]
+        );
+    }
+
+    #[test]
+    fn segments_see_only_themselves_and_restart_their_positions() {
+        // One cached token, then segment 1 (x0 x1), segment 2 (trunk y0, branch 1: z0), padding.
+        let mask = vec![vec![true, true, true, true, false]];
+        let branches = vec![vec![0, 0, 0, 1, 0]];
+        let segments = vec![vec![1, 1, 2, 2, 2]];
+        assert_eq!(positions(&mask, Some(&branches), Some(&segments), &[1]), vec![vec![1, 2, 1, 2, 1]]);
+        let m =
+            attention_mask(&[vec![true]], &mask, Some(&branches), Some(&segments), DType::F32, &Device::Cpu).unwrap();
+        let m: Vec<Vec<f32>> = m.reshape((5, 6)).unwrap().to_vec2().unwrap();
+        let x = MASKED as f32;
+        assert_eq!(
+            m,
+            vec![
+                // cache, x0, x1, y0, z0, pad
+                vec![0.0, 0.0, x, x, x, x],
+                vec![0.0, 0.0, 0.0, x, x, x],
+                vec![0.0, x, x, 0.0, x, x],
+                vec![0.0, x, x, 0.0, 0.0, x],
+                // Padding (on the last segment's trunk) sees that trunk and itself.
+                vec![0.0, x, x, 0.0, x, 0.0],
             ]
         );
     }

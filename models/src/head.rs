@@ -63,6 +63,21 @@ impl ScalarHead {
         })
     }
 
+    /// A head whose output starts at exactly 0 (weight and bias zero): a value head's first
+    /// predictions then sit inside the reward's range whatever the scale of the hidden states
+    /// (Qwen's final hidden states have norms in the hundreds, so a uniformly initialised head
+    /// starts out predicting values of several units for rewards of ±1). Its weight's gradient,
+    /// `(v - target) * hidden`, is not zero, so it learns from the first step.
+    pub fn zeros(kind: HeadKind, hidden: usize, device: &Device) -> Result<Self, Error> {
+        Ok(Self {
+            kind,
+            prefix: kind.prefix().to_string(),
+            weight: Var::from_tensor(&Tensor::zeros((1, hidden), DType::F32, device)?)?,
+            bias: Var::from_tensor(&Tensor::zeros(1, DType::F32, device)?)?,
+            norm: None,
+        })
+    }
+
     pub fn kind(&self) -> HeadKind {
         self.kind
     }

@@ -134,16 +134,23 @@ pub fn quantized_kernel_max_rows() -> usize {
     })
 }
 
-/// Default for [`packed_max_rows`]. Measured with `examples/packed_bench.rs` (docs/benchmarks.md):
-/// the packed kernel is 1.05-5.6x faster than the general GEMM up to 128 rows on the projections
-/// (a request is a few dozen), and 0.92-1.78x at 512, where the general GEMM's own packing pays.
+/// Default for [`packed_max_rows`] with the AVX2 kernel. Measured with
+/// `examples/packed_bench.rs` (docs/benchmarks.md): the packed kernel is 1.05-5.6x faster than
+/// the general GEMM up to 128 rows on the projections (a request is a few dozen), and 0.92-1.78x
+/// at 512, where the general GEMM's own packing pays.
 pub const PACKED_MAX_ROWS: usize = 256;
+
+/// Default for [`packed_max_rows`] with the AVX-512 kernel ([`crate::packed::avx512_f32`]):
+/// 1.02-1.5x the general GEMM on Qwen's projections at 272 and 512 rows (docs/benchmarks.md),
+/// so a padding-free batch of several requests stays on it.
+pub const PACKED_MAX_ROWS_AVX512: usize = 512;
 
 /// Inputs with more rows than this take the general GEMM; `VERDICT_PACKED_MAX_ROWS` overrides it.
 pub fn packed_max_rows() -> usize {
     static ROWS: OnceLock<usize> = OnceLock::new();
     *ROWS.get_or_init(|| {
-        std::env::var("VERDICT_PACKED_MAX_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(PACKED_MAX_ROWS)
+        let default = if crate::packed::avx512_f32() { PACKED_MAX_ROWS_AVX512 } else { PACKED_MAX_ROWS };
+        std::env::var("VERDICT_PACKED_MAX_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
     })
 }
 

@@ -205,8 +205,9 @@ impl PackedWeight {
             }
         };
         assert!(supported(), "the packed kernel needs AVX2 and FMA");
-        // SAFETY: AVX2/FMA checked above.
-        unsafe { drive(data, x, rows, self.out, self.inner, KC, &F32_TILES, &mut y) };
+        let tiles: &[Tile<f32>] = if avx512_f32() { &F32_TILES_512 } else { &F32_TILES };
+        // SAFETY: AVX2/FMA checked above, AVX-512 by `avx512_f32`.
+        unsafe { drive(data, x, rows, self.out, self.inner, KC, tiles, &mut y) };
         y
     }
 
@@ -340,6 +341,22 @@ unsafe impl Send for SendPtr {}
 /// The f32 kernels by row count (entry `r - 1` computes `r` rows).
 #[cfg(target_arch = "x86_64")]
 const F32_TILES: [Tile<f32>; MR] = [kernel::<1>, kernel::<2>, kernel::<3>, kernel::<4>, kernel::<5>, kernel::<6>];
+/// The AVX-512 f32 kernels by row count (one 16-lane register per row, so up to 12 rows).
+#[cfg(target_arch = "x86_64")]
+const F32_TILES_512: [Tile<f32>; MR_BF16] = [
+    kernel_512::<1>,
+    kernel_512::<2>,
+    kernel_512::<3>,
+    kernel_512::<4>,
+    kernel_512::<5>,
+    kernel_512::<6>,
+    kernel_512::<7>,
+    kernel_512::<8>,
+    kernel_512::<9>,
+    kernel_512::<10>,
+    kernel_512::<11>,
+    kernel_512::<12>,
+];
 /// The bf16 kernels by row count.
 #[cfg(target_arch = "x86_64")]
 const BF16_TILES: [Tile<u32>; MR_BF16] = [
@@ -359,6 +376,8 @@ const BF16_TILES: [Tile<u32>; MR_BF16] = [
 // Elsewhere no kernel exists and `supported()` / `bf16_supported()` refuse before any call.
 #[cfg(not(target_arch = "x86_64"))]
 const F32_TILES: [Tile<f32>; 0] = [];
+#[cfg(not(target_arch = "x86_64"))]
+const F32_TILES_512: [Tile<f32>; 0] = [];
 #[cfg(not(target_arch = "x86_64"))]
 const BF16_TILES: [Tile<u32>; 0] = [];
 
@@ -406,6 +425,49 @@ unsafe fn kernel<const R: usize>(
             }
         }
     }
+}
+
+/// [`kernel`] with AVX-512: the same products summed in the same order (so the same bits), twice
+/// the lanes per instruction and twice the rows per tile.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_512<const R: usize>(
+    x: *const f32,
+    x_stride: usize,
+    panel: *const f32,
+    kc: usize,
+    y: *mut f32,
+    y_stride: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); R];
+    for k in 0..kc {
+        let w = _mm512_loadu_ps(panel.add(k * NR));
+        for (r, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(r * x_stride + k)), w, *a);
+        }
+    }
+    let mask: __mmask16 = if cols >= NR { 0xffff } else { ((1u32 << cols) - 1) as u16 };
+    for (r, &a) in acc.iter().enumerate() {
+        let out = y.add(r * y_stride);
+        let v = if accumulate { _mm512_add_ps(a, _mm512_maskz_loadu_ps(mask, out)) } else { a };
+        _mm512_mask_storeu_ps(out, mask, v);
+    }
+}
+
+/// Whether the f32 format runs the AVX-512 kernels (`VERDICT_AVX512=0` keeps AVX2).
+pub fn avx512_f32() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let has = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let has = false;
+        has && std::env::var("VERDICT_AVX512").map_or(true, |v| v != "0")
+    })
 }
 
 #[cfg(test)]
@@ -460,6 +522,35 @@ mod tests {
             for (i, (&got, &want)) in y.iter().zip(&want).enumerate() {
                 let tol = 1e-5 * (inner as f64).sqrt().max(1.0) * (1.0 + want.abs());
                 assert!((got as f64 - want).abs() <= tol, "[{rows}, {out}, {inner}] entry {i}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn avx512_and_avx2_kernels_give_the_same_bits() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !supported() || !std::arch::is_x86_feature_detected!("avx512f") {
+                eprintln!("no AVX-512: only the AVX2 kernel runs on this CPU");
+                return;
+            }
+            // Row counts around both tile heights (6 and 12), ragged columns, inner across KC.
+            for &(rows, out, inner) in &[(1, 17, 3), (11, 40, 257), (12, 16, 300), (25, 33, 520), (300, 20, 64)] {
+                let x = values(rows * inner, rows as u32 * 13 + 5);
+                let w = values(out * inner, out as u32 * 3 + 9);
+                let packed = PackedWeight::pack(&w, out, inner);
+                let Panels::F32(data) = &packed.panels else { unreachable!("f32 panels") };
+                let run = |tiles: &[Tile<f32>]| {
+                    let mut y = vec![0f32; rows * out];
+                    // SAFETY: AVX2/FMA and AVX-512 checked above.
+                    unsafe { drive(data, &x, rows, out, inner, KC, tiles, &mut y) };
+                    y
+                };
+                let (y2, y512) = (run(&F32_TILES), run(&F32_TILES_512));
+                let want = reference(&x, &w, rows, out, inner);
+                assert!((y512[0] as f64 - want[0]).abs() < 1e-4 * (1.0 + want[0].abs()));
+                let same = y2.iter().zip(&y512).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "[{rows}, {out}, {inner}]: the AVX-512 kernel differs from the AVX2 one");
             }
         }
     }

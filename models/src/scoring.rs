@@ -42,16 +42,53 @@ pub fn score_candidates(
 pub fn score_rows(
     model: &Decoder,
     adapters: Adapters,
-    mut cache: KvCache,
+    cache: KvCache,
     prompts: &[Vec<u32>],
     candidates: &[&[Vec<u32>]],
     pad_id: u32,
 ) -> Result<Vec<Vec<f64>>, Error> {
+    let rows: Vec<usize> = (0..prompts.len()).collect();
+    score_layout(model, adapters, cache, prompts, candidates, &rows, false, pad_id)
+}
+
+/// [`score_rows`] without padding: prompt `i` is packed, with its candidates, into row
+/// `row_of[i]` of the batch as a segment of its own ([`TokenBatch::with_segments`]). Row `r`
+/// continues `cache` row `r` through `adapters.row(r)`, so pack prompts that share a prefix and
+/// an adapter into one row. Every prompt computes what it would compute alone (up to float
+/// rounding): a batch of prompts of different lengths costs the sum of their lengths instead
+/// of rows times the longest.
+pub fn score_packed(
+    model: &Decoder,
+    adapters: Adapters,
+    cache: KvCache,
+    prompts: &[Vec<u32>],
+    candidates: &[&[Vec<u32>]],
+    row_of: &[usize],
+    pad_id: u32,
+) -> Result<Vec<Vec<f64>>, Error> {
+    score_layout(model, adapters, cache, prompts, candidates, row_of, true, pad_id)
+}
+
+/// Lays out prompt `i` and its candidates in row `row_of[i]` (as a segment when `segmented`,
+/// else alone in its row) and runs one forward.
+#[allow(clippy::too_many_arguments)]
+fn score_layout(
+    model: &Decoder,
+    adapters: Adapters,
+    mut cache: KvCache,
+    prompts: &[Vec<u32>],
+    candidates: &[&[Vec<u32>]],
+    row_of: &[usize],
+    segmented: bool,
+    pad_id: u32,
+) -> Result<Vec<Vec<f64>>, Error> {
     let b = prompts.len();
-    if candidates.len() != b || (cache.batch_size() != 0 && cache.batch_size() != b) {
+    let n_rows = row_of.iter().max().map_or(0, |m| m + 1);
+    if candidates.len() != b || row_of.len() != b || (cache.batch_size() != 0 && cache.batch_size() != n_rows) {
         return Err(Error::Invalid(format!(
-            "{b} prompts, {} candidate sets, a cache of {} rows",
+            "{b} prompts, {} candidate sets, {} row assignments for {n_rows} rows, a cache of {} rows",
             candidates.len(),
+            row_of.len(),
             cache.batch_size()
         )));
     }
@@ -62,35 +99,54 @@ pub fn score_rows(
         // The first answer token is read from the prompt's last logits.
         return Err(Error::Invalid("a prompt has no tokens".into()));
     }
-    // Row i: its prompt (branch 0), then candidate c's tokens but the last as branch c + 1.
-    // `columns` are the positions that get logits; `picks` (logit row, row, candidate, token)
-    // the log-probabilities summed into each candidate's score.
-    let (mut ids, mut branches) = (Vec::with_capacity(b), Vec::with_capacity(b));
+    if !segmented && (0..b).any(|i| row_of[i] != i) {
+        return Err(Error::Invalid("unsegmented rows hold one prompt each".into()));
+    }
+    // Prompt i: its tokens on its row's trunk (branch 0), then candidate c's tokens but the
+    // last as branch c + 1, all in segment i + 1. `columns` are the (row, column) positions
+    // that get logits; `picks` (logit row, prompt, candidate, token) the log-probabilities
+    // summed into each candidate's score.
+    let mut ids = vec![Vec::new(); n_rows];
+    let mut branches = vec![Vec::new(); n_rows];
+    let mut segments = vec![Vec::new(); n_rows];
     let (mut columns, mut picks) = (Vec::new(), Vec::new());
     for (i, (prompt, cands)) in prompts.iter().zip(candidates).enumerate() {
-        let (mut row, mut branch) = (prompt.clone(), vec![0u32; prompt.len()]);
+        let r = row_of[i];
+        let (row, branch, segment) = (&mut ids[r], &mut branches[r], &mut segments[r]);
+        let seg = i as u32 + 1;
+        row.extend_from_slice(prompt);
+        branch.resize(row.len(), 0);
+        segment.resize(row.len(), seg);
         let last = columns.len();
-        columns.push((i, prompt.len() - 1));
+        columns.push((r, row.len() - 1));
         for (c, cand) in cands.iter().enumerate() {
             picks.push((last, i, c, cand[0]));
             for j in 0..cand.len() - 1 {
                 picks.push((columns.len(), i, c, cand[j + 1]));
-                columns.push((i, row.len()));
+                columns.push((r, row.len()));
                 row.push(cand[j]);
                 branch.push(c as u32 + 1);
+                segment.push(seg);
             }
         }
-        ids.push(row);
-        branches.push(branch);
     }
-    // Right padding: masked, on the trunk.
+    if ids.iter().any(Vec::is_empty) {
+        return Err(Error::Invalid("a packed row holds no prompt".into()));
+    }
+    // Right padding: masked, on the trunk of the row's last segment.
     let len = ids.iter().map(Vec::len).max().unwrap_or(0);
     let mask = ids.iter().map(|r| (0..len).map(|k| k < r.len()).collect()).collect();
-    for (row, branch) in ids.iter_mut().zip(&mut branches) {
+    for ((row, branch), segment) in ids.iter_mut().zip(&mut branches).zip(&mut segments) {
+        let last_segment = segment.last().copied().unwrap_or(0);
         row.resize(len, pad_id);
         branch.resize(len, 0);
+        segment.resize(len, last_segment);
     }
-    let batch = TokenBatch::with_branches(ids, mask, branches)?;
+    let batch = if segmented {
+        TokenBatch::with_segments(ids, mask, branches, segments)?
+    } else {
+        TokenBatch::with_branches(ids, mask, branches)?
+    };
     // A branched forward leaves `cache` as it was: it is only read.
     let logits = model
         .forward_rows(&batch, Some(&mut cache), adapters, Mode::Inference, LogitsAt::Positions(columns))?

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use models::random::{random_decoder, tiny_config};
-use models::scoring::{normalize, score_candidates, score_rows};
+use models::scoring::{normalize, score_candidates, score_packed, score_rows};
 use models::{
     Adapters, Arch, Decoder, KvCache, LogitsAt, LoraAdapter, LoraConfig, Mode, Padding, Projection, TokenBatch,
     WeightMode,
@@ -127,5 +127,63 @@ fn stacked_prefix_caches_and_mixed_candidates_equal_uncached_scoring() {
         for (x, y) in cached[0].iter().zip(&mixed[0]) {
             assert!((x - y).abs() < TOL * (1.0 + y.abs()), "{arch:?}: {x} vs {y}");
         }
+    }
+}
+
+#[test]
+fn packed_rows_equal_each_prompt_alone() {
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let m = model(arch);
+        let a = adapter(arch, 5, &Projection::ALL, 4);
+        let b = adapter(arch, 6, &[Projection::Q, Projection::Up], 4);
+        let prefix_1: Vec<u32> = vec![2, 7, 1, 8, 2, 8];
+        let prefix_2: Vec<u32> = vec![3, 1, 4];
+        let cands_1: Vec<Vec<u32>> = vec![vec![10, 11, 12], vec![10, 13, 12], vec![14]];
+        let cands_2: Vec<Vec<u32>> = vec![vec![20, 21], vec![22, 21]];
+        // Packed rows: task 1 with a (three prompts of lengths 3, 1 and 7), task 2 with b (two),
+        // task 2 zero-shot (one).
+        let rows: Vec<(usize, MixedRow)> = vec![
+            (0, (&prefix_1, Some(&a), &cands_1, vec![5, 6, 7])),
+            (0, (&prefix_1, Some(&a), &cands_1, vec![9])),
+            (0, (&prefix_1, Some(&a), &cands_1, vec![1, 2, 3, 4, 5, 6, 7])),
+            (1, (&prefix_2, Some(&b), &cands_2, vec![30, 31, 32, 33])),
+            (1, (&prefix_2, Some(&b), &cands_2, vec![8, 8])),
+            (2, (&prefix_2, None, &cands_2, vec![40, 41])),
+        ];
+        let prefix_cache = |p: &Vec<u32>, ad: Option<&LoraAdapter>| -> KvCache {
+            let mut c = KvCache::new(m.config().num_layers);
+            m.forward(&TokenBatch::single(p).unwrap(), Some(&mut c), ad, Mode::Inference, LogitsAt::None).unwrap();
+            c
+        };
+        let cache = KvCache::stack(&[
+            prefix_cache(&prefix_1, Some(&a)),
+            prefix_cache(&prefix_2, Some(&b)),
+            prefix_cache(&prefix_2, None),
+        ])
+        .unwrap();
+        let row_adapters = [Some(&a), Some(&b), None];
+        let row_of: Vec<usize> = rows.iter().map(|r| r.0).collect();
+        let bodies: Vec<Vec<u32>> = rows.iter().map(|r| r.1 .3.clone()).collect();
+        let cands: Vec<&[Vec<u32>]> = rows.iter().map(|r| r.1 .2.as_slice()).collect();
+        let packed =
+            score_packed(&m, Adapters::PerRow(&row_adapters), cache.clone(), &bodies, &cands, &row_of, 0).unwrap();
+        for (i, (_, (prefix, ad, c, body))) in rows.iter().enumerate() {
+            let whole = [prefix.as_slice(), body].concat();
+            let alone = score_candidates(&m, *ad, None, &[whole], c, 0).unwrap();
+            assert_eq!(packed[i].len(), c.len());
+            for (x, y) in packed[i].iter().zip(&alone[0]) {
+                assert!((x - y).abs() < TOL * (1.0 + y.abs()), "{arch:?} prompt {i}: {x} vs {y}");
+            }
+            for (x, y) in normalize(&packed[i]).iter().zip(normalize(&alone[0])) {
+                assert!((x - y).abs() < TOL, "{arch:?} prompt {i}: probability {x} vs {y}");
+            }
+        }
+        // Not vacuous: prompts packed into one row still get answers of their own.
+        let spread: f64 = packed[0].iter().zip(&packed[2]).map(|(x, y)| (x - y).abs()).sum();
+        assert!(spread > 1e-3, "{arch:?}: different prompts scored alike ({spread})");
+        // Assignments that do not match the cache's rows are refused.
+        let bad = vec![0, 0, 0, 1, 1, 3];
+        assert!(score_packed(&m, Adapters::PerRow(&row_adapters), cache.clone(), &bodies, &cands, &bad, 0).is_err());
+        assert!(score_packed(&m, Adapters::PerRow(&row_adapters), cache, &bodies, &cands, &row_of[..5], 0).is_err());
     }
 }

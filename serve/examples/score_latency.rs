@@ -2,6 +2,9 @@
 //! engine's work for one `mr` sentence (the task's prompt body on top of its cached prefix, both
 //! answers scored in one forward) through a real adapter, per-row (as `verdict-serve` runs it),
 //! with the adapter as the whole batch's, merged into the weights, and with no prefix cache.
+//! Then a batch of eight sentences (`serve::loadgen::SAMPLE_SENTENCES`, the HTTP benchmark's):
+//! one at a time, in one forward of padded rows, and in one forward packed without padding;
+//! eight single forwards over the batched forward bounds what batching can gain on this machine.
 //! Median and minimum of 7 runs each, side by side in one process.
 //!
 //! ```text
@@ -12,8 +15,9 @@
 //! ```
 
 use candle_core::{DType, Device};
-use models::scoring::score_rows;
+use models::scoring::{score_packed, score_rows};
 use models::{load_model, Adapters, KvCache, LogitsAt, LoraAdapter, Mode, TokenBatch, WeightMode};
+use serve::loadgen::SAMPLE_SENTENCES;
 use shared::task::TaskRegistry;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -56,7 +60,7 @@ fn main() -> Res<()> {
     let cands: Vec<&[Vec<u32>]> = vec![answers.as_slice()];
     let whole = [prefix.clone(), body.clone()].concat();
     let per_row = [Some(&adapter)];
-    let time = |name: &str, f: &dyn Fn() -> Res<()>| -> Res<()> {
+    let time = |name: &str, f: &dyn Fn() -> Res<()>| -> Res<f64> {
         f()?;
         let mut ts = Vec::new();
         for _ in 0..7 {
@@ -66,7 +70,7 @@ fn main() -> Res<()> {
         }
         ts.sort_by(|a, b| a.total_cmp(b));
         println!("{name:34} median {:7.1} ms  min {:7.1} ms", ts[3], ts[0]);
-        Ok(())
+        Ok(ts[3])
     };
     let prefixed = || cached.expand_batch(1);
     time("prefix cache, per-row adapter", &|| {
@@ -86,5 +90,36 @@ fn main() -> Res<()> {
         score_rows(&merged, Adapters::Same(None), empty, std::slice::from_ref(&whole), &cands, pad)?;
         Ok(())
     })?;
+
+    let bodies: Vec<Vec<u32>> = SAMPLE_SENTENCES
+        .iter()
+        .map(|s| {
+            let fields = BTreeMap::from([(task.fields[0].clone(), s.to_string())]);
+            Ok(loaded.encode(&task.prompt(loaded.chat.as_ref(), &[], &fields)?.body, false)?)
+        })
+        .collect::<Res<_>>()?;
+    let n = bodies.len();
+    println!("batch of {n}: bodies {:?} tokens", bodies.iter().map(Vec::len).collect::<Vec<_>>());
+    let cands_n: Vec<&[Vec<u32>]> = vec![answers.as_slice(); n];
+    let single = time(&format!("{n} one at a time"), &|| {
+        for b in &bodies {
+            score_rows(dec, Adapters::PerRow(&per_row), prefixed()?, std::slice::from_ref(b), &cands, pad)?;
+        }
+        Ok(())
+    })?;
+    let per_row_n = vec![Some(&adapter); n];
+    let padded = time(&format!("{n} in one forward, padded rows"), &|| {
+        score_rows(dec, Adapters::PerRow(&per_row_n), cached.expand_batch(n)?, &bodies, &cands_n, pad)?;
+        Ok(())
+    })?;
+    let packed = time(&format!("{n} in one forward, packed"), &|| {
+        score_packed(dec, Adapters::PerRow(&per_row), prefixed()?, &bodies, &cands_n, &vec![0; n], pad)?;
+        Ok(())
+    })?;
+    println!(
+        "most throughput batching can add here: {:.2}x padded, {:.2}x packed (one at a time / batched)",
+        single / padded,
+        single / packed
+    );
     Ok(())
 }

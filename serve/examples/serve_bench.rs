@@ -12,7 +12,7 @@
 use candle_core::{DType, Device};
 use models::{load_model, LoraAdapter, LoraConfig, Projection, WeightMode};
 use serde_json::{json, Value};
-use serve::loadgen::{self, Load, Outcome};
+use serve::loadgen::{self, Load, Outcome, SAMPLE_SENTENCES};
 use shared::adapter::{weights_sha256, Manifest, MANIFEST_VERSION};
 use shared::registry::Registry;
 use shared::task::TaskRegistry;
@@ -24,16 +24,6 @@ use std::time::{Duration, Instant};
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 const TOKEN: &str = "bench";
-const SENTENCES: [&str; 8] = [
-    "A gorgeous, moving film with wonderful performances.",
-    "Dull, tedious and badly acted from start to finish.",
-    "The plot is thin, but the jokes land more often than not.",
-    "An ambitious mess that never finds its footing.",
-    "Quietly devastating and beautifully shot.",
-    "I checked my watch more than once.",
-    "A crowd-pleaser that earns every one of its laughs.",
-    "Neither the script nor the cast rise above the material.",
-];
 
 struct Args {
     model: String,
@@ -42,6 +32,8 @@ struct Args {
     seconds: f64,
     clients: Vec<usize>,
     threads: Option<String>,
+    /// Which configurations to start (keys of `CONFIGS`); all by default.
+    only: Option<Vec<String>>,
 }
 
 fn args() -> Res<Args> {
@@ -52,6 +44,7 @@ fn args() -> Res<Args> {
         seconds: 8.0,
         clients: vec![1, 8, 32],
         threads: None,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -63,6 +56,7 @@ fn args() -> Res<Args> {
             "--seconds" => a.seconds = v()?.parse()?,
             "--clients" => a.clients = v()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--threads" => a.threads = Some(v()?),
+            "--configs" => a.only = Some(v()?.split(',').map(String::from).collect()),
             _ => return Err(format!("unknown argument {k}").into()),
         }
     }
@@ -166,7 +160,7 @@ fn start(name: &'static str, bin: &Path, common: &[String], extra: &[&str]) -> R
 
 /// One measurement: `clients` threads sending single-input requests for `seconds`.
 fn measure(port: u16, clients: usize, seconds: f64) -> Outcome {
-    let bodies: Vec<String> = SENTENCES.iter().map(|s| json!({"task": "mr", "inputs": s}).to_string()).collect();
+    let bodies: Vec<String> = SAMPLE_SENTENCES.iter().map(|s| json!({"task": "mr", "inputs": s}).to_string()).collect();
     let load = Load {
         clients,
         max_requests: usize::MAX,
@@ -175,6 +169,16 @@ fn measure(port: u16, clients: usize, seconds: f64) -> Outcome {
     };
     loadgen::run(([127, 0, 0, 1], port).into(), "/v1/classify", &[], &bodies, &load)
 }
+
+/// (key for `--configs`, name, the server's extra flags).
+const CONFIGS: [(&str, &str, &[&str]); 5] = [
+    ("on-on", "batching on, prefix cache on", &[]),
+    ("on-off", "batching on, prefix cache off", &["--no-prefix-cache"]),
+    ("off-on", "batching off, prefix cache on", &["--no-batching"]),
+    ("off-off", "batching off, prefix cache off", &["--no-batching", "--no-prefix-cache"]),
+    // Batches as before padding-free packing: one input per padded row.
+    ("padded", "batching on (padded rows), prefix cache on", &["--pack-tokens", "0"]),
+];
 
 fn main() -> Res<()> {
     let a = args()?;
@@ -206,18 +210,13 @@ fn main() -> Res<()> {
     if let Some(t) = &a.threads {
         common.extend(["--threads".into(), t.clone()]);
     }
-    let configs: [(&'static str, &[&str]); 4] = [
-        ("batching on, prefix cache on", &[]),
-        ("batching on, prefix cache off", &["--no-prefix-cache"]),
-        ("batching off, prefix cache on", &["--no-batching"]),
-        ("batching off, prefix cache off", &["--no-batching", "--no-prefix-cache"]),
-    ];
+    let configs = CONFIGS.iter().filter(|(key, ..)| a.only.as_ref().is_none_or(|o| o.iter().any(|k| k == key)));
     let mut servers = Vec::new();
-    for (name, extra) in configs {
+    for &(_, name, extra) in configs {
         let s = start(name, &bin, &common, extra)?;
         eprintln!("{name}: ready in {:.2} s", s.ready_after.as_secs_f64());
         // Warm up: the prefix cache and the first allocation.
-        for s_ in SENTENCES.iter().take(2) {
+        for s_ in SAMPLE_SENTENCES.iter().take(2) {
             http(s.port, "POST", "/v1/classify", &json!({"task": "mr", "inputs": s_}).to_string(), false)?;
         }
         servers.push(s);

@@ -11,7 +11,7 @@ use crate::adapters::AdapterVersion;
 use crate::backend::Backend;
 use crate::metrics::Metrics;
 use crate::scheduler::Compute;
-use models::scoring::score_rows;
+use models::scoring::{score_packed, score_rows};
 use models::{Adapters, Decoder, KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, TokenBatch};
 use shared::task::Task;
 use std::collections::{BTreeMap, HashMap};
@@ -90,6 +90,10 @@ pub struct EngineOptions {
     pub prefix_cache: bool,
     /// Run each version on its merged copy of the base (one forward per version in a batch).
     pub merged: bool,
+    /// Pack the inputs of one (task, version) into shared rows of up to this many tokens, each
+    /// input a segment of its own ([`score_packed`]): a batch costs the sum of its inputs'
+    /// lengths, not inputs times the longest. 0: one input per padded row.
+    pub pack_tokens: usize,
 }
 
 /// A cached prefix and the version it belongs to (`None`: zero-shot, lives forever).
@@ -165,27 +169,67 @@ impl Engine {
                 None
             }
         };
-        let row_adapters: Vec<Option<&LoraAdapter>> = group.iter().map(|&i| adapter_of(i)).collect();
         let candidates: Vec<&[Vec<u32>]> = group.iter().map(|&i| rows[i].task.answers.as_slice()).collect();
         let pad = self.model.special.pad_id();
-        let (cache, prompts) = if self.opts.prefix_cache {
+        let prompts: Vec<Vec<u32>> = if self.opts.prefix_cache {
+            group.iter().map(|&i| rows[i].body.clone()).collect()
+        } else {
+            group.iter().map(|&i| [rows[i].task.prefix_ids.as_slice(), &rows[i].body].concat()).collect()
+        };
+        // Batch rows: the inputs of one key share rows of about `pack_tokens` tokens (prompt
+        // plus candidate branches); `firsts[r]` is an input of row r.
+        let costs: Vec<usize> = (0..group.len())
+            .map(|k| prompts[k].len() + candidates[k].iter().map(|c| c.len() - 1).sum::<usize>())
+            .collect();
+        let mut row_of = vec![0; group.len()];
+        let mut firsts: Vec<usize> = Vec::new();
+        let mut start = 0;
+        while start < group.len() {
+            let key = rows[group[start]].key();
+            let n = group[start..].iter().take_while(|&&i| rows[i].key() == key).count();
+            let run = start..start + n;
+            // `--pack-tokens 0`: one input per row, in order (what `score_rows` takes).
+            let (rows_here, assign) = if self.opts.pack_tokens == 0 {
+                (n, (0..n).collect())
+            } else {
+                let r = costs[run.clone()].iter().sum::<usize>().div_ceil(self.opts.pack_tokens).clamp(1, n);
+                (r, pack_rows(&costs[run.clone()], r))
+            };
+            let base = firsts.len();
+            for r in 0..rows_here {
+                firsts.push(start + assign.iter().position(|&x| x == r).expect("every row gets an input"));
+            }
+            for (k, r) in run.zip(assign) {
+                row_of[k] = base + r;
+            }
+            start += n;
+        }
+        let row_adapters: Vec<Option<&LoraAdapter>> = firsts.iter().map(|&k| adapter_of(group[k])).collect();
+        let cache = if self.opts.prefix_cache {
+            // One block per run of rows of one key: its prefix, repeated.
             let mut parts = Vec::new();
             let mut start = 0;
-            while start < group.len() {
-                let key = rows[group[start]].key();
-                let n = group[start..].iter().take_while(|&&i| rows[i].key() == key).count();
-                let prefix = self.prefix(decoder, rows[group[start]], adapter_of(group[start]))?;
+            while start < firsts.len() {
+                let key = rows[group[firsts[start]]].key();
+                let n = firsts[start..].iter().take_while(|&&k| rows[group[k]].key() == key).count();
+                let prefix = self.prefix(decoder, rows[group[firsts[start]]], row_adapters[start])?;
                 parts.push(prefix.expand_batch(n)?);
                 start += n;
             }
-            let cache = if parts.len() == 1 { parts.remove(0) } else { KvCache::stack(&parts)? };
-            (cache, group.iter().map(|&i| rows[i].body.clone()).collect::<Vec<_>>())
+            if parts.len() == 1 {
+                parts.remove(0)
+            } else {
+                KvCache::stack(&parts)?
+            }
         } else {
-            let prompts = group.iter().map(|&i| [rows[i].task.prefix_ids.as_slice(), &rows[i].body].concat()).collect();
-            (KvCache::new(decoder.config().num_layers), prompts)
+            KvCache::new(decoder.config().num_layers)
         };
         let adapters = if per_row { Adapters::PerRow(&row_adapters) } else { Adapters::Same(None) };
-        score_rows(decoder, adapters, cache, &prompts, &candidates, pad)
+        if self.opts.pack_tokens == 0 {
+            score_rows(decoder, adapters, cache, &prompts, &candidates, pad)
+        } else {
+            score_packed(decoder, adapters, cache, &prompts, &candidates, &row_of, pad)
+        }
     }
 
     /// The row's (task, version) prefix cache, computed on first use.
@@ -215,6 +259,23 @@ impl Engine {
     }
 }
 
+/// Spreads inputs of the given token costs over `rows` rows (at most one per input) so the
+/// longest row is short: longest first, each to the row with the fewest tokens so far (every
+/// row gets at least one input). Returns each input's row.
+fn pack_rows(costs: &[usize], rows: usize) -> Vec<usize> {
+    let rows = rows.clamp(1, costs.len().max(1));
+    let mut order: Vec<usize> = (0..costs.len()).collect();
+    order.sort_by(|&a, &b| costs[b].cmp(&costs[a]).then(a.cmp(&b)));
+    let mut filled = vec![0usize; rows];
+    let mut out = vec![0; costs.len()];
+    for k in order {
+        let r = (0..rows).min_by_key(|&r| (filled[r], r)).expect("at least one row");
+        filled[r] += costs[k];
+        out[k] = r;
+    }
+    out
+}
+
 impl Compute for Engine {
     fn score(&mut self, rows: &[&Row]) -> Result<Vec<Vec<f64>>, models::Error> {
         self.score_rows(rows)
@@ -222,5 +283,29 @@ impl Compute for Engine {
 
     fn prefix_cache(&self) -> bool {
         self.opts.prefix_cache
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pack_rows;
+
+    #[test]
+    fn packing_balances_rows_and_fills_each() {
+        // 10 + 9 + 8 + 3 + 2 + 2 = 34 tokens in 2 rows: 10+3+2+2 = 17 and 9+8 = 17.
+        let costs = [3, 10, 2, 9, 8, 2];
+        let rows = pack_rows(&costs, 2);
+        let mut filled = [0; 2];
+        for (c, r) in costs.iter().zip(&rows) {
+            filled[*r] += c;
+        }
+        assert_eq!(filled, [17, 17]);
+        // As many rows as inputs: one input each.
+        let mut one_each = pack_rows(&costs, 6);
+        one_each.sort();
+        assert_eq!(one_each, vec![0, 1, 2, 3, 4, 5]);
+        // One row takes everything; more rows than inputs are not made.
+        assert_eq!(pack_rows(&costs, 1), vec![0; 6]);
+        assert_eq!(pack_rows(&[5, 4], 9).iter().max(), Some(&1));
     }
 }

@@ -9,6 +9,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Eight short film-review sentences of different lengths: the examples' request bodies.
+pub const SAMPLE_SENTENCES: [&str; 8] = [
+    "A gorgeous, moving film with wonderful performances.",
+    "Dull, tedious and badly acted from start to finish.",
+    "The plot is thin, but the jokes land more often than not.",
+    "An ambitious mess that never finds its footing.",
+    "Quietly devastating and beautifully shot.",
+    "I checked my watch more than once.",
+    "A crowd-pleaser that earns every one of its laughs.",
+    "Neither the script nor the cast rise above the material.",
+];
+
 /// A named endpoint on this machine: `name=http://127.0.0.1:8080/v1/classify`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {

@@ -106,6 +106,11 @@ struct Cli {
     /// One request per forward pass (for comparison).
     #[arg(long, env = "VERDICT_NO_BATCHING")]
     no_batching: bool,
+    /// Pack the inputs of one task and adapter version into shared batch rows of up to this
+    /// many tokens, each input attending only to itself: no padding (0: one input per padded
+    /// row, for comparison).
+    #[arg(long, env = "VERDICT_PACK_TOKENS", default_value_t = 256)]
+    pack_tokens: usize,
     /// Recompute every prompt's constant prefix (for comparison).
     #[arg(long, env = "VERDICT_NO_PREFIX_CACHE")]
     no_prefix_cache: bool,
@@ -197,7 +202,7 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
     let compute: Box<dyn scheduler::Compute> = match &backend {
         Backend::Decoder(loaded) => Box::new(engine::Engine::new(
             loaded.clone(),
-            engine::EngineOptions { prefix_cache: cli.prefix_cache, merged: cli.merged },
+            engine::EngineOptions { prefix_cache: cli.prefix_cache, merged: cli.merged, pack_tokens: cli.pack_tokens },
             metrics.clone(),
         )),
         Backend::Encoder(encoder) => Box::new(encoder_engine::EncoderEngine::new(encoder.clone())),
@@ -217,6 +222,7 @@ struct LoadArgs {
     task_files: Vec<PathBuf>,
     merged: bool,
     prefix_cache: bool,
+    pack_tokens: usize,
     batch: scheduler::BatchOptions,
 }
 
@@ -284,6 +290,7 @@ async fn main() -> Result<()> {
         task_files: cli.task_files.clone(),
         merged: cli.merged,
         prefix_cache: !cli.no_prefix_cache,
+        pack_tokens: cli.pack_tokens,
         batch: scheduler::BatchOptions {
             batching: !cli.no_batching,
             max_batch_tokens: cli.max_batch_tokens,

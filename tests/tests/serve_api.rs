@@ -693,7 +693,9 @@ fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
     fx.registry.promote("mr", "v1").unwrap();
     fx.registry.promote("rte", "v1").unwrap();
     // Requests of different tasks, versions and zero-shot, sent together: with a long batch
-    // wait they share engine batches; the other server computes each alone, uncached.
+    // wait they share engine batches (inputs of one task and version packed into shared rows
+    // by default, one input per padded row with `--pack-tokens 0`); the other server computes
+    // each alone, uncached.
     let requests: Vec<MixedRequest> = vec![
         (json!({"task": "mr", "inputs": "good film"}), "mr", Some("v1"), vec![("sentence", "good film")]),
         (
@@ -713,14 +715,15 @@ fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
         (json!({"task": "mr-score", "inputs": "great"}), "mr-score", None, vec![("sentence", "great")]),
     ];
     let batched = fx.start(&["--zero-shot-fallback", "--max-batch-wait-ms", "300"]);
+    let padded = fx.start(&["--zero-shot-fallback", "--max-batch-wait-ms", "300", "--pack-tokens", "0"]);
     let single = fx.start(&["--zero-shot-fallback", "--no-batching", "--no-prefix-cache", "--default-task", "rte"]);
     // Merged mode: each version folded into its own copy of the base.
     let merged = fx.start(&["--zero-shot-fallback", "--merged", "--max-batch-wait-ms", "300"]);
     // Warm them (v2 is loaded on first use).
-    for s in [&batched, &single, &merged] {
+    for s in [&batched, &padded, &single, &merged] {
         assert_eq!(s.post("/v1/classify", &requests[1].0).0, 200);
     }
-    for (server, tol) in [(&batched, TOL), (&single, TOL), (&merged, 1e-4)] {
+    for (server, tol) in [(&batched, TOL), (&padded, TOL), (&single, TOL), (&merged, 1e-4)] {
         let port = server.port;
         let handles: Vec<_> = requests
             .iter()

@@ -154,14 +154,24 @@ pub fn learning_rate(schedule: Schedule, peak: f64, step: u64, warmup: u64, tota
 /// Scales all gradients so their global L2 norm is at most `max_norm` (when `max_norm > 0`);
 /// returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f64) -> Result<f64> {
+    clip_grad_norm_of(grads, max_norm, |_| true)
+}
+
+/// [`clip_grad_norm`] over the gradients whose names `select` accepts, as one group; the others
+/// are left untouched. Returns the group's norm before clipping (0 for an empty group).
+pub fn clip_grad_norm_of(
+    grads: &mut BTreeMap<String, Tensor>,
+    max_norm: f64,
+    select: impl Fn(&str) -> bool,
+) -> Result<f64> {
     let mut total = 0.0f64;
-    for g in grads.values() {
+    for (_, g) in grads.iter().filter(|(k, _)| select(k)) {
         total += g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
     }
     let norm = total.sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let scale = max_norm / (norm + 1e-6);
-        for g in grads.values_mut() {
+        for (_, g) in grads.iter_mut().filter(|(k, _)| select(k)) {
             *g = (&*g * scale)?;
         }
     }
@@ -264,5 +274,20 @@ mod tests {
         assert!((a[0] - 0.3).abs() < 1e-6 && (a[1] - 0.4).abs() < 1e-6);
         let untouched = clip_grad_norm(&mut g, 10.0).unwrap();
         assert!((untouched - 1.3).abs() < 1e-5);
+    }
+
+    #[test]
+    fn group_clipping_leaves_the_other_gradients_alone() {
+        // Group "h.*" has norm 5 ([3, 4]); "a" (norm 12) is outside it.
+        let mut g = grads("h.w", &[3.0, 4.0], &[2]);
+        g.extend(grads("a", &[12.0], &[1]));
+        let norm = clip_grad_norm_of(&mut g, 1.0, |k| k.starts_with("h.")).unwrap();
+        assert!((norm - 5.0).abs() < 1e-12);
+        let h: Vec<f64> = g["h.w"].to_vec1().unwrap();
+        assert!((h[0] - 0.6).abs() < 1e-6 && (h[1] - 0.8).abs() < 1e-6);
+        assert_eq!(g["a"].to_vec1::<f64>().unwrap(), vec![12.0]);
+        // An empty group has norm 0 and changes nothing.
+        assert_eq!(clip_grad_norm_of(&mut g, 1.0, |k| k.starts_with("z")).unwrap(), 0.0);
+        assert_eq!(g["a"].to_vec1::<f64>().unwrap(), vec![12.0]);
     }
 }

@@ -20,7 +20,7 @@ pub mod math;
 pub mod reward;
 pub mod rollout;
 
-use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig};
+use crate::optim::{clip_grad_norm_of, learning_rate, Optimizer, OptimizerConfig};
 use crate::reward_model::LearnedReward;
 use crate::run_dir::{self, MetricsLog, Recorder, RunState};
 use crate::train_config::{initial_adapter, progress_bar, LoopArgs, LoraArgs, RunArgs};
@@ -187,7 +187,10 @@ struct LossStats {
     value_clipfrac: f64,
     approx_kl: f64,
     entropy: f64,
+    /// The adapter's gradient norm before clipping (summed over updates).
     grad_norm: f64,
+    /// The value head's, clipped on its own.
+    value_grad_norm: f64,
     updates: usize,
 }
 
@@ -217,17 +220,19 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
 
     let tasks: Vec<_> = data.iter().map(|d| d.task.clone()).collect();
     let adapter = initial_adapter(args.init_adapter.as_deref(), &args.lora, &args.run, &loaded, &tasks, t.seed, cache)?;
-    // A PPO adapter's value head comes along; otherwise the head starts fresh.
+    // A PPO adapter's value head comes along; otherwise the head starts fresh, at zero.
     let head = match args.init_adapter.as_deref().filter(|d| d.join(HeadKind::Value.file()).is_file()) {
         Some(dir) => ScalarHead::load(HeadKind::Value, hidden, dir, loaded.model.device())?,
-        None => ScalarHead::init(HeadKind::Value, hidden, t.seed, loaded.model.device())?,
+        None => ScalarHead::zeros(HeadKind::Value, hidden, loaded.model.device())?,
     };
     let use_critic = args.algorithm == Algorithm::Ppo;
     let head = use_critic.then_some(head);
     let mut vars: Vec<(String, Var)> = adapter.vars().to_vec();
+    let head_names: Vec<String> = head.iter().flat_map(|h| h.vars()).map(|(name, _)| name).collect();
     if let Some(h) = &head {
         vars.extend(h.vars());
     }
+    let is_head = |name: &str| head_names.iter().any(|h| h == name);
     let mut opt =
         Optimizer::new(OptimizerConfig { kind: t.optimizer, weight_decay: t.weight_decay, ..Default::default() });
     let mut state = RunState::default();
@@ -358,7 +363,10 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
                     run_dir::accumulate_grads(&mut grads, &g, &vars)?;
                     stats.add(&s, 1.0 / n_micro as f64);
                 }
-                stats.grad_norm += clip_grad_norm(&mut grads, t.max_grad_norm)?;
+                // The adapter and the value head are clipped as two groups: the head's gradient
+                // scales with the hidden states' norm and would otherwise throttle the policy.
+                stats.grad_norm += clip_grad_norm_of(&mut grads, t.max_grad_norm, |k| !is_head(k))?;
+                stats.value_grad_norm += clip_grad_norm_of(&mut grads, t.max_grad_norm, is_head)?;
                 stats.updates += 1;
                 opt.step(&vars, &grads, lr)?;
             }
@@ -390,6 +398,7 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
             "approx_kl": stats.approx_kl / updates,
             "entropy": stats.entropy / updates,
             "grad_norm": stats.grad_norm / updates,
+            "value_grad_norm": stats.value_grad_norm / updates,
             "returns": mean(&rollout.returns.concat()),
             "values": mean(&rollout.old_values.concat()),
             "response_tokens": new_tokens as f64 / n,
