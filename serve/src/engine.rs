@@ -5,7 +5,8 @@
 //! version's rows form one run for the per-row LoRA ([`Adapters::PerRow`]) and one block of
 //! the stacked prefix cache. Each (task, version) prefix (system text and instruction start)
 //! is computed once and kept while that version lives; the bodies of all rows then run as
-//! one batch on top of their stacked prefixes ([`KvCache::stack`]).
+//! one batch on top of their stacked prefixes ([`KvCache::stack`]), the bodies of one version
+//! packed side by side into shared rows without padding ([`score_packed`]).
 
 use crate::adapters::AdapterVersion;
 use crate::backend::Backend;
