@@ -325,6 +325,14 @@ unsafe fn kernel_bf16<const R: usize>(
             *a = _mm512_dpbf16_ps(*a, xv, w);
         }
     }
+    store_512(&acc, y, y_stride, cols, accumulate);
+}
+
+/// Writes (or adds) 16-lane accumulators, one per row, to the first `cols` columns of `y`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_512(acc: &[std::arch::x86_64::__m512], y: *mut f32, y_stride: usize, cols: usize, accumulate: bool) {
+    use std::arch::x86_64::*;
     let mask: __mmask16 = if cols >= NR { 0xffff } else { ((1u32 << cols) - 1) as u16 };
     for (r, &a) in acc.iter().enumerate() {
         let out = y.add(r * y_stride);
@@ -450,12 +458,7 @@ unsafe fn kernel_512<const R: usize>(
             *a = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(r * x_stride + k)), w, *a);
         }
     }
-    let mask: __mmask16 = if cols >= NR { 0xffff } else { ((1u32 << cols) - 1) as u16 };
-    for (r, &a) in acc.iter().enumerate() {
-        let out = y.add(r * y_stride);
-        let v = if accumulate { _mm512_add_ps(a, _mm512_maskz_loadu_ps(mask, out)) } else { a };
-        _mm512_mask_storeu_ps(out, mask, v);
-    }
+    store_512(&acc, y, y_stride, cols, accumulate);
 }
 
 /// Whether the f32 format runs the AVX-512 kernels (`VERDICT_AVX512=0` keeps AVX2).

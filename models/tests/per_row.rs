@@ -67,6 +67,27 @@ fn mixed_adapter_batch_equals_each_row_alone() {
     }
 }
 
+/// The keys and values of `prefix` through `adapter`, one row.
+fn prefix_cache(m: &Decoder, prefix: &[u32], adapter: Option<&LoraAdapter>) -> KvCache {
+    let mut c = KvCache::new(m.config().num_layers);
+    m.forward(&TokenBatch::single(prefix).unwrap(), Some(&mut c), adapter, Mode::Inference, LogitsAt::None).unwrap();
+    c
+}
+
+/// (prefix 1, prefix 2, candidates 1, candidates 2).
+type TwoTasks = (Vec<u32>, Vec<u32>, Vec<Vec<u32>>, Vec<Vec<u32>>);
+
+/// Two "tasks": different prefixes (lengths 6 and 3) and different candidate sets, one with
+/// shared leading tokens (a trie) and answers of different lengths.
+fn two_tasks() -> TwoTasks {
+    (
+        vec![2, 7, 1, 8, 2, 8],
+        vec![3, 1, 4],
+        vec![vec![10, 11, 12], vec![10, 13, 12], vec![14]],
+        vec![vec![20, 21], vec![22, 21]],
+    )
+}
+
 /// (prefix, adapter, candidates, body) of one row.
 type MixedRow<'a> = (&'a Vec<u32>, Option<&'a LoraAdapter>, &'a Vec<Vec<u32>>, Vec<u32>);
 
@@ -76,12 +97,7 @@ fn stacked_prefix_caches_and_mixed_candidates_equal_uncached_scoring() {
         let m = model(arch);
         let a = adapter(arch, 3, &Projection::ALL, 4);
         let b = adapter(arch, 4, &[Projection::O, Projection::Down], 8);
-        // Two "tasks": different prefixes (lengths 6 and 3) and different candidate sets,
-        // one with shared leading tokens (a trie) and answers of different lengths.
-        let prefix_1: Vec<u32> = vec![2, 7, 1, 8, 2, 8];
-        let prefix_2: Vec<u32> = vec![3, 1, 4];
-        let cands_1: Vec<Vec<u32>> = vec![vec![10, 11, 12], vec![10, 13, 12], vec![14]];
-        let cands_2: Vec<Vec<u32>> = vec![vec![20, 21], vec![22, 21]];
+        let (prefix_1, prefix_2, cands_1, cands_2) = two_tasks();
         // Rows (after the server's ordering by task and version): task 1 with a (twice),
         // task 2 with b, task 2 zero-shot.
         let rows: Vec<MixedRow> = vec![
@@ -90,11 +106,7 @@ fn stacked_prefix_caches_and_mixed_candidates_equal_uncached_scoring() {
             (&prefix_2, Some(&b), &cands_2, vec![30, 31, 32, 33]),
             (&prefix_2, None, &cands_2, vec![40, 41]),
         ];
-        let prefix_cache = |p: &Vec<u32>, ad: Option<&LoraAdapter>| -> KvCache {
-            let mut c = KvCache::new(m.config().num_layers);
-            m.forward(&TokenBatch::single(p).unwrap(), Some(&mut c), ad, Mode::Inference, LogitsAt::None).unwrap();
-            c
-        };
+        let prefix_cache = |p: &Vec<u32>, ad: Option<&LoraAdapter>| prefix_cache(&m, p, ad);
         let parts = vec![
             prefix_cache(&prefix_1, Some(&a)).expand_batch(2).unwrap(),
             prefix_cache(&prefix_2, Some(&b)).expand_batch(1).unwrap(),
@@ -136,10 +148,7 @@ fn packed_rows_equal_each_prompt_alone() {
         let m = model(arch);
         let a = adapter(arch, 5, &Projection::ALL, 4);
         let b = adapter(arch, 6, &[Projection::Q, Projection::Up], 4);
-        let prefix_1: Vec<u32> = vec![2, 7, 1, 8, 2, 8];
-        let prefix_2: Vec<u32> = vec![3, 1, 4];
-        let cands_1: Vec<Vec<u32>> = vec![vec![10, 11, 12], vec![10, 13, 12], vec![14]];
-        let cands_2: Vec<Vec<u32>> = vec![vec![20, 21], vec![22, 21]];
+        let (prefix_1, prefix_2, cands_1, cands_2) = two_tasks();
         // Packed rows: task 1 with a (three prompts of lengths 3, 1 and 7), task 2 with b (two),
         // task 2 zero-shot (one).
         let rows: Vec<(usize, MixedRow)> = vec![
@@ -150,11 +159,7 @@ fn packed_rows_equal_each_prompt_alone() {
             (1, (&prefix_2, Some(&b), &cands_2, vec![8, 8])),
             (2, (&prefix_2, None, &cands_2, vec![40, 41])),
         ];
-        let prefix_cache = |p: &Vec<u32>, ad: Option<&LoraAdapter>| -> KvCache {
-            let mut c = KvCache::new(m.config().num_layers);
-            m.forward(&TokenBatch::single(p).unwrap(), Some(&mut c), ad, Mode::Inference, LogitsAt::None).unwrap();
-            c
-        };
+        let prefix_cache = |p: &Vec<u32>, ad: Option<&LoraAdapter>| prefix_cache(&m, p, ad);
         let cache = KvCache::stack(&[
             prefix_cache(&prefix_1, Some(&a)),
             prefix_cache(&prefix_2, Some(&b)),
