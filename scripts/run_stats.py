@@ -3,7 +3,7 @@
 
 Usage: scripts/run_stats.py METRICS.jsonl [KEY ...]
 Prints the median step time, then for each KEY (default: the PPO curves) its values step by
-step with their minimum and maximum, and the dev scores.
+step with their minimum, median and maximum, and the dev scores.
 """
 import json
 import statistics
@@ -19,7 +19,7 @@ for k in keys:
     vals = [r[k] for r in steps if r.get(k) is not None]
     if vals:
         shown = ", ".join(f"{v:.3g}" for v in vals)
-        print(f"{k}: min {min(vals):.3g}, max {max(vals):.3g} ({shown})")
+        print(f"{k}: min {min(vals):.3g}, median {statistics.median(vals):.3g}, max {max(vals):.3g} ({shown})")
 dev = [(r["step"], r["dev_score"]) for r in rows if "dev_score" in r]
 if dev:
     print("dev: " + ", ".join(f"step {s}: {v:.3f}" for s, v in dev))

@@ -54,13 +54,7 @@ impl ScalarHead {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let bound = 1.0 / (hidden as f32).sqrt();
         let w: Vec<f32> = (0..hidden).map(|_| rng.random_range(-bound..bound)).collect();
-        Ok(Self {
-            kind,
-            prefix: kind.prefix().to_string(),
-            weight: Var::from_tensor(&Tensor::from_vec(w, (1, hidden), device)?)?,
-            bias: Var::from_tensor(&Tensor::zeros(1, DType::F32, device)?)?,
-            norm: None,
-        })
+        Self::with_weight(kind, w, device)
     }
 
     /// A head whose output starts at exactly 0 (weight and bias zero): a value head's first
@@ -69,10 +63,16 @@ impl ScalarHead {
     /// starts out predicting values of several units for rewards of ±1). Its weight's gradient,
     /// `(v - target) * hidden`, is not zero, so it learns from the first step.
     pub fn zeros(kind: HeadKind, hidden: usize, device: &Device) -> Result<Self, Error> {
+        Self::with_weight(kind, vec![0.0; hidden], device)
+    }
+
+    /// A fresh head with these weights (one per hidden unit) and bias 0.
+    fn with_weight(kind: HeadKind, w: Vec<f32>, device: &Device) -> Result<Self, Error> {
+        let hidden = w.len();
         Ok(Self {
             kind,
             prefix: kind.prefix().to_string(),
-            weight: Var::from_tensor(&Tensor::zeros((1, hidden), DType::F32, device)?)?,
+            weight: Var::from_tensor(&Tensor::from_vec(w, (1, hidden), device)?)?,
             bias: Var::from_tensor(&Tensor::zeros(1, DType::F32, device)?)?,
             norm: None,
         })
@@ -186,5 +186,19 @@ mod tests {
         assert!(wrong.contains("shape"), "{wrong}");
         assert!(ScalarHead::load(HeadKind::Value, 3, &dir, &dev).is_err(), "no value head there");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_zero_head_answers_zero_and_still_learns() {
+        let dev = Device::Cpu;
+        let head = ScalarHead::zeros(HeadKind::Value, 3, &dev).unwrap();
+        let h = Tensor::new(&[[300.0f32, -200.0, 100.0]], &dev).unwrap();
+        let v = head.forward(&h).unwrap();
+        assert_eq!(v.to_vec1::<f32>().unwrap(), vec![0.0]);
+        // Loss (v - 1)^2: d/dw = 2 (v - 1) h = -2 h, d/db = -2.
+        let grads = (v - 1.0).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let gw: Vec<Vec<f32>> = grads.get(head.weight.as_tensor()).unwrap().to_vec2().unwrap();
+        assert_eq!(gw, vec![vec![-600.0, 400.0, -200.0]]);
+        assert_eq!(grads.get(head.bias.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![-2.0]);
     }
 }

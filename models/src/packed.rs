@@ -11,7 +11,9 @@
 //! The micro-kernel keeps an `R × 16` tile of the output in twelve (at most) 256-bit registers
 //! (`R ≤ MR = 6` rows), broadcasting one input value per row and `k`. The inner dimension is cut
 //! into blocks of [`KC`] so a panel's slice stays in L1 and the rows' slices in L2; output panels
-//! are split among rayon's threads (each writes its own columns).
+//! are split among rayon's threads (each writes its own columns). Where the CPU has AVX-512
+//! ([`avx512_f32`]), the same tiles run in one 512-bit register per row, `R ≤ MR_512 = 12`: the
+//! same products summed in the same order, so the same bits.
 //!
 //! [`Format::Bf16`] (`--cpu-matmul bf16`, CPUs with AVX512-BF16) stores the panels as bf16
 //! pairs (`lane j = (W[p·NR + j, 2i], W[p·NR + j, 2i + 1])`), rounds each input row to bf16 once
@@ -85,8 +87,9 @@ pub fn bf16_supported() -> bool {
     }
 }
 
-/// Most rows per bf16 micro-kernel call (one 512-bit accumulator per row).
-pub const MR_BF16: usize = 12;
+/// Most rows per AVX-512 micro-kernel call, bf16 and f32 alike (one 16-lane accumulator per
+/// row).
+pub const MR_512: usize = 12;
 
 /// Output columns per panel (two AVX registers of 8 lanes).
 pub const NR: usize = 16;
@@ -351,7 +354,7 @@ unsafe impl Send for SendPtr {}
 const F32_TILES: [Tile<f32>; MR] = [kernel::<1>, kernel::<2>, kernel::<3>, kernel::<4>, kernel::<5>, kernel::<6>];
 /// The AVX-512 f32 kernels by row count (one 16-lane register per row, so up to 12 rows).
 #[cfg(target_arch = "x86_64")]
-const F32_TILES_512: [Tile<f32>; MR_BF16] = [
+const F32_TILES_512: [Tile<f32>; MR_512] = [
     kernel_512::<1>,
     kernel_512::<2>,
     kernel_512::<3>,
@@ -367,7 +370,7 @@ const F32_TILES_512: [Tile<f32>; MR_BF16] = [
 ];
 /// The bf16 kernels by row count.
 #[cfg(target_arch = "x86_64")]
-const BF16_TILES: [Tile<u32>; MR_BF16] = [
+const BF16_TILES: [Tile<u32>; MR_512] = [
     kernel_bf16::<1>,
     kernel_bf16::<2>,
     kernel_bf16::<3>,
@@ -565,7 +568,7 @@ mod tests {
             return;
         }
         let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect() };
-        // Odd inner sizes (a zero-padded last pair), rows across MR_BF16, ragged columns.
+        // Odd inner sizes (a zero-padded last pair), rows across MR_512, ragged columns.
         for &(rows, out, inner) in &[(1, 1, 1), (3, 17, 7), (12, 16, 256), (13, 40, 257), (25, 5, 601), (52, 192, 576)]
         {
             let x = values(rows * inner, rows as u32 * 13 + 5);

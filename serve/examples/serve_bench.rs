@@ -7,6 +7,7 @@
 //! ```text
 //! cargo build --release -p serve --bins --examples
 //! target/release/examples/serve_bench --model qwen0.5b [--adapter runs/mr/best] [--seconds 8]
+//!     [--clients 1,8,32] [--configs on-on,on-off,off-on,off-off,padded]   # servers to start (`CONFIGS`)
 //! ```
 
 use candle_core::{DType, Device};

@@ -227,12 +227,10 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
     };
     let use_critic = args.algorithm == Algorithm::Ppo;
     let head = use_critic.then_some(head);
+    let head_vars: Vec<(String, Var)> = head.iter().flat_map(|h| h.vars()).collect();
     let mut vars: Vec<(String, Var)> = adapter.vars().to_vec();
-    let head_names: Vec<String> = head.iter().flat_map(|h| h.vars()).map(|(name, _)| name).collect();
-    if let Some(h) = &head {
-        vars.extend(h.vars());
-    }
-    let is_head = |name: &str| head_names.iter().any(|h| h == name);
+    vars.extend(head_vars.iter().cloned());
+    let is_head = |name: &str| head_vars.iter().any(|(h, _)| h == name);
     let mut opt =
         Optimizer::new(OptimizerConfig { kind: t.optimizer, weight_decay: t.weight_decay, ..Default::default() });
     let mut state = RunState::default();
