@@ -7,7 +7,7 @@
 
 use crate::batch::{KvCache, TokenBatch};
 use crate::config::DecoderConfig;
-use crate::linear::{matmul_wt, BaseWeight, FrozenLinear};
+use crate::linear::{matmul_wt, BaseWeight, FrozenLinear, LoraRun};
 use crate::lora::{dropout_mask, LoraAdapter, Projection};
 use crate::weights::{WeightMap, WeightMode, Weights};
 use crate::Error;
@@ -111,6 +111,9 @@ struct LayerCtx<'a> {
 impl LayerCtx<'_> {
     /// A frozen projection plus its LoRA delta, if the adapter targets it.
     fn project(&self, linear: &FrozenLinear, layer: usize, proj: Projection, x: &Tensor) -> Result<Tensor, Error> {
+        if let Some(y) = self.project_fused(linear, layer, proj, x)? {
+            return Ok(y);
+        }
         let base = match self.mode {
             Mode::Inference => linear.forward_inference(x)?,
             Mode::Train { .. } => linear.forward_train(x)?,
@@ -150,6 +153,40 @@ impl LayerCtx<'_> {
                 Ok((base + Tensor::cat(&parts, 0)?)?)
             }
         }
+    }
+
+    /// Inference with frozen adapters on the packed CPU kernel: the base product and every
+    /// run's LoRA delta in one output buffer ([`FrozenLinear::forward_inference_lora`]), the
+    /// same values as [`LayerCtx::project`]'s tensor ops up to float rounding. `None` where it
+    /// does not apply (training, no adapter, an adapter that trains, quantized weights...).
+    fn project_fused(
+        &self,
+        linear: &FrozenLinear,
+        layer: usize,
+        proj: Projection,
+        x: &Tensor,
+    ) -> Result<Option<Tensor>, Error> {
+        if !matches!(self.mode, Mode::Inference) || matches!(self.adapters, Adapters::Same(None)) {
+            return Ok(None);
+        }
+        let batch = x.dim(0)?;
+        let per_row = x.elem_count() / x.dim(D::Minus1)?.max(1) / batch.max(1);
+        let mut runs = Vec::new();
+        let mut start = 0;
+        while start < batch {
+            let mut end = start + 1;
+            while end < batch && same_adapter(self.adapters.row(end), self.adapters.row(start)) {
+                end += 1;
+            }
+            if let Some(adapter) = self.adapters.row(start) {
+                if adapter.pair(layer, proj).is_some() {
+                    let Some(lora) = adapter.packed_pair(layer, proj) else { return Ok(None) };
+                    runs.push(LoraRun { start: start * per_row, end: end * per_row, lora });
+                }
+            }
+            start = end;
+        }
+        Ok(linear.forward_inference_lora(x, &runs)?)
     }
 
     /// `scaling · (x Aᵀ) Bᵀ` of one adapter at one projection, `None` where it has no pair.

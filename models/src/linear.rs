@@ -100,6 +100,20 @@ impl FrozenLinear {
         self.add_bias(y)
     }
 
+    /// [`FrozenLinear::forward_inference`] plus LoRA deltas in the same buffers: rows
+    /// `start..end` (of the flattened `[rows, in]` input) get `x Aᵀ (s B)ᵀ` of their packed
+    /// factors. No tensor op per adapter: the base product, the two rank-r products and the sum
+    /// run on one output buffer. `None` where the packed kernel does not take this weight or
+    /// input (quantized or non-f32 weights, another device): the caller adds the deltas itself.
+    pub fn forward_inference_lora(&self, x: &Tensor, runs: &[LoraRun]) -> Result<Option<Tensor>> {
+        let BaseWeight::Dense(w) = &self.weight else { return Ok(None) };
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+        match packed_product_with(x, w, rows, &self.packed, crate::packed::format(), runs)? {
+            Some(y) => Ok(Some(self.add_bias(y)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Training forward: gradient flows to `x` only, never to the frozen weight.
     pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
         let BaseWeight::Dense(w) = &self.weight else {
@@ -171,6 +185,26 @@ fn packed_product(
     cache: &OnceLock<Option<PackedWeight>>,
     format: crate::packed::Format,
 ) -> Result<Option<Tensor>> {
+    packed_product_with(x, w, rows, cache, format, &[])
+}
+
+/// Rows `start..end` of a flattened input and the LoRA factors they go through.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraRun<'a> {
+    pub start: usize,
+    pub end: usize,
+    pub lora: &'a crate::lora::PackedLora,
+}
+
+/// [`packed_product`] with each run's LoRA delta added to its rows of the output.
+fn packed_product_with(
+    x: &Tensor,
+    w: &Tensor,
+    rows: usize,
+    cache: &OnceLock<Option<PackedWeight>>,
+    format: crate::packed::Format,
+    runs: &[LoraRun],
+) -> Result<Option<Tensor>> {
     // bf16 applies at every size, so an input's answer does not depend on its batch; f32 hands
     // large inputs to the general GEMM (the same products up to summation order).
     if (rows > packed_max_rows() && format == crate::packed::Format::F32)
@@ -196,7 +230,24 @@ fn packed_product(
     let y = {
         let (storage, layout) = x.storage_and_layout();
         let Storage::Cpu(CpuStorage::F32(values)) = &*storage else { return Ok(None) };
-        packed.matmul_t(&values[layout.start_offset()..][..rows * inner], rows)
+        let x = &values[layout.start_offset()..][..rows * inner];
+        let mut y = packed.matmul_t(x, rows);
+        for run in runs {
+            if run.start > run.end
+                || run.end > rows
+                || run.lora.a.dims().1 != inner
+                || run.lora.b_scaled.dims().0 != out
+            {
+                candle_core::bail!(
+                    "linear: LoRA run {}..{} does not fit [{rows}, {inner}] -> {out}",
+                    run.start,
+                    run.end
+                )
+            }
+            let n = run.end - run.start;
+            run.lora.add_delta(&x[run.start * inner..run.end * inner], n, &mut y[run.start * out..run.end * out]);
+        }
+        y
     };
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("a tensor with features has a last dimension") = out;
@@ -281,5 +332,86 @@ impl CustomOp1 for FrozenMatmul {
         let mut in_dims = dims[..dims.len() - 1].to_vec();
         in_dims.push(inner);
         Ok(Some(grad_x.reshape(in_dims)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::PackedLora;
+    use candle_core::Device;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `x Wᵀ + b` with `s x Aᵀ Bᵀ` added to rows `lo..hi`, in f64 loops.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        a: &[f32],
+        bb: &[f32],
+        s: f64,
+        dims: [usize; 4],
+        lo: usize,
+        hi: usize,
+    ) -> Vec<f64> {
+        let [rows, out, inner, rank] = dims;
+        let mut y = vec![0f64; rows * out];
+        for r in 0..rows {
+            let z: Vec<f64> = (0..rank)
+                .map(|j| (0..inner).map(|k| x[r * inner + k] as f64 * a[j * inner + k] as f64).sum())
+                .collect();
+            for o in 0..out {
+                let mut v: f64 = (0..inner).map(|k| x[r * inner + k] as f64 * w[o * inner + k] as f64).sum::<f64>();
+                v += b[o] as f64;
+                if (lo..hi).contains(&r) {
+                    v += s * (0..rank).map(|j| z[j] * bb[o * rank + j] as f64).sum::<f64>();
+                }
+                y[r * out + o] = v;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn fused_lora_matches_plain_loops() {
+        if !packed_enabled() {
+            eprintln!("skipped: the packed kernel does not run on this CPU");
+            return;
+        }
+        let (rows, out, inner, rank, s) = (9, 37, 70, 3, 0.75f32);
+        let (x, w, bias) = (values(rows * inner, 1), values(out * inner, 2), values(out, 3));
+        let (a, bb) = (values(rank * inner, 4), values(out * rank, 5));
+        let dev = Device::Cpu;
+        let linear = FrozenLinear::new(
+            BaseWeight::Dense(Tensor::from_vec(w.clone(), (out, inner), &dev).unwrap()),
+            Some(Tensor::from_vec(bias.clone(), out, &dev).unwrap()),
+        )
+        .unwrap();
+        let scaled: Vec<f32> = bb.iter().map(|v| v * s).collect();
+        let lora =
+            PackedLora { a: PackedWeight::pack(&a, rank, inner), b_scaled: PackedWeight::pack(&scaled, out, rank) };
+        let xt = Tensor::from_vec(x.clone(), (1, rows, inner), &dev).unwrap();
+        let y = linear.forward_inference_lora(&xt, &[LoraRun { start: 2, end: 7, lora: &lora }]).unwrap().unwrap();
+        assert_eq!(y.dims(), &[1, rows, out]);
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = reference(&x, &w, &bias, &a, &bb, s as f64, [rows, out, inner, rank], 2, 7);
+        let worst = y.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0f64, f64::max);
+        assert!(worst < 1e-4, "fused LoRA product off by {worst}");
+        // Rows outside the run get no delta, and the delta is not negligible inside it.
+        let plain = reference(&x, &w, &bias, &a, &bb, 0.0, [rows, out, inner, rank], 0, 0);
+        assert!((0..out).all(|o| (y[o] as f64 - plain[o]).abs() < 1e-4));
+        assert!((2 * out..7 * out).any(|i| (y[i] as f64 - plain[i]).abs() > 1e-2));
+        // A run that does not fit the input is refused, not read out of bounds.
+        assert!(linear.forward_inference_lora(&xt, &[LoraRun { start: 5, end: 10, lora: &lora }]).is_err());
     }
 }

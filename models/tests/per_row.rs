@@ -192,3 +192,41 @@ fn packed_rows_equal_each_prompt_alone() {
         assert!(score_packed(&m, Adapters::PerRow(&row_adapters), cache, &bodies, &cands, &row_of[..5], 0).is_err());
     }
 }
+
+/// Frozen adapters (loaded or snapshotted: no variables) take the fused path at inference: the
+/// packed kernel adds each run's LoRA delta into the base product's buffer. It must compute
+/// what the tensor ops compute for the same factors held as variables, and what the model with
+/// the delta merged into its weights computes, in a mixed batch as for one adapter.
+#[test]
+fn fused_lora_equals_tensor_ops_and_merged_weights() {
+    if !models::packed::supported() {
+        eprintln!("skipped: no AVX2/FMA, the fused path never runs");
+        return;
+    }
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let m = model(arch);
+        let a = adapter(arch, 3, &Projection::ALL, 4);
+        let b = adapter(arch, 4, &[Projection::Q, Projection::V, Projection::Down], 2);
+        let (fa, fb) = (a.snapshot().unwrap(), b.snapshot().unwrap());
+        let (l, p) = (Projection::Gate, Projection::Q);
+        assert!(a.packed_pair(0, l).is_none(), "an adapter with variables must not be cached");
+        assert!(fa.packed_pair(0, l).is_some() && fb.packed_pair(0, p).is_some());
+        assert!(fb.packed_pair(0, l).is_none(), "b does not adapt gate");
+        let seqs = vec![vec![1, 5, 9, 14, 2], vec![4, 4, 19], vec![49, 0, 12, 30, 6, 7], vec![3, 8]];
+        let batch = TokenBatch::new(&seqs, 0, Padding::Right).unwrap();
+        let run = |ads: &[Option<&LoraAdapter>]| {
+            m.forward_rows(&batch, None, Adapters::PerRow(ads), Mode::Inference, LogitsAt::All).unwrap().logits.unwrap()
+        };
+        let fused = run(&[Some(&fa), None, Some(&fb), Some(&fa)]);
+        let ops = run(&[Some(&a), None, Some(&b), Some(&a)]);
+        let d = max_abs(&fused, &ops);
+        assert!(d < TOL, "{arch:?}: fused mixed batch differs from the tensor ops by {d}");
+        let base = m.forward(&batch, None, None, Mode::Inference, LogitsAt::All).unwrap().logits.unwrap();
+        assert!(max_abs(&fused, &base) > 1e-2, "{arch:?}: the adapters change nothing");
+        // One adapter for the whole batch against its merged weights.
+        let fused = m.forward(&batch, None, Some(&fa), Mode::Inference, LogitsAt::All).unwrap().logits.unwrap();
+        let merged = m.merged(&a).unwrap().forward(&batch, None, None, Mode::Inference, LogitsAt::All).unwrap();
+        let d = max_abs(&fused, &merged.logits.unwrap());
+        assert!(d < 1e-4, "{arch:?}: fused adapter differs from the merged model by {d}");
+    }
+}
