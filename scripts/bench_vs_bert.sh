@@ -17,7 +17,9 @@
 # with torch, transformers and tokenizers: also BERT-large in PyTorch, scripts/torch_bert_server.py,
 # the peer users would deploy, in f32 and, where the CPU has AVX512-BF16, bf16; docs/benchmarks.md
 # says how to install one). On a CPU with AVX512-BF16 the decoders are also served with
-# --cpu-matmul bf16.
+# --cpu-matmul bf16. SCORING=word serves the decoders with --answer-scoring word (the label
+# words alone, docs/serving.md), SCORING=both adds those servers (name suffix -word) beside the
+# full-answer ones. ONLY=name,name keeps just those endpoints (memory: every server stays loaded).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
@@ -97,6 +99,29 @@ if [ "${MERGED:-0}" = 1 ]; then
     "qwen0.5b-lora-merged|--model qwen0.5b --merged --adapters $work/qwen"
   )
 fi
+case "${SCORING:-full}" in
+  full) ;;
+  word | both)
+    decoders=()
+    for s in "${servers[@]}"; do
+      case "$s" in smollm2* | qwen*) decoders+=("${s%%|*}-word|${s#*|} --answer-scoring word") ;; esac
+    done
+    if [ "$SCORING" = word ]; then
+      kept=()
+      for s in "${servers[@]}"; do case "$s" in smollm2* | qwen*) ;; *) kept+=("$s") ;; esac; done
+      servers=("${kept[@]}")
+    fi
+    servers+=("${decoders[@]}")
+    ;;
+  *) echo "SCORING is full, word or both"; exit 2 ;;
+esac
+if [ -n "${ONLY:-}" ]; then
+  kept=()
+  for s in "${servers[@]}"; do
+    if [[ ",$ONLY," == *",${s%%|*},"* ]]; then kept+=("$s"); fi
+  done
+  servers=("${kept[@]}")
+fi
 endpoints=()
 port=$BASE_PORT
 for s in "${servers[@]}"; do
@@ -115,6 +140,7 @@ if [ -n "${TORCH_PYTHON:-}" ]; then
   if grep -qw avx512_bf16 /proc/cpuinfo; then torch_dtypes+=(bf16); fi
   for dt in "${torch_dtypes[@]}"; do
     name=bert-large-torch; [ "$dt" = f32 ] || name=bert-large-torch-$dt
+    if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
     "$TORCH_PYTHON" scripts/torch_bert_server.py --shape large --dtype "$dt" --port "$port" "${torch_threads[@]}" \
       --tokenizer "${VERDICT_CACHE_DIR:-$HOME/.cache/verdict}/models/all-minilm-l6-v2/tokenizer.json" \
       2> "$work/$name.log" &
@@ -137,7 +163,7 @@ for s in "${servers[@]}"; do
 done
 
 mkdir -p "$(dirname "$OUT")"
-note="Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), compute threads per server: ${THREADS:-all}; $(date -u +%Y-%m-%d); commit $(git rev-parse --short HEAD); $PROFILE build; \`scripts/bench_vs_bert.sh\` (CLIENTS=$CLIENTS REQUESTS=$REQUESTS SECONDS_PER=$SECONDS_PER); mr test sentences, one per request, POST /v1/classify."
+note="Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), compute threads per server: ${THREADS:-all}; $(date -u +%Y-%m-%d); commit $(git rev-parse --short HEAD); $PROFILE build; \`scripts/bench_vs_bert.sh\` (CLIENTS=$CLIENTS REQUESTS=$REQUESTS SECONDS_PER=$SECONDS_PER SCORING=${SCORING:-full}${ONLY:+ ONLY=$ONLY}); mr test sentences, one per request, POST /v1/classify."
 "$bin/verdict-bench" --task mr --clients "$CLIENTS" --requests "$REQUESTS" --seconds "$SECONDS_PER" \
   --baseline bert-large "${endpoints[@]}" --note "$note" \
   --out-md "$OUT.md" --out-json "$OUT.json" --out-svg "$OUT.svg"

@@ -1,7 +1,9 @@
 //! In-process latency of one classification request on a real decoder, without HTTP: the
 //! engine's work for one `mr` sentence (the task's prompt body on top of its cached prefix, both
-//! answers scored in one forward) through a real adapter, per-row (as `verdict-serve` runs it),
-//! with the adapter as the whole batch's, merged into the weights, and with no prefix cache.
+//! answers scored in one forward) through a real adapter, per-row (as `verdict-serve` runs it:
+//! LoRA fused into the packed products), the same with the LoRA deltas as separate tensor ops
+//! (the path of an adapter that trains), with the adapter as the whole batch's, merged into the
+//! weights, with no prefix cache, and with `--answer-scoring word` (the label words alone).
 //! Then a batch of eight sentences (`serve::loadgen::SAMPLE_SENTENCES`, the HTTP benchmark's):
 //! one at a time, in one forward of padded rows, and in one forward packed without padding;
 //! eight single forwards over the batched forward bounds what batching can gain on this machine.
@@ -18,7 +20,7 @@ use candle_core::{DType, Device};
 use models::scoring::{score_packed, score_rows};
 use models::{load_model, Adapters, KvCache, LogitsAt, LoraAdapter, Mode, TokenBatch, WeightMode};
 use serve::loadgen::SAMPLE_SENTENCES;
-use shared::task::TaskRegistry;
+use shared::task::{AnswerScoring, TaskRegistry};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -45,13 +47,17 @@ fn main() -> Res<()> {
     let parts = task.prompt(loaded.chat.as_ref(), &[], &fields)?;
     let prefix = loaded.encode(&parts.prefix, true)?;
     let body = loaded.encode(&parts.body, false)?;
-    let answers = task.answer_texts().iter().map(|a| loaded.encode(a, false)).collect::<Result<Vec<_>, _>>()?;
+    let encode = |scoring| task.scored_candidates(scoring, |t| loaded.encode(t, false));
+    let answers = encode(AnswerScoring::Full)?.candidates;
+    let word = encode(AnswerScoring::Word)?;
+    let (word_scoring, words) = (word.scoring, word.candidates);
     println!(
-        "{model}, CPU matmul {}: prefix {} tokens, body {} tokens, answers {:?} tokens",
+        "{model}, CPU matmul {}: prefix {} tokens, body {} tokens, answers {:?} tokens, label words {:?} tokens ({word_scoring})",
         models::packed::format(),
         prefix.len(),
         body.len(),
-        answers.iter().map(Vec::len).collect::<Vec<_>>()
+        answers.iter().map(Vec::len).collect::<Vec<_>>(),
+        words.iter().map(Vec::len).collect::<Vec<_>>()
     );
     let pad = loaded.special.pad_id();
     let mut cached = KvCache::new(dec.config().num_layers);
@@ -60,6 +66,10 @@ fn main() -> Res<()> {
     let cands: Vec<&[Vec<u32>]> = vec![answers.as_slice()];
     let whole = [prefix.clone(), body.clone()].concat();
     let per_row = [Some(&adapter)];
+    // The same factors as variables: the unfused path (a delta of tensor ops per projection).
+    let as_ops = adapter.trainable()?;
+    let per_row_ops = [Some(&as_ops)];
+    let word_cands: Vec<&[Vec<u32>]> = vec![words.as_slice()];
     let time = |name: &str, f: &dyn Fn() -> Res<()>| -> Res<f64> {
         f()?;
         let mut ts = Vec::new();
@@ -75,6 +85,14 @@ fn main() -> Res<()> {
     let prefixed = || cached.expand_batch(1);
     time("prefix cache, per-row adapter", &|| {
         score_rows(dec, Adapters::PerRow(&per_row), prefixed()?, std::slice::from_ref(&body), &cands, pad)?;
+        Ok(())
+    })?;
+    time("prefix cache, per-row adapter, ops", &|| {
+        score_rows(dec, Adapters::PerRow(&per_row_ops), prefixed()?, std::slice::from_ref(&body), &cands, pad)?;
+        Ok(())
+    })?;
+    time("prefix cache, per-row, word scoring", &|| {
+        score_rows(dec, Adapters::PerRow(&per_row), prefixed()?, std::slice::from_ref(&body), &word_cands, pad)?;
         Ok(())
     })?;
     time("prefix cache, batch adapter", &|| {

@@ -180,6 +180,9 @@ pub struct TaskInfo {
     pub adapter_version: Option<String>,
     /// Whether `/v1/classify` answers it now (an adapter, or zero-shot allowed).
     pub serving: bool,
+    /// What its probabilities compare: `full` answers or label `word`s alone
+    /// (`--answer-scoring`); absent for an encoder's head.
+    pub answer_scoring: Option<String>,
 }
 
 /// Limits on what one request may ask.

@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::scheduler::Compute;
 use models::scoring::{score_packed, score_rows};
 use models::{Adapters, Decoder, KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, TokenBatch};
-use shared::task::Task;
+use shared::task::{AnswerScoring, Task};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 
@@ -24,36 +24,39 @@ pub struct TaskEntry {
     pub task: Task,
     pub prefix_text: String,
     pub prefix_ids: Vec<u32>,
-    /// Answer token ids per label, in class order.
+    /// Answer token ids per label, in class order: the whole answers or the label words alone
+    /// (`--answer-scoring`).
     pub answers: Vec<Vec<u32>>,
+    /// What `answers` hold (`None`: an encoder's head, no answers).
+    pub scoring: Option<AnswerScoring>,
 }
 
 impl TaskEntry {
-    /// The task's constant parts for `backend`.
-    pub fn new(task: &Task, backend: &Backend) -> Result<Self, String> {
+    /// The task's constant parts for `backend`, its answers scored as `scoring` says.
+    pub fn new(task: &Task, backend: &Backend, scoring: AnswerScoring) -> Result<Self, String> {
         match backend {
-            Backend::Decoder(loaded) => Self::for_decoder(task, loaded),
-            Backend::Encoder(_) => {
-                Ok(Self { task: task.clone(), prefix_text: String::new(), prefix_ids: Vec::new(), answers: Vec::new() })
-            }
+            Backend::Decoder(loaded) => Self::for_decoder(task, loaded, scoring),
+            Backend::Encoder(_) => Ok(Self {
+                task: task.clone(),
+                prefix_text: String::new(),
+                prefix_ids: Vec::new(),
+                answers: Vec::new(),
+                scoring: None,
+            }),
         }
     }
 
     /// Renders and tokenizes the task's constant parts for `loaded`'s tokenizer and chat.
-    fn for_decoder(task: &Task, loaded: &LoadedModel) -> Result<Self, String> {
+    fn for_decoder(task: &Task, loaded: &LoadedModel, scoring: AnswerScoring) -> Result<Self, String> {
         let probe: BTreeMap<String, String> = task.fields.iter().map(|f| (f.clone(), "x".to_string())).collect();
         let parts = task.prompt(loaded.chat.as_ref(), &[], &probe).map_err(|e| e.to_string())?;
         let prefix_ids = loaded.encode(&parts.prefix, true).map_err(|e| e.to_string())?;
-        let answers = task
-            .answer_texts()
-            .iter()
-            .map(|a| loaded.encode(a, false))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        if answers.iter().any(Vec::is_empty) {
-            return Err(format!("task {}: an answer tokenizes to nothing", task.name));
+        let scored = task.scored_candidates(scoring, |t| loaded.encode(t, false))?;
+        if let Some(why) = &scored.fallback {
+            eprintln!("verdict-serve: {why}");
         }
-        Ok(Self { task: task.clone(), prefix_text: parts.prefix, prefix_ids, answers })
+        let (scoring, answers) = (scored.scoring, scored.candidates);
+        Ok(Self { task: task.clone(), prefix_text: parts.prefix, prefix_ids, answers, scoring: Some(scoring) })
     }
 
     /// Tokens of the longest answer.

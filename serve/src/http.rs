@@ -431,6 +431,7 @@ async fn tasks(state: State) -> HttpResponse {
                 template_hash: e.task.template_hash(),
                 serving: version.is_some() || state.zero_shot,
                 adapter_version: version,
+                answer_scoring: e.scoring.map(|s| s.to_string()),
             }
         })
         .collect();

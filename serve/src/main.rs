@@ -24,7 +24,7 @@ use models::{load_model, DTypeSpec, DeviceSpec, Encoder, EncoderSource, WeightMo
 use shared::adapter::weights_sha256;
 use shared::assets;
 use shared::registry::Registry;
-use shared::task::TaskRegistry;
+use shared::task::{AnswerScoring, TaskRegistry};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,6 +118,11 @@ struct Cli {
     /// one forward per version in a batch, a copy of the projections per version.
     #[arg(long, env = "VERDICT_MERGED")]
     merged: bool,
+    /// What constrained scoring compares between labels: `full` (label word and closing tag,
+    /// exact) or `word` (the label word alone: no answer tokens after the prompt when every
+    /// word is one token; docs/serving.md).
+    #[arg(long, env = "VERDICT_ANSWER_SCORING", default_value_t = AnswerScoring::Full)]
+    answer_scoring: AnswerScoring,
     /// Answer tasks that have no adapter with the base model alone.
     #[arg(long, env = "VERDICT_ZERO_SHOT_FALLBACK")]
     zero_shot_fallback: bool,
@@ -186,7 +191,12 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
     let tasks: BTreeMap<String, Arc<engine::TaskEntry>> = registry
         .tasks()
         .iter()
-        .map(|t| Ok((t.name.clone(), Arc::new(engine::TaskEntry::new(t, &backend).map_err(anyhow::Error::msg)?))))
+        .map(|t| {
+            Ok((
+                t.name.clone(),
+                Arc::new(engine::TaskEntry::new(t, &backend, cli.answer_scoring).map_err(anyhow::Error::msg)?),
+            ))
+        })
         .collect::<Result<_>>()?;
     let adapters = Arc::new(adapters::AdapterTable::new(
         Registry::new(&cli.adapters),
@@ -223,6 +233,7 @@ struct LoadArgs {
     merged: bool,
     prefix_cache: bool,
     pack_tokens: usize,
+    answer_scoring: AnswerScoring,
     batch: scheduler::BatchOptions,
 }
 
@@ -291,6 +302,7 @@ async fn main() -> Result<()> {
         merged: cli.merged,
         prefix_cache: !cli.no_prefix_cache,
         pack_tokens: cli.pack_tokens,
+        answer_scoring: cli.answer_scoring,
         batch: scheduler::BatchOptions {
             batching: !cli.no_batching,
             max_batch_tokens: cli.max_batch_tokens,

@@ -21,6 +21,77 @@ pub const CLOSE_TAG: &str = "</Judgement>";
 /// (Qwen2 has a `>\n` token), so generation stops, and answers are parsed, at the stem.
 pub const CLOSE_TAG_STEM: &str = "</Judgement";
 
+/// What constrained scoring compares between labels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerScoring {
+    /// The exact probability of the whole answer, label word and closing tag
+    /// (`" Positive </Judgement>"`): what the model was trained to produce.
+    #[default]
+    Full,
+    /// The probability of the label word alone (`" Positive"`), what follows it left out.
+    /// Cheaper: a one-token word needs no token after the prompt (the prompt's last logits
+    /// give it), where the full answer adds its tokens but the last to every input. It equals
+    /// `Full` when the closing tag is certain after every word, which a trained adapter makes
+    /// nearly so; measure before relying on it (docs/results.md). Refused where one word's
+    /// tokens begin another's (the shorter word would also count the longer one's mass).
+    Word,
+}
+
+impl std::str::FromStr for AnswerScoring {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(Self::Full),
+            "word" => Ok(Self::Word),
+            other => Err(format!("answer scoring `{other}`: use `full` or `word`")),
+        }
+    }
+}
+
+impl std::fmt::Display for AnswerScoring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Full => "full",
+            Self::Word => "word",
+        })
+    }
+}
+
+impl AnswerScoring {
+    /// Checks tokenized candidates (class order) for this scoring: none may be empty, and
+    /// under `Word` none may begin another.
+    pub fn check(self, task: &str, candidates: &[Vec<u32>]) -> Result<(), String> {
+        if candidates.iter().any(Vec::is_empty) {
+            return Err(format!("task {task}: an answer tokenizes to nothing"));
+        }
+        if self == Self::Word {
+            for (i, a) in candidates.iter().enumerate() {
+                for (j, b) in candidates.iter().enumerate() {
+                    if i != j && b.starts_with(a) {
+                        return Err(format!(
+                            "task {task}: label word {i}'s tokens begin label word {j}'s, so scoring the word alone \
+                             would count both; use full answer scoring"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A task's tokenized candidates for constrained scoring ([`Task::scored_candidates`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScoredCandidates {
+    /// The scoring they follow (`Full` where `Word` was asked for but cannot apply).
+    pub scoring: AnswerScoring,
+    /// Token ids per class, in class order.
+    pub candidates: Vec<Vec<u32>>,
+    /// Why `Word` fell back to `Full`, if it did.
+    pub fallback: Option<String>,
+}
+
 /// Where a task comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -163,12 +234,51 @@ impl Task {
     /// The continuation the model should produce for answer word `word`, right after the
     /// prompt's opening tag.
     pub fn answer_text(word: &str) -> String {
-        format!(" {word} {CLOSE_TAG}")
+        format!("{} {CLOSE_TAG}", Self::word_text(word))
+    }
+
+    /// Label word `word` as it follows the opening tag: the start of its answer.
+    pub fn word_text(word: &str) -> String {
+        format!(" {word}")
     }
 
     /// Every class's answer continuation, in class order.
     pub fn answer_texts(&self) -> Vec<String> {
         self.label_words().iter().map(|w| Self::answer_text(w)).collect()
+    }
+
+    /// The tokenized candidates constrained scoring compares for this task under `scoring`, and
+    /// the scoring they follow: `Word` falls back to `Full` for a task whose words cannot be
+    /// scored alone ([`AnswerScoring::check`]; the reason comes back too, for a warning), so
+    /// one such task does not stop a server of many. Errors: tokenizer failures, empty answers.
+    pub fn scored_candidates<E: std::fmt::Display>(
+        &self,
+        scoring: AnswerScoring,
+        encode: impl Fn(&str) -> Result<Vec<u32>, E>,
+    ) -> Result<ScoredCandidates, String> {
+        let encode_all = |s: AnswerScoring| -> Result<Vec<Vec<u32>>, String> {
+            self.scored_texts(s).iter().map(|t| encode(t).map_err(|e| e.to_string())).collect()
+        };
+        let candidates = encode_all(scoring)?;
+        match scoring.check(&self.name, &candidates) {
+            Ok(()) => Ok(ScoredCandidates { scoring, candidates, fallback: None }),
+            Err(why) if scoring == AnswerScoring::Word => {
+                let full = encode_all(AnswerScoring::Full)?;
+                AnswerScoring::Full.check(&self.name, &full)?;
+                let fallback = Some(format!("{why}: scored in full"));
+                Ok(ScoredCandidates { scoring: AnswerScoring::Full, candidates: full, fallback })
+            }
+            Err(why) => Err(why),
+        }
+    }
+
+    /// What constrained scoring compares for each class, in class order: the whole answer
+    /// ([`Task::answer_texts`]) or the label word alone, as it follows the opening tag.
+    pub fn scored_texts(&self, scoring: AnswerScoring) -> Vec<String> {
+        match scoring {
+            AnswerScoring::Full => self.answer_texts(),
+            AnswerScoring::Word => self.label_words().iter().map(|w| Self::word_text(w)).collect(),
+        }
     }
 
     /// The system text: the description and the answer format, generated from the label words.
@@ -675,6 +785,34 @@ mod tests {
         assert!(reg.get("stsb").unwrap().parse_label("7").is_err());
         let err = reg.get("sst2").unwrap().parse_label("positive").unwrap_err().to_string();
         assert!(err.contains("sst2") && err.contains("positive"), "{err}");
+    }
+
+    #[test]
+    fn scored_texts_are_the_answers_or_their_words() {
+        let reg = TaskRegistry::builtin();
+        let mr = reg.get("mr").unwrap();
+        assert_eq!(mr.scored_texts(AnswerScoring::Full), [" Negative </Judgement>", " Positive </Judgement>"]);
+        assert_eq!(mr.scored_texts(AnswerScoring::Word), [" Negative", " Positive"]);
+        for (text, want) in [("full", AnswerScoring::Full), ("word", AnswerScoring::Word)] {
+            assert_eq!(text.parse::<AnswerScoring>().unwrap(), want);
+            assert_eq!(want.to_string(), text);
+        }
+        assert!("label".parse::<AnswerScoring>().is_err());
+        // A word whose tokens begin another's cannot be scored alone; full answers can.
+        let prefixed = [vec![5, 7], vec![5, 7, 9]];
+        assert!(AnswerScoring::Word.check("t", &prefixed).unwrap_err().contains("full answer scoring"));
+        assert!(AnswerScoring::Full.check("t", &prefixed).is_ok());
+        assert!(AnswerScoring::Word.check("t", &[vec![5], vec![6, 7]]).is_ok());
+        assert!(AnswerScoring::Full.check("t", &[vec![5], vec![]]).is_err());
+        // A task whose words cannot be scored alone falls back to its full answers, saying why.
+        let by_len = |t: &str| Ok::<_, String>(vec![7; t.len()]);
+        let got = mr.scored_candidates(AnswerScoring::Word, by_len).unwrap();
+        assert_eq!((got.scoring, got.candidates.len()), (AnswerScoring::Full, 2));
+        assert!(got.fallback.unwrap().contains("scored in full"));
+        let by_first = |t: &str| Ok::<_, String>(vec![t.as_bytes()[1] as u32]);
+        let got = mr.scored_candidates(AnswerScoring::Word, by_first).unwrap();
+        let want = vec![vec![u32::from(b'N')], vec![u32::from(b'P')]];
+        assert_eq!(got, ScoredCandidates { scoring: AnswerScoring::Word, candidates: want, fallback: None });
     }
 
     #[test]

@@ -59,6 +59,16 @@ fn eval_reads_glue_tsv_and_reports_consistently() {
     std::fs::write(dir.0.join("dev.tsv"), &tsv).unwrap();
     let report = eval(&["--task", "sst2", "--data", dir.0.to_str().unwrap(), "--split", "dev"], &dir.0.join("r.json"));
     check_report(&report["tasks"][0], rows.len(), 2);
+    assert_eq!(report["tasks"][0]["answer_scoring"], "full");
+    // The label words alone: their own probabilities (the base model is unsure of the closing
+    // tag, so they differ from the full answers'), reported consistently.
+    let data = ["--task", "sst2", "--data", dir.0.to_str().unwrap(), "--split", "dev"];
+    let words = eval(&[&data[..], &["--answer-scoring", "word"]].concat(), &dir.0.join("w.json"));
+    check_report(&words["tasks"][0], rows.len(), 2);
+    assert_eq!(words["tasks"][0]["answer_scoring"], "word");
+    let p0 = |r: &Value, i: usize| r["tasks"][0]["predictions"][i]["probs"][0].as_f64().unwrap();
+    let apart = (0..rows.len()).map(|i| (p0(&report, i) - p0(&words, i)).abs()).fold(0f64, f64::max);
+    assert!(apart > 1e-3, "word scoring gave the full answers' probabilities ({apart})");
     // Generation mode: unparseable answers are counted and count as wrong.
     let report = eval(
         &[

@@ -10,7 +10,7 @@ use models::{LoadedModel, LoraAdapter, LoraConfig, Projection, WeightMode};
 use serde_json::{json, Value};
 use shared::adapter::{weights_sha256, Manifest, MANIFEST_VERSION};
 use shared::registry::Registry;
-use shared::task::{Task, TaskRegistry};
+use shared::task::{AnswerScoring, Task, TaskRegistry};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -140,12 +140,24 @@ impl Fixture {
     /// Candidate log-probabilities of one input as the library computes them: the whole
     /// prompt, no prefix cache, no batching.
     fn logps(&self, task_name: &str, version: Option<&str>, fields: &[(&str, &str)]) -> Vec<f64> {
+        self.logps_as(AnswerScoring::Full, task_name, version, fields)
+    }
+
+    /// [`Fixture::logps`] of what `scoring` compares.
+    fn logps_as(
+        &self,
+        scoring: AnswerScoring,
+        task_name: &str,
+        version: Option<&str>,
+        fields: &[(&str, &str)],
+    ) -> Vec<f64> {
         let t = task(task_name);
         let fields: BTreeMap<String, String> = fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let parts = t.prompt(self.loaded.chat.as_ref(), &[], &fields).unwrap();
         let ids = [self.loaded.encode(&parts.prefix, true).unwrap(), self.loaded.encode(&parts.body, false).unwrap()]
             .concat();
-        let answers: Vec<Vec<u32>> = t.answer_texts().iter().map(|a| self.loaded.encode(a, false).unwrap()).collect();
+        let answers: Vec<Vec<u32>> =
+            t.scored_texts(scoring).iter().map(|a| self.loaded.encode(a, false).unwrap()).collect();
         let adapter = version.map(|v| {
             let dir = self.registry.version_dir(task_name, v).unwrap();
             LoraAdapter::load_peft_dir(&dir, self.loaded.model.config(), DType::F32, &Device::Cpu).unwrap()
@@ -292,6 +304,41 @@ fn endpoints_answer_what_the_library_computes() {
         .and_then(|v| v.parse().ok())
         .unwrap();
     assert!(hits >= 3, "the mr prefix was reused: {hits} hits");
+}
+
+/// `--answer-scoring word`: every endpoint compares the label words alone, as the library
+/// scores them, batched and through the prefix cache; the whole answers give other values.
+#[test]
+fn word_scoring_answers_from_the_label_words_alone() {
+    let fx = Fixture::new("serve-word");
+    fx.publish("mr", "v1", 5);
+    fx.registry.promote("mr", "v1").unwrap();
+    let server = fx.start(&["--answer-scoring", "word", "--default-task", "mr"]);
+    let (status, body) = server.get("/v1/tasks");
+    assert_eq!(status, 200);
+    let tasks: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(tasks.iter().find(|t| t["name"] == "mr").unwrap()["answer_scoring"], "word");
+    // Tasks whose words this tokenizer cannot tell apart alone fall back to full answers.
+    assert!(tasks.iter().any(|t| t["answer_scoring"] == "full"), "the tiny tokenizer forces some to full");
+    let words = task("mr").label_words();
+    let sentences = ["good movie", "the plot was awful", "fine"];
+    let (status, v) = server.post("/v1/classify", &json!({"task": "mr", "inputs": sentences}));
+    assert_eq!(status, 200, "{v}");
+    let mut apart = 0f64;
+    for (i, s) in sentences.iter().enumerate() {
+        let want = normalize(&fx.logps_as(AnswerScoring::Word, "mr", Some("v1"), &[("sentence", s)]));
+        assert_close(&probs_of(&v["results"][i], &words), &want, s);
+        let full = fx.probs("mr", Some("v1"), &[("sentence", s)]);
+        apart = apart.max((full[0] - want[0]).abs());
+    }
+    assert!(apart > 1e-3, "word and full scoring agree to {apart}: the test cannot tell them apart");
+    let (status, v) = server.post("/predict", &json!({"inputs": "fine", "raw_scores": true}));
+    assert_eq!(status, 200, "{v}");
+    let raw = fx.logps_as(AnswerScoring::Word, "mr", Some("v1"), &[("sentence", "fine")]);
+    for p in v.as_array().unwrap() {
+        let k = words.iter().position(|w| p["label"] == *w).unwrap();
+        assert!((p["score"].as_f64().unwrap() - raw[k]).abs() < TOL * (1.0 + raw[k].abs()), "raw scores: {v}");
+    }
 }
 
 /// (what, path, body, headers, expected status, expected code)

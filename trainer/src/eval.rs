@@ -17,7 +17,7 @@ use serde::Serialize;
 use shared::adapter::{Manifest, MANIFEST_FILE};
 use shared::data::{self, ColumnMap, RawExample, ReadOptions};
 use shared::metrics::{score_task, Predictions, TaskScore};
-use shared::task::{DataFormat, Label, Task, TaskRegistry};
+use shared::task::{AnswerScoring, DataFormat, Label, Task, TaskRegistry};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -71,6 +71,11 @@ pub struct EvalArgs {
     pub shots: usize,
     #[arg(long, value_enum, default_value_t = EvalMode::Constrained)]
     pub mode: EvalMode,
+    /// Constrained mode: compare the whole answers (`full`, label word and closing tag) or the
+    /// label words alone (`word`: fewer tokens per input; what `verdict-serve
+    /// --answer-scoring word` serves).
+    #[arg(long, default_value_t = AnswerScoring::Full)]
+    pub answer_scoring: AnswerScoring,
     /// A LoRA adapter directory (PEFT layout).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -133,6 +138,8 @@ pub struct TaskReport {
     pub examples: usize,
     pub shots: usize,
     pub mode: EvalMode,
+    /// Constrained mode: what was compared between labels.
+    pub answer_scoring: AnswerScoring,
     pub score: TaskScore,
     /// Generation mode: answers without a parseable label.
     pub unparseable: usize,
@@ -266,7 +273,7 @@ pub fn eval_task(
     }
     let prefix_ids = loaded.encode(prefix_text, true)?;
     let bodies: Vec<Vec<u32>> = parts.iter().map(|p| loaded.encode(&p.body, false)).collect::<Result<_, _>>()?;
-    let answers = crate::train_data::encode_answers(loaded, task)?;
+    let (answer_scoring, answers) = crate::train_data::encode_scored(loaded, task, args.answer_scoring)?;
 
     let start = Instant::now();
     let model = &loaded.model;
@@ -340,6 +347,7 @@ pub fn eval_task(
         examples: items.len(),
         shots: args.shots,
         mode: args.mode,
+        answer_scoring,
         score,
         unparseable,
         seconds,

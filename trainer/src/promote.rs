@@ -18,7 +18,7 @@ use models::{LoadedModel, LoraAdapter};
 use shared::adapter::MANIFEST_FILE;
 use shared::audit::{rfc3339_utc, AuditAction, AuditRecord};
 use shared::registry::{Registry, RegistryError};
-use shared::task::Task;
+use shared::task::{AnswerScoring, Task};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -81,6 +81,10 @@ pub struct PromoteArgs {
     pub eval_limit: Option<usize>,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Compare whole answers or label words alone, as the server scores them
+    /// (`verdict-serve --answer-scoring`).
+    #[arg(long, default_value_t = AnswerScoring::Full)]
+    pub answer_scoring: AnswerScoring,
 }
 
 #[derive(Args, Clone)]
@@ -185,6 +189,7 @@ impl PromoteArgs {
             split: self.split.clone(),
             shots: 0,
             mode: EvalMode::Constrained,
+            answer_scoring: self.answer_scoring,
             adapter: None,
             batch_size: self.batch_size,
             limit: self.eval_limit,

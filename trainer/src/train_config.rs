@@ -8,7 +8,7 @@ use candle_core::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use models::{LoadedModel, LoraAdapter, LoraConfig, Projection};
-use shared::task::Task;
+use shared::task::{AnswerScoring, Task};
 use std::path::{Path, PathBuf};
 
 /// Which model, which tasks, which run directory: the head of every training command.
@@ -135,6 +135,7 @@ impl LoopArgs {
             split: self.eval_split.clone(),
             shots: 0,
             mode: EvalMode::Constrained,
+            answer_scoring: AnswerScoring::Full,
             adapter: None,
             batch_size: 16,
             limit: self.eval_limit,

@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use shared::task::CLOSE_TAG_STEM;
-use shared::task::{Label, Task};
+use shared::task::{AnswerScoring, Label, Task};
 use std::path::Path;
 
 /// One tokenized training example.
@@ -158,7 +158,22 @@ pub fn forward_after_prefix(
 
 /// Every class's answer continuation (label word and closing tag), tokenized, in class order.
 pub fn encode_answers(loaded: &LoadedModel, task: &Task) -> Result<Vec<Vec<u32>>> {
-    Ok(task.answer_texts().iter().map(|a| loaded.encode(a, false)).collect::<Result<_, _>>()?)
+    Ok(encode_scored(loaded, task, AnswerScoring::Full)?.1)
+}
+
+/// What constrained scoring compares for each class under `scoring`, tokenized, in class
+/// order, and the scoring used ([`Task::scored_candidates`]: word scoring falls back to full
+/// answers, with a warning, where the words cannot be told apart alone).
+pub fn encode_scored(
+    loaded: &LoadedModel,
+    task: &Task,
+    scoring: AnswerScoring,
+) -> Result<(AnswerScoring, Vec<Vec<u32>>)> {
+    let scored = task.scored_candidates(scoring, |t| loaded.encode(t, false)).map_err(anyhow::Error::msg)?;
+    if let Some(why) = &scored.fallback {
+        eprintln!("warning: {why}");
+    }
+    Ok((scored.scoring, scored.candidates))
 }
 
 /// The closing tag's stem in the tokenizations it can take after an answer: generation stops
