@@ -19,7 +19,8 @@
 # says how to install one). On a CPU with AVX512-BF16 the decoders are also served with
 # --cpu-matmul bf16. SCORING=word serves the decoders with --answer-scoring word (the label
 # words alone, docs/serving.md), SCORING=both adds those servers (name suffix -word) beside the
-# full-answer ones. ONLY=name,name keeps just those endpoints (memory: every server stays loaded).
+# full-answer ones. ONLY=name,name keeps just those endpoints and bert-large, the baseline of the
+# ratios (memory: every server stays loaded during the whole run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
@@ -118,7 +119,7 @@ esac
 if [ -n "${ONLY:-}" ]; then
   kept=()
   for s in "${servers[@]}"; do
-    if [[ ",$ONLY," == *",${s%%|*},"* ]]; then kept+=("$s"); fi
+    if [[ ",$ONLY,bert-large," == *",${s%%|*},"* ]]; then kept+=("$s"); fi
   done
   servers=("${kept[@]}")
 fi
