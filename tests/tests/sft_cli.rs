@@ -110,6 +110,9 @@ fn a_killed_run_resumes_to_the_same_adapter() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!cut.join("adapter").exists(), "killed before the end");
+    // The picture is redrawn at every checkpoint (step 5's is complete by step 10's).
+    let svg = std::fs::read_to_string(cut.join("curves.svg")).expect("a killed run keeps its curves picture");
+    assert!(svg.contains("training loss"));
     let mut args = sft_args(&model, &data, cut.to_str().unwrap(), "25");
     args.push("--resume");
     let o = run("verdict-train", &args, &[]);

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! <out>/metrics.jsonl            one JSON object per logged step or evaluation
-//! <out>/curves.svg               loss and dev metric, drawn when the run ends
+//! <out>/curves.svg               loss and dev metric, redrawn at every checkpoint and at the end
 //! <out>/checkpoints/step-000050/ adapter_config.json, adapter_model.safetensors,
 //!                                [value_head.safetensors,] optimizer.safetensors, state.json
 //! <out>/best/                    the adapter with the best dev score (+ verdict_manifest.json)

@@ -136,6 +136,8 @@ pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
         }
         if t.save_due(step, total_steps) {
             rec.checkpoint(&adapter, None, &opt, &state)?;
+            // The picture follows the checkpoints: current while the run goes on, and after a kill.
+            draw_curves(&args.run.out, &log)?;
         }
     }
     bar.finish_and_clear();

@@ -429,6 +429,8 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
         }
         if t.save_due(step, total_steps) {
             rec.checkpoint(&adapter, head.as_ref(), &opt, &state)?;
+            // The picture follows the checkpoints: current while the run goes on, and after a kill.
+            draw_curves(&args.run.out, &log, method)?;
         }
     }
     bar.finish_and_clear();
