@@ -79,6 +79,22 @@ pub enum Adapters<'a> {
 }
 
 impl<'a> Adapters<'a> {
+    /// Rows `0..batch` cut into maximal runs `(start, end, adapter)` of rows that share an
+    /// adapter (by identity): each run's LoRA delta is one computation.
+    fn runs(&self, batch: usize) -> Vec<(usize, usize, Option<&'a LoraAdapter>)> {
+        let mut runs = Vec::new();
+        let mut start = 0;
+        while start < batch {
+            let mut end = start + 1;
+            while end < batch && same_adapter(self.row(end), self.row(start)) {
+                end += 1;
+            }
+            runs.push((start, end, self.row(start)));
+            start = end;
+        }
+        runs
+    }
+
     /// The adapter of row `i`.
     pub fn row(&self, i: usize) -> Option<&'a LoraAdapter> {
         match self {
@@ -128,13 +144,8 @@ impl LayerCtx<'_> {
                 // One delta block per run of rows sharing an adapter; zeros where none applies.
                 let mut parts = Vec::new();
                 let mut any = false;
-                let mut start = 0;
-                while start < rows.len() {
-                    let mut end = start + 1;
-                    while end < rows.len() && same_adapter(rows[end], rows[start]) {
-                        end += 1;
-                    }
-                    let delta = match rows[start] {
+                for (start, end, adapter) in self.adapters.runs(rows.len()) {
+                    let delta = match adapter {
                         Some(adapter) => self.lora_delta(adapter, layer, proj, &x.narrow(0, start, end - start)?)?,
                         None => None,
                     };
@@ -145,7 +156,6 @@ impl LayerCtx<'_> {
                         }
                         None => base.narrow(0, start, end - start)?.zeros_like()?,
                     });
-                    start = end;
                 }
                 if !any {
                     return Ok(base);
@@ -172,19 +182,11 @@ impl LayerCtx<'_> {
         let batch = x.dim(0)?;
         let per_row = x.elem_count() / x.dim(D::Minus1)?.max(1) / batch.max(1);
         let mut runs = Vec::new();
-        let mut start = 0;
-        while start < batch {
-            let mut end = start + 1;
-            while end < batch && same_adapter(self.adapters.row(end), self.adapters.row(start)) {
-                end += 1;
+        for (start, end, adapter) in self.adapters.runs(batch) {
+            if let Some(adapter) = adapter.filter(|a| a.pair(layer, proj).is_some()) {
+                let Some(lora) = adapter.packed_pair(layer, proj) else { return Ok(None) };
+                runs.push(LoraRun { start: start * per_row, end: end * per_row, lora });
             }
-            if let Some(adapter) = self.adapters.row(start) {
-                if adapter.pair(layer, proj).is_some() {
-                    let Some(lora) = adapter.packed_pair(layer, proj) else { return Ok(None) };
-                    runs.push(LoraRun { start: start * per_row, end: end * per_row, lora });
-                }
-            }
-            start = end;
         }
         Ok(linear.forward_inference_lora(x, &runs)?)
     }
