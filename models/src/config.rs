@@ -53,6 +53,24 @@ pub struct DecoderConfig {
 }
 
 impl DecoderConfig {
+    /// Every distinct `(out, inner, uses per forward)` of the frozen projections, and the LM
+    /// head's with 0 uses (its rows are few and vary): the shapes a kernel plan measures. With
+    /// `gradients`, also the transposed shapes of the input gradients (`g W`).
+    pub fn product_shapes(&self, gradients: bool) -> Vec<(usize, usize, usize)> {
+        let mut shapes: std::collections::BTreeMap<(usize, usize), usize> = Default::default();
+        let mut add = |(out, inner): (usize, usize), uses: usize| {
+            *shapes.entry((out, inner)).or_default() += uses;
+            if gradients {
+                shapes.entry((inner, out)).or_default();
+            }
+        };
+        for proj in crate::lora::Projection::ALL {
+            add(proj.dims(self), self.num_layers);
+        }
+        add((self.vocab_size, self.hidden_size), 0);
+        shapes.into_iter().map(|((o, i), n)| (o, i, n)).collect()
+    }
+
     /// Query heads per key/value head (grouped-query attention).
     pub fn heads_per_kv(&self) -> usize {
         self.num_heads / self.num_kv_heads

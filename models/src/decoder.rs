@@ -7,6 +7,7 @@
 
 use crate::batch::{KvCache, TokenBatch};
 use crate::config::DecoderConfig;
+use crate::cpu::CpuKernels;
 use crate::linear::{matmul_wt, BaseWeight, FrozenLinear, LoraRun};
 use crate::lora::{dropout_mask, LoraAdapter, Projection};
 use crate::weights::{WeightMap, WeightMode, Weights};
@@ -36,6 +37,9 @@ pub enum LogitsAt {
     Last,
     /// Chosen `(row, column)` pairs: `[n, vocab]`.
     Positions(Vec<(usize, usize)>),
+    /// Chosen `(row, column)` pairs at chosen vocabulary entries only: `[n, tokens.len()]`
+    /// (a few label tokens without the full-vocabulary product; the inference path).
+    PositionsAt { positions: Vec<(usize, usize)>, tokens: Vec<u32> },
 }
 
 /// What a forward pass returns.
@@ -116,9 +120,11 @@ fn same_adapter(a: Option<&LoraAdapter>, b: Option<&LoraAdapter>) -> bool {
 /// Per-forward state every layer reads.
 struct LayerCtx<'a> {
     mode: Mode,
+    kernels: &'a CpuKernels,
     adapters: Adapters<'a>,
-    /// Additive attention mask `[batch, 1, 1, seq, keys]`.
-    mask: Tensor,
+    /// The keys each query may see: as an additive mask `[batch, 1, 1, seq, keys]` for
+    /// candle's ops, or as booleans for the fused CPU attention.
+    mask: AttentionMask,
     /// `[batch, seq, head_dim/2]`
     cos: Tensor,
     sin: Tensor,
@@ -131,8 +137,8 @@ impl LayerCtx<'_> {
             return Ok(y);
         }
         let base = match self.mode {
-            Mode::Inference => linear.forward_inference(x)?,
-            Mode::Train { .. } => linear.forward_train(x)?,
+            Mode::Inference => linear.forward_inference(x, self.kernels)?,
+            Mode::Train { .. } => linear.forward_train(x, self.kernels)?,
         };
         match self.adapters {
             Adapters::Same(None) => Ok(base),
@@ -184,11 +190,11 @@ impl LayerCtx<'_> {
         let mut runs = Vec::new();
         for (start, end, adapter) in self.adapters.runs(batch) {
             if let Some(adapter) = adapter.filter(|a| a.pair(layer, proj).is_some()) {
-                let Some(lora) = adapter.packed_pair(layer, proj) else { return Ok(None) };
+                let Some(lora) = adapter.packed_pair(layer, proj, self.kernels) else { return Ok(None) };
                 runs.push(LoraRun { start: start * per_row, end: end * per_row, lora });
             }
         }
-        Ok(linear.forward_inference_lora(x, &runs)?)
+        Ok(linear.forward_inference_lora(x, &runs, self.kernels)?)
     }
 
     /// `scaling · (x Aᵀ) Bᵀ` of one adapter at one projection, `None` where it has no pair.
@@ -215,7 +221,7 @@ impl LayerCtx<'_> {
         let product = |x: &Tensor, w: &Tensor| match self.mode {
             // The factors may change between calls (dev evaluation during training): packed
             // afresh each time, which costs little at rank r.
-            Mode::Inference => crate::linear::matmul_wt_packed_once(x, w),
+            Mode::Inference => crate::linear::matmul_wt_packed_once(x, w, self.kernels),
             Mode::Train { .. } => matmul_wt(x, w),
         };
         Ok(Some((product(&product(&x, &pair.a)?, &pair.b)? * cfg.scaling())?.to_dtype(x_dtype)?))
@@ -240,7 +246,7 @@ impl LayerCtx<'_> {
 
     fn softmax(&self, x: &Tensor) -> Result<Tensor, Error> {
         Ok(match self.mode {
-            Mode::Inference => match crate::fast::softmax_last_dim(x)? {
+            Mode::Inference => match crate::fast::softmax_last_dim(x, self.kernels)? {
                 Some(p) => p,
                 None => candle_nn::ops::softmax_last_dim(x)?,
             },
@@ -292,13 +298,25 @@ impl Attention {
             }
             None => (k, v),
         };
+        if let AttentionMask::Keys(mask) = &ctx.mask {
+            // Inference on the CPU: the fused kernel over the allowed keys only.
+            let heads = crate::cpu::attention::Heads { heads: nh, kv_heads: nkv, head_dim: hd };
+            let y = with_f32(&q, |q| {
+                with_f32(&k, |k| {
+                    with_f32(&v, |v| crate::cpu::attention::attention(q, k, v, mask, heads, &ctx.kernels.caps))
+                })
+            })??;
+            let y = Tensor::from_vec(y?, (b, t, nh * hd), x.device())?;
+            return ctx.project(&self.o_proj, layer, Projection::O, &y);
+        }
         let keys = k.dim(2)?;
         // Grouped-query attention without copying K/V: the query heads that share a KV head
         // are stacked along the sequence axis.
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.reshape((b, nkv, rep, t, keys))?.broadcast_add(&ctx.mask)?;
+        let AttentionMask::Additive(mask) = &ctx.mask else { unreachable!("fused attention returned above") };
+        let scores = scores.reshape((b, nkv, rep, t, keys))?.broadcast_add(mask)?;
         let probs = ctx.softmax(&scores)?.reshape((b, nkv, rep * t, keys))?;
         let y = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         ctx.project(&self.o_proj, layer, Projection::O, &y)
@@ -324,7 +342,7 @@ impl Mlp {
         let gate = ctx.project(&self.gate_proj, layer, Projection::Gate, x)?;
         let up = ctx.project(&self.up_proj, layer, Projection::Up, x)?;
         let fused = match ctx.mode {
-            Mode::Inference => crate::fast::swiglu(&gate, &up)?,
+            Mode::Inference => crate::fast::swiglu(&gate, &up, ctx.kernels)?,
             Mode::Train { .. } => None,
         };
         let hidden = match fused {
@@ -417,7 +435,7 @@ impl Rope {
 /// A decoder-only language model with frozen base weights.
 pub struct Decoder {
     cfg: DecoderConfig,
-    embed_tokens: Tensor,
+    embed_tokens: crate::weights::Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: FrozenLinear,
@@ -425,6 +443,8 @@ pub struct Decoder {
     mode: WeightMode,
     dtype: DType,
     device: Device,
+    /// How products run on the CPU (precision, instruction sets, tile plan).
+    kernels: CpuKernels,
 }
 
 /// Additive mask value for disallowed keys; finite so an all-masked padding row gives no NaN.
@@ -435,17 +455,20 @@ impl Decoder {
     pub fn new(cfg: DecoderConfig, weights: &WeightMap) -> Result<Self, Error> {
         cfg.validate().map_err(Error::Invalid)?;
         let model = weights.pp("model");
-        let embed_tokens = model.dense("embed_tokens.weight")?;
+        let embed_tokens = weights.embedding("model.embed_tokens.weight")?;
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::new(&cfg, &model.pp("layers").pp(i)))
             .collect::<Result<Vec<_>, _>>()?;
         let norm = RmsNorm::new(&model.pp("norm"), cfg.rms_norm_eps)?;
-        let lm_head = if weights.contains("lm_head.weight") && !cfg.tie_word_embeddings {
+        // A pack file stores a tied head packed under its own name (the embedding stays rows).
+        let lm_head = if weights.contains("lm_head.weight")
+            && (!cfg.tie_word_embeddings || weights.is_packed("lm_head.weight"))
+        {
             weights.pp("lm_head").linear(false)?
         } else {
             FrozenLinear::new(weights.base_weight("model.embed_tokens.weight")?, None)?
         };
-        let (e_rows, e_cols) = embed_tokens.dims2()?;
+        let (e_rows, e_cols) = embed_tokens.dims()?;
         if (e_rows, e_cols) != (cfg.vocab_size, cfg.hidden_size) {
             return Err(Error::Invalid(format!(
                 "embedding is [{e_rows}, {e_cols}], config says [{}, {}]",
@@ -462,7 +485,24 @@ impl Decoder {
             mode: weights.mode(),
             dtype: weights.dtype(),
             device: weights.device().clone(),
+            kernels: CpuKernels::auto(),
         })
+    }
+
+    /// How this model's products run on the CPU.
+    pub fn kernels(&self) -> &CpuKernels {
+        &self.kernels
+    }
+
+    /// Sets how this model's products run on the CPU (before the first forward: weights
+    /// already packed keep their precision).
+    pub fn set_kernels(&mut self, kernels: CpuKernels) {
+        self.kernels = kernels;
+    }
+
+    /// The product shapes of this model ([`DecoderConfig::product_shapes`]).
+    pub fn product_shapes(&self, gradients: bool) -> Vec<(usize, usize, usize)> {
+        self.cfg.product_shapes(gradients)
     }
 
     /// The model's hyper-parameters.
@@ -545,15 +585,21 @@ impl Decoder {
             }
         }
         let (cos, sin) = self.rope.cos_sin(&positions, self.dtype, &self.device)?;
-        let mask =
-            attention_mask(&past_mask, batch.mask(), batch.branches(), batch.segments(), self.dtype, &self.device)?;
-        let ctx = LayerCtx { mode, adapters, mask, cos, sin };
+        let allowed = allowed_keys(&past_mask, batch.mask(), batch.branches(), batch.segments());
+        let fused = matches!(mode, Mode::Inference)
+            && self.kernels.enabled()
+            && self.device.is_cpu()
+            && self.dtype == DType::F32
+            && self.cfg.head_dim > 0;
+        let mask = if fused {
+            AttentionMask::Keys(allowed)
+        } else {
+            AttentionMask::Additive(additive_mask(&allowed, self.dtype, &self.device)?)
+        };
+        let ctx = LayerCtx { mode, kernels: &self.kernels, adapters, mask, cos, sin };
 
-        let mut x = self.embed_tokens.embedding(&batch.ids_tensor(&self.device)?.flatten_all()?)?.reshape((
-            b,
-            t,
-            self.cfg.hidden_size,
-        ))?;
+        let ids = batch.ids_tensor(&self.device)?.flatten_all()?;
+        let mut x = self.embed_tokens.lookup(&ids, self.dtype, &self.device)?.reshape((b, t, self.cfg.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, i, &ctx, cache.as_deref_mut())?;
         }
@@ -563,8 +609,8 @@ impl Decoder {
         let hidden = self.norm.forward(&x, mode)?;
         let head = |h: &Tensor| -> Result<Tensor, Error> {
             Ok(match mode {
-                Mode::Inference => self.lm_head.forward_inference(h)?,
-                Mode::Train { .. } => self.lm_head.forward_train(h)?,
+                Mode::Inference => self.lm_head.forward_inference(h, &self.kernels)?,
+                Mode::Train { .. } => self.lm_head.forward_train(h, &self.kernels)?,
             })
         };
         let logits = match logits_at {
@@ -576,6 +622,16 @@ impl Decoder {
                 Some(head(&gather_positions(&hidden, &cols)?)?)
             }
             LogitsAt::Positions(pos) => Some(head(&gather_positions(&hidden, &pos)?)?),
+            LogitsAt::PositionsAt { positions, tokens } => {
+                let h = gather_positions(&hidden, &positions)?;
+                Some(match mode {
+                    Mode::Inference => self.lm_head.forward_inference_columns(&h, &tokens, &self.kernels)?,
+                    Mode::Train { .. } => {
+                        let idx = Tensor::new(tokens.as_slice(), h.device())?;
+                        self.lm_head.forward_train(&h, &self.kernels)?.index_select(&idx, D::Minus1)?
+                    }
+                })
+            }
         };
         // Heads, log-probs and losses work in f32 (or f64) whatever the weights' precision.
         let widen = |t: Tensor| match t.dtype() {
@@ -601,6 +657,15 @@ impl Decoder {
                         let w = (q.dequantize(&self.device)? + delta.to_dtype(DType::F32)?)?;
                         BaseWeight::Quantized(Arc::new(QTensor::quantize(&w, q.dtype())?))
                     }
+                    // Panels from a pack: unpacked, summed and packed again in their precision
+                    // (for bf16 and int8 the delta is rounded with the weights).
+                    BaseWeight::Packed(p) => {
+                        let (out, inner) = p.dims();
+                        let w = (Tensor::from_vec(p.unpack(), (out, inner), &Device::Cpu)?
+                            + delta.to_dtype(DType::F32)?)?;
+                        let w = w.flatten_all()?.to_vec1::<f32>()?;
+                        BaseWeight::Packed(crate::cpu::PackedWeight::pack_as(&w, out, inner, p.precision()))
+                    }
                 };
                 *layer.linear_mut(proj) = FrozenLinear::new(merged, linear.bias().cloned())?;
             }
@@ -616,6 +681,7 @@ impl Decoder {
             mode: self.mode,
             dtype: self.dtype,
             device: self.device.clone(),
+            kernels: self.kernels.clone(),
         })
     }
 
@@ -623,7 +689,7 @@ impl Decoder {
     pub fn dense_state(&self) -> Result<Vec<(String, Tensor)>, Error> {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let mut out = vec![
-            ("model.embed_tokens.weight".to_string(), f32(&self.embed_tokens)?),
+            ("model.embed_tokens.weight".to_string(), self.embed_tokens.to_dense()?),
             ("model.norm.weight".to_string(), f32(&self.norm.weight)?),
         ];
         if !self.cfg.tie_word_embeddings {
@@ -707,10 +773,54 @@ fn positions(
         .collect()
 }
 
-/// `[batch, 1, 1, seq, past + seq]` additive mask: causal over the new tokens, padding keys
+/// How a forward pass's layers learn which keys each query may see.
+enum AttentionMask {
+    /// `[batch, 1, 1, seq, keys]`, 0 where allowed and [`MASKED`] elsewhere (candle's ops).
+    Additive(Tensor),
+    /// The same as booleans (the fused CPU attention).
+    Keys(crate::cpu::attention::KeyMask),
+}
+
+/// Which of `past + seq` keys each new token may see: causal over the new tokens, padding keys
 /// hidden everywhere; with `branches`, a token sees only the trunk and its own branch; with
 /// `segments`, only tokens of its own segment (and the cache). A padding query may see itself
-/// so its row is never fully masked.
+/// so its row is never empty.
+fn allowed_keys(
+    past: &[Vec<bool>],
+    new: &[Vec<bool>],
+    branches: Option<&[Vec<u32>]>,
+    segments: Option<&[Vec<u32>]>,
+) -> crate::cpu::attention::KeyMask {
+    let (b, t) = (new.len(), new[0].len());
+    let p = past.first().map(Vec::len).unwrap_or(0);
+    let keys = p + t;
+    let branch = |r: usize, c: usize| branches.map_or(0, |br| br[r][c]);
+    let segment = |r: usize, c: usize| segments.map_or(0, |sg| sg[r][c]);
+    let mut m = vec![false; b * t * keys];
+    for r in 0..b {
+        for i in 0..t {
+            let row = &mut m[(r * t + i) * keys..(r * t + i + 1) * keys];
+            row[..past[r].len()].copy_from_slice(&past[r]);
+            for j in 0..=i {
+                let same_tree_path =
+                    segment(r, j) == segment(r, i) && (branch(r, j) == 0 || branch(r, j) == branch(r, i));
+                if new[r][j] && same_tree_path || j == i && !new[r][i] {
+                    row[p + j] = true;
+                }
+            }
+        }
+    }
+    crate::cpu::attention::KeyMask { rows: b, queries: t, keys, allowed: m }
+}
+
+/// `[batch, 1, 1, seq, keys]` additive mask of `allowed`.
+fn additive_mask(allowed: &crate::cpu::attention::KeyMask, dtype: DType, device: &Device) -> Result<Tensor, Error> {
+    let m: Vec<f32> = allowed.allowed.iter().map(|&a| if a { 0.0 } else { MASKED as f32 }).collect();
+    Ok(Tensor::from_vec(m, (allowed.rows, 1, 1, allowed.queries, allowed.keys), device)?.to_dtype(dtype)?)
+}
+
+/// The additive mask of [`allowed_keys`] (tests read it as numbers).
+#[cfg(test)]
 fn attention_mask(
     past: &[Vec<bool>],
     new: &[Vec<bool>],
@@ -719,30 +829,19 @@ fn attention_mask(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor, Error> {
-    let (b, t) = (new.len(), new[0].len());
-    let p = past.first().map(Vec::len).unwrap_or(0);
-    let keys = p + t;
-    let branch = |r: usize, c: usize| branches.map_or(0, |br| br[r][c]);
-    let segment = |r: usize, c: usize| segments.map_or(0, |sg| sg[r][c]);
-    let mut m = vec![MASKED as f32; b * t * keys];
-    for r in 0..b {
-        for i in 0..t {
-            let row = &mut m[(r * t + i) * keys..(r * t + i + 1) * keys];
-            for (j, &real) in past[r].iter().enumerate() {
-                if real {
-                    row[j] = 0.0;
-                }
-            }
-            for j in 0..=i {
-                let same_tree_path =
-                    segment(r, j) == segment(r, i) && (branch(r, j) == 0 || branch(r, j) == branch(r, i));
-                if new[r][j] && same_tree_path || j == i && !new[r][i] {
-                    row[p + j] = 0.0;
-                }
-            }
+    additive_mask(&allowed_keys(past, new, branches, segments), dtype, device)
+}
+
+/// Runs `f` on the f32 values of a contiguous CPU tensor (made contiguous if needed).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, Error> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+            Ok(f(&v[layout.start_offset()..][..t.elem_count()]))
         }
+        _ => Err(Error::Invalid("fused attention needs f32 tensors on the CPU".into())),
     }
-    Ok(Tensor::from_vec(m, (b, 1, 1, t, keys), device)?.to_dtype(dtype)?)
 }
 
 /// Rows `hidden[r, c]` for each `(r, c)`, stacked to `[n, hidden]`.

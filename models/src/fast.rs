@@ -8,12 +8,12 @@
 //! Taylor polynomial of `eʳ` on `|r| ≤ ln 2 / 2`, within 3e-7 relative of `exp` (about 2.5 ulp; tested below).
 //! Other dtypes, devices and CPUs take candle's ops.
 
+use crate::cpu::CpuKernels;
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 
-/// Whether the kernels run here: x86-64 with AVX2 and FMA, and `VERDICT_FAST_OPS` not `0`.
-pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| crate::packed::supported() && std::env::var("VERDICT_FAST_OPS").map_or(true, |v| v != "0"))
+/// Whether the kernels run with `kernels`: x86-64 with AVX2 and FMA, our kernels enabled.
+fn enabled(kernels: &CpuKernels) -> bool {
+    kernels.enabled()
 }
 
 /// The f32 values of a CPU tensor, made contiguous, if it is one.
@@ -28,8 +28,8 @@ fn cpu_f32(t: &Tensor) -> Result<Option<Vec<f32>>> {
 }
 
 /// `silu(gate) · up`, elementwise (same shapes); `None` where the kernels do not apply.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-    if !enabled() || gate.shape() != up.shape() {
+pub fn swiglu(gate: &Tensor, up: &Tensor, kernels: &CpuKernels) -> Result<Option<Tensor>> {
+    if !enabled(kernels) || gate.shape() != up.shape() {
         return Ok(None);
     }
     let (Some(mut g), Some(u)) = (cpu_f32(gate)?, cpu_f32(up)?) else { return Ok(None) };
@@ -39,8 +39,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
 }
 
 /// Softmax over the last dimension; `None` where the kernels do not apply.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Option<Tensor>> {
-    if !enabled() {
+pub fn softmax_last_dim(x: &Tensor, kernels: &CpuKernels) -> Result<Option<Tensor>> {
+    if !enabled(kernels) {
         return Ok(None);
     }
     let Some(mut v) = cpu_f32(x)? else { return Ok(None) };
@@ -101,9 +101,13 @@ unsafe fn swiglu_in_place(_: &mut [f32], _: &[f32]) {
     unreachable!("the fast kernels are x86-64 only")
 }
 
+/// Softmax of one row in place (eight-lane `exp`).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_in_place(row: &mut [f32]) {
+pub(crate) unsafe fn softmax_in_place(row: &mut [f32]) {
     let n = row.len() / 8 * 8;
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let m = _mm256_set1_ps(max);
@@ -130,7 +134,7 @@ unsafe fn softmax_in_place(row: &mut [f32]) {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn softmax_in_place(_: &mut [f32]) {
+pub(crate) unsafe fn softmax_in_place(_: &mut [f32]) {
     unreachable!("the fast kernels are x86-64 only")
 }
 
@@ -141,7 +145,7 @@ mod tests {
 
     #[test]
     fn exp8_is_within_3e_7_of_exp_over_the_useful_range() {
-        if !enabled() {
+        if !enabled(&CpuKernels::auto()) {
             return;
         }
         let xs: Vec<f32> = (0..20_000).map(|i| -87.0 + i as f32 * (87.0 + 88.0) / 20_000.0).collect();
@@ -159,7 +163,8 @@ mod tests {
 
     #[test]
     fn swiglu_and_softmax_match_candle() {
-        if !enabled() {
+        let k = CpuKernels::auto();
+        if !enabled(&k) {
             return;
         }
         let d = Device::Cpu;
@@ -167,7 +172,7 @@ mod tests {
         let g = (Tensor::randn(0f32, 1.0, (17, 59), &d).unwrap() * 10.0).unwrap();
         let u = Tensor::randn(0f32, 1.0, (17, 59), &d).unwrap();
         let want = (g.silu().unwrap() * &u).unwrap();
-        let got = swiglu(&g, &u).unwrap().expect("the kernel applies to CPU f32");
+        let got = swiglu(&g, &u, &k).unwrap().expect("the kernel applies to CPU f32");
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "swiglu differs from candle by {diff}");
 
@@ -176,7 +181,7 @@ mod tests {
         let masked = Tensor::full(-1e9f32, (1, 5, 131), &d).unwrap();
         x = Tensor::cat(&[&x, &masked], 0).unwrap();
         let want = candle_nn::ops::softmax_last_dim(&x).unwrap();
-        let got = softmax_last_dim(&x).unwrap().expect("the kernel applies to CPU f32");
+        let got = softmax_last_dim(&x, &k).unwrap().expect("the kernel applies to CPU f32");
         let diff = (&got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-6, "softmax differs from candle by {diff}");
         let sums = got.sum(candle_core::D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();

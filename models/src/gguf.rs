@@ -4,7 +4,7 @@
 use crate::config::{Arch, DecoderConfig};
 use crate::decoder::Decoder;
 use crate::linear::{qtensor_to_device, BaseWeight};
-use crate::load::{LoadedModel, SpecialTokens};
+use crate::load::{LoadedModel, ModelMeta, SpecialTokens};
 use crate::tokenizer::{self, GgufVocab};
 use crate::weights::{WeightMap, WeightMode};
 use crate::Error;
@@ -127,14 +127,31 @@ fn unpermute_rows(t: &QTensor, heads: usize, device: &Device) -> Result<QTensor,
     Ok(qtensor_from_ggml(t.dtype(), &out, dims, device)?)
 }
 
-/// Loads a GGUF model file.
-pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -> Result<LoadedModel, Error> {
+/// The memory map of a GGUF file and its parsed header.
+fn open(path: &Path) -> Result<(memmap2::Mmap, Content), Error> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the file is opened read-only and not modified while mapped.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let mut reader = Cursor::new(&mmap[..]);
-    let content = Content::read(&mut reader)
+    let content = Content::read(&mut Cursor::new(&mmap[..]))
         .map_err(|e| Error::Format(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+    Ok((mmap, content))
+}
+
+/// The hyper-parameters alone (no tokenizer is built).
+pub fn read_config(path: &Path) -> Result<DecoderConfig, Error> {
+    let (_, content) = open(path)?;
+    let md = Metadata { map: &content.metadata };
+    let vocab = md.get("tokenizer.ggml.tokens")?.to_vec()?.len();
+    config(&md, vocab, content.tensor_infos.contains_key("output.weight"))
+}
+
+/// Everything but the weights: hyper-parameters, tokenizer, special tokens, chat template.
+pub fn read_meta(path: &Path) -> Result<ModelMeta, Error> {
+    let (_, content) = open(path)?;
+    meta(&content)
+}
+
+fn meta(content: &Content) -> Result<ModelMeta, Error> {
     let md = Metadata { map: &content.metadata };
 
     let vocab = GgufVocab {
@@ -160,8 +177,15 @@ pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -
     .with_stop_tokens(&tok);
     let chat_template_source = md.string("tokenizer.chat_template").ok();
     let chat = chat_template_source.as_deref().and_then(ChatTemplate::from_jinja);
-
     let cfg = config(&md, vocab.tokens.len(), content.tensor_infos.contains_key("output.weight"))?;
+    Ok(ModelMeta { cfg, tokenizer: tok, special, chat, chat_template_source })
+}
+
+/// Loads a GGUF model file.
+pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -> Result<LoadedModel, Error> {
+    let (mmap, content) = open(path)?;
+    let mut reader = Cursor::new(&mmap[..]);
+    let ModelMeta { cfg, tokenizer: tok, special, chat, chat_template_source } = meta(&content)?;
     let mut tensors = HashMap::new();
     for gguf_name in content.tensor_infos.keys() {
         let Some(name) = hf_name(gguf_name) else { continue };
@@ -182,7 +206,15 @@ pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -
         tensors.insert(name, w);
     }
     let model = Decoder::new(cfg, &WeightMap::new(tensors, mode, dtype, device.clone()))?;
-    Ok(LoadedModel { model, tokenizer: tok, special, chat, chat_template_source, path: path.to_path_buf() })
+    Ok(LoadedModel {
+        model,
+        tokenizer: tok,
+        special,
+        chat,
+        chat_template_source,
+        path: path.to_path_buf(),
+        weights_sha256: None,
+    })
 }
 
 #[cfg(test)]

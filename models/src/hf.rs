@@ -4,7 +4,7 @@
 use crate::config::DecoderConfig;
 use crate::decoder::Decoder;
 use crate::linear::{qtensor_to_device, BaseWeight};
-use crate::load::{LoadedModel, SpecialTokens};
+use crate::load::{LoadedModel, ModelMeta, SpecialTokens};
 use crate::weights::{WeightMap, WeightMode};
 use crate::Error;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -49,9 +49,40 @@ fn candle_dtype(dt: safetensors::Dtype) -> Result<DType, Error> {
     })
 }
 
+/// The hyper-parameters alone (`config.json`).
+pub fn read_config(dir: &Path) -> Result<DecoderConfig, Error> {
+    DecoderConfig::from_hf_json(&read_json(&dir.join("config.json"))?).map_err(Error::Format)
+}
+
+/// Everything but the weights: `config.json`, the tokenizer, special tokens, chat template.
+pub fn read_meta(dir: &Path) -> Result<ModelMeta, Error> {
+    let cfg = DecoderConfig::from_hf_json(&read_json(&dir.join("config.json"))?).map_err(Error::Format)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer =
+        Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+    let tc_path = dir.join("tokenizer_config.json");
+    let tc = if tc_path.is_file() { read_json(&tc_path)? } else { serde_json::Value::Null };
+    let id_of = |key: &str| -> Option<u32> {
+        let v = &tc[key];
+        let s = v.as_str().or_else(|| v["content"].as_str())?;
+        tokenizer.token_to_id(s)
+    };
+    let special = SpecialTokens {
+        bos: id_of("bos_token"),
+        eos: id_of("eos_token"),
+        pad: id_of("pad_token"),
+        add_bos: tc["add_bos_token"].as_bool().unwrap_or(false),
+        stop: Vec::new(),
+    }
+    .with_stop_tokens(&tokenizer);
+    let chat_template_source = tc["chat_template"].as_str().map(str::to_string);
+    let chat = chat_template_source.as_deref().and_then(ChatTemplate::from_jinja);
+    Ok(ModelMeta { cfg, tokenizer, special, chat, chat_template_source })
+}
+
 /// Loads a Hugging Face directory.
 pub fn load_dir(dir: &Path, mode: WeightMode, dtype: DType, device: &Device) -> Result<LoadedModel, Error> {
-    let cfg = DecoderConfig::from_hf_json(&read_json(&dir.join("config.json"))?).map_err(Error::Format)?;
+    let ModelMeta { cfg, tokenizer, special, chat, chat_template_source } = read_meta(dir)?;
     let mut tensors = HashMap::new();
     for file in safetensors_files(dir)? {
         let f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
@@ -76,28 +107,15 @@ pub fn load_dir(dir: &Path, mode: WeightMode, dtype: DType, device: &Device) -> 
         }
     }
     let model = Decoder::new(cfg, &WeightMap::new(tensors, mode, dtype, device.clone()))?;
-
-    let tok_path = dir.join("tokenizer.json");
-    let tokenizer =
-        Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
-    let tc_path = dir.join("tokenizer_config.json");
-    let tc = if tc_path.is_file() { read_json(&tc_path)? } else { serde_json::Value::Null };
-    let id_of = |key: &str| -> Option<u32> {
-        let v = &tc[key];
-        let s = v.as_str().or_else(|| v["content"].as_str())?;
-        tokenizer.token_to_id(s)
-    };
-    let special = SpecialTokens {
-        bos: id_of("bos_token"),
-        eos: id_of("eos_token"),
-        pad: id_of("pad_token"),
-        add_bos: tc["add_bos_token"].as_bool().unwrap_or(false),
-        stop: Vec::new(),
-    }
-    .with_stop_tokens(&tokenizer);
-    let chat_template_source = tc["chat_template"].as_str().map(str::to_string);
-    let chat = chat_template_source.as_deref().and_then(ChatTemplate::from_jinja);
-    Ok(LoadedModel { model, tokenizer, special, chat, chat_template_source, path: dir.to_path_buf() })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        special,
+        chat,
+        chat_template_source,
+        path: dir.to_path_buf(),
+        weights_sha256: None,
+    })
 }
 
 /// Writes `loaded` as a Hugging Face directory with dense f32 weights, so tools such as

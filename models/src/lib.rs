@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod cpu;
 pub mod decoder;
 pub mod device;
 pub mod encoder;
@@ -19,7 +20,7 @@ pub mod hf;
 pub mod linear;
 pub mod load;
 pub mod lora;
-pub mod packed;
+pub mod pack;
 pub mod random;
 pub mod scoring;
 pub mod tokenizer;
@@ -31,7 +32,9 @@ pub use decoder::{Adapters, Decoder, DecoderOutput, LogitsAt, Mode};
 pub use device::{DTypeSpec, DeviceSpec};
 pub use encoder::{ClassifierHead, EncodedInput, Encoder, EncoderSource};
 pub use head::ScalarHead;
-pub use load::{load_model, LoadedModel, SpecialTokens};
+pub use load::{
+    load_for, load_model, load_model_with, read_config, read_meta, LoadOptions, LoadedModel, ModelMeta, SpecialTokens,
+};
 pub use lora::{LoraAdapter, LoraConfig, Projection};
 pub use shared::chat::{ChatMessage, ChatTemplate};
 pub use weights::WeightMode;

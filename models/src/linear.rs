@@ -1,11 +1,13 @@
-//! Frozen base projections (`y = x Wᵀ + b`) in dense or quantized form.
+//! Frozen base projections (`y = x Wᵀ + b`): dense, GGUF-quantized, or packed for the CPU
+//! kernels (a memory-mapped pack file).
 //!
 //! Base weights never train. candle's matmul backward always computes the gradient of both
 //! operands, so a plain `x.matmul(w)` on the training path would allocate and compute a
 //! full-size gradient for every frozen weight. [`FrozenMatmul`] is a custom op whose backward
-//! returns only the input gradient.
+//! returns only the input gradient; on the CPU both directions run on the packed f32 kernels
+//! (`x Wᵀ` on `W`'s panels, `g W` on `Wᵀ`'s).
 
-use crate::packed::PackedWeight;
+use crate::cpu::{CpuKernels, PackedWeight, Precision};
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Storage, Tensor};
@@ -18,6 +20,9 @@ pub enum BaseWeight {
     Dense(Tensor),
     /// GGUF blocks kept as they are, multiplied by candle's quantized kernels (inference only).
     Quantized(Arc<QTensor>),
+    /// Panels for the CPU kernels, usually borrowed from a memory-mapped pack file (inference
+    /// only: no dense copy exists).
+    Packed(PackedWeight),
 }
 
 impl BaseWeight {
@@ -26,14 +31,16 @@ impl BaseWeight {
         match self {
             Self::Dense(w) => w.dims2(),
             Self::Quantized(q) => q.shape().dims2(),
+            Self::Packed(p) => Ok(p.dims()),
         }
     }
 
-    /// The weights as a dense tensor of `dtype` (dequantized if needed).
+    /// The weights as a dense tensor of `dtype` (dequantized or unpacked if needed).
     pub fn to_dense(&self, dtype: DType) -> Result<Tensor> {
         match self {
             Self::Dense(w) => w.to_dtype(dtype),
             Self::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+            Self::Packed(p) => Tensor::from_vec(p.unpack(), p.dims(), &candle_core::Device::Cpu)?.to_dtype(dtype),
         }
     }
 }
@@ -53,9 +60,19 @@ pub struct FrozenLinear {
     bias: Option<Tensor>,
     /// For quantized weights, candle's dispatcher (it may hold a dense copy for f16/f32 blocks).
     qmatmul: Option<Arc<QMatMul>>,
-    /// Dense f32 weights on the CPU, packed for [`crate::packed`] on the first inference call
-    /// that can use them (shared by clones; `None` inside: this weight cannot be packed).
+    /// The weight packed for the inference kernels, in the model's precision: given for a
+    /// packed weight, made from a dense f32 one on first use (shared by clones; `None` inside:
+    /// this weight cannot be packed).
     packed: Arc<OnceLock<Option<PackedWeight>>>,
+    /// Training on the CPU: `W` in f32 panels (the inference pack when that is f32) and `Wᵀ`.
+    train: Arc<OnceLock<Option<Arc<TrainPacks>>>>,
+}
+
+/// The f32 panels of a frozen weight for both directions of a training step.
+#[derive(Debug)]
+struct TrainPacks {
+    forward: PackedWeight,
+    transposed: PackedWeight,
 }
 
 impl FrozenLinear {
@@ -63,9 +80,13 @@ impl FrozenLinear {
     pub fn new(weight: BaseWeight, bias: Option<Tensor>) -> Result<Self> {
         let qmatmul = match &weight {
             BaseWeight::Quantized(q) => Some(Arc::new(QMatMul::from_arc(q.clone())?)),
-            BaseWeight::Dense(_) => None,
+            _ => None,
         };
-        Ok(Self { weight, bias, qmatmul, packed: Arc::new(OnceLock::new()) })
+        let packed = match &weight {
+            BaseWeight::Packed(p) => OnceLock::from(Some(p.clone())),
+            _ => OnceLock::new(),
+        };
+        Ok(Self { weight, bias, qmatmul, packed: Arc::new(packed), train: Arc::default() })
     }
 
     /// The base weight.
@@ -78,23 +99,49 @@ impl FrozenLinear {
         self.bias.as_ref()
     }
 
+    /// The weight packed for `kernels` (packed now if it is dense), `None` where our kernels do
+    /// not take it: not enabled, not f32 on the CPU, or quantized blocks.
+    fn packed(&self, kernels: &CpuKernels) -> Option<&PackedWeight> {
+        if !kernels.enabled() {
+            return None;
+        }
+        match &self.weight {
+            BaseWeight::Packed(_) => self.packed.get().and_then(Option::as_ref),
+            BaseWeight::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => self
+                .packed
+                .get_or_init(|| {
+                    let (out, inner) = w.dims2().ok()?;
+                    let values = w.flatten_all().and_then(|v| v.to_vec1::<f32>()).ok()?;
+                    Some(PackedWeight::pack_as(&values, out, inner, kernels.precision))
+                })
+                .as_ref(),
+            _ => None,
+        }
+    }
+
     /// Inference forward: fast kernels, no gradient bookkeeping needed.
     ///
     /// candle's quantized kernel computes one row at a time with no cache blocking: best for
     /// decoding a few tokens, about 10x slower than the dense GEMM for a prompt. Inputs of more
     /// than [`QUANTIZED_KERNEL_MAX_ROWS`] rows therefore dequantize the blocks on the fly and use
     /// the dense GEMM; the weights stay quantized in memory either way.
-    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward_inference(&self, x: &Tensor, kernels: &CpuKernels) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+        if let Some(y) = packed_product(x, self.packed(kernels), rows, kernels, &[])? {
+            return self.add_bias(y);
+        }
         let y = match (&self.weight, &self.qmatmul) {
-            (BaseWeight::Quantized(q), Some(_)) if rows > quantized_kernel_max_rows() => {
+            (BaseWeight::Quantized(q), Some(_)) if rows > QUANTIZED_KERNEL_MAX_ROWS => {
                 matmul_wt(x, &q.dequantize(&q.device())?.to_dtype(x.dtype())?)?
             }
             (_, Some(q)) => q.forward(x)?,
-            (BaseWeight::Dense(w), None) => match packed_product(x, w, rows, &self.packed, crate::packed::format())? {
-                Some(y) => y,
-                None => matmul_wt(x, w)?,
-            },
+            (BaseWeight::Dense(w), None) => matmul_wt(x, w)?,
+            (BaseWeight::Packed(p), None) => {
+                // Kernels off for a packed-only weight (another device, or `--cpu-isa none`).
+                matmul_wt(x, &self.weight.to_dense(x.dtype())?.to_device(x.device())?).map_err(|e| {
+                    candle_core::Error::Msg(format!("packed weight {:?} without our kernels: {e}", p.dims()))
+                })?
+            }
             (BaseWeight::Quantized(_), None) => unreachable!("quantized weights always get a QMatMul"),
         };
         self.add_bias(y)
@@ -103,23 +150,64 @@ impl FrozenLinear {
     /// [`FrozenLinear::forward_inference`] plus LoRA deltas in the same buffers: rows
     /// `start..end` (of the flattened `[rows, in]` input) get `x Aᵀ (s B)ᵀ` of their packed
     /// factors. No tensor op per adapter: the base product, the two rank-r products and the sum
-    /// run on one output buffer. `None` where the packed kernel does not take this weight or
-    /// input (quantized or non-f32 weights, another device): the caller adds the deltas itself.
-    pub fn forward_inference_lora(&self, x: &Tensor, runs: &[LoraRun]) -> Result<Option<Tensor>> {
-        let BaseWeight::Dense(w) = &self.weight else { return Ok(None) };
+    /// run on one output buffer. `None` where our kernels do not take this weight or input
+    /// (quantized blocks, another device): the caller adds the deltas itself.
+    pub fn forward_inference_lora(&self, x: &Tensor, runs: &[LoraRun], kernels: &CpuKernels) -> Result<Option<Tensor>> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-        match packed_product_with(x, w, rows, &self.packed, crate::packed::format(), runs)? {
+        match packed_product(x, self.packed(kernels), rows, kernels, runs)? {
             Some(y) => Ok(Some(self.add_bias(y)?)),
             None => Ok(None),
         }
     }
 
-    /// Training forward: gradient flows to `x` only, never to the frozen weight.
-    pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        let BaseWeight::Dense(w) = &self.weight else {
-            candle_core::bail!("training needs dense weights: load the model in dense mode")
+    /// [`FrozenLinear::forward_inference`] for output columns `cols` only (`[.., in]` →
+    /// `[.., cols.len()]`): the LM head at a few label tokens, without the full vocabulary.
+    /// The same values as those columns of the full product.
+    pub fn forward_inference_columns(&self, x: &Tensor, cols: &[u32], kernels: &CpuKernels) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+        let idx: Vec<usize> = cols.iter().map(|&c| c as usize).collect();
+        let (out, _) = self.weight.dims()?;
+        if let Some(&bad) = idx.iter().find(|&&c| c >= out) {
+            candle_core::bail!("linear: column {bad} outside {out} outputs")
+        }
+        let sub = self.packed(kernels).map(|p| p.select_outputs(&idx));
+        let y = match packed_product(x, sub.as_ref(), rows, kernels, &[])? {
+            Some(y) => y,
+            None => {
+                let dense = self.weight.to_dense(x.dtype())?.to_device(x.device())?;
+                matmul_wt(x, &dense.index_select(&Tensor::new(cols, dense.device())?, 0)?)?
+            }
         };
-        let y = x.contiguous()?.apply_op1(FrozenMatmul { weight: w.clone() })?;
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(&b.index_select(&Tensor::new(cols, b.device())?, 0)?)?),
+            None => Ok(y),
+        }
+    }
+
+    /// Training forward: gradient flows to `x` only, never to the frozen weight. On the CPU
+    /// with `kernels` enabled both directions run on f32 panels (packed on first use).
+    pub fn forward_train(&self, x: &Tensor, kernels: &CpuKernels) -> Result<Tensor> {
+        let BaseWeight::Dense(w) = &self.weight else {
+            candle_core::bail!("training needs dense weights: load the model in dense mode for training")
+        };
+        let packs = if kernels.enabled() && w.device().is_cpu() && w.dtype() == DType::F32 {
+            self.train
+                .get_or_init(|| {
+                    let (out, inner) = w.dims2().ok()?;
+                    let values = w.flatten_all().and_then(|v| v.to_vec1::<f32>()).ok()?;
+                    let forward = match self.packed.get().and_then(Option::as_ref) {
+                        Some(p) if p.precision() == Precision::F32 => p.clone(),
+                        _ => PackedWeight::pack(&values, out, inner),
+                    };
+                    let transposed = PackedWeight::pack_transposed(&values, out, inner);
+                    Some(Arc::new(TrainPacks { forward, transposed }))
+                })
+                .clone()
+        } else {
+            None
+        };
+        let op = FrozenMatmul { weight: w.clone(), packs, kernels: kernels.clone() };
+        let y = x.contiguous()?.apply_op1(op)?;
         self.add_bias(y)
     }
 
@@ -131,62 +219,11 @@ impl FrozenLinear {
     }
 }
 
-/// Default for [`quantized_kernel_max_rows`]. Measured with `verdict-train bench --weights
-/// quantized --prompt-tokens N` on SmolLM2, 2 cores: the kernel costs about 36 ms per row, the
-/// dequantize-then-GEMM path about 165 ms flat, so the crossover lies between 4 and 8 rows.
+/// Inputs with more rows than this take the dequantize-then-GEMM path in quantized mode.
+/// Measured with `verdict-train bench --weights quantized --prompt-tokens N` on SmolLM2, 2
+/// cores: the kernel costs about 36 ms per row, the dequantize-then-GEMM path about 165 ms
+/// flat, so the crossover lies between 4 and 8 rows.
 pub const QUANTIZED_KERNEL_MAX_ROWS: usize = 4;
-
-/// Inputs with more rows than this take the dequantize-then-GEMM path in quantized mode;
-/// `VERDICT_QUANTIZED_KERNEL_MAX_ROWS` overrides it (for benchmarking the crossover).
-pub fn quantized_kernel_max_rows() -> usize {
-    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("VERDICT_QUANTIZED_KERNEL_MAX_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(QUANTIZED_KERNEL_MAX_ROWS)
-    })
-}
-
-/// Default for [`packed_max_rows`] with the AVX2 kernel. Measured with
-/// `examples/packed_bench.rs` (docs/benchmarks.md): the packed kernel is 1.05-5.6x faster than
-/// the general GEMM up to 128 rows on the projections (a request is a few dozen), and 0.92-1.78x
-/// at 512, where the general GEMM's own packing pays.
-pub const PACKED_MAX_ROWS: usize = 256;
-
-/// Default for [`packed_max_rows`] with the AVX-512 kernel ([`crate::packed::avx512_f32`]):
-/// 1.02-1.5x the general GEMM on Qwen's projections at 272 and 512 rows (docs/benchmarks.md),
-/// so a padding-free batch of several requests stays on it.
-pub const PACKED_MAX_ROWS_AVX512: usize = 512;
-
-/// Inputs with more rows than this take the general GEMM; `VERDICT_PACKED_MAX_ROWS` overrides it.
-pub fn packed_max_rows() -> usize {
-    static ROWS: OnceLock<usize> = OnceLock::new();
-    *ROWS.get_or_init(|| {
-        let default = if crate::packed::avx512_f32() { PACKED_MAX_ROWS_AVX512 } else { PACKED_MAX_ROWS };
-        std::env::var("VERDICT_PACKED_MAX_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-    })
-}
-
-/// Whether the packed kernel runs at all: a CPU with AVX2/FMA and `VERDICT_PACKED` not `0`
-/// (`VERDICT_PACKED=0` gives the general GEMM everywhere, for comparison).
-pub fn packed_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| crate::packed::supported() && std::env::var("VERDICT_PACKED").map_or(true, |v| v != "0"))
-}
-
-/// `x Wᵀ` through the packed kernel when it applies: f32 on a CPU with AVX2/FMA, at most
-/// [`packed_max_rows`] rows in the f32 format (any number in bf16), `VERDICT_PACKED` not `0`;
-/// `cache` holds `w` packed in `format` (filled on first use). `None`: use the general GEMM.
-fn packed_product(
-    x: &Tensor,
-    w: &Tensor,
-    rows: usize,
-    cache: &OnceLock<Option<PackedWeight>>,
-    format: crate::packed::Format,
-) -> Result<Option<Tensor>> {
-    packed_product_with(x, w, rows, cache, format, &[])
-}
 
 /// Rows `start..end` of a flattened input and the LoRA factors they go through.
 #[derive(Debug, Clone, Copy)]
@@ -196,33 +233,21 @@ pub struct LoraRun<'a> {
     pub lora: &'a crate::lora::PackedLora,
 }
 
-/// [`packed_product`] with each run's LoRA delta added to its rows of the output.
-fn packed_product_with(
+/// `x Wᵀ` on `packed` through our kernels when they apply (an f32 input on the CPU), with
+/// each run's LoRA delta added to its rows of the output. `None`: use candle's GEMM.
+fn packed_product(
     x: &Tensor,
-    w: &Tensor,
+    packed: Option<&PackedWeight>,
     rows: usize,
-    cache: &OnceLock<Option<PackedWeight>>,
-    format: crate::packed::Format,
+    kernels: &CpuKernels,
     runs: &[LoraRun],
 ) -> Result<Option<Tensor>> {
-    // bf16 applies at every size, so an input's answer does not depend on its batch; f32 hands
-    // large inputs to the general GEMM (the same products up to summation order).
-    if (rows > packed_max_rows() && format == crate::packed::Format::F32)
-        || !packed_enabled()
-        || !x.device().is_cpu()
-        || !w.device().is_cpu()
-        || x.dtype() != DType::F32
-        || w.dtype() != DType::F32
-    {
+    let Some(packed) = packed else { return Ok(None) };
+    if !kernels.enabled() || !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(None);
     }
-    let packed = cache.get_or_init(|| {
-        let (out, inner) = w.dims2().ok()?;
-        let values = w.flatten_all().and_then(|v| v.to_vec1::<f32>()).ok()?;
-        Some(PackedWeight::pack_as(&values, out, inner, format))
-    });
-    let Some(packed) = packed else { return Ok(None) };
     let (out, inner) = packed.dims();
+    let Some(tiling) = kernels.tiling(packed.precision(), out, inner, rows) else { return Ok(None) };
     if x.dim(candle_core::D::Minus1)? != inner {
         candle_core::bail!("linear: input has {} features, weight expects {inner}", x.dim(candle_core::D::Minus1)?)
     }
@@ -231,7 +256,7 @@ fn packed_product_with(
         let (storage, layout) = x.storage_and_layout();
         let Storage::Cpu(CpuStorage::F32(values)) = &*storage else { return Ok(None) };
         let x = &values[layout.start_offset()..][..rows * inner];
-        let mut y = packed.matmul_t(x, rows);
+        let mut y = packed.matmul_t(x, rows, &tiling);
         for run in runs {
             if run.start > run.end
                 || run.end > rows
@@ -245,7 +270,12 @@ fn packed_product_with(
                 )
             }
             let n = run.end - run.start;
-            run.lora.add_delta(&x[run.start * inner..run.end * inner], n, &mut y[run.start * out..run.end * out]);
+            run.lora.add_delta(
+                &x[run.start * inner..run.end * inner],
+                n,
+                &mut y[run.start * out..run.end * out],
+                kernels,
+            );
         }
         y
     };
@@ -254,11 +284,17 @@ fn packed_product_with(
     Ok(Some(Tensor::from_vec(y, dims, x.device())?))
 }
 
-/// `x Wᵀ` through the packed kernel with `w` packed for this call only (small matrices such as
+/// `x Wᵀ` through the f32 kernels with `w` packed for this call only (small matrices such as
 /// LoRA factors, whose values may change between calls), else through [`matmul_wt`].
-pub(crate) fn matmul_wt_packed_once(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub(crate) fn matmul_wt_packed_once(x: &Tensor, w: &Tensor, kernels: &CpuKernels) -> Result<Tensor> {
+    if !kernels.enabled() || !w.device().is_cpu() || w.dtype() != DType::F32 {
+        return matmul_wt(x, w);
+    }
     let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-    match packed_product(x, w, rows, &OnceLock::new(), crate::packed::Format::F32)? {
+    let (out, inner) = w.dims2()?;
+    let packed = PackedWeight::pack(&w.flatten_all()?.to_vec1::<f32>()?, out, inner);
+    let f32_kernels = CpuKernels { precision: Precision::F32, ..kernels.clone() };
+    match packed_product(x, Some(&packed), rows, &f32_kernels, &[])? {
         Some(y) => Ok(y),
         None => matmul_wt(x, w),
     }
@@ -278,6 +314,9 @@ pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// `x Wᵀ` with a frozen `W`: the backward pass yields `∂L/∂x = g W` and nothing for `W`.
 struct FrozenMatmul {
     weight: Tensor,
+    /// f32 panels of `W` and `Wᵀ` where our kernels run (else candle's matmul).
+    packs: Option<Arc<TrainPacks>>,
+    kernels: CpuKernels,
 }
 
 impl FrozenMatmul {
@@ -307,6 +346,20 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        if let (Some(p), CpuStorage::F32(values)) = (&self.packs, x) {
+            if let Some((start, end)) = layout.contiguous_offsets() {
+                let dims = layout.dims();
+                let inner = dims[dims.len() - 1];
+                let rows = (end - start) / inner.max(1);
+                let (out, _) = p.forward.dims();
+                if let Some(t) = self.kernels.tiling(Precision::F32, out, inner, rows) {
+                    let y = p.forward.matmul_t(&values[start..end], rows, &t);
+                    let mut out_dims = dims[..dims.len() - 1].to_vec();
+                    out_dims.push(out);
+                    return Ok((CpuStorage::F32(y), Shape::from(out_dims)));
+                }
+            }
+        }
         let (w_storage, w_layout) = self.weight.storage_and_layout();
         match &*w_storage {
             Storage::Cpu(w) => self.fwd(x, layout, w, w_layout),
@@ -328,9 +381,18 @@ impl CustomOp1 for FrozenMatmul {
         let out = dims[dims.len() - 1];
         let rows = grad_y.elem_count() / out.max(1);
         let (_, inner) = self.weight.dims2()?;
-        let grad_x = grad_y.reshape((rows, out))?.matmul(&self.weight)?;
         let mut in_dims = dims[..dims.len() - 1].to_vec();
         in_dims.push(inner);
+        if let Some(p) = &self.packs {
+            if grad_y.device().is_cpu() && grad_y.dtype() == DType::F32 {
+                if let Some(t) = self.kernels.tiling(Precision::F32, inner, out, rows) {
+                    let g = grad_y.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                    let gx = p.transposed.matmul_t(&g, rows, &t);
+                    return Ok(Some(Tensor::from_vec(gx, in_dims, grad_y.device())?));
+                }
+            }
+        }
+        let grad_x = grad_y.reshape((rows, out))?.matmul(&self.weight)?;
         Ok(Some(grad_x.reshape(in_dims)?))
     }
 }
@@ -384,8 +446,9 @@ mod tests {
 
     #[test]
     fn fused_lora_matches_plain_loops() {
-        if !packed_enabled() {
-            eprintln!("skipped: the packed kernel does not run on this CPU");
+        let kernels = CpuKernels::auto();
+        if !kernels.enabled() {
+            eprintln!("skipped: our kernels do not run on this CPU");
             return;
         }
         let (rows, out, inner, rank, s) = (9, 37, 70, 3, 0.75f32);
@@ -401,7 +464,10 @@ mod tests {
         let lora =
             PackedLora { a: PackedWeight::pack(&a, rank, inner), b_scaled: PackedWeight::pack(&scaled, out, rank) };
         let xt = Tensor::from_vec(x.clone(), (1, rows, inner), &dev).unwrap();
-        let y = linear.forward_inference_lora(&xt, &[LoraRun { start: 2, end: 7, lora: &lora }]).unwrap().unwrap();
+        let y = linear
+            .forward_inference_lora(&xt, &[LoraRun { start: 2, end: 7, lora: &lora }], &kernels)
+            .unwrap()
+            .unwrap();
         assert_eq!(y.dims(), &[1, rows, out]);
         let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let want = reference(&x, &w, &bias, &a, &bb, s as f64, [rows, out, inner, rank], 2, 7);
@@ -412,6 +478,6 @@ mod tests {
         assert!((0..out).all(|o| (y[o] as f64 - plain[o]).abs() < 1e-4));
         assert!((2 * out..7 * out).any(|i| (y[i] as f64 - plain[i]).abs() > 1e-2));
         // A run that does not fit the input is refused, not read out of bounds.
-        assert!(linear.forward_inference_lora(&xt, &[LoraRun { start: 5, end: 10, lora: &lora }]).is_err());
+        assert!(linear.forward_inference_lora(&xt, &[LoraRun { start: 5, end: 10, lora: &lora }], &kernels).is_err());
     }
 }

@@ -5,7 +5,7 @@
 //! PEFT (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`).
 
 use crate::config::DecoderConfig;
-use crate::packed::PackedWeight;
+use crate::cpu::{CpuKernels, PackedWeight, Precision};
 use crate::Error;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -142,7 +142,7 @@ impl LoraPair {
     }
 }
 
-/// One projection's LoRA factors packed for [`crate::packed`]: `A` `[rank, in]` and
+/// One projection's LoRA factors packed for [`crate::cpu`]: `A` `[rank, in]` and
 /// `scaling · B` `[out, rank]`, both in f32 panels, so the delta `x Aᵀ (s B)ᵀ` is two kernel
 /// calls on the caller's buffers and nothing else.
 #[derive(Debug, Clone)]
@@ -152,13 +152,18 @@ pub struct PackedLora {
 }
 
 impl PackedLora {
-    /// Adds `x Aᵀ (s B)ᵀ` to `y`: `x` is `[rows, in]` and `y` `[rows, out]`, both row-major.
-    pub fn add_delta(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        let z = self.a.matmul_t(x, rows);
-        let delta = self.b_scaled.matmul_t(&z, rows);
-        for (y, d) in y.iter_mut().zip(&delta) {
-            *y += d;
-        }
+    /// Adds `x Aᵀ (s B)ᵀ` to `y`: `x` is `[rows, in]` and `y` `[rows, out]`, both row-major;
+    /// f32 products with `kernels`' tiles.
+    ///
+    /// # Panics
+    /// If `kernels` runs no f32 kernel (callers check [`CpuKernels::enabled`]).
+    pub fn add_delta(&self, x: &[f32], rows: usize, y: &mut [f32], kernels: &CpuKernels) {
+        let tiling = |w: &PackedWeight| {
+            let (out, inner) = w.dims();
+            kernels.tiling(Precision::F32, out, inner, rows).expect("f32 kernels run where LoRA is fused")
+        };
+        let z = self.a.matmul_t(x, rows, &tiling(&self.a));
+        self.b_scaled.matmul_t_into(&z, rows, y, true, &tiling(&self.b_scaled));
     }
 }
 
@@ -298,12 +303,12 @@ impl LoraAdapter {
         out
     }
 
-    /// One projection's factors packed for the CPU kernel, for inference: `None` where the
+    /// One projection's factors packed for the CPU kernels, for inference: `None` where the
     /// adapter does not adapt it, while the adapter trains (its variables change under a
-    /// cache), where the kernel does not run (no AVX2/FMA, `VERDICT_PACKED=0`) or for factors
-    /// that are not f32 on the CPU. Packed on first use and kept with the adapter.
-    pub fn packed_pair(&self, layer: usize, proj: Projection) -> Option<&PackedLora> {
-        if !self.vars.is_empty() || !crate::linear::packed_enabled() {
+    /// cache), where `kernels` do not run, or for factors that are not f32 on the CPU. Packed
+    /// (always in f32) on first use and kept with the adapter.
+    pub fn packed_pair(&self, layer: usize, proj: Projection, kernels: &CpuKernels) -> Option<&PackedLora> {
+        if !self.vars.is_empty() || !kernels.enabled() {
             return None;
         }
         let pair = self.pair(layer, proj)?;

@@ -1,5 +1,6 @@
 //! Constrained label scoring: the exact log-probability of every candidate answer's full token
-//! sequence after each prompt.
+//! sequence after each prompt (for candidates of one token each, the logit: the same label
+//! distribution without the full-vocabulary product).
 //!
 //! One forward per batch, whatever the answers' lengths. Each row is its prompt followed by
 //! every candidate of more than one token (all but its last token) as a branch of a depth-1
@@ -147,6 +148,33 @@ fn score_layout(
     } else {
         TokenBatch::with_branches(ids, mask, branches)?
     };
+    // One-token candidates (label words alone): the label distribution needs only those
+    // tokens' logits at each prompt's last position, since the log-softmax normaliser is the
+    // same for every candidate of a prompt. Scores are then the logits (log-probabilities up
+    // to a constant per prompt); `normalize` gives the same probabilities.
+    if candidates.iter().all(|cs| cs.iter().all(|c| c.len() == 1)) {
+        let mut tokens: Vec<u32> = candidates.iter().flat_map(|cs| cs.iter().map(|c| c[0])).collect();
+        tokens.sort_unstable();
+        tokens.dedup();
+        let logits = model
+            .forward_rows(
+                &batch,
+                Some(&mut cache),
+                adapters,
+                Mode::Inference,
+                LogitsAt::PositionsAt { positions: columns, tokens: tokens.clone() },
+            )?
+            .logits
+            .ok_or_else(|| Error::Invalid("no logits".into()))?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?;
+        let mut out: Vec<Vec<f64>> = candidates.iter().map(|c| vec![0f64; c.len()]).collect();
+        for &(row, i, c, tok) in &picks {
+            let k = tokens.binary_search(&tok).expect("every candidate token was asked for");
+            out[i][c] = f64::from(logits[row][k]);
+        }
+        return Ok(out);
+    }
     // A branched forward leaves `cache` as it was: it is only read.
     let logits = model
         .forward_rows(&batch, Some(&mut cache), adapters, Mode::Inference, LogitsAt::Positions(columns))?

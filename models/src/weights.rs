@@ -1,6 +1,7 @@
 //! Named base weights, spelled with Hugging Face tensor names whatever file they came from, so
 //! that the model code reads like the checkpoint (`model.layers.3.self_attn.q_proj.weight`).
 
+use crate::cpu::store::Store;
 use crate::linear::{BaseWeight, FrozenLinear};
 use crate::Error;
 use candle_core::{DType, Device, Tensor};
@@ -41,6 +42,8 @@ impl std::str::FromStr for WeightMode {
 /// All base tensors of a model, by Hugging Face name.
 pub struct WeightMap {
     tensors: HashMap<String, BaseWeight>,
+    /// f32 tables kept in a memory map (a pack file's embedding), by name.
+    mapped: HashMap<String, (Store<f32>, usize, usize)>,
     mode: WeightMode,
     dtype: DType,
     device: Device,
@@ -49,7 +52,25 @@ pub struct WeightMap {
 impl WeightMap {
     /// Wraps loaded tensors. Dense tensors are converted to `dtype`.
     pub fn new(tensors: HashMap<String, BaseWeight>, mode: WeightMode, dtype: DType, device: Device) -> Self {
-        Self { tensors, mode, dtype, device }
+        Self { tensors, mapped: HashMap::new(), mode, dtype, device }
+    }
+
+    /// Adds an f32 table `[out, inner]` that stays in its memory map (an embedding).
+    pub(crate) fn insert_mapped(&mut self, name: &str, rows: Store<f32>, out: usize, inner: usize) {
+        self.mapped.insert(name.to_string(), (rows, out, inner));
+    }
+
+    /// The embedding table `name`: the memory-mapped one when there is, else dense.
+    pub(crate) fn embedding(&self, name: &str) -> Result<Embedding, Error> {
+        match self.mapped.get(name) {
+            Some((rows, vocab, hidden)) => Ok(Embedding::Mapped { rows: rows.clone(), vocab: *vocab, hidden: *hidden }),
+            None => Ok(Embedding::Dense(self.dense(name)?)),
+        }
+    }
+
+    /// Whether `name` is a packed weight (from a pack file).
+    pub fn is_packed(&self, name: &str) -> bool {
+        matches!(self.tensors.get(name), Some(BaseWeight::Packed(_)))
     }
 
     /// The mode the model will run in.
@@ -69,7 +90,7 @@ impl WeightMap {
 
     /// Whether a tensor exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.mapped.contains_key(name)
     }
 
     /// Names of all tensors.
@@ -96,6 +117,7 @@ impl WeightMap {
         let w = self.get(name)?;
         Ok(match (self.mode, w) {
             (WeightMode::Quantized, BaseWeight::Quantized(q)) => BaseWeight::Quantized(Arc::clone(q)),
+            (_, BaseWeight::Packed(p)) => BaseWeight::Packed(p.clone()),
             (_, w) => BaseWeight::Dense(w.to_dense(self.dtype)?),
         })
     }
@@ -132,5 +154,51 @@ impl<'a> Weights<'a> {
         let weight = self.map.base_weight(&self.path("weight"))?;
         let bias = if bias { Some(self.dense("bias")?) } else { None };
         Ok(FrozenLinear::new(weight, bias)?)
+    }
+}
+
+/// The token embedding table: a dense tensor, or f32 rows in a pack file's memory map.
+#[derive(Debug, Clone)]
+pub(crate) enum Embedding {
+    Dense(Tensor),
+    Mapped { rows: Store<f32>, vocab: usize, hidden: usize },
+}
+
+impl Embedding {
+    /// `(vocab, hidden)`.
+    pub fn dims(&self) -> Result<(usize, usize), Error> {
+        match self {
+            Self::Dense(t) => Ok(t.dims2()?),
+            Self::Mapped { vocab, hidden, .. } => Ok((*vocab, *hidden)),
+        }
+    }
+
+    /// Rows of `ids` (`[n]`) as `[n, hidden]`, in `dtype` on `device`.
+    pub fn lookup(&self, ids: &Tensor, dtype: DType, device: &Device) -> Result<Tensor, Error> {
+        match self {
+            Self::Dense(t) => Ok(t.embedding(ids)?),
+            Self::Mapped { rows, vocab, hidden } => {
+                let ids = ids.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
+                let mut out = Vec::with_capacity(ids.len() * hidden);
+                for &id in &ids {
+                    let id = id as usize;
+                    if id >= *vocab {
+                        return Err(Error::Invalid(format!("token id {id} outside a vocabulary of {vocab}")));
+                    }
+                    out.extend_from_slice(&rows[id * hidden..(id + 1) * hidden]);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), *hidden), device)?.to_dtype(dtype)?)
+            }
+        }
+    }
+
+    /// The whole table as a dense f32 tensor (export).
+    pub fn to_dense(&self) -> Result<Tensor, Error> {
+        match self {
+            Self::Dense(t) => Ok(t.to_dtype(DType::F32)?),
+            Self::Mapped { rows, vocab, hidden } => {
+                Ok(Tensor::from_vec(rows.to_vec(), (*vocab, *hidden), &Device::Cpu)?)
+            }
+        }
     }
 }

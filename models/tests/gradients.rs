@@ -141,3 +141,51 @@ fn frozen_weights_get_no_gradient() {
         }
     }
 }
+
+/// The f32 training path on our packed kernels (forward `x Wᵀ` on `W`'s panels, input gradient
+/// `g W` on `Wᵀ`'s) gives the loss and LoRA gradients of candle's matmuls, which the f64
+/// finite-difference checks above validate.
+#[test]
+fn packed_training_products_give_candles_loss_and_gradients() {
+    let kernels = models::cpu::CpuKernels::auto();
+    if !kernels.enabled() {
+        eprintln!("skipped: our kernels do not run on this CPU");
+        return;
+    }
+    let dev = Device::Cpu;
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let cfg = tiny_config(arch, VOCAB);
+        let lora = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            use_rslora: false,
+            dropout: 0.0,
+            targets: Projection::ALL.to_vec(),
+            layers: None,
+        };
+        let run = |k: models::cpu::CpuKernels| -> (f32, Vec<Vec<f32>>) {
+            let mut model = random_decoder(&cfg, 11, WeightMode::Dense, DType::F32, &dev).unwrap();
+            model.set_kernels(k);
+            let adapter = LoraAdapter::init_random(lora.clone(), &cfg, 5, DType::F32, &dev).unwrap();
+            let l = loss(&model, &adapter, &batch());
+            let grads = l.backward().unwrap();
+            let g = adapter
+                .vars()
+                .iter()
+                .map(|(_, v)| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            (l.to_scalar::<f32>().unwrap(), g)
+        };
+        let (l_ours, g_ours) = run(kernels.clone());
+        let (l_candle, g_candle) = run(models::cpu::CpuKernels::portable());
+        assert!((l_ours - l_candle).abs() < 1e-5 * (1.0 + l_candle.abs()), "{arch:?}: loss {l_ours} vs {l_candle}");
+        let mut worst = 0f32;
+        for (a, b) in g_ours.iter().zip(&g_candle) {
+            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
+            for (x, y) in a.iter().zip(b) {
+                worst = worst.max((x - y).abs() / scale);
+            }
+        }
+        assert!(worst < 1e-4, "{arch:?}: LoRA gradients differ by {worst} of their scale");
+    }
+}

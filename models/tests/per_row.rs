@@ -199,7 +199,8 @@ fn packed_rows_equal_each_prompt_alone() {
 /// the delta merged into its weights computes, in a mixed batch as for one adapter.
 #[test]
 fn fused_lora_equals_tensor_ops_and_merged_weights() {
-    if !models::packed::supported() {
+    let kernels = models::cpu::CpuKernels::auto();
+    if !kernels.enabled() {
         eprintln!("skipped: no AVX2/FMA, the fused path never runs");
         return;
     }
@@ -209,9 +210,9 @@ fn fused_lora_equals_tensor_ops_and_merged_weights() {
         let b = adapter(arch, 4, &[Projection::Q, Projection::V, Projection::Down], 2);
         let (fa, fb) = (a.snapshot().unwrap(), b.snapshot().unwrap());
         let (l, p) = (Projection::Gate, Projection::Q);
-        assert!(a.packed_pair(0, l).is_none(), "an adapter with variables must not be cached");
-        assert!(fa.packed_pair(0, l).is_some() && fb.packed_pair(0, p).is_some());
-        assert!(fb.packed_pair(0, l).is_none(), "b does not adapt gate");
+        assert!(a.packed_pair(0, l, &kernels).is_none(), "an adapter with variables must not be cached");
+        assert!(fa.packed_pair(0, l, &kernels).is_some() && fb.packed_pair(0, p, &kernels).is_some());
+        assert!(fb.packed_pair(0, l, &kernels).is_none(), "b does not adapt gate");
         let seqs = vec![vec![1, 5, 9, 14, 2], vec![4, 4, 19], vec![49, 0, 12, 30, 6, 7], vec![3, 8]];
         let batch = TokenBatch::new(&seqs, 0, Padding::Right).unwrap();
         let run = |ads: &[Option<&LoraAdapter>]| {

@@ -51,6 +51,39 @@ fn label_scores_equal_a_full_forward_per_label() {
     }
 }
 
+/// One-token candidates read only those tokens' logits (no full-vocabulary product): the scores
+/// are the logits, so they differ from the log-probabilities by one constant per prompt and
+/// give the same label distribution.
+#[test]
+fn one_token_candidates_give_their_logits_and_the_same_distribution() {
+    let (model, adapter) = setup();
+    let prompts = vec![vec![1, 2, 3, 4, 5, 6], vec![7, 8], vec![9, 10, 11, 12]];
+    let candidates = vec![vec![30], vec![17], vec![59]];
+    let got = score_candidates(&model, Some(&adapter), None, &prompts, &candidates, 0).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let logits = model
+            .forward(&TokenBatch::single(p).unwrap(), None, Some(&adapter), Mode::Inference, LogitsAt::Last)
+            .unwrap()
+            .logits
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want: Vec<f64> = candidates.iter().map(|c| brute_force(&model, &adapter, p, c)).collect();
+        for (c, cand) in candidates.iter().enumerate() {
+            let logit = f64::from(logits[cand[0] as usize]);
+            assert!((got[i][c] - logit).abs() < 1e-4, "prompt {i} candidate {c}: {} vs logit {logit}", got[i][c]);
+        }
+        let (a, b) = (models::scoring::normalize(&got[i]), models::scoring::normalize(&want));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "prompt {i}: distribution {a:?} vs {b:?}");
+        }
+        // The logits are not the log-probabilities themselves (the normaliser was skipped).
+        assert!((got[i][0] - want[0]).abs() > 1e-2);
+    }
+}
+
 #[test]
 fn label_scores_with_a_shared_prefix_cache_equal_whole_prompts() {
     let (model, adapter) = setup();

@@ -34,11 +34,20 @@ fn main() -> Res<()> {
     let (Some(model), Some(adapter_dir)) = (args.get(1), args.get(2)) else {
         return Err("usage: score_latency <model> <adapter dir>".into());
     };
-    if let Ok(f) = std::env::var("VERDICT_CPU_MATMUL") {
-        models::packed::set_format(f.parse()?)?;
-    }
-    let path = shared::assets::resolve_model(model, &shared::assets::cache_dir())?;
-    let loaded = load_model(&path, WeightMode::Dense, DType::F32, &Device::Cpu)?;
+    // Kernel options from the environment, as the binaries read them (VERDICT_CPU_MATMUL,
+    // VERDICT_CPU_ISA, VERDICT_KERNEL_PLAN); `auto` precision is the server's choice.
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let kargs = models::cpu::KernelArgs {
+        cpu_matmul: env("VERDICT_CPU_MATMUL", "auto").parse()?,
+        cpu_isa: env("VERDICT_CPU_ISA", "all").parse()?,
+        kernel_plan: env("VERDICT_KERNEL_PLAN", "auto").parse()?,
+    };
+    let cache = shared::assets::cache_dir();
+    let path = shared::assets::resolve_model(model, &cache)?;
+    let mut loaded = load_model(&path, WeightMode::Dense, DType::F32, &Device::Cpu)?;
+    let shapes = loaded.model.product_shapes(false);
+    let kernels = kargs.resolve(&shapes, models::cpu::Purpose::Serve, &cache, &mut |l| eprintln!("{l}"))?;
+    loaded.model.set_kernels(kernels);
     let dec = &loaded.model;
     let adapter = LoraAdapter::load_peft_dir(adapter_dir.as_ref(), dec.config(), DType::F32, &Device::Cpu)?;
     let tasks = TaskRegistry::builtin();
@@ -52,8 +61,8 @@ fn main() -> Res<()> {
     let word = encode(AnswerScoring::Word)?;
     let (word_scoring, words) = (word.scoring, word.candidates);
     println!(
-        "{model}, CPU matmul {}: prefix {} tokens, body {} tokens, answers {:?} tokens, label words {:?} tokens ({word_scoring})",
-        models::packed::format(),
+        "{model}, kernels {}: prefix {} tokens, body {} tokens, answers {:?} tokens, label words {:?} tokens ({word_scoring})",
+        dec.kernels().describe(),
         prefix.len(),
         body.len(),
         answers.iter().map(Vec::len).collect::<Vec<_>>(),

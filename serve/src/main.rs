@@ -20,7 +20,7 @@ use anyhow::{anyhow, Context, Result};
 use backend::Backend;
 use candle_core::{DType, Device};
 use clap::Parser;
-use models::{load_model, DTypeSpec, DeviceSpec, Encoder, EncoderSource, WeightMode};
+use models::{DTypeSpec, DeviceSpec, Encoder, EncoderSource, WeightMode};
 use shared::adapter::weights_sha256;
 use shared::assets;
 use shared::registry::Registry;
@@ -67,11 +67,8 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, env = "VERDICT_THREADS")]
     threads: Option<usize>,
-    /// How dense f32 projections multiply on an x86-64 CPU: `f32` (AVX2 FMA, exact f32 products)
-    /// or `bf16` (weights and inputs rounded to bf16, AVX512-BF16 dot products with f32 sums:
-    /// about 1.6x faster, half the weight bytes; docs/benchmarks.md). Everything else stays f32.
-    #[arg(long, env = "VERDICT_CPU_MATMUL", default_value = "f32")]
-    cpu_matmul: models::packed::Format,
+    #[command(flatten)]
+    kernels: models::cpu::KernelArgs,
     /// HTTP worker threads (they only parse, validate and wait; compute runs on the engine).
     #[arg(long, env = "VERDICT_HTTP_WORKERS", default_value_t = 2)]
     http_workers: usize,
@@ -159,11 +156,24 @@ impl ModelSource {
 fn load_backend(cli: &LoadArgs) -> Result<(Backend, String)> {
     let (backend, sha) = std::thread::scope(|s| match &cli.model {
         ModelSource::Decoder(path) => {
-            let hasher = s.spawn(|| weights_sha256(path));
-            let loaded = load_model(path, cli.weights, cli.dtype, &cli.device)
-                .map(|m| Backend::Decoder(Arc::new(m)))
-                .map_err(|e| anyhow!("{}: {e}", path.display()));
-            (loaded, hasher.join())
+            let loaded = models::load_for(
+                path,
+                cli.weights,
+                cli.dtype,
+                &cli.device,
+                &cli.kernels,
+                models::cpu::Purpose::Serve,
+                &cli.cache_dir,
+                &mut |line| eprintln!("verdict-serve: {line}"),
+            )
+            .map_err(|e| anyhow!("{}: {e}", path.display()));
+            // A pack file records the weights' sha256 (checked against their size and time):
+            // a warm start need not read the whole file again.
+            let sha = match loaded.as_ref().map(|m| m.weights_sha256.clone()) {
+                Ok(Some(sha)) => Ok(Ok(sha)),
+                _ => s.spawn(|| weights_sha256(path)).join(),
+            };
+            (loaded.map(|m| Backend::Decoder(Arc::new(m))), sha)
         }
         ModelSource::Encoder(source) => {
             let hasher = s.spawn(|| source.weights_sha256());
@@ -231,6 +241,8 @@ struct LoadArgs {
     adapters: PathBuf,
     task_files: Vec<PathBuf>,
     merged: bool,
+    kernels: models::cpu::KernelArgs,
+    cache_dir: PathBuf,
     prefix_cache: bool,
     pack_tokens: usize,
     answer_scoring: AnswerScoring,
@@ -240,7 +252,6 @@ struct LoadArgs {
 #[actix_web::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    models::packed::set_format(cli.cpu_matmul).map_err(|e| anyhow!(e))?;
     if let Some(n) = cli.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
@@ -300,6 +311,8 @@ async fn main() -> Result<()> {
         adapters: cli.adapters.clone(),
         task_files: cli.task_files.clone(),
         merged: cli.merged,
+        kernels: cli.kernels.clone(),
+        cache_dir: cache.clone(),
         prefix_cache: !cli.no_prefix_cache,
         pack_tokens: cli.pack_tokens,
         answer_scoring: cli.answer_scoring,

@@ -46,6 +46,7 @@ pub fn model_dir_with_words(dir: &Path, words: &[&str]) {
         chat: None,
         chat_template_source: None,
         path: dir.to_path_buf(),
+        weights_sha256: None,
     };
     models::hf::save_dir(&loaded, dir).unwrap();
 }

@@ -32,6 +32,8 @@ pub struct BenchArgs {
     /// Precision of dense weights: `auto` (f32 on CPU, bf16 on a GPU), `f32`, `bf16`, `f16`.
     #[arg(long, default_value = "auto")]
     dtype: DTypeSpec,
+    #[command(flatten)]
+    kernels: models::cpu::KernelArgs,
 }
 
 /// FLOPs of one prefill of `t` tokens with logits for the last one: projections, attention
@@ -75,8 +77,14 @@ pub fn run(args: &BenchArgs, cache: &Path) -> Result<()> {
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for name in &args.models {
         for &weights in &args.weights {
-            let loaded =
-                ModelArgs { model: name.clone(), weights, device: args.device, dtype: args.dtype }.load(cache)?;
+            let loaded = ModelArgs {
+                model: name.clone(),
+                weights,
+                device: args.device,
+                dtype: args.dtype,
+                kernels: args.kernels.clone(),
+            }
+            .load(cache)?;
             let model = &loaded.model;
             let cfg = model.config().clone();
             // A prompt of ordinary text, repeated to length.

@@ -503,3 +503,44 @@ pub fn run(args: &EvalArgs, cache: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The prompt of `select`'s task for its first dev example (the first training example when
+/// there is no dev split) as the evaluator renders and tokenizes it: the cached prefix and the
+/// body marked, then each scored answer, with their token ids.
+pub fn prompt_view(
+    loaded: &LoadedModel,
+    select: &TaskSelection,
+    shots: usize,
+    scoring: AnswerScoring,
+    cache: &Path,
+) -> Result<String> {
+    use std::fmt::Write as _;
+    let registry = select.registry()?;
+    let task = registry.get(&select.tasks[0])?;
+    let dir = data_dir(task, select.data.as_deref(), cache)?;
+    let (items, _) = read_split(task, &dir, "dev", false).or_else(|_| read_split(task, &dir, "train", false))?;
+    let item = items.first().ok_or_else(|| anyhow!("task {}: no examples to show", task.name))?;
+    let shots = pick_shots(task, &dir, shots, 0, false)?;
+    let shot_refs: Vec<(&BTreeMap<String, String>, Label)> = shots.iter().map(|s| (&s.raw.fields, s.label)).collect();
+    let parts = task.prompt(loaded.chat.as_ref(), &shot_refs, &item.raw.fields)?;
+    let prefix = loaded.encode(&parts.prefix, true)?;
+    let body = loaded.encode(&parts.body, false)?;
+    let (scoring_used, answers) = crate::train_data::encode_scored(loaded, task, scoring)?;
+    let template =
+        if loaded.chat.is_some() { "the model's chat template" } else { "a plain layout (no chat template)" };
+    let mut s = String::new();
+    writeln!(s, "task {} on {} ({template}), example {}", task.name, loaded.path.display(), item.raw.id)?;
+    writeln!(s, "===== cached prefix: {} tokens (computed once per task and adapter version) =====", prefix.len())?;
+    writeln!(s, "{}", parts.prefix)?;
+    writeln!(s, "===== body: {} tokens (per input) =====", body.len())?;
+    writeln!(s, "{}", parts.body)?;
+    writeln!(s, "===== answers scored ({scoring_used}) =====")?;
+    let texts = task.scored_texts(scoring_used);
+    for ((word, text), ids) in task.label_words().iter().zip(&texts).zip(&answers) {
+        writeln!(s, "{word:>12}: {text:?} = {} token(s) {ids:?}", ids.len())?;
+    }
+    writeln!(s, "===== token ids =====")?;
+    writeln!(s, "prefix {prefix:?}")?;
+    writeln!(s, "body {body:?}")?;
+    Ok(s)
+}

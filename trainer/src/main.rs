@@ -12,12 +12,14 @@ mod promote;
 mod reward_model;
 mod run_dir;
 mod sft;
+mod tasks;
 mod train_config;
 mod train_data;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use models::{generate, load_model, DTypeSpec, DeviceSpec, LoadedModel, WeightMode};
+use models::cpu::Purpose;
+use models::{generate, DTypeSpec, DeviceSpec, LoadedModel, WeightMode};
 use shared::assets::{self, MODELS};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -31,11 +33,6 @@ struct Cli {
     /// Compute threads (default: all cores). Under contention one thread can beat two.
     #[arg(long, global = true, env = "VERDICT_THREADS")]
     threads: Option<usize>,
-    /// How dense f32 projections multiply on an x86-64 CPU: `f32` (AVX2 FMA, exact f32 products)
-    /// or `bf16` (weights and inputs rounded to bf16, AVX512-BF16 dot products with f32 sums:
-    /// about 1.6x faster, half the weight bytes; docs/benchmarks.md). Everything else stays f32.
-    #[arg(long, global = true, env = "VERDICT_CPU_MATMUL", default_value = "f32")]
-    cpu_matmul: models::packed::Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,12 +58,9 @@ enum Command {
         /// Dataset names (default: all).
         names: Vec<String>,
     },
-    /// List the task registry (built-in tasks, plus any given task files).
-    Tasks {
-        /// Extra task definitions (TOML).
-        #[arg(long = "task-file")]
-        task_files: Vec<PathBuf>,
-    },
+    /// List the task registry (built-in tasks, plus any given task files); `--show TASK` prints
+    /// the exact prompt a task sends to a model.
+    Tasks(tasks::TasksArgs),
     /// LoRA supervised fine-tuning (loss on the answer tokens), with checkpoints and resume.
     Sft(sft::SftArgs),
     /// Reinforcement learning of a LoRA adapter with the rule reward: PPO (value head, GAE,
@@ -129,11 +123,19 @@ pub struct ModelArgs {
     /// `f32`, `bf16`, `f16`. LoRA factors, heads and losses stay f32.
     #[arg(long, env = "VERDICT_DTYPE", default_value = "auto")]
     pub dtype: DTypeSpec,
+    #[command(flatten)]
+    pub kernels: models::cpu::KernelArgs,
 }
 
 impl Default for ModelArgs {
     fn default() -> Self {
-        Self { model: "smollm2".into(), weights: WeightMode::Dense, device: DeviceSpec::Cpu, dtype: DTypeSpec::Auto }
+        Self {
+            model: "smollm2".into(),
+            weights: WeightMode::Dense,
+            device: DeviceSpec::Cpu,
+            dtype: DTypeSpec::Auto,
+            kernels: Default::default(),
+        }
     }
 }
 
@@ -143,7 +145,7 @@ impl ModelArgs {
         if self.weights != WeightMode::Dense {
             anyhow::bail!("training needs dense weights (--weights dense)");
         }
-        self.load(cache)
+        self.load_for(cache, Purpose::Train)
     }
 
     /// The sha256 fingerprint of the model's weights file (recorded in adapter manifests).
@@ -152,13 +154,21 @@ impl ModelArgs {
         shared::adapter::weights_sha256(&path).with_context(|| format!("hashing {}", path.display()))
     }
 
+    /// Loads the model for evaluation or generation.
     fn load(&self, cache: &std::path::Path) -> Result<LoadedModel> {
+        self.load_for(cache, Purpose::Evaluate)
+    }
+
+    /// Loads the model and resolves its CPU kernels for `purpose` (plan measured or cached).
+    fn load_for(&self, cache: &std::path::Path, purpose: Purpose) -> Result<LoadedModel> {
         let path = assets::resolve_model(&self.model, cache).map_err(|e| anyhow!(e))?;
         let t = Instant::now();
         let device = self.device.open()?;
         let dtype = self.dtype.resolve(&device);
-        let loaded =
-            load_model(&path, self.weights, dtype, &device).with_context(|| format!("loading {}", path.display()))?;
+        let loaded = models::load_for(&path, self.weights, dtype, &device, &self.kernels, purpose, cache, &mut |l| {
+            eprintln!("{l}")
+        })
+        .with_context(|| format!("loading {}", path.display()))?;
         eprintln!(
             "loaded {} ({:?}, {:?} weights, {dtype:?} on {}) in {:.1}s",
             path.display(),
@@ -173,7 +183,6 @@ impl ModelArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    models::packed::set_format(cli.cpu_matmul).map_err(|e| anyhow!(e))?;
     if let Some(n) = cli.threads {
         // candle's CPU kernels size their thread pools from this variable.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -224,25 +233,7 @@ fn main() -> Result<()> {
         }
         Command::Bench(args) => bench::run(&args, &cache)?,
         Command::FetchData { names } => fetch_data::run(&cache, &names)?,
-        Command::Tasks { task_files } => {
-            let mut registry = shared::task::TaskRegistry::builtin();
-            for f in &task_files {
-                registry.load_file(f)?;
-            }
-            println!("| task | benchmark | fields | labels | metrics |");
-            println!("|---|---|---|---|---|");
-            for t in registry.tasks() {
-                let metrics: Vec<&str> = t.metrics.iter().map(|m| m.name()).collect();
-                println!(
-                    "| {} | {:?} | {} | {} | {} |",
-                    t.name,
-                    t.benchmark,
-                    t.fields.join(", "),
-                    t.label_words().join(" / "),
-                    metrics.join(", ")
-                );
-            }
-        }
+        Command::Tasks(args) => tasks::run(&args, &cache)?,
         Command::Eval(args) => eval::run(&args, &cache)?,
         Command::EncoderHead(args) => encoder_head::run(&args, &cache)?,
         Command::Sft(args) => sft::run(&args, &cache)?,

@@ -1,0 +1,774 @@
+//! Frozen weights packed once for the CPU kernels, and the loop nests that multiply them.
+//!
+//! A general GEMM repacks its right-hand matrix on every call; at the few dozen rows of a
+//! classification request that copy costs as much as the arithmetic. Frozen weights never
+//! change, so [`PackedWeight`] lays them out once in the order the micro-kernels read them:
+//! panels of [`NR`] = 16 output columns, each `k`-major (`panel[k][j] = W[p·16 + j, k]`, zero
+//! beyond the last column), in one of three precisions:
+//!
+//! - [`Precision::F32`]: f32 values; products exact up to summation order.
+//! - [`Precision::Bf16`]: pairs of bf16 `(W[j, 2i], W[j, 2i+1])` per 32-bit lane; inputs rounded to
+//!   bf16 once per call; f32 sums.
+//! - [`Precision::Int8`]: quads of i8 per lane, one scale per output column (`max |w| / 127`) and
+//!   the column's sum; inputs quantized per row to u8 with a scale and zero point; i32 sums.
+//!
+//! Low-precision panels are padded to whole AMX tiles in `k` (16 lanes of pairs or quads), so
+//! the same bytes serve the AVX-512 kernels and AMX. A product is driven as blocks of rows ×
+//! groups of panels split over rayon's threads, each thread writing its own columns; the tile
+//! shape and blocking ([`Tiling`]) come from the caller's plan ([`super::plan`]).
+
+use super::amx::TILE_ROWS;
+use super::caps::Caps;
+use super::lowp::{Dequant, LowpKind};
+use super::store::Store;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Output columns per panel (one 512-bit vector of f32 or 32-bit lanes).
+pub const NR: usize = 16;
+
+/// How products of frozen weights are computed on the CPU (`--cpu-matmul`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 weights and inputs.
+    #[default]
+    F32,
+    /// bf16 weights and inputs, f32 sums.
+    Bf16,
+    /// int8 weights per output channel, u8 inputs quantized per row, i32 sums.
+    Int8,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "int8" => Ok(Self::Int8),
+            other => Err(format!("unknown CPU matmul precision {other:?}: use f32, bf16 or int8")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Int8 => "int8",
+        })
+    }
+}
+
+impl Precision {
+    /// Whether `caps` runs this precision, or why not.
+    pub fn check(self, caps: &Caps) -> Result<(), String> {
+        let ok = match self {
+            Self::F32 => caps.avx2,
+            Self::Bf16 => caps.avx512_bf16 || caps.amx,
+            Self::Int8 => caps.avx512_vnni || caps.avx_vnni || caps.amx,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "--cpu-matmul {self} needs {} (this CPU has: {})",
+                match self {
+                    Self::F32 => "AVX2 and FMA",
+                    Self::Bf16 => "AVX512-BF16 or AMX",
+                    Self::Int8 => "AVX512-VNNI, AVX-VNNI or AMX",
+                },
+                caps.describe()
+            ))
+        }
+    }
+
+    /// The kernels that run this precision on `caps`, fastest family first.
+    pub fn kernels(self, caps: &Caps) -> Vec<Kernel> {
+        let mut v = Vec::new();
+        match self {
+            Self::F32 => {
+                if caps.avx512 {
+                    v.push(Kernel::F32Avx512);
+                }
+                if caps.avx2 {
+                    v.push(Kernel::F32Avx2);
+                }
+            }
+            Self::Bf16 => {
+                if caps.amx {
+                    v.push(Kernel::Bf16Amx);
+                }
+                if caps.avx512_bf16 {
+                    v.push(Kernel::Bf16Avx512);
+                }
+            }
+            Self::Int8 => {
+                if caps.amx {
+                    v.push(Kernel::Int8Amx);
+                }
+                if caps.avx512_vnni {
+                    v.push(Kernel::Int8Avx512);
+                }
+                if caps.avx_vnni {
+                    v.push(Kernel::Int8Avx256);
+                }
+            }
+        }
+        v
+    }
+}
+
+/// A kernel family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kernel {
+    /// AVX2 + FMA, 8-lane f32.
+    F32Avx2,
+    /// AVX-512 F, 16-lane f32.
+    F32Avx512,
+    /// AVX512-BF16 `vdpbf16ps`.
+    Bf16Avx512,
+    /// AMX `tdpbf16ps`.
+    Bf16Amx,
+    /// AVX-VNNI `vpdpbusd` on 256-bit registers.
+    Int8Avx256,
+    /// AVX512-VNNI `vpdpbusd`.
+    Int8Avx512,
+    /// AMX `tdpbusd`.
+    Int8Amx,
+}
+
+impl Kernel {
+    /// The precision of the panels this kernel reads.
+    pub fn precision(self) -> Precision {
+        match self {
+            Self::F32Avx2 | Self::F32Avx512 => Precision::F32,
+            Self::Bf16Avx512 | Self::Bf16Amx => Precision::Bf16,
+            Self::Int8Avx256 | Self::Int8Avx512 | Self::Int8Amx => Precision::Int8,
+        }
+    }
+
+    /// Whether `caps` runs it.
+    pub fn runs_on(self, caps: &Caps) -> bool {
+        match self {
+            Self::F32Avx2 => caps.avx2,
+            Self::F32Avx512 => caps.avx512,
+            Self::Bf16Avx512 => caps.avx512_bf16,
+            Self::Int8Avx512 => caps.avx512_vnni,
+            Self::Int8Avx256 => caps.avx_vnni,
+            Self::Bf16Amx | Self::Int8Amx => caps.amx,
+        }
+    }
+
+    /// Whether the kernel is AMX (tile shapes are fixed; `rows`/`panels` of a [`Tiling`] unused).
+    pub fn is_amx(self) -> bool {
+        matches!(self, Self::Bf16Amx | Self::Int8Amx)
+    }
+
+    /// Whether `rows × panels` fits this kernel's registers.
+    pub fn fits(self, rows: usize, panels: usize) -> bool {
+        match self {
+            Self::F32Avx2 => super::f32::fits(false, rows, panels),
+            Self::F32Avx512 => super::f32::fits(true, rows, panels),
+            Self::Bf16Avx512 => super::lowp::fits(LowpKind::Bf16Avx512, rows, panels),
+            Self::Int8Avx512 => super::lowp::fits(LowpKind::Int8Avx512, rows, panels),
+            Self::Int8Avx256 => super::lowp::fits(LowpKind::Int8Avx256, rows, panels),
+            Self::Bf16Amx | Self::Int8Amx => true,
+        }
+    }
+}
+
+impl std::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32Avx2 => "f32-avx2",
+            Self::F32Avx512 => "f32-avx512",
+            Self::Bf16Avx512 => "bf16-avx512",
+            Self::Bf16Amx => "bf16-amx",
+            Self::Int8Avx256 => "int8-avxvnni",
+            Self::Int8Avx512 => "int8-avx512vnni",
+            Self::Int8Amx => "int8-amx",
+        })
+    }
+}
+
+/// One product's kernel, tile shape and blocking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Tiling {
+    pub kernel: Kernel,
+    /// Rows per tile (vector kernels).
+    pub rows: u8,
+    /// Panels of 16 columns per tile (vector kernels).
+    pub panels: u8,
+    /// Inner-dimension block in units (values, pairs, quads); 0: all of it. f32 only.
+    pub kc: u16,
+    /// Rows per block of the outer loop; 0: all rows at once.
+    pub mc: u16,
+}
+
+impl std::fmt::Display for Tiling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.kernel.is_amx() {
+            write!(f, "{}", self.kernel)
+        } else {
+            write!(f, "{} {}x{}", self.kernel, self.rows, self.panels as usize * NR)?;
+            if self.kc > 0 {
+                write!(f, " kc{}", self.kc)?;
+            }
+            if self.mc > 0 {
+                write!(f, " mc{}", self.mc)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+impl Tiling {
+    /// A reasonable tiling of `kernel` before any measurement.
+    pub fn default_for(kernel: Kernel) -> Self {
+        let (rows, panels) = match kernel {
+            Kernel::F32Avx2 => (6, 1),
+            Kernel::F32Avx512 | Kernel::Bf16Avx512 | Kernel::Int8Avx512 => (12, 2),
+            Kernel::Int8Avx256 => (6, 1),
+            Kernel::Bf16Amx | Kernel::Int8Amx => (16, 2),
+        };
+        Self { kernel, rows, panels, kc: 0, mc: 0 }
+    }
+
+    /// Whether this tiling can run on `caps` over panels of `precision`.
+    pub fn valid(&self, precision: Precision, caps: &Caps) -> bool {
+        self.kernel.precision() == precision
+            && self.kernel.runs_on(caps)
+            && self.kernel.fits(self.rows as usize, self.panels as usize)
+            && (self.kc == 0 || self.kernel == Kernel::F32Avx512 || self.kernel == Kernel::F32Avx2)
+    }
+}
+
+/// A weight matrix `W [out, inner]` packed for `y = x Wᵀ`.
+#[derive(Clone)]
+pub struct PackedWeight {
+    out: usize,
+    inner: usize,
+    precision: Precision,
+    /// `n_panels · units · 16` lanes: f32 bits, bf16 pairs or i8 quads.
+    data: Store<u32>,
+    /// Int8: per output column (padded to whole panels), the scale and the sum of its weights.
+    scale: Store<f32>,
+    colsum: Store<i32>,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeight [{}, {}] {}", self.out, self.inner, self.precision)
+    }
+}
+
+/// Lanes of `k` per panel row for `inner` values: values (f32), pairs or quads, padded to whole
+/// AMX tiles (16 rows) for the low precisions.
+pub fn units(precision: Precision, inner: usize) -> usize {
+    match precision {
+        Precision::F32 => inner,
+        Precision::Bf16 => inner.div_ceil(2).div_ceil(TILE_ROWS) * TILE_ROWS,
+        Precision::Int8 => inner.div_ceil(4).div_ceil(TILE_ROWS) * TILE_ROWS,
+    }
+}
+
+/// `a` and `b` rounded to bf16 (nearest, ties to even), `a` in the low half.
+pub(crate) fn bf16_pair(a: f32, b: f32) -> u32 {
+    u32::from(half::bf16::from_f32(a).to_bits()) | (u32::from(half::bf16::from_f32(b).to_bits()) << 16)
+}
+
+/// The int8 code of `v` at `scale` (round to nearest, ties away, clamped to ±127).
+fn quantize_i8(v: f32, inv_scale: f32) -> i8 {
+    (v * inv_scale).round().clamp(-127.0, 127.0) as i8
+}
+
+impl PackedWeight {
+    /// Packs `w`, row-major `[out, inner]`, as f32 panels.
+    pub fn pack(w: &[f32], out: usize, inner: usize) -> Self {
+        Self::pack_as(w, out, inner, Precision::F32)
+    }
+
+    /// Packs `w`, row-major `[out, inner]`, in `precision`.
+    pub fn pack_as(w: &[f32], out: usize, inner: usize, precision: Precision) -> Self {
+        assert_eq!(w.len(), out * inner, "weight of {} values is not [{out}, {inner}]", w.len());
+        Self::pack_with(out, inner, precision, |o, k| w[o * inner + k])
+    }
+
+    /// Packs `Wᵀ` of `w` (row-major `[out, inner]`) as f32 panels: the weight of `g W` (the input
+    /// gradient of `x Wᵀ`), `[inner, out]`.
+    pub fn pack_transposed(w: &[f32], out: usize, inner: usize) -> Self {
+        assert_eq!(w.len(), out * inner, "weight of {} values is not [{out}, {inner}]", w.len());
+        Self::pack_with(inner, out, Precision::F32, |o, k| w[k * inner + o])
+    }
+
+    /// Packs the `[out, inner]` matrix whose entry `(o, k)` is `at(o, k)`.
+    fn pack_with(out: usize, inner: usize, precision: Precision, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        let n_panels = out.div_ceil(NR);
+        let u = units(precision, inner);
+        let mut data = vec![0u32; n_panels * u * NR];
+        let mut scale = vec![0f32; n_panels * NR];
+        let mut colsum = vec![0i32; n_panels * NR];
+        data.par_chunks_mut(u * NR).zip(scale.par_chunks_mut(NR)).zip(colsum.par_chunks_mut(NR)).enumerate().for_each(
+            |(p, ((panel, scale), colsum))| {
+                for j in 0..NR.min(out - p * NR) {
+                    let o = p * NR + j;
+                    match precision {
+                        Precision::F32 => {
+                            for k in 0..inner {
+                                panel[k * NR + j] = at(o, k).to_bits();
+                            }
+                        }
+                        Precision::Bf16 => {
+                            for i in 0..inner.div_ceil(2) {
+                                let b = if 2 * i + 1 < inner { at(o, 2 * i + 1) } else { 0.0 };
+                                panel[i * NR + j] = bf16_pair(at(o, 2 * i), b);
+                            }
+                        }
+                        Precision::Int8 => {
+                            let max = (0..inner).map(|k| at(o, k).abs()).fold(0f32, f32::max);
+                            let s = if max > 0.0 { max / 127.0 } else { 1.0 };
+                            let inv = 1.0 / s;
+                            let mut sum = 0i32;
+                            for i in 0..inner.div_ceil(4) {
+                                let mut lane = 0u32;
+                                for b in 0..4 {
+                                    let k = 4 * i + b;
+                                    if k < inner {
+                                        let q = quantize_i8(at(o, k), inv);
+                                        sum += i32::from(q);
+                                        lane |= u32::from(q as u8) << (8 * b);
+                                    }
+                                }
+                                panel[i * NR + j] = lane;
+                            }
+                            scale[j] = s;
+                            colsum[j] = sum;
+                        }
+                    }
+                }
+            },
+        );
+        let (scale, colsum) = match precision {
+            Precision::Int8 => (Store::owned(scale), Store::owned(colsum)),
+            _ => (Store::owned(Vec::new()), Store::owned(Vec::new())),
+        };
+        Self { out, inner, precision, data: Store::owned(data), scale, colsum }
+    }
+
+    /// Reassembles a packed weight from its stored parts (a cache file): `None` if the parts do
+    /// not have the lengths `[out, inner]` in `precision` needs.
+    pub(crate) fn from_parts(
+        out: usize,
+        inner: usize,
+        precision: Precision,
+        data: Store<u32>,
+        scale: Store<f32>,
+        colsum: Store<i32>,
+    ) -> Option<Self> {
+        let n_panels = out.div_ceil(NR);
+        let lanes = n_panels * units(precision, inner) * NR;
+        let cols = if precision == Precision::Int8 { n_panels * NR } else { 0 };
+        (data.len() == lanes && scale.len() == cols && colsum.len() == cols).then_some(Self {
+            out,
+            inner,
+            precision,
+            data,
+            scale,
+            colsum,
+        })
+    }
+
+    /// The stored parts: panels, int8 scales and column sums (empty otherwise).
+    pub(crate) fn parts(&self) -> (&[u32], &[f32], &[i32]) {
+        (&self.data, &self.scale, &self.colsum)
+    }
+
+    /// The packed weight of output columns `cols` only (rows of `W`), in the same precision
+    /// with the same values: lanes, scales and sums are copied, nothing is rounded again.
+    ///
+    /// # Panics
+    /// If a column is out of range.
+    pub fn select_outputs(&self, cols: &[usize]) -> Self {
+        let u = units(self.precision, self.inner);
+        let n_panels = cols.len().div_ceil(NR);
+        let mut data = vec![0u32; n_panels * u * NR];
+        let int8 = self.precision == Precision::Int8;
+        let mut scale = vec![0f32; if int8 { n_panels * NR } else { 0 }];
+        let mut colsum = vec![0i32; scale.len()];
+        for (n, &c) in cols.iter().enumerate() {
+            assert!(c < self.out, "column {c} outside a weight of {} outputs", self.out);
+            let (sp, sj) = (c / NR, c % NR);
+            let (dp, dj) = (n / NR, n % NR);
+            for i in 0..u {
+                data[(dp * u + i) * NR + dj] = self.data[(sp * u + i) * NR + sj];
+            }
+            if int8 {
+                scale[n] = self.scale[c];
+                colsum[n] = self.colsum[c];
+            }
+        }
+        Self {
+            out: cols.len(),
+            inner: self.inner,
+            precision: self.precision,
+            data: Store::owned(data),
+            scale: Store::owned(scale),
+            colsum: Store::owned(colsum),
+        }
+    }
+
+    /// The weight back as row-major `[out, inner]` f32: exact for f32 panels, the rounded or
+    /// dequantized values (`q · scale`) for bf16 and int8.
+    pub fn unpack(&self) -> Vec<f32> {
+        let u = units(self.precision, self.inner);
+        let mut w = vec![0f32; self.out * self.inner];
+        for o in 0..self.out {
+            let (p, j) = (o / NR, o % NR);
+            let lane = |i: usize| self.data[(p * u + i) * NR + j];
+            let row = &mut w[o * self.inner..(o + 1) * self.inner];
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = match self.precision {
+                    Precision::F32 => f32::from_bits(lane(k)),
+                    Precision::Bf16 => {
+                        let bits = (lane(k / 2) >> (16 * (k % 2))) & 0xffff;
+                        f32::from_bits(bits << 16)
+                    }
+                    Precision::Int8 => f32::from(((lane(k / 4) >> (8 * (k % 4))) & 0xff) as u8 as i8) * self.scale[o],
+                };
+            }
+        }
+        w
+    }
+
+    /// Whether the panels live in a memory map (a pack file) rather than on the heap.
+    pub fn is_mapped(&self) -> bool {
+        self.data.is_mapped()
+    }
+
+    /// `(out, inner)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out, self.inner)
+    }
+
+    /// How the panels are stored.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Bytes of packed data.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4 + self.scale.len() * 4 + self.colsum.len() * 4
+    }
+
+    /// `y = x Wᵀ` for `x` row-major `[rows, inner]`; returns `[rows, out]` row-major.
+    ///
+    /// # Panics
+    /// If `x` is not `rows · inner` long, or `tiling` is not for this precision or CPU.
+    pub fn matmul_t(&self, x: &[f32], rows: usize, tiling: &Tiling) -> Vec<f32> {
+        let mut y = vec![0f32; rows * self.out];
+        self.matmul_t_into(x, rows, &mut y, false, tiling);
+        y
+    }
+
+    /// `y (+)= x Wᵀ` into `y` (`[rows, out]`), adding to what is there when `accumulate`.
+    ///
+    /// # Panics
+    /// As [`PackedWeight::matmul_t`], and if `y` is not `rows · out` long.
+    pub fn matmul_t_into(&self, x: &[f32], rows: usize, y: &mut [f32], accumulate: bool, tiling: &Tiling) {
+        assert_eq!(x.len(), rows * self.inner, "input of {} values is not [{rows}, {}]", x.len(), self.inner);
+        assert_eq!(y.len(), rows * self.out, "output of {} values is not [{rows}, {}]", y.len(), self.out);
+        let caps = Caps::detect();
+        assert!(
+            tiling.valid(self.precision, &caps),
+            "tiling {tiling} does not run {} panels on this CPU ({})",
+            self.precision,
+            caps.describe()
+        );
+        if rows == 0 || self.out == 0 {
+            return;
+        }
+        if self.inner == 0 {
+            if !accumulate {
+                y.fill(0.0);
+            }
+            return;
+        }
+        let u = units(self.precision, self.inner);
+        let n_panels = self.out.div_ceil(NR);
+        let job = Job { rows, out: self.out, units: u, n_panels, y: SendPtr(y.as_mut_ptr()), accumulate };
+        // SAFETY: the tiling runs on this CPU (checked above); buffers have the packed shapes.
+        unsafe {
+            match self.precision {
+                Precision::F32 => {
+                    let panels: &[u32] = &self.data;
+                    job.run_vector(tiling, |r, c, row0, group, k0, kc, y, acc| {
+                        let tile = super::f32::tile(tiling.kernel == Kernel::F32Avx512, r, c);
+                        let w = (panels.as_ptr() as *const f32).add(group * tiling.panels as usize * u * NR + k0 * NR);
+                        let cols = (self.out - group * tiling.panels as usize * NR).min(c * NR);
+                        tile(x.as_ptr().add(row0 * self.inner + k0), self.inner, w, u * NR, kc, y, self.out, cols, acc);
+                    });
+                }
+                Precision::Bf16 => {
+                    let xb = to_bf16_rows(x, rows, self.inner, u);
+                    self.run_lowp(&job, tiling, &xb, None);
+                }
+                Precision::Int8 => {
+                    let q = quantize_rows(x, rows, self.inner, u);
+                    let dq = Dequant {
+                        zx: q.zero.as_ptr(),
+                        sx: q.scale.as_ptr(),
+                        colsum: self.colsum.as_ptr(),
+                        sw: self.scale.as_ptr(),
+                    };
+                    self.run_lowp(&job, tiling, &q.codes, Some(&dq));
+                }
+            }
+        }
+    }
+
+    /// The bf16 and int8 products over prepared input rows `xp` (`units` lanes per row, rows
+    /// padded to whole tiles).
+    unsafe fn run_lowp(&self, job: &Job, tiling: &Tiling, xp: &[u32], dq: Option<&Dequant>) {
+        let u = job.units;
+        let panels: &[u32] = &self.data;
+        if tiling.kernel.is_amx() {
+            job.run_amx(|panel_range, y| {
+                let args = (xp.as_ptr() as *const u8, u * 4, job.rows, panels.as_ptr() as *const u8, u * NR * 4);
+                if tiling.kernel == Kernel::Int8Amx {
+                    super::lowp::amx_block::<true>(
+                        args.0,
+                        args.1,
+                        args.2,
+                        args.3,
+                        args.4,
+                        panel_range,
+                        self.out,
+                        u / TILE_ROWS,
+                        y,
+                        self.out,
+                        job.accumulate,
+                        dq,
+                    );
+                } else {
+                    super::lowp::amx_block::<false>(
+                        args.0,
+                        args.1,
+                        args.2,
+                        args.3,
+                        args.4,
+                        panel_range,
+                        self.out,
+                        u / TILE_ROWS,
+                        y,
+                        self.out,
+                        job.accumulate,
+                        dq,
+                    );
+                }
+            });
+            return;
+        }
+        let kind = match tiling.kernel {
+            Kernel::Bf16Avx512 => LowpKind::Bf16Avx512,
+            Kernel::Int8Avx512 => LowpKind::Int8Avx512,
+            Kernel::Int8Avx256 => LowpKind::Int8Avx256,
+            other => unreachable!("{other} is not a vector low-precision kernel"),
+        };
+        let c_max = tiling.panels as usize;
+        job.run_vector(tiling, |r, c, row0, group, k0, kc, y, acc| {
+            let tile = super::lowp::tile(kind, r, c);
+            let col0 = group * c_max * NR;
+            let w = panels.as_ptr().add(group * c_max * u * NR + k0 * NR);
+            let cols = (self.out - col0).min(c * NR);
+            let dq = dq.map(|d| Dequant {
+                zx: d.zx.add(row0),
+                sx: d.sx.add(row0),
+                colsum: d.colsum.add(col0),
+                sw: d.sw.add(col0),
+            });
+            tile(xp.as_ptr().add(row0 * u + k0), u, w, u * NR, kc, y, self.out, cols, acc, dq.as_ref());
+        });
+    }
+}
+
+/// The shape of one product and where it writes.
+struct Job {
+    rows: usize,
+    out: usize,
+    units: usize,
+    n_panels: usize,
+    y: SendPtr,
+    accumulate: bool,
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: parallel parts of a product write disjoint columns (or disjoint row blocks) of `y`.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+/// How many parallel parts to cut `n` units of work into: a few per thread, so a descheduled
+/// thread's share is stolen, and none where one thread suffices.
+fn parts(n: usize) -> usize {
+    (rayon::current_num_threads() * 4).min(n).max(1)
+}
+
+impl Job {
+    /// Runs a vector kernel's loop nest: blocks of `mc` rows × chunks of panel groups in
+    /// parallel; inside, group by group, blocks of `kc` units, tiles of `rows` rows.
+    /// `tile(r, c, row0, group, k0, kc, y_at_tile, accumulate)` computes one tile.
+    unsafe fn run_vector(
+        &self,
+        tiling: &Tiling,
+        tile: impl Fn(usize, usize, usize, usize, usize, usize, *mut f32, bool) + Sync,
+    ) {
+        let (r_max, c_max) = (tiling.rows as usize, tiling.panels as usize);
+        let kc = if tiling.kc == 0 { self.units } else { tiling.kc as usize };
+        let mc = if tiling.mc == 0 { self.rows } else { (tiling.mc as usize).max(r_max) };
+        let groups = self.n_panels.div_ceil(c_max);
+        let m_blocks = self.rows.div_ceil(mc);
+        let chunks = parts(groups);
+        let per = groups.div_ceil(chunks);
+        let chunks = groups.div_ceil(per);
+        let work = |item: usize| {
+            let (mb, chunk) = (item / chunks, item % chunks);
+            let rows = mb * mc..(mb * mc + mc).min(self.rows);
+            for group in chunk * per..(chunk * per + per).min(groups) {
+                let c = c_max.min(self.n_panels - group * c_max);
+                for k0 in (0..self.units).step_by(kc) {
+                    let kn = kc.min(self.units - k0);
+                    let acc = self.accumulate || k0 > 0;
+                    // Tiles of equal height (35 rows at most 12 high: 12, 12, 11).
+                    let r_even = rows.len().div_ceil(rows.len().div_ceil(r_max).max(1)).max(1);
+                    for row0 in rows.clone().step_by(r_even) {
+                        let r = r_even.min(rows.end - row0);
+                        let y = self.y.0.add(row0 * self.out + group * c_max * NR);
+                        tile(r, c, row0, group, k0, kn, y, acc);
+                    }
+                }
+            }
+        };
+        let items = m_blocks * chunks;
+        if items == 1 {
+            work(0);
+        } else {
+            (0..items).into_par_iter().for_each(work);
+        }
+    }
+
+    /// Runs AMX over chunks of panels in parallel, each thread with its tiles configured.
+    unsafe fn run_amx(&self, block: impl Fn(std::ops::Range<usize>, *mut f32) + Sync) {
+        // Chunks of whole panel pairs (two weight tiles per step).
+        let pairs = self.n_panels.div_ceil(2);
+        let chunks = parts(pairs);
+        let per = pairs.div_ceil(chunks);
+        let chunks = pairs.div_ceil(per);
+        let work = |chunk: usize| {
+            let start = chunk * per * 2;
+            let end = ((chunk + 1) * per * 2).min(self.n_panels);
+            super::amx::configure();
+            block(start..end, self.y.0);
+            super::amx::release();
+        };
+        if chunks == 1 {
+            work(0);
+        } else {
+            (0..chunks).into_par_iter().for_each(work);
+        }
+    }
+}
+
+/// Input rows as bf16 pairs (`units` per row, zero beyond `inner`), rows padded with zeros to
+/// whole AMX tiles; rounded to nearest even, as [`bf16_pair`].
+fn to_bf16_rows(x: &[f32], rows: usize, inner: usize, units: usize) -> Vec<u32> {
+    let rows_pad = rows.div_ceil(TILE_ROWS) * TILE_ROWS;
+    let mut out = vec![0u32; rows_pad * units];
+    for (row, dst) in x.chunks(inner).zip(out.chunks_mut(units)) {
+        #[cfg(target_arch = "x86_64")]
+        if Caps::detect().avx512_bf16 {
+            // SAFETY: AVX512-BF16 checked; `dst` holds `units ≥ inner / 2` lanes.
+            unsafe { bf16_row_avx512(row, dst) };
+            continue;
+        }
+        for (i, pair) in row.chunks(2).enumerate() {
+            dst[i] = bf16_pair(pair[0], pair.get(1).copied().unwrap_or(0.0));
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn bf16_row_avx512(row: &[f32], dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let dst16 = dst.as_mut_ptr() as *mut u16;
+    let whole = row.len() / 16 * 16;
+    for i in (0..whole).step_by(16) {
+        let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(row.as_ptr().add(i))));
+        _mm256_storeu_si256(dst16.add(i) as *mut __m256i, b);
+    }
+    for (i, &v) in row.iter().enumerate().skip(whole) {
+        *dst16.add(i) = half::bf16::from_f32(v).to_bits();
+    }
+}
+
+/// Input rows quantized to u8 with a scale and zero point each (`x ≈ s (q - z)`, the range of
+/// the row mapped onto 0..255 with 0 exact), `units` quads per row.
+pub(crate) struct QuantizedRows {
+    pub codes: Vec<u32>,
+    pub scale: Vec<f32>,
+    pub zero: Vec<i32>,
+}
+
+/// Quantizes each row of `x` to u8 (see [`QuantizedRows`]); rows padded to whole tiles.
+pub(crate) fn quantize_rows(x: &[f32], rows: usize, inner: usize, units: usize) -> QuantizedRows {
+    let rows_pad = rows.div_ceil(TILE_ROWS) * TILE_ROWS;
+    let mut codes = vec![0u32; rows_pad * units];
+    let mut scale = vec![1f32; rows_pad];
+    let mut zero = vec![0i32; rows_pad];
+    for (r, (row, dst)) in x.chunks(inner).zip(codes.chunks_mut(units)).enumerate() {
+        let (lo, hi) = row.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let s = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+        let z = (-lo / s).round().clamp(0.0, 255.0);
+        let inv = 1.0 / s;
+        let bytes = dst.as_mut_ptr() as *mut u8;
+        #[cfg(target_arch = "x86_64")]
+        if Caps::detect().avx512 {
+            // SAFETY: AVX-512 checked; `dst` holds `units · 4 ≥ inner` bytes.
+            unsafe { quantize_row_avx512(row, bytes, inv, z) };
+        } else {
+            for (k, &v) in row.iter().enumerate() {
+                // SAFETY: `k < inner ≤ units · 4`.
+                unsafe { *bytes.add(k) = v.mul_add(inv, z).round_ties_even().clamp(0.0, 255.0) as u8 };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        for (k, &v) in row.iter().enumerate() {
+            // SAFETY: `k < inner ≤ units · 4`.
+            unsafe { *bytes.add(k) = v.mul_add(inv, z).round_ties_even().clamp(0.0, 255.0) as u8 };
+        }
+        scale[r] = s;
+        zero[r] = z as i32;
+    }
+    QuantizedRows { codes, scale, zero }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_row_avx512(row: &[f32], out: *mut u8, inv: f32, z: f32) {
+    use std::arch::x86_64::*;
+    let (vi, vz) = (_mm512_set1_ps(inv), _mm512_set1_ps(z));
+    let (lo, hi) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
+    let whole = row.len() / 16 * 16;
+    for i in (0..whole).step_by(16) {
+        let v = _mm512_fmadd_ps(_mm512_loadu_ps(row.as_ptr().add(i)), vi, vz);
+        // Round to nearest even (the default MXCSR mode), as the scalar tail does.
+        let q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
+        _mm_storeu_si128(out.add(i) as *mut __m128i, _mm512_cvtepi32_epi8(q));
+    }
+    for (k, &v) in row.iter().enumerate().skip(whole) {
+        *out.add(k) = v.mul_add(inv, z).round_ties_even().clamp(0.0, 255.0) as u8;
+    }
+}
