@@ -63,9 +63,13 @@ impl RmsNorm {
         Ok(Self { weight: w.dense("weight")?, eps: eps as f32 })
     }
 
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor, Error> {
+    fn forward(&self, x: &Tensor, mode: Mode, fused: bool) -> Result<Tensor, Error> {
         Ok(match mode {
             Mode::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?,
+            Mode::Train { .. } if fused => {
+                let weight = self.weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                x.contiguous()?.apply_op1(crate::cpu::train_ops::RmsNorm { weight, eps: self.eps })?
+            }
             Mode::Train { .. } => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
         })
     }
@@ -121,6 +125,9 @@ fn same_adapter(a: Option<&LoraAdapter>, b: Option<&LoraAdapter>) -> bool {
 struct LayerCtx<'a> {
     mode: Mode,
     kernels: &'a CpuKernels,
+    /// The fused CPU ops (attention, norms, rotary, SwiGLU) run on both paths: our kernels on
+    /// the CPU in f32. Elsewhere candle's ops.
+    fused: bool,
     adapters: Adapters<'a>,
     /// The keys each query may see: as an additive mask `[batch, 1, 1, seq, keys]` for
     /// candle's ops, or as booleans for the fused CPU attention.
@@ -230,6 +237,10 @@ impl LayerCtx<'_> {
     fn rope(&self, x: &Tensor) -> Result<Tensor, Error> {
         Ok(match self.mode {
             Mode::Inference => candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)?,
+            Mode::Train { .. } if self.fused => {
+                let (cos, sin) = (self.cos.flatten_all()?.to_vec1::<f32>()?, self.sin.flatten_all()?.to_vec1::<f32>()?);
+                x.contiguous()?.apply_op1(crate::cpu::train_ops::Rope { cos, sin })?
+            }
             Mode::Train { .. } => {
                 // x·cos + rotate_half(x)·sin with per-row positions, differentiable.
                 let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?.unsqueeze(1)?;
@@ -298,6 +309,17 @@ impl Attention {
             }
             None => (k, v),
         };
+        if let (AttentionMask::Keys(mask), Mode::Train { .. }) = (&ctx.mask, ctx.mode) {
+            // Training on the CPU: one differentiable op, products on the f32 tiles.
+            let op = crate::cpu::train_ops::Attention {
+                mask: mask.clone(),
+                heads: nh,
+                kv_heads: nkv,
+                kernels: ctx.kernels.clone(),
+            };
+            let y = q.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+            return ctx.project(&self.o_proj, layer, Projection::O, &y);
+        }
         if let AttentionMask::Keys(mask) = &ctx.mask {
             // Inference on the CPU: the fused kernel over the allowed keys only.
             let heads = crate::cpu::attention::Heads { heads: nh, kv_heads: nkv, head_dim: hd };
@@ -343,6 +365,9 @@ impl Mlp {
         let up = ctx.project(&self.up_proj, layer, Projection::Up, x)?;
         let fused = match ctx.mode {
             Mode::Inference => crate::fast::swiglu(&gate, &up, ctx.kernels)?,
+            Mode::Train { .. } if ctx.fused => {
+                Some(gate.contiguous()?.apply_op2(&up.contiguous()?, crate::cpu::train_ops::Swiglu)?)
+            }
             Mode::Train { .. } => None,
         };
         let hidden = match fused {
@@ -371,9 +396,9 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, layer: usize, ctx: &LayerCtx, cache: Option<&mut KvCache>) -> Result<Tensor, Error> {
-        let h = self.input_layernorm.forward(x, ctx.mode)?;
+        let h = self.input_layernorm.forward(x, ctx.mode, ctx.fused)?;
         let x = (x + self.self_attn.forward(&h, layer, ctx, cache)?)?;
-        let h = self.post_attention_layernorm.forward(&x, ctx.mode)?;
+        let h = self.post_attention_layernorm.forward(&x, ctx.mode, ctx.fused)?;
         Ok((&x + self.mlp.forward(&h, layer, ctx)?)?)
     }
 
@@ -586,17 +611,13 @@ impl Decoder {
         }
         let (cos, sin) = self.rope.cos_sin(&positions, self.dtype, &self.device)?;
         let allowed = allowed_keys(&past_mask, batch.mask(), batch.branches(), batch.segments());
-        let fused = matches!(mode, Mode::Inference)
-            && self.kernels.enabled()
-            && self.device.is_cpu()
-            && self.dtype == DType::F32
-            && self.cfg.head_dim > 0;
+        let fused = self.kernels.enabled() && self.device.is_cpu() && self.dtype == DType::F32 && self.cfg.head_dim > 0;
         let mask = if fused {
             AttentionMask::Keys(allowed)
         } else {
             AttentionMask::Additive(additive_mask(&allowed, self.dtype, &self.device)?)
         };
-        let ctx = LayerCtx { mode, kernels: &self.kernels, adapters, mask, cos, sin };
+        let ctx = LayerCtx { mode, kernels: &self.kernels, fused, adapters, mask, cos, sin };
 
         let ids = batch.ids_tensor(&self.device)?.flatten_all()?;
         let mut x = self.embed_tokens.lookup(&ids, self.dtype, &self.device)?.reshape((b, t, self.cfg.hidden_size))?;
@@ -606,7 +627,7 @@ impl Decoder {
         if let Some(c) = cache {
             c.append_mask(batch.mask());
         }
-        let hidden = self.norm.forward(&x, mode)?;
+        let hidden = self.norm.forward(&x, mode, fused)?;
         let head = |h: &Tensor| -> Result<Tensor, Error> {
             Ok(match mode {
                 Mode::Inference => self.lm_head.forward_inference(h, &self.kernels)?,

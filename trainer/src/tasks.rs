@@ -32,6 +32,9 @@ pub struct TasksArgs {
     pub dump: Option<usize>,
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// The `--show` task's data directory (default: `<cache>/data/<task>`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -57,7 +60,8 @@ pub fn run(args: &TasksArgs, cache: &Path) -> Result<()> {
         }
         return Ok(());
     };
-    let select = TaskSelection { tasks: vec![name.clone()], task_files: args.task_files.clone(), data: None };
+    let select =
+        TaskSelection { tasks: vec![name.clone()], task_files: args.task_files.clone(), data: args.data.clone() };
     let loaded = args.model.load(cache)?;
     if let Some(n) = args.dump {
         let out = args.out.as_ref().expect("clap requires --out with --dump");

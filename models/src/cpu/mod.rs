@@ -14,6 +14,7 @@ pub mod options;
 pub mod packed;
 pub mod plan;
 pub(crate) mod store;
+pub mod train_ops;
 
 pub use caps::Caps;
 pub use options::{IsaLimit, KernelArgs, PlanSource, PrecisionChoice, Purpose};
