@@ -43,9 +43,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--dtype",
-        choices=["f32", "bf16"],
+        choices=["f32", "bf16", "int8"],
         default="f32",
-        help="bf16: the model's weights and activations in bfloat16 (oneDNN's AVX512-BF16 kernels)",
+        help="bf16: the model's weights and activations in bfloat16 (oneDNN's AVX512-BF16 / AMX kernels); "
+        "int8: every Linear dynamically quantized (torch.ao.quantization.quantize_dynamic: int8 weights "
+        "per channel, activations quantized per call; FBGEMM's VNNI kernels)",
     )
     args = ap.parse_args()
 
@@ -60,6 +62,8 @@ def main():
     model = BertForSequenceClassification(config).eval()
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
+    elif args.dtype == "int8":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     tokenizer = Tokenizer.from_file(args.tokenizer)
     tokenizer.enable_truncation(max_length=512)
     tokenizer.no_padding()

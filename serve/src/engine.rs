@@ -123,6 +123,16 @@ impl Engine {
         Self { model, opts, prefixes: HashMap::new(), metrics }
     }
 
+    /// Tokens per packed row (0: one input per padded row).
+    pub fn pack_tokens(&self) -> usize {
+        self.opts.pack_tokens
+    }
+
+    /// Packs into rows of `tokens` (0: pads one input per row), as `tuning` decides.
+    pub fn set_pack_tokens(&mut self, tokens: usize) {
+        self.opts.pack_tokens = tokens;
+    }
+
     /// Candidate log-probabilities `[row][label]` of every row.
     fn score_rows(&mut self, rows: &[&Row]) -> Result<Vec<Vec<f64>>, models::Error> {
         // Forget prefixes of versions nobody holds any more.

@@ -27,6 +27,10 @@ pub struct Ready {
     pub tasks: BTreeMap<String, Arc<TaskEntry>>,
     pub adapters: Arc<AdapterTable>,
     pub scheduler: Arc<Scheduler>,
+    /// The batching mode and how it was chosen (`tuning`).
+    pub serving: crate::tuning::Choice,
+    /// The CPU kernels the model runs on, one line.
+    pub kernels: String,
 }
 
 /// Everything the handlers share.
@@ -58,8 +62,8 @@ impl AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "verdict-serve", description = "Text classification with per-task LoRA adapters over one base model."),
-    paths(classify, predict, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, metrics),
-    components(schemas(ErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, Prediction, TaskInfo, TaskAdapters, AdapterChange)),
+    paths(classify, predict, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, info, metrics),
+    components(schemas(ErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, Prediction, TaskInfo, TaskAdapters, AdapterChange, Info, crate::tuning::Choice, crate::tuning::Timings, crate::tuning::Batching)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -93,6 +97,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(at("/v1/admin/adapters/{task}/rollback", web::post().to(admin_rollback)))
         .service(at("/health", web::get().to(health)))
         .service(at("/ready", web::get().to(ready)))
+        .service(at("/info", web::get().to(info)))
         .service(at("/metrics", web::get().to(metrics)))
         .service(at("/openapi.json", web::get().to(openapi)));
 }
@@ -569,6 +574,32 @@ async fn admin_rollback(state: State, req: HttpRequest, path: web::Path<String>)
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
 async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// What the server runs: the model, its CPU kernels and the batching mode (with the
+/// measurement that chose it).
+#[derive(Serialize, ToSchema)]
+pub struct Info {
+    /// The model file or directory.
+    pub model: String,
+    /// The kernels' precision, the CPU and its instruction sets (decoders on the CPU).
+    pub kernels: String,
+    pub batching: crate::tuning::Choice,
+    pub version: String,
+}
+
+/// The model, kernels and batching mode; 503 while loading.
+#[utoipa::path(get, path = "/info", responses((status = 200, body = Info), (status = 503, body = ErrorBody)))]
+async fn info(state: State) -> HttpResponse {
+    match state.ready() {
+        Ok(r) => HttpResponse::Ok().json(Info {
+            model: state.model_path.clone(),
+            kernels: r.kernels.clone(),
+            batching: r.serving.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }),
+        Err(e) => e.response(),
+    }
 }
 
 /// Readiness: 200 once the model and the adapters are loaded, 503 before.

@@ -14,6 +14,7 @@ mod engine;
 mod http;
 mod metrics;
 mod scheduler;
+mod tuning;
 
 use actix_web::{web, App, HttpServer};
 use anyhow::{anyhow, Context, Result};
@@ -100,12 +101,16 @@ struct Cli {
     /// Longest wait for more requests once a batch has one.
     #[arg(long, env = "VERDICT_MAX_BATCH_WAIT_MS", default_value_t = 2)]
     max_batch_wait_ms: u64,
-    /// One request per forward pass (for comparison).
-    #[arg(long, env = "VERDICT_NO_BATCHING")]
+    /// How requests are batched: `auto` (measured on the loaded model at the first start on
+    /// this CPU, then cached: docs/serving.md), `packed` (one task version's inputs side by side
+    /// in shared rows, no padding), `padded` (one input per padded row) or `off` (one request
+    /// per forward pass). `/info` says what was chosen.
+    #[arg(long, env = "VERDICT_BATCHING", default_value_t = tuning::Batching::Auto)]
+    batching: tuning::Batching,
+    /// The same as `--batching off`.
+    #[arg(long, env = "VERDICT_NO_BATCHING", hide = true)]
     no_batching: bool,
-    /// Pack the inputs of one task and adapter version into shared batch rows of up to this
-    /// many tokens, each input attending only to itself: no padding (0: one input per padded
-    /// row, for comparison).
+    /// Tokens per packed row (`--batching packed`; `auto` measures packing at this size).
     #[arg(long, env = "VERDICT_PACK_TOKENS", default_value_t = 256)]
     pack_tokens: usize,
     /// Recompute every prompt's constant prefix (for comparison).
@@ -212,24 +217,104 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
         Registry::new(&cli.adapters),
         registry,
         backend.clone(),
-        sha,
+        sha.clone(),
         cli.merged,
         metrics.clone(),
     ));
     for event in adapters.sync() {
         eprintln!("verdict-serve: adapters: {event}");
     }
-    let compute: Box<dyn scheduler::Compute> = match &backend {
-        Backend::Decoder(loaded) => Box::new(engine::Engine::new(
-            loaded.clone(),
-            engine::EngineOptions { prefix_cache: cli.prefix_cache, merged: cli.merged, pack_tokens: cli.pack_tokens },
-            metrics.clone(),
-        )),
-        Backend::Encoder(encoder) => Box::new(encoder_engine::EncoderEngine::new(encoder.clone())),
+    let mut batch = cli.batch;
+    let (compute, serving): (Box<dyn scheduler::Compute>, tuning::Choice) = match &backend {
+        Backend::Decoder(loaded) => {
+            let mut engine = engine::Engine::new(
+                loaded.clone(),
+                engine::EngineOptions {
+                    prefix_cache: cli.prefix_cache,
+                    merged: cli.merged,
+                    pack_tokens: cli.pack_tokens,
+                },
+                metrics.clone(),
+            );
+            let choice = choose_batching(cli, loaded, &tasks, &adapters, &mut engine, &sha)?;
+            match choice.batching {
+                tuning::Batching::Padded => engine.set_pack_tokens(0),
+                tuning::Batching::Off => batch.batching = false,
+                _ => {}
+            }
+            (Box::new(engine), choice)
+        }
+        // An encoder's batch is padded rows; batching is on unless asked off.
+        Backend::Encoder(encoder) => {
+            let mode =
+                if cli.batching == tuning::Batching::Off { tuning::Batching::Off } else { tuning::Batching::Padded };
+            batch.batching = mode != tuning::Batching::Off;
+            (Box::new(encoder_engine::EncoderEngine::new(encoder.clone())), tuning::Choice::flag(mode))
+        }
     };
-    let scheduler = Arc::new(scheduler::Scheduler::start(compute, cli.batch, metrics)?);
+    eprintln!("verdict-serve: {}", serving.describe());
+    let scheduler = Arc::new(scheduler::Scheduler::start(compute, batch, metrics)?);
     eprintln!("verdict-serve: model and adapters loaded in {:.2} s", t0.elapsed().as_secs_f64());
-    Ok(http::Ready { backend, tasks, adapters, scheduler })
+    let kernels = match &backend {
+        Backend::Decoder(loaded) => loaded.model.kernels().describe(),
+        Backend::Encoder(_) => "candle's kernels".into(),
+    };
+    Ok(http::Ready { backend, tasks, adapters, scheduler, serving, kernels })
+}
+
+/// The batching mode: the flag's, a cached measurement's, or one measured now (`tuning`).
+fn choose_batching(
+    cli: &LoadArgs,
+    loaded: &Arc<models::LoadedModel>,
+    tasks: &BTreeMap<String, Arc<engine::TaskEntry>>,
+    adapters: &adapters::AdapterTable,
+    engine: &mut engine::Engine,
+    sha: &str,
+) -> Result<tuning::Choice> {
+    if cli.batching != tuning::Batching::Auto {
+        return Ok(tuning::Choice::flag(cli.batching));
+    }
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|t| t.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let key = format!(
+        "verdict {} | {} | model {sha} | {threads} threads | scoring {} | prefix cache {} | merged {} | pack {}",
+        env!("CARGO_PKG_VERSION"),
+        loaded.model.kernels().identity(),
+        cli.answer_scoring,
+        cli.prefix_cache,
+        cli.merged,
+        cli.pack_tokens
+    );
+    let file = tuning::cache_file(&cli.cache_dir, &key);
+    if let Some(choice) = tuning::read_cached(&file, &key) {
+        return Ok(choice);
+    }
+    // Measured on the default task, else the first task that serves an adapter, else the first.
+    let pick = cli
+        .default_task
+        .as_ref()
+        .and_then(|t| tasks.get(t))
+        .or_else(|| tasks.values().find(|e| adapters.current(&e.task.name).is_some()))
+        .or_else(|| tasks.values().next());
+    let Some(entry) = pick else { return Ok(tuning::Choice::flag(tuning::Batching::Packed)) };
+    let version = adapters.current(&entry.task.name);
+    let on =
+        format!("{} {}", entry.task.name, version.as_ref().map_or("(no adapter)".to_string(), |v| v.version.clone()));
+    let encode = |fields: &BTreeMap<String, String>| -> Result<Vec<u32>, String> {
+        let parts = entry.task.prompt(loaded.chat.as_ref(), &[], fields).map_err(|e| e.to_string())?;
+        loaded.encode(&parts.body, false).map_err(|e| e.to_string())
+    };
+    let rows = tuning::sample_rows(entry, version, encode).map_err(|e| anyhow!("batching measurement: {e}"))?;
+    eprintln!("verdict-serve: measuring batching on {on} (once per CPU, model and thread count) ...");
+    let t = tuning::measure(engine, &rows).map_err(|e| anyhow!("batching measurement: {e}"))?;
+    let choice =
+        tuning::Choice { batching: t.best(), source: "measured".into(), measured_ms: Some(t), measured_on: Some(on) };
+    if let Err(e) = tuning::write_cached(&file, &key, &choice) {
+        eprintln!("verdict-serve: cannot cache the batching choice in {}: {e}", file.display());
+    }
+    Ok(choice)
 }
 
 /// What the loading thread needs from the command line.
@@ -246,6 +331,8 @@ struct LoadArgs {
     prefix_cache: bool,
     pack_tokens: usize,
     answer_scoring: AnswerScoring,
+    batching: tuning::Batching,
+    default_task: Option<String>,
     batch: scheduler::BatchOptions,
 }
 
@@ -316,8 +403,10 @@ async fn main() -> Result<()> {
         prefix_cache: !cli.no_prefix_cache,
         pack_tokens: cli.pack_tokens,
         answer_scoring: cli.answer_scoring,
+        batching: if cli.no_batching { tuning::Batching::Off } else { cli.batching },
+        default_task: cli.default_task.clone(),
         batch: scheduler::BatchOptions {
-            batching: !cli.no_batching,
+            batching: true,
             max_batch_tokens: cli.max_batch_tokens,
             max_batch_rows: cli.max_batch_rows,
             max_wait: Duration::from_millis(cli.max_batch_wait_ms),

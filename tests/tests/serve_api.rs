@@ -341,6 +341,63 @@ fn word_scoring_answers_from_the_label_words_alone() {
     }
 }
 
+#[test]
+fn batching_is_measured_once_then_cached_and_a_flag_overrides_it() {
+    let fx = Fixture::new("serve-tuning");
+    fx.publish("mr", "v1", 1);
+    fx.registry.promote("mr", "v1").unwrap();
+    let cache = fx._dir.0.join("cache").display().to_string();
+    let info = |server: &Server| -> Value {
+        let (status, body) = server.get("/info");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let words = task("mr").label_words();
+    let sentences = ["good movie", "the plot was awful", "fine"];
+    let check_answers = |server: &Server| {
+        let (status, v) = server.post("/v1/classify", &json!({"task": "mr", "inputs": sentences}));
+        assert_eq!(status, 200, "{v}");
+        for (i, s) in sentences.iter().enumerate() {
+            assert_close(&probs_of(&v["results"][i], &words), &fx.probs("mr", Some("v1"), &[("sentence", s)]), s);
+        }
+    };
+    let first = fx.start(&["--cache-dir", &cache, "--default-task", "mr"]);
+    let i = info(&first);
+    let b = &i["batching"];
+    assert_eq!(b["source"], "measured", "{i}");
+    assert_eq!(b["measured_on"], "mr v1", "{i}");
+    let ms = |k: &str| b["measured_ms"][k].as_f64().unwrap_or_else(|| panic!("no {k}: {i}"));
+    let (one, padded, packed) = (ms("one_at_a_time"), ms("padded"), ms("packed"));
+    assert!([one, padded, packed].iter().all(|t| t.is_finite() && *t > 0.0), "{i}");
+    // The rule, computed here from the reported times: the fastest mode; batching only if it
+    // is no slower than one request at a time.
+    let want = if packed <= padded && packed <= one {
+        "packed"
+    } else if padded <= one {
+        "padded"
+    } else {
+        "off"
+    };
+    assert_eq!(b["batching"], want, "{i}");
+    assert!(i["kernels"].as_str().is_some_and(|k| !k.is_empty()), "{i}");
+    check_answers(&first);
+    drop(first);
+    // A second start reads the measurement instead of repeating it.
+    let second = fx.start(&["--cache-dir", &cache, "--default-task", "mr"]);
+    let again = info(&second);
+    assert_eq!(again["batching"]["source"], "cached", "{again}");
+    assert_eq!(again["batching"]["batching"], want, "{again}");
+    assert_eq!(again["batching"]["measured_ms"], b["measured_ms"], "{again}");
+    drop(second);
+    // A flag wins, and every mode answers the same.
+    for mode in ["off", "padded", "packed"] {
+        let server = fx.start(&["--cache-dir", &cache, "--default-task", "mr", "--batching", mode]);
+        let i = info(&server);
+        assert_eq!((i["batching"]["source"].as_str(), i["batching"]["batching"].as_str()), (Some("flag"), Some(mode)));
+        check_answers(&server);
+    }
+}
+
 /// (what, path, body, headers, expected status, expected code)
 type Case<'a> = (&'a str, &'a str, Vec<u8>, Vec<&'a str>, u16, &'a str);
 

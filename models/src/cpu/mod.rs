@@ -83,15 +83,18 @@ impl CpuKernels {
     /// One line for logs: precision, instruction sets, how many choices were measured.
     pub fn describe(&self) -> String {
         if !self.enabled() {
+            return self.identity();
+        }
+        format!("{}, {} measured shape(s)", self.identity(), self.plan.choices.len())
+    }
+
+    /// The precision, the CPU and its instruction sets: what a measurement made with these
+    /// kernels depends on (a cache key).
+    pub fn identity(&self) -> String {
+        if !self.enabled() {
             return "portable (candle's kernels)".into();
         }
-        format!(
-            "{} products on {} [{}], {} measured shape(s)",
-            self.precision,
-            self.plan.cpu,
-            self.caps.describe(),
-            self.plan.choices.len()
-        )
+        format!("{} products on {} [{}]", self.precision, self.plan.cpu, self.caps.describe())
     }
 }
 

@@ -121,8 +121,9 @@ impl std::fmt::Display for PlanSource {
 pub struct KernelArgs {
     /// Precision of the dense products on the CPU: `f32`, `bf16` (weights and inputs rounded
     /// to bf16, f32 sums), `int8` (int8 weights per output channel, inputs quantized per row,
-    /// i32 sums) or `auto` (verdict-serve: the fastest measured on the loaded model; every
-    /// other command: f32). Training is always f32. docs/runtime.md.
+    /// i32 sums; faster, less exact: docs/results.md) or `auto` (verdict-serve: the faster of
+    /// f32 and bf16 measured on the loaded model; every other command: f32). Training is always
+    /// f32. docs/runtime.md.
     #[arg(long, env = "VERDICT_CPU_MATMUL", default_value = "auto", global = true)]
     pub cpu_matmul: PrecisionChoice,
     /// Instruction sets the kernels may use: `all` (what the CPU has), `none` (candle's
@@ -192,10 +193,11 @@ impl KernelArgs {
                 p.check(&caps)?;
                 vec![p]
             }
-            (PrecisionChoice::Auto, Purpose::Serve) => [Precision::F32, Precision::Bf16, Precision::Int8]
-                .into_iter()
-                .filter(|p| p.check(&caps).is_ok())
-                .collect(),
+            // int8 is asked for, never chosen: with activations quantized per row its answers
+            // moved on 23 of 998 `mr` test sentences (SmolLM2 SFT; bf16: 2), docs/results.md.
+            (PrecisionChoice::Auto, Purpose::Serve) => {
+                [Precision::F32, Precision::Bf16].into_iter().filter(|p| p.check(&caps).is_ok()).collect()
+            }
             (PrecisionChoice::Auto, _) => vec![Precision::F32],
         };
         let cache_path = Plan::cache_path(cache_dir, &caps);

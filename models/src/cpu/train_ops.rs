@@ -193,6 +193,9 @@ fn t_matmul(a: &[f32], m: usize, p: usize, b: &[f32], n: usize, k: &CpuKernels) 
     matmul(&at, p, m, b, n, k)
 }
 
+/// One (row, KV head) group's `dQ`, `dK`, `dV`, with the group's index.
+type GroupGrads = (usize, Vec<f32>, Vec<f32>, Vec<f32>);
+
 impl Attention {
     fn dims(&self, q: &Layout, k: &Layout) -> Result<(usize, usize, usize, usize)> {
         let [b, h, t, d] = q.dims() else { candle_core::bail!("attention: q is not [b, h, t, d]") };
@@ -300,7 +303,7 @@ impl CustomOp3 for Attention {
         let (qv, kv, vv, dy) = (vec_of(q)?, vec_of(k)?, vec_of(v)?, vec_of(grad)?);
         let rep = self.heads / self.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
-        let parts: Vec<(usize, Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * self.kv_heads)
+        let parts: Vec<GroupGrads> = (0..b * self.kv_heads)
             .into_par_iter()
             .map(|item| {
                 let (r, g) = (item / self.kv_heads, item % self.kv_heads);
