@@ -112,7 +112,9 @@ if has serve; then
     for p in "${precisions[@]}"; do
       servers+=("$m-$p|--model $model --cpu-matmul $p --adapters $work/$m")
     done
-    servers+=("$m-int8-nobatch|--model $model --cpu-matmul int8 --batching off --adapters $work/$m")
+    # The defaults (--cpu-matmul auto, --batching auto) against the same without batching.
+    servers+=("$m-auto|--model $model --adapters $work/$m")
+    servers+=("$m-auto-nobatch|--model $model --batching off --adapters $work/$m")
   done
   endpoints=()
   port=$BASE_PORT
@@ -124,7 +126,8 @@ if has serve; then
     pids+=($!)
     # One at a time: each measures its batching mode at start-up on a quiet machine.
     wait_ready "$port" "$name" "$work/$name.log" > /dev/null
-    echo "$name: $(grep -m1 'batching ' "$work/$name.log" | sed 's/^verdict-serve: //')" | tee -a "$work/choices.txt"
+    echo "$name: $(grep -m1 '^verdict-serve: kernels: --cpu-matmul auto' "$work/$name.log" | sed 's/^verdict-serve: kernels: //')" \
+      "$(grep -m1 '^verdict-serve: batching ' "$work/$name.log" | sed 's/^verdict-serve: //')" | tee -a "$work/choices.txt"
     endpoints+=(--endpoint "$name=http://127.0.0.1:$port/v1/classify")
     port=$((port + 1))
   done
@@ -151,7 +154,8 @@ if has serve; then
   {
     echo "## Serving: mr test sentences over HTTP, one per request (verdict-bench)"
     echo
-    echo "Decoders with \`--answer-scoring word\`; \`-nobatch\`: \`--batching off\`. Batching chosen at start-up:"
+    echo "Decoders with \`--answer-scoring word\`; \`-auto\`: the default precision and batching (chosen by"
+    echo "measurement); \`-nobatch\`: \`--batching off\`. What each server chose at start-up:"
     echo
     sed 's/^/- /' "$work/choices.txt"
     echo
@@ -178,11 +182,11 @@ for (name, c), r in sorted(by.items()):
         continue
     def ratio(a, b):
         return "" if a is None or b in (None, 0) else f"{a / b:.2f}"
-    nob = name.split("-")[0] + "-int8-nobatch"
+    nob = name + "-nobatch"
     print(f"| {name} | {c} | {ratio(get(name, c, 'p50_ms'), get('bert-large-torch-f32', c, 'p50_ms'))} | "
           f"{ratio(get(name, c, 'p50_ms'), get('bert-large-torch-int8', c, 'p50_ms'))} | "
           f"{ratio(get(name, c, 'throughput'), get('bert-large-torch-f32', c, 'throughput'))} | "
-          f"{ratio(get(name, c, 'throughput'), get(nob, c, 'throughput')) if name.endswith('-int8') else ''} |")
+          f"{ratio(get(name, c, 'throughput'), get(nob, c, 'throughput')) if name.endswith('-auto') else ''} |")
 print()
 PY
   python3 -c "import json,sys; [print(json.dumps({'part':'serve', **r})) for r in (lambda d: d.get('results', d) if isinstance(d, dict) else d)(json.load(open(sys.argv[1])))]" "$work/serve.json" >> "$OUT.jsonl"

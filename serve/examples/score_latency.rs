@@ -13,7 +13,7 @@
 //! cargo build --release -p serve --example score_latency
 //! target/release/examples/score_latency smollm2 runs/mr-smollm2/best
 //! VERDICT_CPU_MATMUL=bf16 target/release/examples/score_latency qwen0.5b runs/mr-qwen05/best
-//! VERDICT_PACKED=0 VERDICT_FAST_OPS=0 target/release/examples/score_latency smollm2 runs/mr-smollm2/best
+//! VERDICT_CPU_ISA=none target/release/examples/score_latency smollm2 runs/mr-smollm2/best   # candle's kernels
 //! ```
 
 use candle_core::{DType, Device};
