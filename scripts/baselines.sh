@@ -4,8 +4,9 @@
 # reference). Reports land in docs/results/ (one JSON per run); docs/results.md quotes them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 cargo build --release --bins
-bin=./target/release/verdict-train
+bin=$(target_dir)/release/verdict-train
 "$bin" fetch smollm2 qwen0.5b
 "$bin" fetch-data mr
 out=${OUT:-docs/results}

@@ -41,7 +41,8 @@ has() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 cargo build --release --bins
 cargo build --release -p models --example products_bench
-target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+. scripts/lib.sh
+target_dir=$(target_dir)
 bin=$target_dir/release
 cache=${VERDICT_CACHE_DIR:-$HOME/.cache/verdict}
 "$bin/verdict-train" fetch smollm2 qwen0.5b minilm
@@ -265,9 +266,9 @@ print(f'{statistics.median(r[\"step_seconds\"] for r in rows):.2f}')" "$work/ppo
   t_sft=""; t_ppo=""
   if [ -n "${TORCH_PYTHON:-}" ]; then
     t_sft=$("$TORCH_PYTHON" scripts/torch_train_step.py sft --model "$hf" --examples "$work/mr-smollm2.jsonl" --steps 6 \
-      "${torch_threads[@]}" | tail -1 | python3 -c 'import json,sys; print(f"{json.load(sys.stdin)[\"median_seconds\"]:.2f}")')
+      "${torch_threads[@]}" | tail -1 | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["median_seconds"])')
     t_ppo=$("$TORCH_PYTHON" scripts/torch_train_step.py ppo --model "$hf" --examples "$work/mr-smollm2.jsonl" --steps 3 \
-      "${torch_threads[@]}" | tail -1 | python3 -c 'import json,sys; print(f"{json.load(sys.stdin)[\"median_seconds\"]:.2f}")')
+      "${torch_threads[@]}" | tail -1 | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["median_seconds"])')
   fi
   ratio() { [ -n "$2" ] && python3 -c "print(f'{$1 / $2:.2f}')" || echo ""; }
   {

@@ -23,6 +23,7 @@
 # ratios (memory: every server stays loaded during the whole run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 PROFILE=${PROFILE:-release}
 if [ "${SMOKE:-0}" = 1 ]; then
   CLIENTS=${CLIENTS:-1} REQUESTS=${REQUESTS:-3} SECONDS_PER=${SECONDS_PER:-30} OUT=${OUT:-target/bench_vs_bert_smoke}
@@ -37,8 +38,8 @@ threads=()
 if [ -n "${THREADS:-}" ]; then threads=(--threads "$THREADS"); fi
 
 case "$PROFILE" in
-  release) cargo build --release --bins; bin=target/release ;;
-  debug | dev) cargo build --bins; bin=target/debug ;;
+  release) cargo build --release --bins; bin=$(target_dir)/release ;;
+  debug | dev) cargo build --bins; bin=$(target_dir)/debug ;;
   *) echo "PROFILE is release or debug"; exit 2 ;;
 esac
 "$bin/verdict-train" fetch smollm2 qwen0.5b minilm

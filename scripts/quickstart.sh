@@ -2,12 +2,13 @@
 # The main job on the default model, end to end: build, fetch SmolLM2-135M and the real movie
 # review data, classify 200 test sentences zero-shot with answers constrained to the label
 # words, train a quick LoRA adapter (SFT, 40 steps, a few minutes on 2 cores), classify the same
-# sentences with it, install it in the adapter registry, start verdict-serve on loopback and
+# sentences with it, publish it in the adapter registry (verdict-train promote), start verdict-serve on loopback and
 # classify over HTTP with the adapter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 cargo build --release --bins
-bin=./target/release
+bin=$(target_dir)/release
 "$bin/verdict-train" fetch smollm2
 "$bin/verdict-train" fetch-data mr
 echo "== zero-shot classification of 200 mr test sentences (constrained to Negative / Positive)"
@@ -17,11 +18,16 @@ echo "== quick adapter: LoRA SFT on mr, 40 steps of 8 (runs/quickstart; rerunnin
   --warmup-steps 5 --eval-limit 100 --save-every 20 --log-every 10 --resume
 echo "== the same 200 test sentences with the adapter"
 "$bin/verdict-train" eval --model smollm2 --task mr --split test --limit 200 --batch-size 16 --adapter runs/quickstart/best
-echo "== install it in the registry: adapters/mr/quickstart, then CURRENT (docs/serving.md)"
-mkdir -p adapters/mr
-rm -rf adapters/mr/.quickstart.tmp && cp -r runs/quickstart/best adapters/mr/.quickstart.tmp
-rm -rf adapters/mr/quickstart && mv adapters/mr/.quickstart.tmp adapters/mr/quickstart
-echo quickstart > adapters/mr/.CURRENT.tmp && mv adapters/mr/.CURRENT.tmp adapters/mr/CURRENT
+echo "== publish it: verdict-train promote into ./adapters (evaluated on 100 dev sentences; audit-logged)"
+if [ -f adapters/mr/CURRENT ]; then
+  # A rerun: the new adapter must beat the serving one by the margin, else the serving one stays.
+  "$bin/verdict-train" promote --model smollm2 --task mr --candidate runs/quickstart/best --adapters ./adapters \
+    --eval-limit 100 --batch-size 16 || echo "(not promoted: adapters/mr keeps serving $(cat adapters/mr/CURRENT))"
+else
+  # An empty registry: publish whatever the comparison with zero-shot says (logged as forced).
+  "$bin/verdict-train" promote --model smollm2 --task mr --candidate runs/quickstart/best --adapters ./adapters \
+    --eval-limit 100 --batch-size 16 --force
+fi
 port=${VERDICT_PORT:-8080}
 echo "== verdict-serve on 127.0.0.1:$port"
 "$bin/verdict-serve" --model smollm2 --adapters ./adapters --port "$port" --zero-shot-fallback &

@@ -7,6 +7,7 @@
 #   MODEL=smollm2 SFT=runs/mr-smollm2/best THREADS=2 scripts/rllr_mr.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 model=${MODEL:-smollm2}
 sft=${SFT:-runs/mr-$model/best}
 tag=${TAG:-mr-$model}
@@ -14,7 +15,7 @@ rm_steps=${RM_STEPS:-150}
 ppo_steps=${PPO_STEPS:-20}
 threads=${THREADS:-2}
 out=${OUT:-docs/results/rllr}
-bin=./target/release/verdict-train
+bin=$(target_dir)/release/verdict-train
 [ -n "${NO_BUILD:-}" ] || cargo build --release --bins
 mkdir -p "$out"
 [ -d "$sft" ] || { echo "no SFT adapter at $sft: train one first (docs/results.md)"; exit 1; }

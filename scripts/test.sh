@@ -4,12 +4,13 @@
 # with one summary line over all test binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 # Servers and commands started by the tests use each kernel family's default tiles: a plan
 # measured while tests load both cores would be noise, and would land in the user's cache. The
 # measuring itself is tested on its own (models' cpu::options tests, tests/tests/kernels_cli.rs).
 export VERDICT_KERNEL_PLAN=${VERDICT_KERNEL_PLAN:-defaults}
 cargo build --workspace --bins
-./target/debug/verdict-train fetch smollm2 qwen0.5b minilm
+"$(target_dir)/debug/verdict-train" fetch smollm2 qwen0.5b minilm
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

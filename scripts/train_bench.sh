@@ -7,10 +7,11 @@
 # VERDICT_DEVICE=cuda scripts/train_bench.sh (the binaries read VERDICT_DEVICE / VERDICT_DTYPE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 bin=${VERDICT_BIN:-}
 if [ -z "$bin" ]; then
   cargo build --release --bins
-  bin=./target/release/verdict-train
+  bin=$(target_dir)/release/verdict-train
 fi
 out=${TRAIN_BENCH_DIR:-runs/train-bench}
 rm -rf "$out"

@@ -242,6 +242,9 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
                 tuning::Batching::Off => batch.batching = false,
                 _ => {}
             }
+            if choice.max_batch_rows > 0 {
+                batch.max_batch_rows = batch.max_batch_rows.min(choice.max_batch_rows);
+            }
             (Box::new(engine), choice)
         }
         // An encoder's batch is padded rows; batching is on unless asked off.
@@ -280,20 +283,21 @@ fn choose_batching(
     sha: &str,
 ) -> Result<tuning::Choice> {
     if cli.batching != tuning::Batching::Auto {
-        return Ok(tuning::Choice::flag(cli.batching));
+        return Ok(tuning::Choice { max_batch_rows: cli.batch.max_batch_rows, ..tuning::Choice::flag(cli.batching) });
     }
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|t| t.parse::<usize>().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let key = format!(
-        "verdict {} | {} | model {sha} | {threads} threads | scoring {} | prefix cache {} | merged {} | pack {}",
+        "verdict {} | {} | model {sha} | {threads} threads | scoring {} | prefix cache {} | merged {} | pack {} | rows {}",
         env!("CARGO_PKG_VERSION"),
         loaded.model.kernels().identity(),
         cli.answer_scoring,
         cli.prefix_cache,
         cli.merged,
-        cli.pack_tokens
+        cli.pack_tokens,
+        cli.batch.max_batch_rows
     );
     let file = tuning::cache_file(&cli.cache_dir, &key);
     if let Some(choice) = tuning::read_cached(&file, &key) {
@@ -317,8 +321,13 @@ fn choose_batching(
     let rows = tuning::sample_rows(entry, version, encode).map_err(|e| anyhow!("batching measurement: {e}"))?;
     eprintln!("verdict-serve: measuring batching on {on} (once per CPU, model and thread count) ...");
     let t = tuning::measure(engine, &rows).map_err(|e| anyhow!("batching measurement: {e}"))?;
-    let choice =
-        tuning::Choice { batching: t.best(), source: "measured".into(), measured_ms: Some(t), measured_on: Some(on) };
+    let choice = tuning::Choice {
+        batching: t.best(),
+        source: "measured".into(),
+        measured_ms: Some(t),
+        measured_on: Some(on),
+        max_batch_rows: t.batch_rows(cli.batch.max_batch_rows),
+    };
     if let Err(e) = tuning::write_cached(&file, &key, &choice) {
         eprintln!("verdict-serve: cannot cache the batching choice in {}: {e}", file.display());
     }

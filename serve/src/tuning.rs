@@ -59,6 +59,9 @@ pub struct Choice {
     /// The task and adapter version measured on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measured_on: Option<String>,
+    /// Most inputs per batch (`--max-batch-rows`, or fewer where the measurement says so).
+    #[serde(default)]
+    pub max_batch_rows: usize,
 }
 
 /// Times of one measurement, milliseconds for all sample inputs.
@@ -67,9 +70,22 @@ pub struct Timings {
     pub one_at_a_time: f64,
     pub padded: f64,
     pub packed: f64,
+    /// Four times the inputs in one batch of the faster batched mode (absent: batching off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_of_32: Option<f64>,
 }
 
 impl Timings {
+    /// The most inputs a batch should hold: all `configured` when 32 inputs cost no more each
+    /// than 8 do, else 8 (larger batches fall out of the caches on some CPUs).
+    pub fn batch_rows(&self, configured: usize) -> usize {
+        let eight = self.padded.min(self.packed) / 8.0;
+        match self.batch_of_32 {
+            Some(t) if t / 32.0 > eight => configured.min(8),
+            _ => configured,
+        }
+    }
+
     /// The fastest mode; batching must beat one at a time to be chosen.
     pub fn best(&self) -> Batching {
         if self.packed <= self.padded && self.packed <= self.one_at_a_time {
@@ -85,17 +101,23 @@ impl Timings {
 impl Choice {
     /// A choice given by flag.
     pub fn flag(batching: Batching) -> Self {
-        Self { batching, source: "flag".into(), measured_ms: None, measured_on: None }
+        Self { batching, source: "flag".into(), measured_ms: None, measured_on: None, max_batch_rows: 0 }
     }
 
     /// One line for the log.
     pub fn describe(&self) -> String {
         let mut s = format!("batching {} ({})", self.batching, self.source);
+        if self.batching != Batching::Off && self.max_batch_rows > 0 {
+            s += &format!(", at most {} inputs per batch", self.max_batch_rows);
+        }
         if let Some(t) = &self.measured_ms {
             s += &format!(
                 ": 8 inputs one at a time {:.0} ms, padded batch {:.0} ms, packed batch {:.0} ms",
                 t.one_at_a_time, t.padded, t.packed
             );
+            if let Some(t32) = t.batch_of_32 {
+                s += &format!(", 32 inputs in one batch {t32:.0} ms");
+            }
         }
         if let Some(on) = &self.measured_on {
             s += &format!(" on {on}");
@@ -141,7 +163,8 @@ pub fn measure(engine: &mut Engine, rows: &[Row]) -> Result<Timings, models::Err
     let all: Vec<&Row> = rows.iter().collect();
     // Warm-up: the prefix cache and the first-touch of every panel.
     engine.score(&all[..1])?;
-    let mut best = Timings { one_at_a_time: f64::INFINITY, padded: f64::INFINITY, packed: f64::INFINITY };
+    let mut best =
+        Timings { one_at_a_time: f64::INFINITY, padded: f64::INFINITY, packed: f64::INFINITY, batch_of_32: None };
     let time = |f: &mut dyn FnMut() -> Result<(), models::Error>| -> Result<f64, models::Error> {
         let t = Instant::now();
         f()?;
@@ -162,6 +185,17 @@ pub fn measure(engine: &mut Engine, rows: &[Row]) -> Result<Timings, models::Err
         best.one_at_a_time = best.one_at_a_time.min(one);
         best.padded = best.padded.min(padded);
         best.packed = best.packed.min(packed);
+    }
+    // The faster batched mode again with four times the inputs: does a larger batch still pay?
+    let mode = best.best();
+    if mode != Batching::Off {
+        engine.set_pack_tokens(if mode == Batching::Padded { 0 } else { pack.max(1) });
+        let many: Vec<&Row> = (0..4).flat_map(|_| rows.iter()).collect();
+        let mut t32 = f64::INFINITY;
+        for _ in 0..2 {
+            t32 = t32.min(time(&mut || engine.score(&many).map(|_| ()))?);
+        }
+        best.batch_of_32 = Some(t32 * rows.len() as f64 * 4.0 / many.len() as f64);
     }
     engine.set_pack_tokens(pack);
     Ok(best)
@@ -189,11 +223,20 @@ mod tests {
 
     #[test]
     fn the_fastest_mode_wins_and_batching_must_beat_one_at_a_time() {
-        let t = |one, padded, packed| Timings { one_at_a_time: one, padded, packed }.best();
+        let t = |one, padded, packed| Timings { one_at_a_time: one, padded, packed, batch_of_32: None }.best();
         assert_eq!(t(100.0, 90.0, 80.0), Batching::Packed);
         assert_eq!(t(100.0, 70.0, 80.0), Batching::Padded);
         assert_eq!(t(60.0, 70.0, 80.0), Batching::Off);
         assert_eq!(t(80.0, 80.0, 80.0), Batching::Packed, "ties keep batching (it never costs more)");
+    }
+
+    #[test]
+    fn batches_are_capped_at_eight_where_larger_ones_cost_more_per_input() {
+        let t = |t32| Timings { one_at_a_time: 100.0, padded: 90.0, packed: 80.0, batch_of_32: t32 };
+        assert_eq!(t(Some(320.0)).batch_rows(64), 64, "32 inputs at 10 ms each beat 8 at 10 ms: no cap");
+        assert_eq!(t(Some(321.0)).batch_rows(64), 8, "dearer per input: capped");
+        assert_eq!(t(Some(400.0)).batch_rows(4), 4, "never above the flag");
+        assert_eq!(t(None).batch_rows(64), 64);
     }
 
     #[test]
@@ -203,8 +246,9 @@ mod tests {
         let choice = Choice {
             batching: Batching::Padded,
             source: "measured".into(),
-            measured_ms: Some(Timings { one_at_a_time: 3.0, padded: 1.0, packed: 2.0 }),
+            measured_ms: Some(Timings { one_at_a_time: 3.0, padded: 1.0, packed: 2.0, batch_of_32: Some(5.0) }),
             measured_on: Some("mr v1".into()),
+            max_batch_rows: 8,
         };
         write_cached(&file, "cpu A / model B / 2 threads", &choice).unwrap();
         let back = read_cached(&file, "cpu A / model B / 2 threads").unwrap();

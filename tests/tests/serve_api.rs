@@ -379,6 +379,12 @@ fn batching_is_measured_once_then_cached_and_a_flag_overrides_it() {
         "off"
     };
     assert_eq!(b["batching"], want, "{i}");
+    // And the batch size: 32 inputs in one batch must cost no more each than 8, else at most 8.
+    if want != "off" {
+        let t32 = ms("batch_of_32");
+        let rows = if t32 / 32.0 > padded.min(packed) / 8.0 { 8 } else { 64 };
+        assert_eq!(b["max_batch_rows"], rows, "{i}");
+    }
     assert!(i["kernels"].as_str().is_some_and(|k| !k.is_empty()), "{i}");
     check_answers(&first);
     drop(first);

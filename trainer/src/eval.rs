@@ -109,6 +109,10 @@ pub struct EvalArgs {
     /// Include every example's prediction in the JSON report.
     #[arg(long)]
     pub predictions: bool,
+    /// Print the first N prompts as the model gets them (stderr): the cached prefix once, then
+    /// each input's body, with their token counts and ids.
+    #[arg(long, default_value_t = 0)]
+    pub show_prompts: usize,
 }
 
 /// One example ready to score.
@@ -274,6 +278,23 @@ pub fn eval_task(
     let prefix_ids = loaded.encode(prefix_text, true)?;
     let bodies: Vec<Vec<u32>> = parts.iter().map(|p| loaded.encode(&p.body, false)).collect::<Result<_, _>>()?;
     let (answer_scoring, answers) = crate::train_data::encode_scored(loaded, task, args.answer_scoring)?;
+    if args.show_prompts > 0 {
+        eprintln!("===== {}: cached prefix, {} tokens =====\n{prefix_text}", task.name, prefix_ids.len());
+        eprintln!("prefix ids {prefix_ids:?}");
+        for (i, (p, b)) in parts.iter().zip(&bodies).take(args.show_prompts).enumerate() {
+            eprintln!(
+                "===== prompt {} (example {}): body, {} tokens =====\n{}",
+                i + 1,
+                items[i].raw.id,
+                b.len(),
+                p.body
+            );
+            eprintln!("body ids {b:?}");
+        }
+        for (word, ids) in task.label_words().iter().zip(&answers) {
+            eprintln!("answer {word}: {} token(s) {ids:?} ({answer_scoring})", ids.len());
+        }
+    }
 
     let start = Instant::now();
     let model = &loaded.model;

@@ -202,6 +202,7 @@ impl PromoteArgs {
             skip_bad_rows: false,
             out: None,
             predictions: false,
+            show_prompts: 0,
         }
     }
 }

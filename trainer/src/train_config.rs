@@ -148,6 +148,7 @@ impl LoopArgs {
             skip_bad_rows: false,
             out: None,
             predictions: false,
+            show_prompts: 0,
         }
     }
 }
