@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 # measured while tests load both cores would be noise, and would land in the user's cache. The
 # measuring itself is tested on its own (models' cpu::options tests, tests/tests/kernels_cli.rs).
 export VERDICT_KERNEL_PLAN=${VERDICT_KERNEL_PLAN:-defaults}
+# Likewise the servers batch as packed rows instead of measuring at start-up (tests/tests/
+# serve_api.rs measures on its own, into a temporary cache).
+export VERDICT_BATCHING=${VERDICT_BATCHING:-packed}
 cargo build --workspace --bins
 "$(target_dir)/debug/verdict-train" fetch smollm2 qwen0.5b minilm
 log=$(mktemp)

@@ -98,9 +98,10 @@ struct Cli {
     /// Most rows (inputs) in one engine batch.
     #[arg(long, env = "VERDICT_MAX_BATCH_ROWS", default_value_t = 64)]
     max_batch_rows: usize,
-    /// Longest wait for more requests once a batch has one.
-    #[arg(long, env = "VERDICT_MAX_BATCH_WAIT_MS", default_value_t = 2)]
-    max_batch_wait_ms: u64,
+    /// Longest wait for more requests once a batch has one [default: 2, and only while
+    /// requests come concurrently: a lone client never waits]; given, always waited.
+    #[arg(long, env = "VERDICT_MAX_BATCH_WAIT_MS")]
+    max_batch_wait_ms: Option<u64>,
     /// How requests are batched: `auto` (measured on the loaded model at the first start on
     /// this CPU, then cached: docs/serving.md), `packed` (one task version's inputs side by side
     /// in shared rows, no padding), `padded` (one input per padded row) or `off` (one request
@@ -426,7 +427,8 @@ async fn main() -> Result<()> {
             batching: true,
             max_batch_tokens: cli.max_batch_tokens,
             max_batch_rows: cli.max_batch_rows,
-            max_wait: Duration::from_millis(cli.max_batch_wait_ms),
+            max_wait: Duration::from_millis(cli.max_batch_wait_ms.unwrap_or(2)),
+            always_wait: cli.max_batch_wait_ms.is_some(),
             max_queue: cli.max_queue,
         },
     };

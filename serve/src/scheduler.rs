@@ -1,6 +1,7 @@
 //! The scheduler: a bounded queue of jobs (one request's rows each) in front of the engine's
 //! worker thread, which forms batches dynamically: it takes the first waiting job, then keeps
-//! taking jobs (waiting at most `max_wait` for more) while the batch stays within the token
+//! taking jobs (waiting at most `max_wait` for more when the previous batch held several: a lone
+//! client never waits) while the batch stays within the token
 //! and row budgets. A job is never split, and one larger than the budget runs alone.
 
 use crate::engine::Row;
@@ -43,6 +44,9 @@ pub struct BatchOptions {
     pub max_batch_rows: usize,
     /// Longest wait for more jobs once a batch has one.
     pub max_wait: Duration,
+    /// Wait even when the last batch held one job (`--max-batch-wait-ms` given); by default a
+    /// batch waits only under concurrency, so a lone client never waits.
+    pub always_wait: bool,
     /// Most jobs waiting; more are refused (503).
     pub max_queue: usize,
 }
@@ -124,6 +128,9 @@ impl Worker {
 
     fn run(mut self) {
         let mut carry: Option<Job> = None;
+        // Wait for more jobs only under concurrency (the last batch held several): a lone
+        // client's request then runs at once, as without batching.
+        let mut concurrent = false;
         loop {
             let first = match carry.take() {
                 Some(j) => j,
@@ -138,7 +145,8 @@ impl Worker {
             let (mut rows, mut tokens) = (first.rows.len(), self.cost(&first));
             let mut jobs = vec![first];
             if self.opts.batching {
-                let deadline = Instant::now() + self.opts.max_wait;
+                let wait = if concurrent || self.opts.always_wait { self.opts.max_wait } else { Duration::ZERO };
+                let deadline = Instant::now() + wait;
                 while rows < self.opts.max_batch_rows && tokens < self.opts.max_batch_tokens {
                     let now = Instant::now();
                     let next = if now >= deadline {
@@ -158,6 +166,7 @@ impl Worker {
                     jobs.push(job);
                 }
             }
+            concurrent = jobs.len() > 1 || carry.is_some();
             self.run_batch(jobs, tokens);
         }
     }

@@ -361,7 +361,8 @@ fn batching_is_measured_once_then_cached_and_a_flag_overrides_it() {
             assert_close(&probs_of(&v["results"][i], &words), &fx.probs("mr", Some("v1"), &[("sentence", s)]), s);
         }
     };
-    let first = fx.start(&["--cache-dir", &cache, "--default-task", "mr"]);
+    // `--batching auto` by name: the test command fixes VERDICT_BATCHING for every other server.
+    let first = fx.start(&["--cache-dir", &cache, "--default-task", "mr", "--batching", "auto"]);
     let i = info(&first);
     let b = &i["batching"];
     assert_eq!(b["source"], "measured", "{i}");
@@ -389,7 +390,7 @@ fn batching_is_measured_once_then_cached_and_a_flag_overrides_it() {
     check_answers(&first);
     drop(first);
     // A second start reads the measurement instead of repeating it.
-    let second = fx.start(&["--cache-dir", &cache, "--default-task", "mr"]);
+    let second = fx.start(&["--cache-dir", &cache, "--default-task", "mr", "--batching", "auto"]);
     let again = info(&second);
     assert_eq!(again["batching"]["source"], "cached", "{again}");
     assert_eq!(again["batching"]["batching"], want, "{again}");
@@ -824,11 +825,11 @@ fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
         (json!({"task": "tweets3", "inputs": "awful"}), "tweets3", None, vec![("sentence", "awful")]),
         (json!({"task": "mr-score", "inputs": "great"}), "mr-score", None, vec![("sentence", "great")]),
     ];
-    let batched = fx.start(&["--zero-shot-fallback", "--max-batch-wait-ms", "300"]);
-    let padded = fx.start(&["--zero-shot-fallback", "--max-batch-wait-ms", "300", "--pack-tokens", "0"]);
+    let batched = fx.start(&["--zero-shot-fallback", "--max-batch-wait-ms", "300", "--batching", "packed"]);
+    let padded = fx.start(&["--zero-shot-fallback", "--max-batch-wait-ms", "300", "--batching", "padded"]);
     let single = fx.start(&["--zero-shot-fallback", "--no-batching", "--no-prefix-cache", "--default-task", "rte"]);
     // Merged mode: each version folded into its own copy of the base.
-    let merged = fx.start(&["--zero-shot-fallback", "--merged", "--max-batch-wait-ms", "300"]);
+    let merged = fx.start(&["--zero-shot-fallback", "--merged", "--max-batch-wait-ms", "300", "--batching", "packed"]);
     // Warm them (v2 is loaded on first use).
     for s in [&batched, &padded, &single, &merged] {
         assert_eq!(s.post("/v1/classify", &requests[1].0).0, 200);
