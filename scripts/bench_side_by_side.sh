@@ -48,14 +48,7 @@ cache=${VERDICT_CACHE_DIR:-$HOME/.cache/verdict}
 "$bin/verdict-train" fetch smollm2 qwen0.5b minilm
 "$bin/verdict-train" fetch-data mr
 
-work=$(mktemp -d -t verdict-sbs-XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+make_work verdict-sbs
 mkdir -p "$(dirname "$OUT")"
 : > "$OUT.jsonl"
 md=$OUT.md

@@ -45,14 +45,7 @@ esac
 "$bin/verdict-train" fetch smollm2 qwen0.5b minilm
 "$bin/verdict-train" fetch-data mr
 
-work=$(mktemp -d -t verdict-bench-XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+make_work verdict-bench
 
 # A registry holding one version (v1) of the mr task: the given adapter or head directory.
 registry() {

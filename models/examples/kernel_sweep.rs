@@ -6,20 +6,9 @@
 //! cargo run --release -p models --example kernel_sweep -- --rows 35,128 --model qwen0.5b
 //! ```
 use models::cpu::{Caps, PackedWeight, Precision, Tiling};
-use std::time::Instant;
-
-fn median_us(f: &mut dyn FnMut()) -> f64 {
-    f();
-    let mut v: Vec<f64> = (0..11)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e6
-        })
-        .collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+#[path = "common/timing.rs"]
+mod timing;
+use timing::median_us;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -78,7 +67,7 @@ fn main() {
                     };
                     for t in cands {
                         let mut y = vec![0f32; m * out];
-                        let us = median_us(&mut || packed.matmul_t_into(&x, m, &mut y, false, &t));
+                        let us = median_us(11, &mut || packed.matmul_t_into(&x, m, &mut y, false, &t));
                         res.push((us, t));
                     }
                     res.sort_by(|a, b| a.0.total_cmp(&b.0));

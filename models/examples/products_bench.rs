@@ -9,20 +9,9 @@
 //! ```
 use candle_core::{Device, Tensor};
 use models::cpu::{KernelArgs, PackedWeight, Precision, Purpose};
-use std::time::Instant;
-
-fn best_us(reps: usize, f: &mut dyn FnMut()) -> f64 {
-    f();
-    let mut v: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e6
-        })
-        .collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+#[path = "common/timing.rs"]
+mod timing;
+use timing::median_us;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -79,7 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let w: Vec<f32> = (0..out * inner).map(|i| ((i * 104729) % 1000) as f32 / 500.0 - 1.0).collect();
             let xt = Tensor::from_vec(x.clone(), (m, inner), &Device::Cpu)?;
             let wt = Tensor::from_vec(w.clone(), (out, inner), &Device::Cpu)?.t()?;
-            let candle = gf(best_us(reps, &mut || {
+            let candle = gf(median_us(reps, &mut || {
                 std::hint::black_box(xt.matmul(&wt).unwrap());
             }));
             let mut cells = Vec::new();
@@ -88,7 +77,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let packed = PackedWeight::pack_as(&w, out, inner, k.precision);
                 let t = k.tiling(k.precision, out, inner, m).ok_or("no tiling")?;
                 let mut y = vec![0f32; m * out];
-                let rate = gf(best_us(reps, &mut || packed.matmul_t_into(&x, m, &mut y, false, &t)));
+                let rate = gf(median_us(reps, &mut || packed.matmul_t_into(&x, m, &mut y, false, &t)));
                 cells.push(format!("{rate:.0} ({t})"));
                 js.push(format!("\"{}\": {{\"gflops\": {rate:.1}, \"tiling\": \"{t}\"}}", k.precision));
             }

@@ -535,39 +535,26 @@ impl PackedWeight {
         let u = job.units;
         let panels: &[u32] = &self.data;
         if tiling.kernel.is_amx() {
+            let block = if tiling.kernel == Kernel::Int8Amx {
+                super::lowp::amx_block::<true>
+            } else {
+                super::lowp::amx_block::<false>
+            };
             job.run_amx(|panel_range, y| {
-                let args = (xp.as_ptr() as *const u8, u * 4, job.rows, panels.as_ptr() as *const u8, u * NR * 4);
-                if tiling.kernel == Kernel::Int8Amx {
-                    super::lowp::amx_block::<true>(
-                        args.0,
-                        args.1,
-                        args.2,
-                        args.3,
-                        args.4,
-                        panel_range,
-                        self.out,
-                        u / TILE_ROWS,
-                        y,
-                        self.out,
-                        job.accumulate,
-                        dq,
-                    );
-                } else {
-                    super::lowp::amx_block::<false>(
-                        args.0,
-                        args.1,
-                        args.2,
-                        args.3,
-                        args.4,
-                        panel_range,
-                        self.out,
-                        u / TILE_ROWS,
-                        y,
-                        self.out,
-                        job.accumulate,
-                        dq,
-                    );
-                }
+                block(
+                    xp.as_ptr() as *const u8,
+                    u * 4,
+                    job.rows,
+                    panels.as_ptr() as *const u8,
+                    u * NR * 4,
+                    panel_range,
+                    self.out,
+                    u / TILE_ROWS,
+                    y,
+                    self.out,
+                    job.accumulate,
+                    dq,
+                );
             });
             return;
         }
