@@ -205,3 +205,96 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::TaskEntry;
+
+    /// Takes 100 ms per batch and records each batch's size.
+    struct Fake(Arc<Mutex<Vec<usize>>>);
+
+    impl Compute for Fake {
+        fn score(&mut self, rows: &[&Row]) -> Result<Vec<Vec<f64>>, models::Error> {
+            self.0.lock().unwrap().push(rows.len());
+            std::thread::sleep(Duration::from_millis(100));
+            Ok(rows.iter().map(|_| vec![0.0, 0.0]).collect())
+        }
+        fn prefix_cache(&self) -> bool {
+            true
+        }
+    }
+
+    fn job(entry: &Arc<TaskEntry>) -> (Job, oneshot::Receiver<JobResult>) {
+        let (tx, rx) = oneshot::channel();
+        let row = Row { task: entry.clone(), version: None, body: vec![1, 2, 3], type_ids: Vec::new() };
+        (Job { rows: vec![row], reply: tx }, rx)
+    }
+
+    fn start(always_wait: bool) -> (Scheduler, Arc<Mutex<Vec<usize>>>) {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let opts = BatchOptions {
+            batching: true,
+            max_batch_tokens: 1 << 20,
+            max_batch_rows: 64,
+            max_wait: Duration::from_millis(1500),
+            always_wait,
+            max_queue: 16,
+        };
+        let s = Scheduler::start(Box::new(Fake(batches.clone())), opts, Arc::new(Metrics::default())).unwrap();
+        (s, batches)
+    }
+
+    #[test]
+    fn a_lone_request_never_waits_unless_the_wait_is_asked_for() {
+        let task = shared::task::TaskRegistry::builtin().get("mr").unwrap().clone();
+        let entry = Arc::new(TaskEntry {
+            task,
+            prefix_text: String::new(),
+            prefix_ids: Vec::new(),
+            answers: Vec::new(),
+            scoring: None,
+        });
+        // Default: the first request of a quiet server runs at once.
+        let (s, _) = start(false);
+        let (j, rx) = job(&entry);
+        let t = Instant::now();
+        s.submit(j).unwrap();
+        rx.blocking_recv().unwrap().unwrap();
+        assert!(t.elapsed() < Duration::from_millis(1000), "waited {:?}", t.elapsed()); // 100 ms of compute
+                                                                                        // `--max-batch-wait-ms` given: the batch waits its whole window for company.
+        let (s, batches) = start(true);
+        let (j, rx) = job(&entry);
+        let t = Instant::now();
+        s.submit(j).unwrap();
+        rx.blocking_recv().unwrap().unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(1500), "did not wait: {:?}", t.elapsed());
+        assert_eq!(*batches.lock().unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn requests_queued_together_share_a_batch_without_waiting() {
+        let task = shared::task::TaskRegistry::builtin().get("mr").unwrap().clone();
+        let entry = Arc::new(TaskEntry {
+            task,
+            prefix_text: String::new(),
+            prefix_ids: Vec::new(),
+            answers: Vec::new(),
+            scoring: None,
+        });
+        let (s, batches) = start(false);
+        // The first request starts a 100 ms batch at once; the four queued meanwhile share the next.
+        let jobs: Vec<_> = (0..5).map(|_| job(&entry)).collect();
+        let mut rxs = Vec::new();
+        for (j, rx) in jobs {
+            s.submit(j).unwrap();
+            rxs.push(rx);
+        }
+        for rx in rxs {
+            rx.blocking_recv().unwrap().unwrap();
+        }
+        let b = batches.lock().unwrap().clone();
+        assert_eq!(b.iter().sum::<usize>(), 5);
+        assert!(b.len() <= 2, "the queued requests share one batch: {b:?}");
+    }
+}
