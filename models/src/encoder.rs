@@ -259,10 +259,15 @@ impl Encoder {
         &self.device
     }
 
-    /// WordPiece ids of one text, without special tokens.
+    /// WordPiece ids of one text, without special tokens: the text is read as plain text,
+    /// so `[SEP]` in it is characters, never the separator (`tokenizer::encode_text`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        crate::tokenizer::encode_text(&self.tokenizer, text)
+    }
+
+    /// Whether `id` is a special token (`[CLS]`, `[SEP]`, ...).
+    pub fn is_special(&self, id: u32) -> bool {
+        crate::tokenizer::is_added(&self.tokenizer, id)
     }
 
     /// Text of WordPiece ids (for truncation: the kept tokens as text).

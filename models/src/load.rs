@@ -94,6 +94,19 @@ impl LoadedModel {
         Ok(ids)
     }
 
+    /// Token ids of an input's text, read as plain text: it cannot spell a special token
+    /// (`tokenizer::encode_text`).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, Error> {
+        tokenizer::encode_text(&self.tokenizer, text)
+    }
+
+    /// Token ids of a prompt body: its field values (user input) read as plain text, the
+    /// template's own markers as their special tokens (`tokenizer::encode_with_plain`).
+    /// Trainer, evaluator and server all tokenize bodies with this.
+    pub fn encode_body(&self, parts: &shared::task::PromptParts) -> Result<Vec<u32>, Error> {
+        tokenizer::encode_with_plain(&self.tokenizer, &parts.body, &parts.fields)
+    }
+
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32]) -> Result<String, Error> {
         tokenizer::decode(&self.tokenizer, ids)

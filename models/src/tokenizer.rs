@@ -6,6 +6,7 @@
 
 use crate::Error;
 use serde_json::{json, Value};
+use std::ops::Range;
 use tokenizers::Tokenizer;
 
 /// Qwen2's split: contractions, letters with one leading non-letter, single digits,
@@ -107,6 +108,56 @@ pub fn from_gguf_vocab(vocab: &GgufVocab) -> Result<Tokenizer, Error> {
 pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, Error> {
     let enc = tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
     Ok(enc.get_ids().to_vec())
+}
+
+/// Token ids of `text` read as plain text: an added token's spelling in it (`<|im_end|>`) is
+/// tokenized as its characters, never matched to the token. The tokenizer's own pipeline
+/// (normalizer, pre-tokenizer, model) without its added vocabulary: for text that spells no
+/// added token, the ids [`encode`] gives.
+pub fn encode_text(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, Error> {
+    use tokenizers::{Model, Normalizer, OffsetType, PreTokenizedString, PreTokenizer};
+    let err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+    let mut normalized = tokenizers::NormalizedString::from(text);
+    if let Some(n) = tokenizer.get_normalizer() {
+        n.normalize(&mut normalized).map_err(err)?;
+    }
+    let mut pre = PreTokenizedString::from(normalized);
+    if let Some(p) = tokenizer.get_pre_tokenizer() {
+        p.pre_tokenize(&mut pre).map_err(err)?;
+    }
+    pre.tokenize(|s| tokenizer.get_model().tokenize(s.get())).map_err(err)?;
+    Ok(pre.into_encoding(None, 0, OffsetType::Byte).map_err(err)?.get_ids().to_vec())
+}
+
+/// Token ids of `text` whose byte ranges `plain` (user input inside a prompt) are read as
+/// plain text, while added tokens elsewhere (the chat template's markers) stay single ids.
+/// Where `plain` spells no added token these are exactly [`encode`]'s ids; otherwise the
+/// text between the markers outside `plain` is tokenized by [`encode_text`].
+pub fn encode_with_plain(tokenizer: &Tokenizer, text: &str, plain: &[Range<usize>]) -> Result<Vec<u32>, Error> {
+    let enc = tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let added = tokenizer.get_added_vocabulary().get_added_tokens_decoder();
+    let in_plain = |(s, e): (usize, usize)| plain.iter().any(|r| s < r.end && r.start < e);
+    let tokens = || enc.get_ids().iter().copied().zip(enc.get_offsets().iter().copied());
+    if !tokens().any(|(id, at)| added.contains_key(&id) && in_plain(at)) {
+        return Ok(enc.get_ids().to_vec());
+    }
+    let mut ids = Vec::with_capacity(enc.len());
+    let mut start = 0;
+    for (id, (s, e)) in tokens() {
+        if added.contains_key(&id) && !in_plain((s, e)) && s >= start {
+            ids.extend(encode_text(tokenizer, &text[start..s])?);
+            ids.push(id);
+            start = e;
+        }
+    }
+    ids.extend(encode_text(tokenizer, &text[start..])?);
+    Ok(ids)
+}
+
+/// Whether `id` is one of the tokenizer's added tokens (special or control tokens such as
+/// `<|im_end|>`, `[SEP]`), which plain text never produces.
+pub fn is_added(tokenizer: &Tokenizer, id: u32) -> bool {
+    tokenizer.get_added_vocabulary().get_added_tokens_decoder().contains_key(&id)
 }
 
 /// Text of `ids`, special tokens included.

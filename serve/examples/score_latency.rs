@@ -55,7 +55,7 @@ fn main() -> Res<()> {
     let fields = BTreeMap::from([(task.fields[0].clone(), SENTENCE.to_string())]);
     let parts = task.prompt(loaded.chat.as_ref(), &[], &fields)?;
     let prefix = loaded.encode(&parts.prefix, true)?;
-    let body = loaded.encode(&parts.body, false)?;
+    let body = loaded.encode_body(&parts)?;
     let encode = |scoring| task.scored_candidates(scoring, |t| loaded.encode(t, false));
     let answers = encode(AnswerScoring::Full)?.candidates;
     let word = encode(AnswerScoring::Word)?;
@@ -122,7 +122,7 @@ fn main() -> Res<()> {
         .iter()
         .map(|s| {
             let fields = BTreeMap::from([(task.fields[0].clone(), s.to_string())]);
-            Ok(loaded.encode(&task.prompt(loaded.chat.as_ref(), &[], &fields)?.body, false)?)
+            Ok(loaded.encode_body(&task.prompt(loaded.chat.as_ref(), &[], &fields)?)?)
         })
         .collect::<Res<_>>()?;
     let n = bodies.len();

@@ -156,6 +156,39 @@ pub struct PredictRequest {
     pub truncation_direction: Option<String>,
 }
 
+/// `POST /v1/tokenize`: the tokens the engine would run for each input.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    #[schema(example = "mr")]
+    pub task: String,
+    /// As `/v1/classify`'s.
+    #[schema(value_type = InputsDoc)]
+    pub inputs: Value,
+    #[serde(default)]
+    pub truncate: Option<bool>,
+}
+
+/// `POST /v1/tokenize` answer.
+#[derive(Serialize, ToSchema)]
+pub struct TokenizeResponse {
+    pub task: String,
+    /// The task's constant prompt prefix (a decoder's; empty for an encoder).
+    pub prefix_ids: Vec<u32>,
+    /// One per input, in order.
+    pub results: Vec<TokenizedInput>,
+}
+
+/// One input's tokens: a decoder's prompt body, an encoder's whole input.
+#[derive(Serialize, ToSchema)]
+pub struct TokenizedInput {
+    pub ids: Vec<u32>,
+    /// Per id: a special token of the tokenizer (only the template's own markers; input
+    /// text is read as plain text).
+    pub special: Vec<bool>,
+    pub truncated: bool,
+}
+
 /// One label's score, TEI's shape.
 #[derive(Serialize, ToSchema)]
 pub struct Prediction {
@@ -340,7 +373,7 @@ pub fn prepare(
                         format!("input {i}: the input changes the prompt's prefix"),
                     ));
                 }
-                let body = loaded.encode(&parts.body, false).map_err(tok_err)?;
+                let body = loaded.encode_body(&parts).map_err(tok_err)?;
                 let context = loaded.model.config().max_position_embeddings;
                 if entry.prefix_ids.len() + body.len() + entry.max_answer_len() > context {
                     return Err(too_long(context));

@@ -25,11 +25,19 @@ impl Backend {
         }
     }
 
-    /// Token ids of one input field (no special tokens).
+    /// Token ids of one input field, read as plain text (it cannot spell a special token).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, models::Error> {
         match self {
-            Backend::Decoder(m) => m.encode(text, false),
+            Backend::Decoder(m) => m.encode_text(text),
             Backend::Encoder(e) => e.encode(text),
+        }
+    }
+
+    /// Whether `id` is a special token of the tokenizer (a chat marker, `[SEP]`, ...).
+    pub fn is_special(&self, id: u32) -> bool {
+        match self {
+            Backend::Decoder(m) => models::tokenizer::is_added(&m.tokenizer, id),
+            Backend::Encoder(e) => e.is_special(id),
         }
     }
 }

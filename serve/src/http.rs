@@ -4,7 +4,7 @@
 use crate::adapters::{AdapterError, AdapterTable, AdapterVersion, TaskAdapters};
 use crate::api::{
     classification, kind, parse_inputs, prepare, ApiError, Classification, ClassifyRequest, ClassifyResponse,
-    ErrorBody, Limits, PredictRequest, Prediction, TaskInfo,
+    ErrorBody, Limits, PredictRequest, Prediction, TaskInfo, TokenizeRequest, TokenizeResponse, TokenizedInput,
 };
 use crate::backend::Backend;
 use crate::engine::{Row, TaskEntry};
@@ -62,8 +62,8 @@ impl AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "verdict-serve", description = "Text classification with per-task LoRA adapters over one base model."),
-    paths(classify, predict, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, info, metrics),
-    components(schemas(ErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, Prediction, TaskInfo, TaskAdapters, AdapterChange, Info, crate::tuning::Choice, crate::tuning::Timings, crate::tuning::Batching)),
+    paths(classify, predict, tokenize, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, info, metrics),
+    components(schemas(ErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, Prediction, TokenizeRequest, TokenizeResponse, TokenizedInput, TaskInfo, TaskAdapters, AdapterChange, Info, crate::tuning::Choice, crate::tuning::Timings, crate::tuning::Batching)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -89,6 +89,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     };
     cfg.service(at("/v1/classify", web::post().to(classify)))
         .service(at("/predict", web::post().to(predict)))
+        .service(at("/v1/tokenize", web::post().to(tokenize)))
         .service(at("/v1/tasks", web::get().to(tasks)))
         .service(at("/v1/adapters", web::get().to(adapters)))
         .service(at("/v1/admin/adapters/{task}/{version}/load", web::post().to(admin_load)))
@@ -294,6 +295,51 @@ async fn classify_inner(
         task: r.task,
         results: scored.iter().map(|s| classification(&entry, &s.logps, name.as_deref(), s.truncated)).collect(),
         adapter_version: name,
+    })
+}
+
+/// The tokens the engine would run for each input (the prompt body after the task's cached
+/// prefix), and which are special: input text never produces a special token.
+#[utoipa::path(post, path = "/v1/tokenize", request_body = TokenizeRequest, responses(
+    (status = 200, body = TokenizeResponse),
+    (status = 400, body = ErrorBody), (status = 404, description = "unknown_task", body = ErrorBody),
+    (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody),
+))]
+async fn tokenize(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let started = Instant::now();
+    let mut task = String::new();
+    let resp = match tokenize_inner(&state, &req, payload, &mut task).await {
+        Ok(r) => HttpResponse::Ok().json(r),
+        Err(e) => e.response(),
+    };
+    state.metrics.request("tokenize", &task, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+async fn tokenize_inner(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    task_label: &mut String,
+) -> Result<TokenizeResponse, ApiError> {
+    let ready = state.ready()?;
+    let r: TokenizeRequest = from_value(read_json(req, payload, state.limits.max_body_bytes).await?)?;
+    let entry = ready.tasks.get(&r.task).cloned().ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "unknown_task", format!("unknown task {:?} (GET /v1/tasks)", r.task))
+    })?;
+    *task_label = r.task.clone();
+    let inputs = parse_inputs(&entry, r.inputs, &state.limits)?;
+    let truncate = r.truncate.unwrap_or(state.limits.truncate);
+    let (backend, e, limits) = (ready.backend.clone(), entry.clone(), state.limits);
+    let prepared = blocking(move || prepare(&backend, &e, inputs, &limits, truncate)).await?;
+    let special = |ids: &[u32]| ids.iter().map(|&id| ready.backend.is_special(id)).collect();
+    Ok(TokenizeResponse {
+        task: r.task,
+        prefix_ids: entry.prefix_ids.clone(),
+        results: prepared
+            .into_iter()
+            .map(|p| TokenizedInput { special: special(&p.body), ids: p.body, truncated: p.truncated })
+            .collect(),
     })
 }
 

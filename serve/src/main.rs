@@ -317,7 +317,7 @@ fn choose_batching(
         format!("{} {}", entry.task.name, version.as_ref().map_or("(no adapter)".to_string(), |v| v.version.clone()));
     let encode = |fields: &BTreeMap<String, String>| -> Result<Vec<u32>, String> {
         let parts = entry.task.prompt(loaded.chat.as_ref(), &[], fields).map_err(|e| e.to_string())?;
-        loaded.encode(&parts.body, false).map_err(|e| e.to_string())
+        loaded.encode_body(&parts).map_err(|e| e.to_string())
     };
     let rows = tuning::sample_rows(entry, version, encode).map_err(|e| anyhow!("batching measurement: {e}"))?;
     eprintln!("verdict-serve: measuring batching on {on} (once per CPU, model and thread count) ...");

@@ -168,6 +168,10 @@ pub struct Task {
 pub struct PromptParts {
     pub prefix: String,
     pub body: String,
+    /// Byte ranges of `body` that hold the example's field values (user input), in order:
+    /// they are tokenized as plain text, so an input cannot spell the template's markers.
+    #[serde(skip)]
+    pub fields: Vec<std::ops::Range<usize>>,
 }
 
 impl PromptParts {
@@ -351,8 +355,9 @@ impl Task {
         shots: &[(&BTreeMap<String, String>, Label)],
         fields: &BTreeMap<String, String>,
     ) -> Result<PromptParts, TaskError> {
-        // Render with the earliest placeholder's value replaced by a sentinel, split there.
-        const SENTINEL: &str = "\u{1}VERDICT-FIELD\u{1}";
+        // Render with each field's value replaced by a sentinel; split at the earliest
+        // placeholder's, then put the values in, recording where each lands.
+        const SENTINEL: char = '\u{1}';
         let first = self
             .fields
             .iter()
@@ -363,11 +368,14 @@ impl Task {
                 task: self.name.clone(),
                 problem: "instruction uses no field".into(),
             })?;
-        let value = fields
-            .get(&first)
-            .ok_or_else(|| TaskError::MissingField { task: self.name.clone(), field: first.clone() })?;
+        let sentinel = |i: usize| format!("{SENTINEL}VERDICT-FIELD-{i}{SENTINEL}");
         let mut marked = fields.clone();
-        marked.insert(first.clone(), SENTINEL.to_string());
+        for (i, f) in self.fields.iter().enumerate() {
+            if !fields.contains_key(f) {
+                return Err(TaskError::MissingField { task: self.name.clone(), field: f.clone() });
+            }
+            marked.insert(f.clone(), sentinel(i));
+        }
         let user = self.instruction_text(&marked)?;
         let system = self.system_text();
         let mut turns = Vec::with_capacity(2 + 2 * shots.len());
@@ -394,8 +402,28 @@ impl Task {
                 format!("{out}Assistant: {OPEN_TAG}")
             }
         };
-        let (prefix, rest) = text.split_once(SENTINEL).expect("sentinel is in the rendered prompt");
-        Ok(PromptParts { prefix: prefix.to_string(), body: format!("{value}{rest}") })
+        let first_index = self.fields.iter().position(|f| *f == first).expect("first is a field");
+        let (prefix, mut rest) =
+            text.split_once(&sentinel(first_index)).expect("the sentinel is in the rendered prompt");
+        let mut body = String::with_capacity(rest.len() + 64);
+        let mut ranges = Vec::with_capacity(self.fields.len());
+        let mut next = Some(first_index);
+        loop {
+            if let Some(i) = next {
+                let value = &fields[&self.fields[i]];
+                ranges.push(body.len()..body.len() + value.len());
+                body.push_str(value);
+            }
+            // The next sentinel, if any: `\u{1}VERDICT-FIELD-<i>\u{1}`.
+            let Some(at) = rest.find(&format!("{SENTINEL}VERDICT-FIELD-")) else { break };
+            body.push_str(&rest[..at]);
+            let after = &rest[at + 1..];
+            let end = after.find(SENTINEL).expect("a sentinel is closed");
+            next = after["VERDICT-FIELD-".len()..end].parse::<usize>().ok();
+            rest = &after[end + 1..];
+        }
+        body.push_str(rest);
+        Ok(PromptParts { prefix: prefix.to_string(), body, fields: ranges })
     }
 
     /// Parses a generated answer (the text after the opening tag): the text before the closing
@@ -755,6 +783,7 @@ mod tests {
             "a gorgeous film\"\nWhat is the sentiment of this sentence?<|im_end|>\n<|im_start|>assistant\n<Judgement>"
         );
         assert!(a.text().contains("{only one of \"Negative\", \"Positive\"}"));
+        assert_eq!(a.fields, vec![0.."a gorgeous film".len()]);
         // Shots go into the prefix as earlier turns.
         let shot = fields(&[("sentence", "awful")]);
         let c = mr.prompt(Some(&chat), &[(&shot, Label::Class(0))], &fields(&[("sentence", "x")])).unwrap();
@@ -773,6 +802,8 @@ mod tests {
             .body
             .starts_with("P\"\nWhich option is the more plausible effect?\nOption one: \"A\"\nOption two: \"B\""));
         assert!(p.body.ends_with("Assistant: <Judgement>"));
+        let spans: Vec<&str> = p.fields.iter().map(|r| &p.body[r.clone()]).collect();
+        assert_eq!(spans, ["P", "effect", "A", "B"], "the field values' ranges, in body order");
     }
 
     #[test]

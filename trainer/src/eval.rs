@@ -276,7 +276,7 @@ pub fn eval_task(
         bail!("task {}: prompts do not share one prefix", task.name);
     }
     let prefix_ids = loaded.encode(prefix_text, true)?;
-    let bodies: Vec<Vec<u32>> = parts.iter().map(|p| loaded.encode(&p.body, false)).collect::<Result<_, _>>()?;
+    let bodies: Vec<Vec<u32>> = parts.iter().map(|p| loaded.encode_body(p)).collect::<Result<_, _>>()?;
     let (answer_scoring, answers) = crate::train_data::encode_scored(loaded, task, args.answer_scoring)?;
     if args.show_prompts > 0 {
         eprintln!("===== {}: cached prefix, {} tokens =====\n{prefix_text}", task.name, prefix_ids.len());
@@ -545,7 +545,7 @@ pub fn prompt_view(
     let shot_refs: Vec<(&BTreeMap<String, String>, Label)> = shots.iter().map(|s| (&s.raw.fields, s.label)).collect();
     let parts = task.prompt(loaded.chat.as_ref(), &shot_refs, &item.raw.fields)?;
     let prefix = loaded.encode(&parts.prefix, true)?;
-    let body = loaded.encode(&parts.body, false)?;
+    let body = loaded.encode_body(&parts)?;
     let (scoring_used, answers) = crate::train_data::encode_scored(loaded, task, scoring)?;
     let template =
         if loaded.chat.is_some() { "the model's chat template" } else { "a plain layout (no chat template)" };

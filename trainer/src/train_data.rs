@@ -86,7 +86,7 @@ fn tokenize_task(loaded: &LoadedModel, task: &Task, items: &[eval::Item]) -> Res
             _ => {}
         }
         let answer = loaded.encode(&Task::answer_text(&task.label_word(it.label)), false)?;
-        examples.push(Example { body: loaded.encode(&parts.body, false)?, answer, label: it.label });
+        examples.push(Example { body: loaded.encode_body(&parts)?, answer, label: it.label });
     }
     let prefix = loaded.encode(&prefix.context("no training examples")?, true)?;
     Ok(TaskData { task: task.clone(), prefix, examples })
