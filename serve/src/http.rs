@@ -263,13 +263,13 @@ async fn score_inputs(
 ))]
 async fn classify(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
-    let mut task = String::new();
+    let mut task = None;
     let result = classify_inner(&state, &req, payload, &mut task, started).await;
     let resp = match result {
         Ok(r) => HttpResponse::Ok().json(r),
         Err(e) => e.response(),
     };
-    state.metrics.request("classify", &task, resp.status().as_u16(), started.elapsed());
+    state.metrics.request("classify", task.as_deref(), resp.status().as_u16(), started.elapsed());
     resp
 }
 
@@ -277,7 +277,7 @@ async fn classify_inner(
     state: &AppState,
     req: &HttpRequest,
     payload: web::Payload,
-    task_label: &mut String,
+    task_label: &mut Option<String>,
     started: Instant,
 ) -> Result<ClassifyResponse, ApiError> {
     let ready = state.ready()?;
@@ -285,7 +285,7 @@ async fn classify_inner(
     let entry = ready.tasks.get(&r.task).cloned().ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "unknown_task", format!("unknown task {:?} (GET /v1/tasks)", r.task))
     })?;
-    *task_label = r.task.clone();
+    *task_label = Some(r.task.clone());
     let inputs = parse_inputs(&entry, r.inputs, &state.limits)?;
     let version = resolve_version(state, ready, &r.task, r.version).await?;
     let name = version.as_ref().map(|v| v.version.clone());
@@ -307,12 +307,12 @@ async fn classify_inner(
 ))]
 async fn tokenize(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
-    let mut task = String::new();
+    let mut task = None;
     let resp = match tokenize_inner(&state, &req, payload, &mut task).await {
         Ok(r) => HttpResponse::Ok().json(r),
         Err(e) => e.response(),
     };
-    state.metrics.request("tokenize", &task, resp.status().as_u16(), started.elapsed());
+    state.metrics.request("tokenize", task.as_deref(), resp.status().as_u16(), started.elapsed());
     resp
 }
 
@@ -320,14 +320,14 @@ async fn tokenize_inner(
     state: &AppState,
     req: &HttpRequest,
     payload: web::Payload,
-    task_label: &mut String,
+    task_label: &mut Option<String>,
 ) -> Result<TokenizeResponse, ApiError> {
     let ready = state.ready()?;
     let r: TokenizeRequest = from_value(read_json(req, payload, state.limits.max_body_bytes).await?)?;
     let entry = ready.tasks.get(&r.task).cloned().ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "unknown_task", format!("unknown task {:?} (GET /v1/tasks)", r.task))
     })?;
-    *task_label = r.task.clone();
+    *task_label = Some(r.task.clone());
     let inputs = parse_inputs(&entry, r.inputs, &state.limits)?;
     let truncate = r.truncate.unwrap_or(state.limits.truncate);
     let (backend, e, limits) = (ready.backend.clone(), entry.clone(), state.limits);
@@ -351,12 +351,12 @@ async fn tokenize_inner(
 ))]
 async fn predict(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
-    let mut task = String::new();
+    let mut task = None;
     let resp = match predict_inner(&state, &req, payload, &mut task, started).await {
         Ok(v) => HttpResponse::Ok().json(v),
         Err(e) => e.response(),
     };
-    state.metrics.request("predict", &task, resp.status().as_u16(), started.elapsed());
+    state.metrics.request("predict", task.as_deref(), resp.status().as_u16(), started.elapsed());
     resp
 }
 
@@ -406,7 +406,7 @@ async fn predict_inner(
     state: &AppState,
     req: &HttpRequest,
     payload: web::Payload,
-    task_label: &mut String,
+    task_label: &mut Option<String>,
     started: Instant,
 ) -> Result<Value, ApiError> {
     let ready = state.ready()?;
@@ -434,7 +434,7 @@ async fn predict_inner(
             format!("the default task {task:?} is not in the registry"),
         )
     })?;
-    *task_label = task.clone();
+    *task_label = Some(task.clone());
     let (inputs, batched) = tei_inputs(&entry.task.fields, r.inputs)?;
     if inputs.len() > state.limits.max_inputs {
         return Err(ApiError::unprocessable(
@@ -577,7 +577,9 @@ async fn admin(
         }
         Err(e) => e.response(),
     };
-    state.metrics.request("admin", &task, resp.status().as_u16(), started.elapsed());
+    // Only a task the server knows is a label value: unknown names must not grow /metrics.
+    let known = state.ready.get().is_some_and(|r| r.tasks.contains_key(&task));
+    state.metrics.request("admin", known.then_some(task.as_str()), resp.status().as_u16(), started.elapsed());
     resp
 }
 

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 /// Latency buckets in seconds.
 const LATENCY_BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// The `task` label of requests that name no task the server knows.
+pub const UNKNOWN_TASK: &str = "unknown";
 /// Batch-size buckets in rows.
 const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
@@ -83,11 +85,13 @@ impl Metrics {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// One finished request.
-    pub fn request(&self, endpoint: &str, task: &str, status: u16, latency: Duration) {
+    /// One finished request. `task`: a task the server knows, else `None` (labelled
+    /// [`UNKNOWN_TASK`]): a client's made-up names never become label values, so no request
+    /// can grow the metrics.
+    pub fn request(&self, endpoint: &str, task: Option<&str>, status: u16, latency: Duration) {
         self.inner()
             .requests
-            .entry((endpoint.to_string(), task.to_string(), status))
+            .entry((endpoint.to_string(), task.unwrap_or(UNKNOWN_TASK).to_string(), status))
             .or_default()
             .observe(&LATENCY_BUCKETS, latency.as_secs_f64());
     }
@@ -195,12 +199,17 @@ mod tests {
     #[test]
     fn renders_counts_and_cumulative_buckets() {
         let m = Metrics::default();
-        m.request("classify", "mr", 200, Duration::from_millis(20));
-        m.request("classify", "mr", 200, Duration::from_millis(200));
+        m.request("classify", Some("mr"), 200, Duration::from_millis(20));
+        m.request("classify", Some("mr"), 200, Duration::from_millis(200));
+        m.request("admin", None, 401, Duration::from_millis(1));
         m.batch(3, 30, Duration::from_millis(10));
         m.prefix_lookup(true);
         let text = m.render();
         assert!(text.contains("verdict_requests_total{endpoint=\"classify\",task=\"mr\",status=\"200\"} 2"), "{text}");
+        assert!(
+            text.contains("verdict_requests_total{endpoint=\"admin\",task=\"unknown\",status=\"401\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("le=\"0.025\"} 1") && text.contains("le=\"0.25\"} 2"), "{text}");
         assert!(text.contains("verdict_batch_size_rows_bucket{le=\"4\"} 1"), "{text}");
         assert!(text.contains("verdict_tokens_per_second 3000"), "{text}");

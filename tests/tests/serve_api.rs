@@ -1092,3 +1092,31 @@ fn user_text_never_produces_special_tokens_but_the_template_markers_stay_special
     let (status, v) = server.post("/v1/classify", &json!({"task": "mr", "inputs": attack}));
     assert_eq!(status, 200, "{v}");
 }
+
+#[test]
+fn made_up_names_in_unauthenticated_calls_add_no_metric_labels() {
+    let fx = Fixture::new("serve-labels");
+    fx.publish("mr", "v1", 1);
+    fx.registry.promote("mr", "v1").unwrap();
+    let server = fx.start(&["--admin-token", TOKEN]);
+    let promote = |task: &str| {
+        http_raw(server.port, "POST", &format!("/v1/admin/adapters/{task}/v1/promote"), b"", &[]).unwrap().status
+    };
+    // The first made-up name makes the one `unknown` series; no later one adds a line.
+    assert_eq!(promote("made-up-0"), 401);
+    let (status, v) = server.post("/v1/classify", &json!({"task": "made-up-task-0", "inputs": "good"}));
+    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("unknown_task")), "{v}");
+    let (_, before) = server.get("/metrics");
+    for i in 1..=20 {
+        assert_eq!(promote(&format!("made-up-{i}")), 401);
+        assert_eq!(server.post("/v1/classify", &json!({"task": format!("made-up-task-{i}"), "inputs": "a"})).0, 404);
+    }
+    let (_, after) = server.get("/metrics");
+    assert_eq!(after.lines().count(), before.lines().count(), "made-up names grew /metrics:\n{after}");
+    assert!(!after.contains("made-up"), "{after}");
+    assert!(after.contains(r#"verdict_requests_total{endpoint="admin",task="unknown",status="401"} 21"#), "{after}");
+    // A task the server knows keeps its own label.
+    assert_eq!(promote("mr"), 401);
+    let (_, text) = server.get("/metrics");
+    assert!(text.contains(r#"verdict_requests_total{endpoint="admin",task="mr",status="401"} 1"#), "{text}");
+}
