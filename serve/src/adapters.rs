@@ -30,6 +30,9 @@ pub struct AdapterVersion {
     pub manifest: Manifest,
     /// Seconds since the Unix epoch.
     pub loaded_at: u64,
+    /// The table's clock when a request last named this version (or it was loaded): the
+    /// least recently used versions are evicted first.
+    last_used: AtomicU64,
 }
 
 /// What a version holds, by backend.
@@ -77,7 +80,9 @@ pub enum AdapterError {
     Refused { task: String, version: String, reason: String },
     #[error("adapter {task}/{version} serves the task now: promote another version or roll back first")]
     IsCurrent { task: String, version: String },
-    #[error("adapter {task}/{version} is not loaded")]
+    #[error(
+        "adapter {task}/{version} is not loaded (loading is an admin call: POST /v1/admin/adapters/{task}/{version}/load)"
+    )]
     NotLoaded { task: String, version: String },
 }
 
@@ -132,10 +137,14 @@ pub struct AdapterTable {
     backend: Backend,
     base_sha256: String,
     merged: bool,
+    /// Most versions loaded in all (0: no limit); serving versions count and are never evicted.
+    max_loaded: usize,
     slots: RwLock<BTreeMap<String, TaskSlot>>,
     /// Serialises changes (admin calls, the registry watcher): they never interleave.
     writer: Mutex<()>,
     next_id: AtomicU64,
+    /// Ticks at each load and each request naming a version (orders `last_used`).
+    clock: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -146,12 +155,14 @@ fn now_secs() -> u64 {
 impl AdapterTable {
     /// An empty table over `registry`, for adapters of the model whose weights hash to
     /// `base_sha256`. `merged`: also fold each version into a copy of the base.
+    /// `max_loaded`: most versions in memory (0: no limit).
     pub fn new(
         registry: Registry,
         tasks: Arc<TaskRegistry>,
         backend: Backend,
         base_sha256: String,
         merged: bool,
+        max_loaded: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -160,11 +171,18 @@ impl AdapterTable {
             backend,
             base_sha256,
             merged,
+            max_loaded,
             slots: RwLock::new(BTreeMap::new()),
             writer: Mutex::new(()),
             next_id: AtomicU64::new(1),
+            clock: AtomicU64::new(1),
             metrics,
         }
+    }
+
+    /// Marks `v` used now.
+    fn touch(&self, v: &AdapterVersion) {
+        v.last_used.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
     }
 
     fn read_slots(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, TaskSlot>> {
@@ -179,9 +197,14 @@ impl AdapterTable {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The version serving `task` now, if any.
+    /// The version serving `task` now, if any (marked used: once replaced, it is evicted
+    /// after versions used less recently).
     pub fn current(&self, task: &str) -> Option<Arc<AdapterVersion>> {
-        self.read_slots().get(task).and_then(|s| s.current.clone())
+        let v = self.read_slots().get(task).and_then(|s| s.current.clone());
+        if let Some(v) = &v {
+            self.touch(v);
+        }
+        v
     }
 
     /// Tasks that have a serving version.
@@ -189,26 +212,19 @@ impl AdapterTable {
         self.read_slots().iter().filter(|(_, s)| s.current.is_some()).map(|(t, _)| t.clone()).collect()
     }
 
-    /// A specific version: the loaded one, else loaded from the registry now. A version
-    /// refused before is refused again without rereading it (requests cannot make the server
-    /// reload a bad adapter over and over; an admin `load` retries).
+    /// A loaded version, for a request that names one. Requests never load: loading reads
+    /// and checks files (with `--merged`, copies the weights) and stays an admin call, so
+    /// clients cannot fill memory; `--max-loaded-versions` bounds what admins load.
     pub fn get(&self, task: &str, version: &str) -> Result<Arc<AdapterVersion>, AdapterError> {
-        {
-            let slots = self.read_slots();
-            let slot = slots.get(task);
-            if let Some(v) = slot.and_then(|s| s.loaded.get(version).cloned()) {
-                return Ok(v);
-            }
-            if let Some((_, reason)) = slot.and_then(|s| s.refused.as_ref()).filter(|(v, _)| v == version) {
-                return Err(AdapterError::Refused {
-                    task: task.to_string(),
-                    version: version.to_string(),
-                    reason: reason.clone(),
-                });
-            }
+        let dir = self.registry.version_dir(task, version)?;
+        if let Some(v) = self.read_slots().get(task).and_then(|s| s.loaded.get(version).cloned()) {
+            self.touch(&v);
+            return Ok(v);
         }
-        let _w = self.lock_writer();
-        self.load_locked(task, version)
+        if !dir.is_dir() {
+            return Err(RegistryError::NoSuchVersion { task: task.to_string(), version: version.to_string() }.into());
+        }
+        Err(AdapterError::NotLoaded { task: task.to_string(), version: version.to_string() })
     }
 
     /// Loads (and checks) a version without making it current.
@@ -299,13 +315,49 @@ impl AdapterTable {
     }
 
     fn set_current(&self, task: &str, v: Arc<AdapterVersion>) {
-        let mut slots = self.write_slots();
-        let slot = slots.entry(task.to_string()).or_default();
-        if slot.current.as_ref().is_none_or(|c| c.id != v.id) {
-            self.metrics.swap(task);
+        let id = v.id;
+        {
+            let mut slots = self.write_slots();
+            let slot = slots.entry(task.to_string()).or_default();
+            if slot.current.as_ref().is_none_or(|c| c.id != v.id) {
+                self.metrics.swap(task);
+            }
+            slot.refused = None;
+            slot.current = Some(v);
         }
-        slot.refused = None;
-        slot.current = Some(v);
+        // The version it replaced may now be evicted.
+        self.evict_locked(id);
+    }
+
+    /// Frees the least recently used versions that serve no task while more than
+    /// `max_loaded` are loaded; `keep` (the version just loaded or promoted) stays. Requests
+    /// holding an evicted version finish on it (the caller holds the writer lock).
+    fn evict_locked(&self, keep: u64) {
+        if self.max_loaded == 0 {
+            return;
+        }
+        let mut slots = self.write_slots();
+        while slots.values().map(|s| s.loaded.len()).sum::<usize>() > self.max_loaded {
+            let victim = slots
+                .iter()
+                .flat_map(|(task, s)| {
+                    let current = s.current.as_ref().map(|c| c.id);
+                    s.loaded
+                        .values()
+                        .filter(move |v| Some(v.id) != current && v.id != keep)
+                        .map(move |v| (v.last_used.load(Ordering::Relaxed), task.clone(), v.version.clone()))
+                })
+                .min();
+            let Some((_, task, version)) = victim else { break };
+            if let Some(slot) = slots.get_mut(&task) {
+                slot.loaded.remove(&version);
+            }
+            self.metrics.eviction(&task);
+            eprintln!(
+                "verdict-serve: adapters: {task}: evicted {version} (least recently used; --max-loaded-versions {})",
+                self.max_loaded
+            );
+        }
     }
 
     /// Loads and checks a version (the caller holds the writer lock).
@@ -313,6 +365,7 @@ impl AdapterTable {
         let dir = self.registry.version_dir(task, version)?;
         let spec = self.tasks.get(task).map_err(|_| AdapterError::UnknownTask(task.to_string()))?;
         if let Some(v) = self.read_slots().get(task).and_then(|s| s.loaded.get(version).cloned()) {
+            self.touch(&v);
             return Ok(v);
         }
         if !dir.is_dir() {
@@ -365,12 +418,14 @@ impl AdapterTable {
                 weights,
                 manifest,
                 loaded_at: now_secs(),
+                last_used: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
             })
         })();
         match checked {
             Ok(v) => {
                 let v = Arc::new(v);
                 self.write_slots().entry(task.to_string()).or_default().loaded.insert(version.to_string(), v.clone());
+                self.evict_locked(v.id);
                 Ok(v)
             }
             Err(reason) => {

@@ -181,8 +181,8 @@ struct Scored {
     truncated: bool,
 }
 
-/// The adapter a request runs with: the named version, else the task's current one, else
-/// zero-shot when allowed.
+/// The adapter a request runs with: the named version (a loaded one: requests never load),
+/// else the task's current one, else zero-shot when allowed.
 async fn resolve_version(
     state: &AppState,
     ready: &Ready,

@@ -135,6 +135,11 @@ struct Cli {
     /// Bearer token for the admin endpoints; without one they are disabled.
     #[arg(long, env = "VERDICT_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Most adapter versions loaded at once, all tasks together (0: no limit). Serving
+    /// versions count and are never evicted; beyond the limit the least recently used others
+    /// are freed. Only admin calls and the registry watch load versions, never a request.
+    #[arg(long, env = "VERDICT_MAX_LOADED_VERSIONS", default_value_t = 8)]
+    max_loaded_versions: usize,
     /// How often the registry is checked for a changed CURRENT (0: never).
     #[arg(long, env = "VERDICT_WATCH_INTERVAL_MS", default_value_t = 100)]
     watch_interval_ms: u64,
@@ -220,6 +225,7 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
         backend.clone(),
         sha.clone(),
         cli.merged,
+        cli.max_loaded_versions,
         metrics.clone(),
     ));
     for event in adapters.sync() {
@@ -344,6 +350,7 @@ struct LoadArgs {
     adapters: PathBuf,
     task_files: Vec<PathBuf>,
     merged: bool,
+    max_loaded_versions: usize,
     kernels: models::cpu::KernelArgs,
     cache_dir: PathBuf,
     prefix_cache: bool,
@@ -416,6 +423,7 @@ async fn main() -> Result<()> {
         adapters: cli.adapters.clone(),
         task_files: cli.task_files.clone(),
         merged: cli.merged,
+        max_loaded_versions: cli.max_loaded_versions,
         kernels: cli.kernels.clone(),
         cache_dir: cache.clone(),
         prefix_cache: !cli.no_prefix_cache,

@@ -58,6 +58,8 @@ struct Inner {
     swaps: BTreeMap<String, u64>,
     /// task -> refused adapter versions.
     refusals: BTreeMap<String, u64>,
+    /// task -> versions evicted (`--max-loaded-versions`).
+    evictions: BTreeMap<String, u64>,
 }
 
 /// Every metric the server exports.
@@ -125,6 +127,11 @@ impl Metrics {
         *self.inner().refusals.entry(task.to_string()).or_default() += 1;
     }
 
+    /// A loaded version was evicted to stay within `--max-loaded-versions`.
+    pub fn eviction(&self, task: &str) {
+        *self.inner().evictions.entry(task.to_string()).or_default() += 1;
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let inner = self.inner();
@@ -179,6 +186,13 @@ impl Metrics {
         out.push_str("# TYPE verdict_adapter_refusals_total counter\n");
         for (task, n) in &inner.refusals {
             let _ = writeln!(out, "verdict_adapter_refusals_total{{task=\"{}\"}} {n}", esc(task));
+        }
+        out.push_str(
+            "# HELP verdict_adapter_evictions_total Loaded versions freed to stay within --max-loaded-versions.\n",
+        );
+        out.push_str("# TYPE verdict_adapter_evictions_total counter\n");
+        for (task, n) in &inner.evictions {
+            let _ = writeln!(out, "verdict_adapter_evictions_total{{task=\"{}\"}} {n}", esc(task));
         }
         out.push_str("# HELP verdict_prefix_cache_hits_total Prefix KV cache lookups that found the prefix.\n");
         out.push_str("# TYPE verdict_prefix_cache_hits_total counter\n");

@@ -553,12 +553,12 @@ fn bad_inputs_get_their_codes_and_the_server_keeps_answering() {
             "invalid_name",
         ),
         (
-            "refused version on request",
+            "a version on disk that is not loaded (requests never load)",
             "/v1/classify",
             br#"{"task": "mr", "version": "other-base", "inputs": "good"}"#.to_vec(),
             vec![],
-            422,
-            "adapter_refused",
+            404,
+            "adapter_not_loaded",
         ),
         ("predict: number", "/predict", br#"{"inputs": 5}"#.to_vec(), vec![], 422, "invalid_input"),
         (
@@ -825,13 +825,23 @@ fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
         (json!({"task": "tweets3", "inputs": "awful"}), "tweets3", None, vec![("sentence", "awful")]),
         (json!({"task": "mr-score", "inputs": "great"}), "mr-score", None, vec![("sentence", "great")]),
     ];
-    let batched = fx.start(&["--zero-shot-fallback", "--max-batch-wait-ms", "300", "--batching", "packed"]);
-    let padded = fx.start(&["--zero-shot-fallback", "--max-batch-wait-ms", "300", "--batching", "padded"]);
-    let single = fx.start(&["--zero-shot-fallback", "--no-batching", "--no-prefix-cache", "--default-task", "rte"]);
+    let admin = ["--admin-token", TOKEN];
+    let batched = fx
+        .start(&[&admin[..], &["--zero-shot-fallback", "--max-batch-wait-ms", "300", "--batching", "packed"]].concat());
+    let padded = fx
+        .start(&[&admin[..], &["--zero-shot-fallback", "--max-batch-wait-ms", "300", "--batching", "padded"]].concat());
+    let single = fx.start(
+        &[&admin[..], &["--zero-shot-fallback", "--no-batching", "--no-prefix-cache", "--default-task", "rte"]]
+            .concat(),
+    );
     // Merged mode: each version folded into its own copy of the base.
-    let merged = fx.start(&["--zero-shot-fallback", "--merged", "--max-batch-wait-ms", "300", "--batching", "packed"]);
-    // Warm them (v2 is loaded on first use).
+    let merged = fx.start(
+        &[&admin[..], &["--zero-shot-fallback", "--merged", "--max-batch-wait-ms", "300", "--batching", "packed"]]
+            .concat(),
+    );
+    // Requests name only loaded versions: an admin loads v2; then warm each server with it.
     for s in [&batched, &padded, &single, &merged] {
+        assert_eq!(s.admin("/v1/admin/adapters/mr/v2/load").0, 200);
         assert_eq!(s.post("/v1/classify", &requests[1].0).0, 200);
     }
     for (server, tol) in [(&batched, TOL), (&padded, TOL), (&single, TOL), (&merged, 1e-4)] {
@@ -1119,4 +1129,55 @@ fn made_up_names_in_unauthenticated_calls_add_no_metric_labels() {
     assert_eq!(promote("mr"), 401);
     let (_, text) = server.get("/metrics");
     assert!(text.contains(r#"verdict_requests_total{endpoint="admin",task="mr",status="401"} 1"#), "{text}");
+}
+
+/// The versions `GET /v1/adapters` lists as loaded for `task`.
+fn loaded_versions(server: &Server, task: &str) -> Vec<String> {
+    let (_, body) = server.get("/v1/adapters");
+    let list: Vec<Value> = serde_json::from_str(&body).unwrap();
+    let entry = list.iter().find(|t| t["task"] == task).unwrap_or_else(|| panic!("no {task} in {body}"));
+    entry["loaded"].as_array().unwrap().iter().map(|v| v["version"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn requests_name_only_loaded_versions_and_loads_are_bounded_by_lru_eviction() {
+    let fx = Fixture::new("serve-versions");
+    for (v, seed) in [("v1", 1), ("v2", 2), ("v3", 3), ("v4", 4)] {
+        fx.publish("mr", v, seed);
+    }
+    fx.registry.promote("mr", "v1").unwrap();
+    let classify = |server: &Server, version: &str| {
+        let (status, v) = server.post("/v1/classify", &json!({"task": "mr", "version": version, "inputs": "good"}));
+        (status, v["error"]["code"].as_str().map(str::to_string), v)
+    };
+    {
+        let server = fx.start(&["--admin-token", TOKEN, "--max-loaded-versions", "1"]);
+        // A request cannot load a version: v4 is on disk, not loaded, and stays so.
+        let (status, code, v) = classify(&server, "v4");
+        assert_eq!((status, code.as_deref()), (404, Some("adapter_not_loaded")), "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("/v1/admin/adapters/mr/v4/load"), "{v}");
+        assert_eq!(loaded_versions(&server, "mr"), ["v1"]);
+        // Loading is an admin call; with room for one version, each load evicts the previous
+        // non-serving one, never the serving v1.
+        for version in ["v2", "v3", "v4"] {
+            assert_eq!(server.admin(&format!("/v1/admin/adapters/mr/{version}/load")).0, 200);
+            assert_eq!(loaded_versions(&server, "mr"), ["v1", version]);
+            let (status, _, v) = classify(&server, version);
+            assert_eq!((status, v["adapter_version"].as_str()), (200, Some(version)), "{v}");
+        }
+        let (status, code, v) = classify(&server, "v2");
+        assert_eq!((status, code.as_deref()), (404, Some("adapter_not_loaded")), "evicted: {v}");
+        let (_, text) = server.get("/metrics");
+        assert!(text.contains(r#"verdict_adapter_evictions_total{task="mr"} 2"#), "{text}");
+    }
+    // Least recently used first: v2, named by a request after v3 was loaded, outlives v3.
+    let server = fx.start(&["--admin-token", TOKEN, "--max-loaded-versions", "3"]);
+    assert_eq!(server.admin("/v1/admin/adapters/mr/v2/load").0, 200);
+    assert_eq!(server.admin("/v1/admin/adapters/mr/v3/load").0, 200);
+    assert_eq!(classify(&server, "v2").0, 200);
+    assert_eq!(server.admin("/v1/admin/adapters/mr/v4/load").0, 200);
+    assert_eq!(loaded_versions(&server, "mr"), ["v1", "v2", "v4"]);
+    // A promoted version replaces the serving one, which may then go; the new one stays.
+    assert_eq!(server.admin("/v1/admin/adapters/mr/v3/promote").0, 200);
+    assert_eq!(loaded_versions(&server, "mr"), ["v1", "v3", "v4"]);
 }

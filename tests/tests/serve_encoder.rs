@@ -117,7 +117,7 @@ fn close(got: &Value, want: &[f64], words: &[&str], what: &str) {
 #[test]
 fn encoder_server_answers_what_the_library_computes() {
     let f = Fixture::new("enc-api");
-    let s = f.start(&["--default-task", "mr"]);
+    let s = f.start(&["--default-task", "mr", "--admin-token", "t"]);
     let sentences =
         ["a gorgeous, witty, seductive movie.", "dull", "The plot is thin, but the jokes land more often than not."];
 
@@ -141,7 +141,9 @@ fn encoder_server_answers_what_the_library_computes() {
         "object",
     );
 
-    // An explicit version.
+    // An explicit version (loaded by an admin first: requests never load).
+    let r = http_raw(s.port, "POST", "/v1/admin/adapters/mr/v2/load", b"", &["Authorization: Bearer t"]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
     let (status, v2) = s.post("/v1/classify", &json!({"task": "mr", "version": "v2", "inputs": sentences[0]}));
     assert_eq!(status, 200, "{v2}");
     assert_eq!(v2["adapter_version"], "v2");
@@ -191,7 +193,7 @@ fn encoder_server_answers_what_the_library_computes() {
 #[test]
 fn encoder_server_refuses_bad_input_with_the_same_codes() {
     let f = Fixture::new("enc-bad");
-    let s = f.start(&["--default-task", "mr", "--max-inputs", "4", "--max-input-tokens", "16"]);
+    let s = f.start(&["--default-task", "mr", "--max-inputs", "4", "--max-input-tokens", "16", "--admin-token", "t"]);
     let long = "a very long sentence about a film ".repeat(10);
     let cases: Vec<(Value, &str, u16, &str)> = vec![
         (json!({"task": "nope", "inputs": "x"}), "/v1/classify", 404, "unknown_task"),
@@ -209,14 +211,20 @@ fn encoder_server_refuses_bad_input_with_the_same_codes() {
         (json!({"task": "mr", "inputs": long}), "/v1/classify", 422, "input_too_long"),
         (json!({"task": "mr", "version": "v9", "inputs": "x"}), "/v1/classify", 404, "unknown_adapter_version"),
         (json!({"task": "mr", "version": "../x", "inputs": "x"}), "/v1/classify", 400, "invalid_name"),
-        (json!({"task": "mr", "version": "other-encoder", "inputs": "x"}), "/v1/classify", 422, "adapter_refused"),
-        (json!({"task": "mr", "version": "lora", "inputs": "x"}), "/v1/classify", 422, "adapter_refused"),
+        (json!({"task": "mr", "version": "other-encoder", "inputs": "x"}), "/v1/classify", 404, "adapter_not_loaded"),
         (json!({"inputs": 5}), "/predict", 422, "invalid_input"),
         (json!({"inputs": []}), "/predict", 422, "no_inputs"),
     ];
     for (body, path, status, code) in &cases {
         let (got, v) = s.post(path, body);
         assert_eq!((got, v["error"]["code"].as_str()), (*status, Some(*code)), "{path} {body}: {v}");
+    }
+    // Heads of other encoder weights, and LoRA adapters, are refused when an admin loads them.
+    for version in ["other-encoder", "lora"] {
+        let path = format!("/v1/admin/adapters/mr/{version}/load");
+        let r = http_raw(s.port, "POST", &path, b"", &["Authorization: Bearer t"]).unwrap();
+        assert_eq!(r.status, 422, "{path}: {}", r.text());
+        assert!(r.text().contains("adapter_refused"), "{path}: {}", r.text());
     }
     let r = http_raw(s.port, "POST", "/v1/classify", b"{not json", &[]).unwrap();
     assert_eq!(r.status, 400);
