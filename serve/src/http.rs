@@ -10,7 +10,10 @@ use crate::backend::Backend;
 use crate::engine::{Row, TaskEntry};
 use crate::metrics::Metrics;
 use crate::scheduler::{Job, Scheduler, SubmitError};
-use actix_web::http::StatusCode;
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{Method, StatusCode};
+use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -42,6 +45,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Admin endpoints need `Authorization: Bearer <token>`; `None` disables them.
     pub admin_token: Option<String>,
+    /// With a key, the inference and information routes need `Authorization: Bearer <key>`
+    /// (`--api-key`, as TEI's); probes, metrics and the OpenAPI document stay open.
+    pub api_key: Option<String>,
     /// Answer tasks without an adapter with the base model alone.
     pub zero_shot: bool,
     /// The task `/predict` answers (default: the only task with an adapter).
@@ -82,25 +88,37 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// Registers every route.
+/// Registers every route: each path answers one method (any other: 405 with `Allow`);
+/// the inference and information routes need the `--api-key` when one is set.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    let at = |path: &str, route: actix_web::Route| {
-        web::resource(path.to_string()).route(route).default_service(web::to(method_not_allowed))
-    };
-    cfg.service(at("/v1/classify", web::post().to(classify)))
-        .service(at("/predict", web::post().to(predict)))
-        .service(at("/v1/tokenize", web::post().to(tokenize)))
-        .service(at("/v1/tasks", web::get().to(tasks)))
-        .service(at("/v1/adapters", web::get().to(adapters)))
-        .service(at("/v1/admin/adapters/{task}/{version}/load", web::post().to(admin_load)))
-        .service(at("/v1/admin/adapters/{task}/{version}/promote", web::post().to(admin_promote)))
-        .service(at("/v1/admin/adapters/{task}/{version}/unload", web::post().to(admin_unload)))
-        .service(at("/v1/admin/adapters/{task}/rollback", web::post().to(admin_rollback)))
-        .service(at("/health", web::get().to(health)))
-        .service(at("/ready", web::get().to(ready)))
-        .service(at("/info", web::get().to(info)))
-        .service(at("/metrics", web::get().to(metrics)))
-        .service(at("/openapi.json", web::get().to(openapi)));
+    let key = || from_fn(require_api_key);
+    cfg.service(at("/v1/classify", Method::POST, classify).wrap(key()))
+        .service(at("/predict", Method::POST, predict).wrap(key()))
+        .service(at("/v1/tokenize", Method::POST, tokenize).wrap(key()))
+        .service(at("/v1/tasks", Method::GET, tasks).wrap(key()))
+        .service(at("/v1/adapters", Method::GET, adapters).wrap(key()))
+        .service(at("/info", Method::GET, info).wrap(key()))
+        .service(at("/v1/admin/adapters/{task}/{version}/load", Method::POST, admin_load))
+        .service(at("/v1/admin/adapters/{task}/{version}/promote", Method::POST, admin_promote))
+        .service(at("/v1/admin/adapters/{task}/{version}/unload", Method::POST, admin_unload))
+        .service(at("/v1/admin/adapters/{task}/rollback", Method::POST, admin_rollback))
+        .service(at("/health", Method::GET, health))
+        .service(at("/ready", Method::GET, ready))
+        .service(at("/metrics", Method::GET, metrics))
+        .service(at("/openapi.json", Method::GET, openapi));
+}
+
+/// A path served by `handler` for `method` alone; other methods get 405 naming it in `Allow`.
+fn at<F, Args>(path: &str, method: Method, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    let allow = method.clone();
+    web::resource(path.to_string())
+        .route(web::route().method(method).to(handler))
+        .default_service(web::to(move |req: HttpRequest| method_not_allowed(req, allow.clone())))
 }
 
 /// Any path no route matches.
@@ -108,13 +126,53 @@ pub async fn not_found(req: HttpRequest) -> HttpResponse {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {} {}", req.method(), req.path())).response()
 }
 
-async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
-    ApiError::new(
+async fn method_not_allowed(req: HttpRequest, allow: Method) -> HttpResponse {
+    let mut resp = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        format!("{} is not allowed on {}", req.method(), req.path()),
+        format!("{} is not allowed on {} (allowed: {allow})", req.method(), req.path()),
     )
-    .response()
+    .response();
+    if let Ok(v) = actix_web::http::header::HeaderValue::from_str(allow.as_str()) {
+        resp.headers_mut().insert(actix_web::http::header::ALLOW, v);
+    }
+    resp
+}
+
+/// Whether the request carries `Authorization: Bearer <secret>` (compared in constant time).
+fn bearer_is(req: &HttpRequest, secret: &str) -> bool {
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (given.as_bytes(), secret.as_bytes());
+    a.iter().zip(b).fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y)) == 0
+}
+
+/// With `--api-key`, answers 401 to a request without `Authorization: Bearer <key>`.
+async fn require_api_key(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let key = req.app_data::<State>().and_then(|s| s.api_key.clone());
+    if let Some(key) = key {
+        if !bearer_is(req.request(), &key) {
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid API key is required: Authorization: Bearer <--api-key>",
+            )
+            .response();
+            resp.headers_mut().insert(
+                actix_web::http::header::WWW_AUTHENTICATE,
+                actix_web::http::header::HeaderValue::from_static("Bearer"),
+            );
+            return Ok(req.into_response(resp).map_into_right_body());
+        }
+    }
+    next.call(req).await.map(ServiceResponse::map_into_left_body)
 }
 
 /// Reads the body up to `limit` bytes, as UTF-8 JSON.
@@ -524,15 +582,7 @@ fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
             "admin endpoints are off (no --admin-token)",
         ));
     };
-    let given = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let (a, b) = (given.as_bytes(), token.as_bytes());
-    let diff = a.iter().zip(b).fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y));
-    if diff != 0 {
+    if !bearer_is(req, token) {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin bearer token is required"));
     }
     Ok(())

@@ -140,6 +140,11 @@ struct Cli {
     /// are freed. Only admin calls and the registry watch load versions, never a request.
     #[arg(long, env = "VERDICT_MAX_LOADED_VERSIONS", default_value_t = 8)]
     max_loaded_versions: usize,
+    /// Bearer token of the inference and information routes (`/v1/classify`, `/predict`,
+    /// `/v1/tokenize`, `/v1/tasks`, `/v1/adapters`, `/info`), as TEI's `--api-key`; without
+    /// one they are open. Admin routes take the admin token instead.
+    #[arg(long, env = "VERDICT_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// How often the registry is checked for a changed CURRENT (0: never).
     #[arg(long, env = "VERDICT_WATCH_INTERVAL_MS", default_value_t = 100)]
     watch_interval_ms: u64,
@@ -401,6 +406,7 @@ async fn main() -> Result<()> {
         },
         metrics: metrics.clone(),
         admin_token: cli.admin_token.clone().filter(|t| !t.is_empty()),
+        api_key: cli.api_key.clone().filter(|k| !k.is_empty()),
         zero_shot: cli.zero_shot_fallback,
         default_task: cli.default_task.clone(),
     });

@@ -1181,3 +1181,72 @@ fn requests_name_only_loaded_versions_and_loads_are_bounded_by_lru_eviction() {
     assert_eq!(server.admin("/v1/admin/adapters/mr/v3/promote").0, 200);
     assert_eq!(loaded_versions(&server, "mr"), ["v1", "v3", "v4"]);
 }
+
+#[test]
+fn api_key_guards_inference_routes_and_the_admin_token_stays_separate() {
+    const KEY: &str = "k3y";
+    let fx = Fixture::new("serve-api-key");
+    fx.publish("mr", "v1", 1);
+    fx.publish("mr", "v2", 2);
+    fx.registry.promote("mr", "v1").unwrap();
+    let server = fx.start(&["--admin-token", TOKEN, "--api-key", KEY, "--default-task", "mr"]);
+    let call = |method: &str, path: &str, body: &str, bearer: Option<&str>| {
+        let header = bearer.map(|b| format!("Authorization: Bearer {b}"));
+        let headers: Vec<&str> = header.iter().map(String::as_str).collect();
+        http_raw(server.port, method, path, body.as_bytes(), &headers).unwrap()
+    };
+    let classify = json!({"task": "mr", "inputs": "good"}).to_string();
+    let predict = json!({"inputs": "good"}).to_string();
+    let routes = [
+        ("POST", "/v1/classify", classify.as_str()),
+        ("POST", "/predict", predict.as_str()),
+        ("POST", "/v1/tokenize", classify.as_str()),
+        ("GET", "/v1/tasks", ""),
+        ("GET", "/v1/adapters", ""),
+        ("GET", "/info", ""),
+    ];
+    for (method, path, body) in routes {
+        // No key, a wrong one, and the admin token (which is not the API key): 401.
+        for bearer in [None, Some("nope"), Some(TOKEN)] {
+            let r = call(method, path, body, bearer);
+            assert_eq!(r.status, 401, "{path} with {bearer:?}: {}", r.text());
+            assert!(r.text().contains("\"unauthorized\""), "{path}: {}", r.text());
+            assert_eq!(r.header("www-authenticate").as_deref(), Some("Bearer"), "{path}");
+        }
+        let r = call(method, path, body, Some(KEY));
+        assert_eq!(r.status, 200, "{path} with the key: {}", r.text());
+    }
+    // Probes, the scraper and the API document stay open.
+    for path in ["/health", "/ready", "/metrics", "/openapi.json"] {
+        assert_eq!(call("GET", path, "", None).status, 200, "{path}");
+    }
+    // Admin routes take the admin token, not the API key.
+    let load = "/v1/admin/adapters/mr/v2/load";
+    assert_eq!(call("POST", load, "", None).status, 401);
+    assert_eq!(call("POST", load, "", Some(KEY)).status, 401);
+    let r = call("POST", load, "", Some(TOKEN));
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn wrong_methods_get_405_with_an_allow_header() {
+    let fx = Fixture::new("serve-405");
+    fx.publish("mr", "v1", 1);
+    fx.registry.promote("mr", "v1").unwrap();
+    let server = fx.start(&[]);
+    for (method, path, allow) in [
+        ("GET", "/v1/classify", "POST"),
+        ("PUT", "/predict", "POST"),
+        ("GET", "/v1/tokenize", "POST"),
+        ("DELETE", "/v1/tasks", "GET"),
+        ("POST", "/health", "GET"),
+        ("POST", "/metrics", "GET"),
+        ("GET", "/v1/admin/adapters/mr/v1/promote", "POST"),
+        ("GET", "/v1/admin/adapters/mr/rollback", "POST"),
+    ] {
+        let r = http_raw(server.port, method, path, b"", &[]).unwrap();
+        assert_eq!(r.status, 405, "{method} {path}: {}", r.text());
+        assert!(r.text().contains("\"method_not_allowed\""), "{}", r.text());
+        assert_eq!(r.header("allow").as_deref(), Some(allow), "{method} {path}: {}", r.head);
+    }
+}
