@@ -202,7 +202,58 @@ impl Metrics {
         let _ = writeln!(out, "verdict_prefix_cache_misses_total {}", self.prefix_misses.load(Ordering::Relaxed));
         out.push_str("# HELP verdict_batches_total Engine batches run.\n# TYPE verdict_batches_total counter\n");
         let _ = writeln!(out, "verdict_batches_total {}", self.batches.load(Ordering::Relaxed));
+        render_process(&mut out);
         out
+    }
+}
+
+/// The process's own resource use, with the names of Prometheus' process collector: resident
+/// and virtual memory, threads, open file descriptors and their limit, CPU time. Read from
+/// `/proc/self` at each scrape (Linux; elsewhere none are written).
+fn render_process(out: &mut String) {
+    let mut gauge = |name: &str, help: &str, kind: &str, value: f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        if let Some(kb) = field("VmRSS:") {
+            gauge("process_resident_memory_bytes", "Resident memory size in bytes.", "gauge", kb * 1024.0);
+        }
+        if let Some(kb) = field("VmSize:") {
+            gauge("process_virtual_memory_bytes", "Virtual memory size in bytes.", "gauge", kb * 1024.0);
+        }
+        if let Some(n) = field("Threads:") {
+            gauge("process_threads", "OS threads of the process.", "gauge", n);
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        gauge("process_open_fds", "Open file descriptors.", "gauge", fds.count() as f64);
+    }
+    let max_fds = std::fs::read_to_string("/proc/self/limits").ok().and_then(|l| {
+        l.lines()
+            .find_map(|l| l.strip_prefix("Max open files"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+    });
+    if let Some(n) = max_fds {
+        gauge("process_max_fds", "Maximum number of open file descriptors.", "gauge", n);
+    }
+    // utime and stime, fields 14 and 15 of /proc/self/stat, counted after the parenthesised name.
+    let ticks = std::fs::read_to_string("/proc/self/stat").ok().and_then(|stat| {
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+    });
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if let (Some(t), true) = (ticks, per_second > 0) {
+        gauge("process_cpu_seconds_total", "User and system CPU time in seconds.", "counter", t / per_second as f64);
     }
 }
 
@@ -228,5 +279,15 @@ mod tests {
         assert!(text.contains("verdict_batch_size_rows_bucket{le=\"4\"} 1"), "{text}");
         assert!(text.contains("verdict_tokens_per_second 3000"), "{text}");
         assert!(text.contains("verdict_prefix_cache_hits_total 1"), "{text}");
+        if cfg!(target_os = "linux") {
+            for name in [
+                "process_resident_memory_bytes ",
+                "process_threads ",
+                "process_open_fds ",
+                "process_cpu_seconds_total ",
+            ] {
+                assert!(text.contains(name), "{name}: {text}");
+            }
+        }
     }
 }

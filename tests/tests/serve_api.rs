@@ -1250,3 +1250,26 @@ fn wrong_methods_get_405_with_an_allow_header() {
         assert_eq!(r.header("allow").as_deref(), Some(allow), "{method} {path}: {}", r.head);
     }
 }
+
+#[test]
+fn metrics_report_the_process_memory_threads_and_open_files() {
+    let fx = Fixture::new("serve-process");
+    fx.publish("mr", "v1", 1);
+    fx.registry.promote("mr", "v1").unwrap();
+    let server = fx.start(&[]);
+    let (status, text) = server.get("/metrics");
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    // The tiny model and the runtime alone hold more than 4 MiB; the HTTP workers, the
+    // engine and the watch are threads; stdio and the listening socket are open files.
+    assert!(value("process_resident_memory_bytes") > 4.0 * 1048576.0, "{text}");
+    assert!(value("process_threads") >= 3.0, "{text}");
+    assert!(value("process_open_fds") >= 4.0, "{text}");
+    assert!(value("process_max_fds") >= value("process_open_fds"), "{text}");
+    assert!(value("process_cpu_seconds_total") > 0.0, "{text}");
+    // Beside the server's own metrics.
+    assert!(text.contains("verdict_queue_depth "), "{text}");
+}
