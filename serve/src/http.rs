@@ -151,6 +151,33 @@ fn bearer_is(req: &HttpRequest, secret: &str) -> bool {
     a.iter().zip(b).fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y)) == 0
 }
 
+/// Makes a request id: the time in nanoseconds and a counter, unique within the process.
+fn new_request_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{:016x}{:06x}", nanos as u64, NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xff_ffff)
+}
+
+/// Every request's id: its `x-request-id` when it sends a plain one (1-128 visible ASCII
+/// characters), else a new one; the response carries it in `x-request-id`.
+pub async fn request_id(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let given = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string);
+    let id = given.unwrap_or_else(new_request_id);
+    let mut resp = next.call(req).await?;
+    if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(actix_web::http::header::HeaderName::from_static("x-request-id"), v);
+    }
+    Ok(resp)
+}
+
 /// With `--api-key`, answers 401 to a request without `Authorization: Bearer <key>`.
 async fn require_api_key(
     req: ServiceRequest,

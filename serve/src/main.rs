@@ -413,7 +413,11 @@ async fn main() -> Result<()> {
     let server = {
         let state = state.clone();
         HttpServer::new(move || {
-            App::new().app_data(state.clone()).configure(http::routes).default_service(web::to(http::not_found))
+            App::new()
+                .app_data(state.clone())
+                .wrap(actix_web::middleware::from_fn(http::request_id))
+                .configure(http::routes)
+                .default_service(web::to(http::not_found))
         })
         .workers(cli.http_workers.max(1))
         .shutdown_timeout(cli.shutdown_timeout_s)
