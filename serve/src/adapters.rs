@@ -353,8 +353,8 @@ impl AdapterTable {
                 slot.loaded.remove(&version);
             }
             self.metrics.eviction(&task);
-            eprintln!(
-                "verdict-serve: adapters: {task}: evicted {version} (least recently used; --max-loaded-versions {})",
+            tracing::info!(
+                "adapters: {task}: evicted {version} (least recently used; --max-loaded-versions {})",
                 self.max_loaded
             );
         }

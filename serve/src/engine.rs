@@ -53,7 +53,7 @@ impl TaskEntry {
         let prefix_ids = loaded.encode(&parts.prefix, true).map_err(|e| e.to_string())?;
         let scored = task.scored_candidates(scoring, |t| loaded.encode(t, false))?;
         if let Some(why) = &scored.fallback {
-            eprintln!("verdict-serve: {why}");
+            tracing::warn!("{why}");
         }
         let (scoring, answers) = (scored.scoring, scored.candidates);
         Ok(Self { task: task.clone(), prefix_text: parts.prefix, prefix_ids, answers, scoring: Some(scoring) })

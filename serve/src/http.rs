@@ -8,19 +8,20 @@ use crate::api::{
 };
 use crate::backend::Backend;
 use crate::engine::{Row, TaskEntry};
+use crate::logging::ACCESS;
 use crate::metrics::Metrics;
 use crate::scheduler::{Job, Scheduler, SubmitError};
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde::Serialize;
 use serde_json::{json, Value};
 use shared::registry::RegistryError;
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use utoipa::{OpenApi, ToSchema};
 
@@ -158,12 +159,45 @@ fn new_request_id() -> String {
     format!("{:016x}{:06x}", nanos as u64, NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xff_ffff)
 }
 
-/// Every request's id: its `x-request-id` when it sends a plain one (1-128 visible ASCII
-/// characters), else a new one; the response carries it in `x-request-id`.
-pub async fn request_id(
+/// A request's id (`access_log` puts it in the request's extensions).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// The id `access_log` gave this request.
+fn request_id(req: &HttpRequest) -> String {
+    req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default()
+}
+
+/// What a handler learned about its request, for the access line: as far as the request got
+/// (one refused before its task is known has no task). Handlers put it in their response's
+/// extensions.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// A task the server knows, never a name from the request that is not one.
+    pub task: Option<String>,
+    /// The adapter version acted on or answering (none: zero-shot, or not reached).
+    pub version: Option<String>,
+    pub inputs: Option<usize>,
+    /// Prompt-body tokens of the inputs, as the engine runs them.
+    pub tokens: Option<usize>,
+    /// Time in the engine's queue, the batch wait included.
+    pub queued: Option<Duration>,
+}
+
+/// Milliseconds, to the microsecond.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Every request's id and access line. The id is its `x-request-id` when it sends a plain one
+/// (1-128 visible ASCII characters), else a new one; the response carries it in
+/// `x-request-id`. Then one event (target `verdict::access`) per request: id, method, path,
+/// what the handler reported ([`Access`]), status, latency and queue time.
+pub async fn access_log(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
     let given = req
         .headers()
         .get("x-request-id")
@@ -171,11 +205,39 @@ pub async fn request_id(
         .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string);
     let id = given.unwrap_or_else(new_request_id);
-    let mut resp = next.call(req).await?;
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let (method, path) = (req.method().clone(), req.path().to_string());
+    let result = next.call(req).await;
+    let (status, access) = match &result {
+        Ok(r) => (r.status(), r.response().extensions().get::<Access>().cloned().unwrap_or_default()),
+        Err(e) => (e.as_response_error().status_code(), Access::default()),
+    };
+    tracing::info!(
+        target: ACCESS,
+        request_id = id.as_str(),
+        method = method.as_str(),
+        path = path.as_str(),
+        task = access.task.as_deref(),
+        version = access.version.as_deref(),
+        inputs = access.inputs,
+        tokens = access.tokens,
+        status = status.as_u16(),
+        latency_ms = millis(started.elapsed()),
+        queue_ms = access.queued.map(millis),
+        "request"
+    );
+    let mut resp = result?;
     if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&id) {
         resp.headers_mut().insert(actix_web::http::header::HeaderName::from_static("x-request-id"), v);
     }
     Ok(resp)
+}
+
+/// Counts a finished request and attaches what its handler learned for the access line.
+fn finish(state: &AppState, endpoint: &str, access: Access, mut resp: HttpResponse, started: Instant) -> HttpResponse {
+    state.metrics.request(endpoint, access.task.as_deref(), resp.status().as_u16(), started.elapsed());
+    resp.extensions_mut().insert(access);
+    resp
 }
 
 /// With `--api-key`, answers 401 to a request without `Authorization: Bearer <key>`.
@@ -290,7 +352,9 @@ async fn resolve_version(
     }
 }
 
-/// Tokenizes, queues and awaits the inputs of one request.
+/// Tokenizes, queues and awaits the inputs of one request (its tokens and queue time go to
+/// `access`).
+#[allow(clippy::too_many_arguments)]
 async fn score_inputs(
     state: &AppState,
     ready: &Ready,
@@ -299,16 +363,20 @@ async fn score_inputs(
     inputs: Vec<BTreeMap<String, String>>,
     truncate: bool,
     started: Instant,
+    access: &mut Access,
 ) -> Result<Vec<Scored>, ApiError> {
+    access.version = version.as_ref().map(|v| v.version.clone());
+    access.inputs = Some(inputs.len());
     let (backend, e, limits) = (ready.backend.clone(), entry.clone(), state.limits);
     let prepared = blocking(move || prepare(&backend, &e, inputs, &limits, truncate)).await?;
+    access.tokens = Some(prepared.iter().map(|p| p.body.len()).sum());
     let truncated: Vec<bool> = prepared.iter().map(|p| p.truncated).collect();
     let rows = prepared
         .into_iter()
         .map(|p| Row { task: entry.clone(), version: version.clone(), body: p.body, type_ids: p.type_ids })
         .collect();
     let (tx, rx) = oneshot::channel();
-    ready.scheduler.submit(Job { rows, reply: tx }).map_err(|e| match e {
+    ready.scheduler.submit(Job::new(rows, tx)).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "queue_full",
@@ -330,7 +398,10 @@ async fn score_inputs(
         }
         Ok(Err(_)) => return Err(ApiError::internal("the engine dropped the request")),
         Ok(Ok(Err(msg))) => return Err(ApiError::internal(format!("scoring failed: {msg}"))),
-        Ok(Ok(Ok(l))) => l,
+        Ok(Ok(Ok(answer))) => {
+            access.queued = Some(answer.queued);
+            answer.scores
+        }
     };
     state.metrics.inputs(&entry.task.name, logps.len());
     Ok(logps.into_iter().zip(truncated).map(|(logps, truncated)| Scored { logps, truncated }).collect())
@@ -348,21 +419,19 @@ async fn score_inputs(
 ))]
 async fn classify(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
-    let mut task = None;
-    let result = classify_inner(&state, &req, payload, &mut task, started).await;
-    let resp = match result {
+    let mut access = Access::default();
+    let resp = match classify_inner(&state, &req, payload, &mut access, started).await {
         Ok(r) => HttpResponse::Ok().json(r),
         Err(e) => e.response(),
     };
-    state.metrics.request("classify", task.as_deref(), resp.status().as_u16(), started.elapsed());
-    resp
+    finish(&state, "classify", access, resp, started)
 }
 
 async fn classify_inner(
     state: &AppState,
     req: &HttpRequest,
     payload: web::Payload,
-    task_label: &mut Option<String>,
+    access: &mut Access,
     started: Instant,
 ) -> Result<ClassifyResponse, ApiError> {
     let ready = state.ready()?;
@@ -370,12 +439,13 @@ async fn classify_inner(
     let entry = ready.tasks.get(&r.task).cloned().ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "unknown_task", format!("unknown task {:?} (GET /v1/tasks)", r.task))
     })?;
-    *task_label = Some(r.task.clone());
+    access.task = Some(r.task.clone());
     let inputs = parse_inputs(&entry, r.inputs, &state.limits)?;
+    access.inputs = Some(inputs.len());
     let version = resolve_version(state, ready, &r.task, r.version).await?;
     let name = version.as_ref().map(|v| v.version.clone());
     let truncate = r.truncate.unwrap_or(state.limits.truncate);
-    let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started).await?;
+    let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started, access).await?;
     Ok(ClassifyResponse {
         task: r.task,
         results: scored.iter().map(|s| classification(&entry, &s.logps, name.as_deref(), s.truncated)).collect(),
@@ -392,31 +462,32 @@ async fn classify_inner(
 ))]
 async fn tokenize(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
-    let mut task = None;
-    let resp = match tokenize_inner(&state, &req, payload, &mut task).await {
+    let mut access = Access::default();
+    let resp = match tokenize_inner(&state, &req, payload, &mut access).await {
         Ok(r) => HttpResponse::Ok().json(r),
         Err(e) => e.response(),
     };
-    state.metrics.request("tokenize", task.as_deref(), resp.status().as_u16(), started.elapsed());
-    resp
+    finish(&state, "tokenize", access, resp, started)
 }
 
 async fn tokenize_inner(
     state: &AppState,
     req: &HttpRequest,
     payload: web::Payload,
-    task_label: &mut Option<String>,
+    access: &mut Access,
 ) -> Result<TokenizeResponse, ApiError> {
     let ready = state.ready()?;
     let r: TokenizeRequest = from_value(read_json(req, payload, state.limits.max_body_bytes).await?)?;
     let entry = ready.tasks.get(&r.task).cloned().ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "unknown_task", format!("unknown task {:?} (GET /v1/tasks)", r.task))
     })?;
-    *task_label = Some(r.task.clone());
+    access.task = Some(r.task.clone());
     let inputs = parse_inputs(&entry, r.inputs, &state.limits)?;
+    access.inputs = Some(inputs.len());
     let truncate = r.truncate.unwrap_or(state.limits.truncate);
     let (backend, e, limits) = (ready.backend.clone(), entry.clone(), state.limits);
     let prepared = blocking(move || prepare(&backend, &e, inputs, &limits, truncate)).await?;
+    access.tokens = Some(prepared.iter().map(|p| p.body.len()).sum());
     let special = |ids: &[u32]| ids.iter().map(|&id| ready.backend.is_special(id)).collect();
     Ok(TokenizeResponse {
         task: r.task,
@@ -436,13 +507,12 @@ async fn tokenize_inner(
 ))]
 async fn predict(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
-    let mut task = None;
-    let resp = match predict_inner(&state, &req, payload, &mut task, started).await {
+    let mut access = Access::default();
+    let resp = match predict_inner(&state, &req, payload, &mut access, started).await {
         Ok(v) => HttpResponse::Ok().json(v),
         Err(e) => e.response(),
     };
-    state.metrics.request("predict", task.as_deref(), resp.status().as_u16(), started.elapsed());
-    resp
+    finish(&state, "predict", access, resp, started)
 }
 
 /// TEI's input shapes mapped to the task's fields; `true` when the request was a batch.
@@ -491,7 +561,7 @@ async fn predict_inner(
     state: &AppState,
     req: &HttpRequest,
     payload: web::Payload,
-    task_label: &mut Option<String>,
+    access: &mut Access,
     started: Instant,
 ) -> Result<Value, ApiError> {
     let ready = state.ready()?;
@@ -519,8 +589,9 @@ async fn predict_inner(
             format!("the default task {task:?} is not in the registry"),
         )
     })?;
-    *task_label = Some(task.clone());
+    access.task = Some(task.clone());
     let (inputs, batched) = tei_inputs(&entry.task.fields, r.inputs)?;
+    access.inputs = Some(inputs.len());
     if inputs.len() > state.limits.max_inputs {
         return Err(ApiError::unprocessable(
             "too_many_inputs",
@@ -529,7 +600,7 @@ async fn predict_inner(
     }
     let version = resolve_version(state, ready, &task, None).await?;
     let truncate = r.truncate.unwrap_or(state.limits.truncate);
-    let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started).await?;
+    let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started, access).await?;
     let words = entry.task.label_words();
     let lists: Vec<Vec<Prediction>> = scored
         .iter()
@@ -647,17 +718,19 @@ async fn admin(
         .await
     }
     .await;
+    // Only a task the server knows is a label value (unknown names must not grow /metrics)
+    // or goes to the log.
+    let known = state.ready.get().is_some_and(|r| r.tasks.contains_key(&task));
+    let mut access = Access { task: known.then_some(task), ..Access::default() };
     let resp = match result {
         Ok(c) => {
-            eprintln!("verdict-serve: admin: {} {}/{}", c.action, c.task, c.version);
+            tracing::info!(request_id = request_id(&req).as_str(), "admin: {} {}/{}", c.action, c.task, c.version);
+            access.version = Some(c.version.clone());
             HttpResponse::Ok().json(c)
         }
         Err(e) => e.response(),
     };
-    // Only a task the server knows is a label value: unknown names must not grow /metrics.
-    let known = state.ready.get().is_some_and(|r| r.tasks.contains_key(&task));
-    state.metrics.request("admin", known.then_some(task.as_str()), resp.status().as_u16(), started.elapsed());
-    resp
+    finish(&state, "admin", access, resp, started)
 }
 
 /// Loads and checks an adapter version without making it current.

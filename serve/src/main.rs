@@ -12,6 +12,7 @@ mod backend;
 mod encoder_engine;
 mod engine;
 mod http;
+mod logging;
 mod metrics;
 mod scheduler;
 mod tuning;
@@ -151,6 +152,10 @@ struct Cli {
     /// Longest wait for requests in flight at shutdown.
     #[arg(long, env = "VERDICT_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
     shutdown_timeout_s: u64,
+    /// Log lines on stderr: `text` (`verdict-serve: <message> key=value ...`) or `json` (one
+    /// object per line); which events, as `RUST_LOG` says (default `info`).
+    #[arg(long, env = "VERDICT_LOG_FORMAT", value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
 }
 
 /// The model a `--model` argument resolved to.
@@ -180,7 +185,7 @@ fn load_backend(cli: &LoadArgs) -> Result<(Backend, String)> {
                 &cli.kernels,
                 models::cpu::Purpose::Serve,
                 &cli.cache_dir,
-                &mut |line| eprintln!("verdict-serve: {line}"),
+                &mut |line| tracing::info!("{line}"),
             )
             .map_err(|e| anyhow!("{}: {e}", path.display()));
             // A pack file records the weights' sha256 (checked against their size and time):
@@ -234,7 +239,7 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
         metrics.clone(),
     ));
     for event in adapters.sync() {
-        eprintln!("verdict-serve: adapters: {event}");
+        tracing::info!("adapters: {event}");
     }
     let mut batch = cli.batch;
     let (compute, serving): (Box<dyn scheduler::Compute>, tuning::Choice) = match &backend {
@@ -267,7 +272,7 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
             (Box::new(encoder_engine::EncoderEngine::new(encoder.clone())), tuning::Choice::flag(mode))
         }
     };
-    eprintln!("verdict-serve: {}", serving.describe());
+    tracing::info!("{}", serving.describe());
     let scheduler = Arc::new(scheduler::Scheduler::start(compute, batch, metrics)?);
     // Loading parses the model file's metadata and vocabulary on this thread: glibc keeps the
     // freed pages of its arena resident (about 100 MiB on Qwen2.5-0.5B), private to this
@@ -277,7 +282,7 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
     unsafe {
         libc::malloc_trim(0);
     }
-    eprintln!("verdict-serve: model and adapters loaded in {:.2} s", t0.elapsed().as_secs_f64());
+    tracing::info!("model and adapters loaded in {:.2} s", t0.elapsed().as_secs_f64());
     let kernels = match &backend {
         Backend::Decoder(loaded) => loaded.model.kernels().describe(),
         Backend::Encoder(_) => "candle's kernels".into(),
@@ -331,7 +336,7 @@ fn choose_batching(
         loaded.encode_body(&parts).map_err(|e| e.to_string())
     };
     let rows = tuning::sample_rows(entry, version, encode).map_err(|e| anyhow!("batching measurement: {e}"))?;
-    eprintln!("verdict-serve: measuring batching on {on} (once per CPU, model and thread count) ...");
+    tracing::info!("measuring batching on {on} (once per CPU, model and thread count) ...");
     let t = tuning::measure(engine, &rows).map_err(|e| anyhow!("batching measurement: {e}"))?;
     let choice = tuning::Choice {
         batching: t.best(),
@@ -341,7 +346,7 @@ fn choose_batching(
         max_batch_rows: t.batch_rows(cli.batch.max_batch_rows),
     };
     if let Err(e) = tuning::write_cached(&file, &key, &choice) {
-        eprintln!("verdict-serve: cannot cache the batching choice in {}: {e}", file.display());
+        tracing::warn!("cannot cache the batching choice in {}: {e}", file.display());
     }
     Ok(choice)
 }
@@ -366,9 +371,23 @@ struct LoadArgs {
     batch: scheduler::BatchOptions,
 }
 
-#[actix_web::main]
-async fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = logging::init(cli.log_format) {
+        eprintln!("verdict-serve: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
+    // Every failure is a log line too (one JSON object with --log-format json).
+    match actix_web::rt::System::new().block_on(serve(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
@@ -415,7 +434,7 @@ async fn main() -> Result<()> {
         HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
-                .wrap(actix_web::middleware::from_fn(http::request_id))
+                .wrap(actix_web::middleware::from_fn(http::access_log))
                 .configure(http::routes)
                 .default_service(web::to(http::not_found))
         })
@@ -462,9 +481,9 @@ async fn main() -> Result<()> {
             Ok(Ok(ready)) => {
                 let adapters = ready.adapters.clone();
                 if ready_state.ready.set(ready).is_err() {
-                    eprintln!("verdict-serve: loaded twice?");
+                    tracing::error!("loaded twice?");
                 }
-                eprintln!("verdict-serve: ready");
+                tracing::info!("ready");
                 if !watch_every.is_zero() {
                     // Polling watch: a CURRENT changed by `promote` elsewhere is picked up here.
                     let spawned = std::thread::Builder::new().name("verdict-watch".into()).spawn(move || {
@@ -474,27 +493,27 @@ async fn main() -> Result<()> {
                             std::thread::sleep(watch_every);
                             let events = adapters.sync();
                             for event in events.iter().filter(|e| !last.contains(e)) {
-                                eprintln!("verdict-serve: adapters: {event}");
+                                tracing::info!("adapters: {event}");
                             }
                             last = events;
                         }
                     });
                     if let Err(e) = spawned {
-                        eprintln!("verdict-serve: cannot start the registry watch: {e}");
+                        tracing::error!("cannot start the registry watch: {e}");
                     }
                 }
             }
             Ok(Err(e)) => {
-                eprintln!("verdict-serve: cannot load the model: {e:#}");
+                tracing::error!("cannot load the model: {e:#}");
                 handle.stop(false).await;
             }
             Err(e) => {
-                eprintln!("verdict-serve: loader crashed: {e}");
+                tracing::error!("loader crashed: {e}");
                 handle.stop(false).await;
             }
         }
     });
-    eprintln!("verdict-serve: listening on http://{}:{}", cli.host, cli.port);
+    tracing::info!("listening on http://{}:{}", cli.host, cli.port);
     // actix stops on SIGINT/SIGTERM: no new connections, requests in flight finish (up to
     // --shutdown-timeout-s); then the engine finishes its queue and stops.
     server.await?;
@@ -502,7 +521,7 @@ async fn main() -> Result<()> {
     match state.ready.get() {
         Some(ready) => {
             ready.scheduler.shutdown();
-            eprintln!("verdict-serve: stopped");
+            tracing::info!("stopped");
             Ok(())
         }
         None => Err(anyhow!("stopped before the model was loaded")),

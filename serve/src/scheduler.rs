@@ -24,13 +24,30 @@ pub trait Compute: Send {
     fn prefix_cache(&self) -> bool;
 }
 
-/// Candidate log-probabilities `[row][label]` of a job, or why it failed.
-pub type JobResult = Result<Vec<Vec<f64>>, String>;
+/// A computed job: candidate log-probabilities `[row][label]` and how long it waited.
+#[derive(Debug)]
+pub struct Answer {
+    pub scores: Vec<Vec<f64>>,
+    /// From queueing to the start of the batch that computed it (the batch wait included).
+    pub queued: Duration,
+}
+
+/// A job's answer, or why it failed.
+pub type JobResult = Result<Answer, String>;
 
 /// One request's rows and where its answer goes.
 pub struct Job {
     pub rows: Vec<Row>,
     pub reply: oneshot::Sender<JobResult>,
+    /// When it was queued (`Job::new`).
+    submitted: Instant,
+}
+
+impl Job {
+    /// A job queued now.
+    pub fn new(rows: Vec<Row>, reply: oneshot::Sender<JobResult>) -> Self {
+        Self { rows, reply, submitted: Instant::now() }
+    }
 }
 
 /// Batching limits.
@@ -189,7 +206,8 @@ impl Worker {
                 let mut scores = scores.into_iter();
                 for job in jobs {
                     let mine: Vec<Vec<f64>> = scores.by_ref().take(job.rows.len()).collect();
-                    let _ = job.reply.send(Ok(mine));
+                    let queued = start.saturating_duration_since(job.submitted);
+                    let _ = job.reply.send(Ok(Answer { scores: mine, queued }));
                 }
             }
             Ok(Ok(_)) => Self::fail(jobs, "the engine returned the wrong number of rows".into()),
@@ -199,7 +217,7 @@ impl Worker {
     }
 
     fn fail(jobs: Vec<Job>, message: String) {
-        eprintln!("verdict-serve: batch failed: {message}");
+        tracing::error!(requests = jobs.len(), "batch failed: {message}");
         for job in jobs {
             let _ = job.reply.send(Err(message.clone()));
         }
@@ -228,7 +246,7 @@ mod tests {
     fn job(entry: &Arc<TaskEntry>) -> (Job, oneshot::Receiver<JobResult>) {
         let (tx, rx) = oneshot::channel();
         let row = Row { task: entry.clone(), version: None, body: vec![1, 2, 3], type_ids: Vec::new() };
-        (Job { rows: vec![row], reply: tx }, rx)
+        (Job::new(vec![row], tx), rx)
     }
 
     fn start(always_wait: bool) -> (Scheduler, Arc<Mutex<Vec<usize>>>) {
@@ -260,15 +278,19 @@ mod tests {
         let (j, rx) = job(&entry);
         let t = Instant::now();
         s.submit(j).unwrap();
-        rx.blocking_recv().unwrap().unwrap();
-        assert!(t.elapsed() < Duration::from_millis(1000), "waited {:?}", t.elapsed()); // 100 ms of compute
-                                                                                        // `--max-batch-wait-ms` given: the batch waits its whole window for company.
+        let answer = rx.blocking_recv().unwrap().unwrap();
+        // 100 ms of compute, and the answer says it did not wait in the queue.
+        assert!(t.elapsed() < Duration::from_millis(1000), "waited {:?}", t.elapsed());
+        assert!(answer.queued < Duration::from_millis(1000), "queued {:?}", answer.queued);
+        // `--max-batch-wait-ms` given: the batch waits its whole window for company, and the
+        // answer counts that window as queue time.
         let (s, batches) = start(true);
         let (j, rx) = job(&entry);
         let t = Instant::now();
         s.submit(j).unwrap();
-        rx.blocking_recv().unwrap().unwrap();
+        let answer = rx.blocking_recv().unwrap().unwrap();
         assert!(t.elapsed() >= Duration::from_millis(1500), "did not wait: {:?}", t.elapsed());
+        assert!(answer.queued >= Duration::from_millis(1500) && answer.queued <= t.elapsed(), "{:?}", answer.queued);
         assert_eq!(*batches.lock().unwrap(), vec![1]);
     }
 

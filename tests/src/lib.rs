@@ -175,7 +175,12 @@ pub struct Server {
 impl Server {
     /// Starts `verdict-serve --port P <args>` and waits up to two minutes for `/ready`.
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
-        let s = Self::spawn(args, Stdio::inherit());
+        Self::start_with_stderr(args, Stdio::inherit())
+    }
+
+    /// [`Server::start`] with its stderr (the log) going to `stderr`.
+    pub fn start_with_stderr<S: AsRef<std::ffi::OsStr>>(args: &[S], stderr: Stdio) -> Self {
+        let s = Self::spawn(args, stderr);
         let r = wait_for(s.port, "/ready", 200, Duration::from_secs(120));
         assert!(matches!(&r, Some((200, _))), "server not ready: {r:?}");
         s

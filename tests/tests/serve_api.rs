@@ -124,7 +124,7 @@ impl Fixture {
         publish(&self.registry, &self.loaded, task, version, seed, &self.sha)
     }
 
-    fn start(&self, extra: &[&str]) -> Server {
+    fn args(&self, extra: &[&str]) -> Vec<String> {
         let mut args = vec![
             "--model".to_string(),
             self.model_dir.display().to_string(),
@@ -134,7 +134,17 @@ impl Fixture {
             self.registry.root().display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Server::start(&args)
+        args
+    }
+
+    fn start(&self, extra: &[&str]) -> Server {
+        Server::start(&self.args(extra))
+    }
+
+    /// A server whose log (stderr) goes to the file `log`.
+    fn start_logging_to(&self, extra: &[&str], log: &Path) -> Server {
+        let file = std::fs::File::create(log).unwrap();
+        Server::start_with_stderr(&self.args(extra), std::process::Stdio::from(file))
     }
 
     /// Candidate log-probabilities of one input as the library computes them: the whole
@@ -1294,4 +1304,108 @@ fn every_response_carries_the_request_id_given_or_made() {
     let long = format!("x-request-id: {}", "a".repeat(200));
     let made = call("/v1/classify", &[&long]).header("x-request-id").expect("an id");
     assert!(!made.is_empty() && made.len() <= 128, "{made}");
+}
+
+/// The lines of a server's log file once one of them contains each of `needles` (the access
+/// line is written before the answer is sent; the wait only guards against a slow file).
+fn log_lines_with(log: &Path, needles: &[&str]) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap();
+        if needles.iter().all(|n| text.contains(n)) || start.elapsed() > Duration::from_secs(10) {
+            return text.lines().map(str::to_string).collect();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn every_request_writes_one_access_line_with_its_id_task_version_and_times() {
+    let fx = Fixture::new("serve-access-log");
+    fx.publish("mr", "v1", 1);
+    fx.registry.promote("mr", "v1").unwrap();
+    let log = fx._dir.0.join("server.jsonl");
+    // A lone request waits the whole batch window when --max-batch-wait-ms is given: its
+    // queue time is at least that.
+    let server = fx.start_logging_to(&["--log-format", "json", "--max-batch-wait-ms", "40"], &log);
+    let sentences = ["good movie", "the plot was awful"];
+    let body = json!({"task": "mr", "inputs": sentences}).to_string();
+    let t = Instant::now();
+    let r = http_raw(server.port, "POST", "/v1/classify", body.as_bytes(), &["x-request-id: log-good-1"]).unwrap();
+    let client_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let bad = json!({"task": "mr", "inputs": []}).to_string();
+    let r = http_raw(server.port, "POST", "/v1/classify", bad.as_bytes(), &["x-request-id: log-bad-1"]).unwrap();
+    assert_eq!(r.status, 422, "{}", r.text());
+    let made_up = json!({"task": "no-such-task-xyz", "inputs": "good"}).to_string();
+    let r = http_raw(server.port, "POST", "/v1/classify", made_up.as_bytes(), &["x-request-id: log-bad-2"]).unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+
+    let lines = log_lines_with(&log, &["log-good-1", "log-bad-1", "log-bad-2"]);
+    // Every line is one JSON object, start-up lines included.
+    let events: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    for e in &events {
+        assert!(e["timestamp"].is_string() && e["level"].is_string() && e["message"].is_string(), "{e}");
+    }
+    assert!(events.iter().any(|e| e["message"] == "ready"), "{lines:#?}");
+    let access = |id: &str| -> Value {
+        let mine: Vec<&Value> =
+            events.iter().filter(|e| e["target"] == "verdict::access" && e["request_id"] == id).collect();
+        assert_eq!(mine.len(), 1, "one access line for {id}: {lines:#?}");
+        mine[0].clone()
+    };
+    let num = |e: &Value, k: &str| e[k].as_f64().unwrap_or_else(|| panic!("no number {k}: {e}"));
+
+    let good = access("log-good-1");
+    assert_eq!(
+        (&good["method"], &good["path"], &good["task"], &good["version"], &good["inputs"], &good["status"]),
+        (&json!("POST"), &json!("/v1/classify"), &json!("mr"), &json!("v1"), &json!(2), &json!(200)),
+        "{good}"
+    );
+    // The prompt-body tokens the engine ran, as the library tokenizes them.
+    let t = task("mr");
+    let tokens: usize = sentences
+        .iter()
+        .map(|s| {
+            let fields = BTreeMap::from([("sentence".to_string(), s.to_string())]);
+            fx.loaded.encode_body(&t.prompt(fx.loaded.chat.as_ref(), &[], &fields).unwrap()).unwrap().len()
+        })
+        .sum();
+    assert!(tokens > 0);
+    assert_eq!(good["tokens"], json!(tokens), "{good}");
+    let (latency, queue) = (num(&good, "latency_ms"), num(&good, "queue_ms"));
+    assert!(queue >= 40.0 && latency >= queue && latency <= client_ms, "{good} (client: {client_ms} ms)");
+
+    // Refused before scoring: the known task, no version, tokens or queue time.
+    let bad = access("log-bad-1");
+    assert_eq!((&bad["status"], &bad["task"]), (&json!(422), &json!("mr")), "{bad}");
+    assert!(bad.get("version").is_none() && bad.get("tokens").is_none() && bad.get("queue_ms").is_none(), "{bad}");
+    assert!(num(&bad, "latency_ms") >= 0.0, "{bad}");
+    // A made-up task name is no task, and never reaches the log.
+    let made_up = access("log-bad-2");
+    assert_eq!(made_up["status"], 404, "{made_up}");
+    assert!(made_up.get("task").is_none(), "{made_up}");
+    assert!(!lines.iter().any(|l| l.contains("no-such-task-xyz")), "{lines:#?}");
+    drop(server);
+
+    // Text is the default: the `verdict-serve: ` lines, the access line's fields as key=value.
+    let log = fx._dir.0.join("server.txt");
+    let server = fx.start_logging_to(&[], &log);
+    let r = http_raw(server.port, "POST", "/v1/classify", body.as_bytes(), &["x-request-id: log-text-1"]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let lines = log_lines_with(&log, &["log-text-1"]);
+    assert!(lines.iter().all(|l| l.starts_with("verdict-serve: ") && serde_json::from_str::<Value>(l).is_err()));
+    assert!(lines.iter().any(|l| l == "verdict-serve: ready"), "{lines:#?}");
+    let line = lines.iter().find(|l| l.contains("request_id=\"log-text-1\"")).expect("an access line");
+    for field in ["task=\"mr\"", "version=\"v1\"", "inputs=2", &format!("tokens={tokens}"), "status=200", "latency_ms="]
+    {
+        assert!(line.contains(field), "{field} in {line}");
+    }
+    // A RUST_LOG that is no filter is refused with the reason, before anything starts.
+    let o = tests::run("verdict-serve", &["--port", "0"], &[("RUST_LOG", "verdict=loud")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(2) && err.contains("RUST_LOG") && err.contains("not a log filter"), "{err}");
 }
