@@ -1,9 +1,11 @@
 //! The registry's audit log: one JSON line per promotion, refused promotion and rollback of a
 //! task, in `<registry>/<task>/AUDIT.jsonl` (`Registry::append_audit`). Lines are only ever
-//! appended, one write each, and flushed to disk before the command reports success.
+//! appended, one write each, and flushed to disk before the command reports success. A line
+//! cut short by a crash of its writer (a torn line: its command never reported success) is
+//! closed by the next append and skipped by readers ([`is_torn`]).
 
 use serde::{Deserialize, Serialize};
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -53,14 +55,37 @@ pub struct AuditRecord {
 }
 
 /// Appends `record` as one JSON line to `path` (created if absent): one write of the whole
-/// line to a file opened for appending, then fsync, so concurrent writers never interleave
-/// within a line and a reported action is on disk.
+/// line to a file opened for appending, then fsync (and, for a new file, its directory), so
+/// concurrent writers never interleave within a line and a reported action is on disk. A file
+/// that does not end in a newline (a torn last line) gets one first, in the same write, so the
+/// new record is a line of its own.
 pub fn append(path: &Path, record: &AuditRecord) -> io::Result<()> {
     let mut line = serde_json::to_string(record).map_err(io::Error::other)?;
     line.push('\n');
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut file = std::fs::OpenOptions::new().create(true).read(true).append(true).open(path)?;
+    let len = file.metadata()?.len();
+    if len > 0 {
+        let mut last = [0u8];
+        file.seek(SeekFrom::Start(len - 1))?;
+        file.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            line.insert(0, '\n');
+        }
+    }
     file.write_all(line.as_bytes())?;
-    file.sync_all()
+    file.sync_all()?;
+    if len == 0 {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            crate::atomic::sync_dir(dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `line` is a torn record: JSON cut short (it ends before the object does), as a
+/// writer killed mid-write leaves it. Other malformed lines are not torn.
+pub fn is_torn(line: &str) -> bool {
+    line.trim_start().starts_with('{') && serde_json::from_str::<serde_json::Value>(line).is_err_and(|e| e.is_eof())
 }
 
 /// `t` as RFC 3339 in UTC with milliseconds, e.g. `2024-05-01T09:30:00.250Z`.
@@ -143,6 +168,17 @@ mod tests {
         assert_eq!(first["to_version"], serde_json::Value::Null);
         assert_eq!(first["incumbent_score"], 0.75);
         assert_eq!(serde_json::from_str::<AuditRecord>(lines[1]).unwrap(), rollback);
+        // A writer killed mid-line leaves a torn last line: the next record still gets a line
+        // of its own, and the torn one is recognised as such.
+        let torn = &lines[0][..lines[0].len() / 2];
+        std::fs::write(&path, format!("{}\n{torn}", lines[0])).unwrap();
+        append(&path, &rollback).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(is_torn(lines[1]) && !is_torn(lines[0]) && !is_torn(lines[2]), "{text}");
+        assert_eq!(serde_json::from_str::<AuditRecord>(lines[2]).unwrap(), rollback);
+        assert!(!is_torn("not json") && !is_torn("{\"a\": 1}") && !is_torn("{\"a\" 1}"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

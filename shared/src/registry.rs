@@ -8,8 +8,13 @@
 //! <root>/<task>/AUDIT.jsonl     promotions, refusals and rollbacks, one JSON line each
 //! ```
 //!
-//! Versions are written under a hidden temporary name and renamed into place, and `CURRENT`
-//! is replaced by temp + rename, so a reader never sees a half-written adapter or pointer.
+//! Durability (`crate::atomic`): a version is written under a hidden temporary name, every
+//! file and directory flushed to disk, then renamed into a name that does not exist yet (a
+//! published version is never renamed away or replaced); `HISTORY` and `CURRENT` are replaced
+//! by a flushed temporary file and a rename; every rename is flushed in its directory. So a
+//! reader, or the registry after a crash or a kill at any point, sees a complete version or
+//! none, and `CURRENT` names a complete version. The audit log is appended one whole line per
+//! write, flushed (`crate::audit`).
 //! Task and version names are plain (`[A-Za-z0-9._-]`, not starting with `.`), so no name can
 //! leave the registry directory.
 
@@ -141,8 +146,9 @@ impl Registry {
         Ok(format!("v{}", last + 1))
     }
 
-    /// Writes a new version with `write` (given a temporary directory), then renames it into
-    /// place: it appears complete or not at all. An existing version is never replaced.
+    /// Writes a new version with `write` (given a temporary directory), flushes it and renames
+    /// it into place: it appears complete or not at all, and stays once this returns. An
+    /// existing version is never replaced (`VersionExists`, also when another writer wins).
     pub fn publish<E: From<io::Error> + From<RegistryError>>(
         &self,
         task: &str,
@@ -150,10 +156,13 @@ impl Registry {
         write: impl FnOnce(&Path) -> Result<(), E>,
     ) -> Result<PathBuf, E> {
         let dir = self.version_dir(task, version)?;
+        let exists = || RegistryError::VersionExists { task: task.into(), version: version.into() };
         if dir.exists() {
-            return Err(RegistryError::VersionExists { task: task.into(), version: version.into() }.into());
+            return Err(exists().into());
         }
-        atomic::write_dir(&dir, write)?;
+        if !atomic::create_dir(&dir, write)? {
+            return Err(exists().into());
+        }
         Ok(dir)
     }
 
@@ -197,12 +206,14 @@ impl Registry {
     /// Appends one record to the task's audit log (`<root>/<task>/AUDIT.jsonl`).
     pub fn append_audit(&self, task: &str, record: &AuditRecord) -> Result<(), RegistryError> {
         let dir = self.task_dir(task)?;
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        atomic::create_dir_all(&dir).map_err(io_err(&dir))?;
         let p = dir.join(AUDIT_FILE);
         audit::append(&p, record).map_err(io_err(&p))
     }
 
-    /// The task's audit log, oldest first (none yet: empty).
+    /// The task's audit log, oldest first (none yet: empty). A torn line (a record cut short
+    /// by a crash of its writer, [`audit::is_torn`]) is skipped; any other line that is not a
+    /// record is an error.
     pub fn audit(&self, task: &str) -> Result<Vec<AuditRecord>, RegistryError> {
         let p = self.task_dir(task)?.join(AUDIT_FILE);
         let text = match std::fs::read_to_string(&p) {
@@ -212,7 +223,7 @@ impl Registry {
         };
         text.lines()
             .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
+            .filter(|(_, l)| !l.trim().is_empty() && !audit::is_torn(l))
             .map(|(i, l)| {
                 serde_json::from_str(l).map_err(|e| {
                     let msg = format!("line {}: not an audit record: {e}", i + 1);

@@ -159,8 +159,8 @@ impl Drop for Staged {
     }
 }
 
-/// Copies an adapter directory's files (not its sub-directories or hidden leftovers) and
-/// flushes them to disk, so a version renamed into the registry is complete after a crash.
+/// Copies an adapter directory's files (not its sub-directories or hidden leftovers);
+/// `Registry::publish` flushes them to disk before the version appears.
 fn copy_adapter(from: &Path, to: &Path) -> Result<()> {
     let entries = std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))?;
     for entry in entries {
@@ -171,7 +171,6 @@ fn copy_adapter(from: &Path, to: &Path) -> Result<()> {
         }
         let dest = to.join(&name);
         std::fs::copy(entry.path(), &dest).with_context(|| format!("copying {}", entry.path().display()))?;
-        std::fs::File::open(&dest)?.sync_all()?;
     }
     Ok(())
 }
