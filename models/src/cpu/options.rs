@@ -120,8 +120,8 @@ impl std::fmt::Display for PlanSource {
 #[derive(Debug, Clone, clap::Args)]
 pub struct KernelArgs {
     /// Precision of the dense products on the CPU: `f32`, `bf16` (weights and inputs rounded
-    /// to bf16, f32 sums), `int8` (int8 weights per output channel, inputs quantized per row,
-    /// i32 sums; faster, less exact: docs/results.md) or `auto` (verdict-serve: the faster of
+    /// to bf16, f32 sums), `int8` (int8 weights per output channel, inputs as two u8 passes per
+    /// row, i32 sums; less exact: docs/results.md) or `auto` (verdict-serve: the faster of
     /// f32 and bf16 measured on the loaded model; every other command: f32). Training is always
     /// f32. docs/runtime.md.
     #[arg(long, env = "VERDICT_CPU_MATMUL", default_value = "auto", global = true)]

@@ -10,7 +10,8 @@
 //! - [`Precision::Bf16`]: pairs of bf16 `(W[j, 2i], W[j, 2i+1])` per 32-bit lane; inputs rounded to
 //!   bf16 once per call; f32 sums.
 //! - [`Precision::Int8`]: quads of i8 per lane, one scale per output column (`max |w| / 127`) and
-//!   the column's sum; inputs quantized per row to u8 with a scale and zero point; i32 sums.
+//!   the column's sum; inputs quantized per row to u8 with a scale and zero point in two passes
+//!   (the row, then its rounding error); i32 sums.
 //!
 //! Low-precision panels are padded to whole AMX tiles in `k` (16 lanes of pairs or quads), so
 //! the same bytes serve the AVX-512 kernels and AMX. A product is driven as blocks of rows ×
@@ -36,7 +37,7 @@ pub enum Precision {
     F32,
     /// bf16 weights and inputs, f32 sums.
     Bf16,
-    /// int8 weights per output channel, u8 inputs quantized per row, i32 sums.
+    /// int8 weights per output channel, inputs as two u8 passes per row, i32 sums.
     Int8,
 }
 
@@ -516,14 +517,23 @@ impl PackedWeight {
                     self.run_lowp(&job, tiling, &xb, None);
                 }
                 Precision::Int8 => {
-                    let q = quantize_rows(x, rows, self.inner, u);
+                    // Each row and its rounding error as two rows of one product, then summed.
+                    let q = split_rows(x, rows, self.inner, u);
                     let dq = Dequant {
                         zx: q.zero.as_ptr(),
                         sx: q.scale.as_ptr(),
                         colsum: self.colsum.as_ptr(),
                         sw: self.scale.as_ptr(),
                     };
-                    self.run_lowp(&job, tiling, &q.codes, Some(&dq));
+                    let mut parts = vec![0f32; 2 * rows * self.out];
+                    let halves = Job { rows: 2 * rows, y: SendPtr(parts.as_mut_ptr()), accumulate: false, ..job };
+                    self.run_lowp(&halves, tiling, &q.codes, Some(&dq));
+                    let (first, second) = parts.split_at(rows * self.out);
+                    if accumulate {
+                        y.iter_mut().zip(first.iter().zip(second)).for_each(|(y, (a, b))| *y += a + b);
+                    } else {
+                        y.iter_mut().zip(first.iter().zip(second)).for_each(|(y, (a, b))| *y = a + b);
+                    }
                 }
             }
         }
@@ -702,60 +712,134 @@ unsafe fn bf16_row_avx512(row: &[f32], dst: &mut [u32]) {
 }
 
 /// Input rows quantized to u8 with a scale and zero point each (`x ≈ s (q - z)`, the range of
-/// the row mapped onto 0..255 with 0 exact), `units` quads per row.
+/// the row mapped onto 0..255 with 0 exact), `units` quads per row, rows padded to whole tiles.
 pub(crate) struct QuantizedRows {
     pub codes: Vec<u32>,
     pub scale: Vec<f32>,
     pub zero: Vec<i32>,
 }
 
-/// Quantizes each row of `x` to u8 (see [`QuantizedRows`]); rows padded to whole tiles.
-pub(crate) fn quantize_rows(x: &[f32], rows: usize, inner: usize, units: usize) -> QuantizedRows {
-    let rows_pad = rows.div_ceil(TILE_ROWS) * TILE_ROWS;
+/// The inputs of the int8 products: each row as two u8 passes, the row quantized (rows
+/// `0..rows`, as [`quantize_rows`]) and then its rounding error quantized the same way (rows
+/// `rows..2 rows`), so that `x = s₁ (q₁ - z₁) + s₂ (q₂ - z₂)` within `s₂ / 2`, about 1/130,000 of
+/// the row's range. One pass leaves the channels below a row's few outliers two or three bits
+/// and flips classifier answers (docs/results.md); with two the product's error is the int8
+/// weights' alone, for twice the integer work.
+pub(crate) fn split_rows(x: &[f32], rows: usize, inner: usize, units: usize) -> QuantizedRows {
+    let rows_pad = (2 * rows).div_ceil(TILE_ROWS) * TILE_ROWS;
     let mut codes = vec![0u32; rows_pad * units];
     let mut scale = vec![1f32; rows_pad];
     let mut zero = vec![0i32; rows_pad];
-    for (r, (row, dst)) in x.chunks(inner).zip(codes.chunks_mut(units)).enumerate() {
-        let (lo, hi) = row.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-        let s = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
-        let z = (-lo / s).round().clamp(0.0, 255.0);
-        let inv = 1.0 / s;
-        let bytes = dst.as_mut_ptr() as *mut u8;
-        #[cfg(target_arch = "x86_64")]
-        if Caps::detect().avx512 {
-            // SAFETY: AVX-512 checked; `dst` holds `units · 4 ≥ inner` bytes.
-            unsafe { quantize_row_avx512(row, bytes, inv, z) };
-        } else {
-            for (k, &v) in row.iter().enumerate() {
-                // SAFETY: `k < inner ≤ units · 4`.
-                unsafe { *bytes.add(k) = v.mul_add(inv, z).round_ties_even().clamp(0.0, 255.0) as u8 };
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        for (k, &v) in row.iter().enumerate() {
-            // SAFETY: `k < inner ≤ units · 4`.
-            unsafe { *bytes.add(k) = v.mul_add(inv, z).round_ties_even().clamp(0.0, 255.0) as u8 };
-        }
-        scale[r] = s;
-        zero[r] = z as i32;
+    let (first, second) = codes.split_at_mut(rows * units);
+    // Small inputs in one thread: the pool's hand-off costs more than the work.
+    let min_len = if rows * inner < 1 << 16 { rows.max(1) } else { 1 };
+    let params: Vec<[(f32, i32); 2]> = x
+        .par_chunks(inner)
+        .zip(first.par_chunks_mut(units))
+        .zip(second.par_chunks_mut(units))
+        .take(rows)
+        .with_min_len(min_len)
+        .map(|((row, c1), c2)| {
+            let (s1, z1) = quantize_row(row, c1);
+            let error = rounding_error(row, c1, s1, z1);
+            [(s1, z1), quantize_row(&error, c2)]
+        })
+        .collect();
+    for (r, [(s1, z1), (s2, z2)]) in params.into_iter().enumerate() {
+        (scale[r], zero[r]) = (s1, z1);
+        (scale[rows + r], zero[rows + r]) = (s2, z2);
     }
     QuantizedRows { codes, scale, zero }
 }
 
+/// One row onto u8 codes in `dst` (bytes, `dst` at least `row.len()` of them): its scale and
+/// zero point.
+fn quantize_row(row: &[f32], dst: &mut [u32]) -> (f32, i32) {
+    let bytes = dst.as_mut_ptr() as *mut u8;
+    assert!(dst.len() * 4 >= row.len(), "{} code bytes for a row of {}", dst.len() * 4, row.len());
+    #[cfg(target_arch = "x86_64")]
+    if Caps::detect().avx512 {
+        // SAFETY: AVX-512 checked; `dst` holds `≥ row.len()` bytes (asserted).
+        return unsafe { quantize_row_avx512(row, bytes) };
+    }
+    let (lo, hi) = row.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (s, z) = row_scale(lo, hi);
+    let inv = 1.0 / s;
+    for (k, &v) in row.iter().enumerate() {
+        // SAFETY: `k < row.len() ≤ dst.len() · 4` (asserted).
+        unsafe { *bytes.add(k) = v.mul_add(inv, z).round_ties_even().clamp(0.0, 255.0) as u8 };
+    }
+    (s, z as i32)
+}
+
+/// The scale and zero point that map `[lo, hi]` (`lo ≤ 0 ≤ hi`) onto 0..255, 0 exactly on a code.
+fn row_scale(lo: f32, hi: f32) -> (f32, f32) {
+    let s = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+    (s, (-lo / s).round().clamp(0.0, 255.0))
+}
+
+/// `row - s (q - z)` for the codes `q` of `row` (bytes of `codes`): what one pass leaves out.
+fn rounding_error(row: &[f32], codes: &[u32], s: f32, z: i32) -> Vec<f32> {
+    let bytes = codes.as_ptr() as *const u8;
+    assert!(codes.len() * 4 >= row.len(), "{} code bytes for a row of {}", codes.len() * 4, row.len());
+    let mut error = vec![0f32; row.len()];
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if Caps::detect().avx512 {
+        // SAFETY: AVX-512 checked; codes hold `≥ row.len()` bytes (asserted).
+        done = unsafe { rounding_error_avx512(row, bytes, s, z as f32, &mut error) };
+    }
+    for k in done..row.len() {
+        // SAFETY: `k < row.len() ≤ codes.len() · 4` (asserted).
+        let q = f32::from(unsafe { *bytes.add(k) });
+        // One rounding, as the vector code's fused multiply-add.
+        error[k] = (-s).mul_add(q - z as f32, row[k]);
+    }
+    error
+}
+
+/// The whole 16-value blocks of [`rounding_error`]; returns how many values it wrote.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn quantize_row_avx512(row: &[f32], out: *mut u8, inv: f32, z: f32) {
+unsafe fn rounding_error_avx512(row: &[f32], codes: *const u8, s: f32, z: f32, out: &mut [f32]) -> usize {
     use std::arch::x86_64::*;
-    let (vi, vz) = (_mm512_set1_ps(inv), _mm512_set1_ps(z));
-    let (lo, hi) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
     let whole = row.len() / 16 * 16;
+    let (vs, vz) = (_mm512_set1_ps(s), _mm512_set1_ps(z));
+    for i in (0..whole).step_by(16) {
+        let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add(i) as *const __m128i)));
+        let e = _mm512_fnmadd_ps(vs, _mm512_sub_ps(q, vz), _mm512_loadu_ps(row.as_ptr().add(i)));
+        _mm512_storeu_ps(out.as_mut_ptr().add(i), e);
+    }
+    whole
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_row_avx512(row: &[f32], out: *mut u8) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    let whole = row.len() / 16 * 16;
+    let (mut vlo, mut vhi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for i in (0..whole).step_by(16) {
+        let v = _mm512_loadu_ps(row.as_ptr().add(i));
+        vlo = _mm512_min_ps(vlo, v);
+        vhi = _mm512_max_ps(vhi, v);
+    }
+    let (mut lo, mut hi) = (_mm512_reduce_min_ps(vlo), _mm512_reduce_max_ps(vhi));
+    for &v in &row[whole..] {
+        (lo, hi) = (lo.min(v), hi.max(v));
+    }
+    let (s, z) = row_scale(lo, hi);
+    let inv = 1.0 / s;
+    let (vi, vz) = (_mm512_set1_ps(inv), _mm512_set1_ps(z));
+    let (floor, ceil) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
     for i in (0..whole).step_by(16) {
         let v = _mm512_fmadd_ps(_mm512_loadu_ps(row.as_ptr().add(i)), vi, vz);
         // Round to nearest even (the default MXCSR mode), as the scalar tail does.
-        let q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
+        let q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, floor), ceil));
         _mm_storeu_si128(out.add(i) as *mut __m128i, _mm512_cvtepi32_epi8(q));
     }
     for (k, &v) in row.iter().enumerate().skip(whole) {
         *out.add(k) = v.mul_add(inv, z).round_ties_even().clamp(0.0, 255.0) as u8;
     }
+    (s, z as i32)
 }

@@ -1,6 +1,6 @@
 //! Every kernel family and tile shape this CPU runs, against plain f64 loops.
 
-use super::packed::{bf16_pair, quantize_rows, units, Kernel, PackedWeight, Precision, Tiling, NR};
+use super::packed::{bf16_pair, split_rows, units, Kernel, PackedWeight, Precision, Tiling, NR};
 use super::Caps;
 
 /// `x Wᵀ` in f64, the plain triple loop.
@@ -104,10 +104,22 @@ fn bf16_kernels_give_the_exact_products_of_bf16_rounded_inputs() {
     }
 }
 
-/// The int8 product as defined, in f64 from the codes: `sx sw (Σ q w - zx Σ w)`.
+/// The int8 weights as defined (per output row, `max |w| / 127`, round to nearest), dequantized.
+fn int8_weights(w: &[f32], out: usize, inner: usize) -> Vec<f64> {
+    let mut wq = Vec::with_capacity(out * inner);
+    for row in w.chunks(inner).take(out) {
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let sw = if max > 0.0 { max / 127.0 } else { 1.0 };
+        wq.extend(row.iter().map(|&v| (v / sw).round().clamp(-127.0, 127.0) as f64 * sw as f64));
+    }
+    wq
+}
+
+/// The int8 product as defined, in f64 from the codes of both input passes:
+/// `Σ_passes sx sw (Σ q w - zx Σ w)`.
 fn int8_reference(x: &[f32], w: &[f32], rows: usize, out: usize, inner: usize) -> Vec<f64> {
     let u = units(Precision::Int8, inner);
-    let q = quantize_rows(x, rows, inner, u);
+    let q = split_rows(x, rows, inner, u);
     let codes: Vec<u8> = q.codes.iter().flat_map(|l| l.to_le_bytes()).collect();
     let mut y = vec![0f64; rows * out];
     for o in 0..out {
@@ -117,9 +129,9 @@ fn int8_reference(x: &[f32], w: &[f32], rows: usize, out: usize, inner: usize) -
         let inv = 1.0 / sw;
         let wq: Vec<i64> = row.iter().map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i64).collect();
         let colsum: i64 = wq.iter().sum();
-        for r in 0..rows {
+        for r in 0..2 * rows {
             let dot: i64 = (0..inner).map(|k| codes[r * u * 4 + k] as i64 * wq[k]).sum();
-            y[r * out + o] = q.scale[r] as f64 * sw as f64 * (dot - q.zero[r] as i64 * colsum) as f64;
+            y[(r % rows) * out + o] += q.scale[r] as f64 * sw as f64 * (dot - q.zero[r] as i64 * colsum) as f64;
         }
     }
     y
@@ -134,6 +146,11 @@ fn int8_kernels_compute_the_quantized_product_exactly_and_agree_bit_for_bit() {
         let packed = PackedWeight::pack_as(&w, out, inner, Precision::Int8);
         let want = int8_reference(&x, &w, rows, out, inner);
         let full = reference(&x, &w, rows, out, inner);
+        // With two input passes the product is the int8 weights' on the input within the second
+        // pass's rounding: one pass leaves errors within ±s₁/2, whose step is s₂ ≤ s₁ / 255, so
+        // |x - x̂| ≤ s₁ / 510 per value and |y - x Ŵᵀ| ≤ s₁ / 510 · Σ |Ŵ|.
+        let wq = int8_weights(&w, out, inner);
+        let q = split_rows(&x, rows, inner, units(Precision::Int8, inner));
         let mut first: Option<(Tiling, Vec<f32>)> = None;
         for &kernel in &kernels {
             for tiling in tilings(kernel) {
@@ -144,11 +161,19 @@ fn int8_kernels_compute_the_quantized_product_exactly_and_agree_bit_for_bit() {
                         (got as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
                         "{tiling} [{rows}, {out}, {inner}] {i}: {got} vs {want}"
                     );
-                    // And the quantization error stays within what 8 bits allow.
+                    // And the quantization error stays within what 8-bit weights allow.
                     let bound = 0.02 * (inner as f64).sqrt() + 1e-3;
                     assert!(
                         (got as f64 - full).abs() <= bound,
                         "{tiling} [{rows}, {out}, {inner}] {i}: {got} vs f32 {full}"
+                    );
+                    let (r, o) = (i / out, i % out);
+                    let xw: f64 = (0..inner).map(|k| x[r * inner + k] as f64 * wq[o * inner + k]).sum();
+                    let abs_w: f64 = (0..inner).map(|k| wq[o * inner + k].abs()).sum();
+                    let bound = q.scale[r] as f64 / 510.0 * abs_w * (1.0 + 1e-3) + 1e-5 * (1.0 + xw.abs());
+                    assert!(
+                        (got as f64 - xw).abs() <= bound,
+                        "{tiling} [{rows}, {out}, {inner}] {i}: {got} vs x Ŵᵀ {xw} (bound {bound})"
                     );
                 }
                 match &first {
@@ -243,9 +268,9 @@ fn unpacking_gives_the_values_the_kernels_multiply() {
 }
 
 #[test]
-fn input_quantization_maps_each_row_range_onto_u8_with_zero_exact() {
+fn input_quantization_maps_each_row_range_onto_u8_with_zero_exact_then_its_error() {
     let x = vec![-1.0f32, 0.0, 0.5, 3.0, /* a constant row */ 2.0, 2.0, 2.0, 2.0];
-    let q = quantize_rows(&x, 2, 4, 16);
+    let q = split_rows(&x, 2, 4, 16);
     let codes: Vec<u8> = q.codes.iter().flat_map(|l| l.to_le_bytes()).collect();
     // Row 0: range [-1, 3] onto 0..255, scale 4/255, zero point 64 (0 maps to 64 exactly).
     assert!((q.scale[0] - 4.0 / 255.0).abs() < 1e-7);
@@ -256,6 +281,19 @@ fn input_quantization_maps_each_row_range_onto_u8_with_zero_exact() {
     assert_eq!(&codes[64..68], &[255; 4]);
     // Padded quads stay zero.
     assert!(codes[4..64].iter().all(|&c| c == 0));
+    // The second pass (rows 2 and 3) holds each row's rounding error: row 0's values were off by
+    // [-1 - s(0 - 64), 0, 0.5 - s(96 - 64), 3 - s(255 - 64)] = [0.00392, 0, -0.00196, 0.00392]...
+    let s = 4.0f64 / 255.0;
+    let error = [-1.0 + s * 64.0, 0.0, 0.5 - s * 32.0, 3.0 - s * 191.0];
+    let (lo, hi) = (error.iter().fold(0f64, |a, &b| a.min(b)), error.iter().fold(0f64, |a, &b| a.max(b)));
+    assert!((q.scale[2] as f64 - (hi - lo) / 255.0).abs() < 1e-9, "{} vs {}", q.scale[2], (hi - lo) / 255.0);
+    // ...and the two passes together give every value within half the second pass's step.
+    for (i, &v) in x.iter().enumerate() {
+        let (r, k) = (i / 4, i % 4);
+        let pass = |r: usize| q.scale[r] as f64 * (codes[r * 64 + k] as f64 - q.zero[r] as f64);
+        let back = pass(r) + pass(r + 2);
+        assert!((back - v as f64).abs() <= q.scale[r + 2] as f64 * 0.5 + 1e-9, "{i}: {back} vs {v}");
+    }
     // The bf16 pair rounding is nearest-even.
     assert_eq!(bf16_pair(1.0 + 2f32.powi(-8), 1.0) & 0xffff, 0x3f80);
     assert_eq!(NR, 16);
