@@ -4,7 +4,8 @@
 use crate::adapters::{AdapterError, AdapterTable, AdapterVersion, TaskAdapters};
 use crate::api::{
     classification, kind, parse_inputs, prepare, ApiError, Classification, ClassifyRequest, ClassifyResponse,
-    ErrorBody, Limits, PredictRequest, Prediction, TaskInfo, TokenizeRequest, TokenizeResponse, TokenizedInput,
+    ErrorBody, Limits, PredictInputDoc, PredictRequest, Prediction, TaskInfo, TeiErrorBody, TokenizeRequest,
+    TokenizeResponse, TokenizedInput, TruncationDirection,
 };
 use crate::backend::Backend;
 use crate::engine::{Row, TaskEntry};
@@ -69,8 +70,8 @@ impl AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "verdict-serve", description = "Text classification with per-task LoRA adapters over one base model."),
-    paths(classify, predict, tokenize, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, info, metrics),
-    components(schemas(ErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, Prediction, TokenizeRequest, TokenizeResponse, TokenizedInput, TaskInfo, TaskAdapters, AdapterChange, Info, crate::tuning::Choice, crate::tuning::Timings, crate::tuning::Batching)),
+    paths(classify, predict, predict_root, tokenize, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, info, metrics),
+    components(schemas(ErrorBody, TeiErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, PredictInputDoc, TruncationDirection, Prediction, TokenizeRequest, TokenizeResponse, TokenizedInput, TaskInfo, TaskAdapters, AdapterChange, Info, crate::tuning::Choice, crate::tuning::Timings, crate::tuning::Batching)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -95,6 +96,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     let key = || from_fn(require_api_key);
     cfg.service(at("/v1/classify", Method::POST, classify).wrap(key()))
         .service(at("/predict", Method::POST, predict).wrap(key()))
+        .service(at("/", Method::POST, predict_root).wrap(key()))
         .service(at("/v1/tokenize", Method::POST, tokenize).wrap(key()))
         .service(at("/v1/tasks", Method::GET, tasks).wrap(key()))
         .service(at("/v1/adapters", Method::GET, adapters).wrap(key()))
@@ -182,6 +184,10 @@ pub struct Access {
     pub tokens: Option<usize>,
     /// Time in the engine's queue, the batch wait included.
     pub queued: Option<Duration>,
+    /// Time tokenizing the inputs.
+    pub tokenized: Option<Duration>,
+    /// Compute time of the batch that answered.
+    pub computed: Option<Duration>,
 }
 
 /// Milliseconds, to the microsecond.
@@ -361,14 +367,16 @@ async fn score_inputs(
     entry: &Arc<TaskEntry>,
     version: Option<Arc<AdapterVersion>>,
     inputs: Vec<BTreeMap<String, String>>,
-    truncate: bool,
+    truncate: Option<TruncationDirection>,
     started: Instant,
     access: &mut Access,
 ) -> Result<Vec<Scored>, ApiError> {
     access.version = version.as_ref().map(|v| v.version.clone());
     access.inputs = Some(inputs.len());
     let (backend, e, limits) = (ready.backend.clone(), entry.clone(), state.limits);
+    let tokenizing = Instant::now();
     let prepared = blocking(move || prepare(&backend, &e, inputs, &limits, truncate)).await?;
+    access.tokenized = Some(tokenizing.elapsed());
     access.tokens = Some(prepared.iter().map(|p| p.body.len()).sum());
     let truncated: Vec<bool> = prepared.iter().map(|p| p.truncated).collect();
     let rows = prepared
@@ -400,6 +408,7 @@ async fn score_inputs(
         Ok(Ok(Err(msg))) => return Err(ApiError::internal(format!("scoring failed: {msg}"))),
         Ok(Ok(Ok(answer))) => {
             access.queued = Some(answer.queued);
+            access.computed = Some(answer.computed);
             answer.scores
         }
     };
@@ -444,7 +453,7 @@ async fn classify_inner(
     access.inputs = Some(inputs.len());
     let version = resolve_version(state, ready, &r.task, r.version).await?;
     let name = version.as_ref().map(|v| v.version.clone());
-    let truncate = r.truncate.unwrap_or(state.limits.truncate);
+    let truncate = r.truncate.unwrap_or(state.limits.truncate).then_some(TruncationDirection::Right);
     let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started, access).await?;
     Ok(ClassifyResponse {
         task: r.task,
@@ -484,7 +493,7 @@ async fn tokenize_inner(
     access.task = Some(r.task.clone());
     let inputs = parse_inputs(&entry, r.inputs, &state.limits)?;
     access.inputs = Some(inputs.len());
-    let truncate = r.truncate.unwrap_or(state.limits.truncate);
+    let truncate = r.truncate.unwrap_or(state.limits.truncate).then_some(TruncationDirection::Right);
     let (backend, e, limits) = (ready.backend.clone(), entry.clone(), state.limits);
     let prepared = blocking(move || prepare(&backend, &e, inputs, &limits, truncate)).await?;
     access.tokens = Some(prepared.iter().map(|p| p.body.len()).sum());
@@ -500,61 +509,116 @@ async fn tokenize_inner(
 }
 
 /// Text Embeddings Inference's predict API for the default task: TEI clients work unchanged.
+/// Errors are TEI's (`{"error", "error_type"}`, TEI's status codes).
 #[utoipa::path(post, path = "/predict", request_body = PredictRequest, responses(
-    (status = 200, description = "`[{label, score}]` sorted by score, or one such list per input of a batch", body = Vec<Prediction>),
-    (status = 400, body = ErrorBody), (status = 404, description = "no_default_task", body = ErrorBody),
-    (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody),
+    (status = 200, description = "`[{label, score}]` sorted by score for one input (a text or a pair), or one such list per input of a batch", body = Vec<Prediction>),
+    (status = 400, description = "Empty: no inputs, an empty text; or a body that is not JSON", body = TeiErrorBody),
+    (status = 404, description = "no default task (--default-task)", body = TeiErrorBody),
+    (status = 413, description = "Validation: over --max-inputs, --max-input-tokens (without truncate) or --max-body-bytes", body = TeiErrorBody),
+    (status = 422, description = "Validation: inputs of the wrong shape, a pair for a one-field task", body = TeiErrorBody),
+    (status = 424, description = "Backend: the batch failed", body = TeiErrorBody),
+    (status = 429, description = "Overloaded: the queue is full (--max-queue), with Retry-After", body = TeiErrorBody),
+    (status = 503, description = "Unhealthy: loading or shutting down", body = TeiErrorBody),
 ))]
 async fn predict(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
     let mut access = Access::default();
-    let resp = match predict_inner(&state, &req, payload, &mut access, started).await {
-        Ok(v) => HttpResponse::Ok().json(v),
-        Err(e) => e.response(),
+    let mut characters = 0;
+    let resp = match predict_inner(&state, &req, payload, &mut access, &mut characters, started).await {
+        Ok(v) => {
+            let mut resp = HttpResponse::Ok();
+            for (name, value) in timing_headers(&access, characters, started.elapsed()) {
+                resp.insert_header((name, value));
+            }
+            resp.json(v)
+        }
+        Err(e) => e.tei_response(),
     };
     finish(&state, "predict", access, resp, started)
 }
 
-/// TEI's input shapes mapped to the task's fields; `true` when the request was a batch.
-fn tei_inputs(fields: &[String], inputs: Value) -> Result<(Vec<BTreeMap<String, String>>, bool), ApiError> {
+/// TEI's timing headers of a predict answer, in whole milliseconds: tokenization, queue
+/// (the batch wait included) and inference (the batch's compute), their sum as compute
+/// time, the request's total time in the server; and the tokens and characters computed.
+fn timing_headers(access: &Access, characters: usize, total: Duration) -> Vec<(&'static str, String)> {
+    let ms = |d: Option<Duration>| d.unwrap_or_default().as_millis();
+    let (tokenization, queue, inference) = (ms(access.tokenized), ms(access.queued), ms(access.computed));
+    vec![
+        ("x-compute-type", "cpu".to_string()),
+        ("x-compute-time", (tokenization + queue + inference).to_string()),
+        ("x-compute-tokens", access.tokens.unwrap_or(0).to_string()),
+        ("x-compute-characters", characters.to_string()),
+        ("x-tokenization-time", tokenization.to_string()),
+        ("x-queue-time", queue.to_string()),
+        ("x-inference-time", inference.to_string()),
+        ("x-total-time", total.as_millis().to_string()),
+    ]
+}
+
+/// TEI's `POST /`: the same as `/predict` for a classifier.
+#[utoipa::path(post, path = "/", request_body = PredictRequest, responses(
+    (status = 200, description = "as `/predict`", body = Vec<Prediction>),
+    (status = 400, body = TeiErrorBody), (status = 413, body = TeiErrorBody), (status = 422, body = TeiErrorBody),
+    (status = 429, body = TeiErrorBody), (status = 503, body = TeiErrorBody),
+))]
+async fn predict_root(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    predict(state, req, payload).await
+}
+
+/// TEI's `inputs` as TEI reads them: a string or `["a"]` is one text, `["a", "b"]` one pair,
+/// a list of lists a batch (each one text or a pair); `true` when it was a batch.
+fn tei_sequences(inputs: Value) -> Result<(Vec<Vec<String>>, bool), ApiError> {
     let bad = |m: String| ApiError::unprocessable("invalid_input", m);
-    let one = |texts: Vec<String>| -> Result<BTreeMap<String, String>, ApiError> {
-        if texts.len() != fields.len() {
-            return Err(bad(format!(
-                "an input has {} texts, the task has {} fields {fields:?}",
-                texts.len(),
-                fields.len()
-            )));
+    let sequence = |items: &[Value]| -> Result<Vec<String>, ApiError> {
+        if !(1..=2).contains(&items.len()) {
+            return Err(bad(format!("a sequence is one text or a pair of texts, not {} items", items.len())));
         }
-        Ok(fields.iter().cloned().zip(texts).collect())
-    };
-    let strings = |items: &[Value]| -> Option<Vec<String>> {
-        items.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
+        items
+            .iter()
+            .map(|v| {
+                v.as_str().map(str::to_string).ok_or_else(|| bad(format!("a text must be a string, not {}", kind(v))))
+            })
+            .collect()
     };
     match inputs {
-        Value::String(s) => Ok((vec![one(vec![s])?], false)),
-        Value::Array(items) if items.is_empty() => Err(ApiError::unprocessable("no_inputs", "`inputs` is empty")),
-        Value::Array(items) => {
-            if let Some(texts) = strings(&items) {
-                // A flat list is one multi-field input when the task has that many fields,
-                // else a batch of single texts.
-                if fields.len() > 1 && texts.len() == fields.len() {
-                    return Ok((vec![one(texts)?], false));
-                }
-                return Ok((texts.into_iter().map(|t| one(vec![t])).collect::<Result<_, _>>()?, true));
-            }
+        Value::String(s) => Ok((vec![vec![s]], false)),
+        Value::Array(items) if items.is_empty() => {
+            Err(ApiError::unprocessable("no_inputs", "`inputs` cannot be empty"))
+        }
+        Value::Array(items) if items[0].is_array() => {
             let batch = items
                 .iter()
                 .map(|v| match v {
-                    Value::Array(inner) => strings(inner).ok_or_else(|| bad("inner lists must hold strings".into())),
-                    Value::String(s) => Ok(vec![s.clone()]),
-                    other => Err(bad(format!("an input must be a string or a list of strings, not {}", kind(other)))),
+                    Value::Array(inner) => sequence(inner),
+                    other => Err(bad(format!(
+                        "a batch holds [text] or [text, text] lists, not {} (TEI: [[string], [string, string], ...])",
+                        kind(other)
+                    ))),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok((batch.into_iter().map(one).collect::<Result<_, _>>()?, true))
+            Ok((batch, true))
         }
-        other => Err(bad(format!("`inputs` must be a string or a list, not {}", kind(&other)))),
+        Value::Array(items) => Ok((vec![sequence(&items)?], false)),
+        other => Err(bad(format!("`inputs` must be a string, a pair or a batch, not {}", kind(&other)))),
     }
+}
+
+/// A TEI sequence as the task's fields: one text fills a one-field task, a pair the task's
+/// first two fields (a task of two fields).
+fn tei_fields(
+    task: &str,
+    fields: &[String],
+    texts: Vec<String>,
+    i: usize,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    if texts.len() != fields.len() {
+        let what = if texts.len() == 2 { "a pair" } else { "one text" };
+        return Err(ApiError::unprocessable(
+            "invalid_input",
+            format!("input {i}: {what} for task {task}, whose inputs have {} fields {fields:?}", fields.len()),
+        ));
+    }
+    Ok(fields.iter().cloned().zip(texts).collect())
 }
 
 async fn predict_inner(
@@ -562,13 +626,12 @@ async fn predict_inner(
     req: &HttpRequest,
     payload: web::Payload,
     access: &mut Access,
+    characters: &mut usize,
     started: Instant,
 ) -> Result<Value, ApiError> {
     let ready = state.ready()?;
-    let r: PredictRequest = from_value(read_json(req, payload, state.limits.max_body_bytes).await?)?;
-    if r.truncation_direction.as_deref().is_some_and(|d| !d.eq_ignore_ascii_case("right")) {
-        return Err(ApiError::unprocessable("invalid_input", "only truncation_direction \"Right\" is supported"));
-    }
+    let body = read_json(req, payload, state.limits.max_body_bytes).await?;
+    let r: PredictRequest = from_value(body).map_err(|e| ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, ..e })?;
     let task = match &state.default_task {
         Some(t) => t.clone(),
         None => match ready.adapters.tasks_with_current().as_slice() {
@@ -590,16 +653,26 @@ async fn predict_inner(
         )
     })?;
     access.task = Some(task.clone());
-    let (inputs, batched) = tei_inputs(&entry.task.fields, r.inputs)?;
-    access.inputs = Some(inputs.len());
-    if inputs.len() > state.limits.max_inputs {
+    let (sequences, batched) = tei_sequences(r.inputs)?;
+    access.inputs = Some(sequences.len());
+    if sequences.len() > state.limits.max_inputs {
         return Err(ApiError::unprocessable(
             "too_many_inputs",
-            format!("{} inputs, at most {} per request (--max-inputs)", inputs.len(), state.limits.max_inputs),
+            format!(
+                "batch size {} > maximum allowed batch size {} (--max-inputs)",
+                sequences.len(),
+                state.limits.max_inputs
+            ),
         ));
     }
+    *characters = sequences.iter().flatten().map(|t| t.chars().count()).sum();
+    let inputs = sequences
+        .into_iter()
+        .enumerate()
+        .map(|(i, texts)| tei_fields(&task, &entry.task.fields, texts, i))
+        .collect::<Result<Vec<_>, _>>()?;
     let version = resolve_version(state, ready, &task, None).await?;
-    let truncate = r.truncate.unwrap_or(state.limits.truncate);
+    let truncate = r.truncate.unwrap_or(state.limits.truncate).then_some(r.truncation_direction);
     let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started, access).await?;
     let words = entry.task.label_words();
     let lists: Vec<Vec<Prediction>> = scored

@@ -278,7 +278,7 @@ fn endpoints_answer_what_the_library_computes() {
         let k = words.iter().position(|w| p["label"] == *w).unwrap();
         assert!((p["score"].as_f64().unwrap() - want[k]).abs() < TOL);
     }
-    let (status, v) = server.post("/predict", &json!({"inputs": ["good movie", "bad"], "raw_scores": true}));
+    let (status, v) = server.post("/predict", &json!({"inputs": [["good movie"], ["bad"]], "raw_scores": true}));
     assert_eq!(status, 200, "{v}");
     assert_eq!(v.as_array().unwrap().len(), 2);
     let raw = fx.logps("mr", Some("v1"), &[("sentence", "bad")]);
@@ -570,16 +570,6 @@ fn bad_inputs_get_their_codes_and_the_server_keeps_answering() {
             404,
             "adapter_not_loaded",
         ),
-        ("predict: number", "/predict", br#"{"inputs": 5}"#.to_vec(), vec![], 422, "invalid_input"),
-        (
-            "predict: pair for a one-field task",
-            "/predict",
-            br#"{"inputs": [["a", "b"]]}"#.to_vec(),
-            vec![],
-            422,
-            "invalid_input",
-        ),
-        ("predict: malformed", "/predict", b"{inputs: 1}".to_vec(), vec![], 400, "malformed_json"),
         ("admin without a token", "/v1/admin/adapters/mr/v1/promote", vec![], vec![], 401, "unauthorized"),
         (
             "admin with a wrong token",
@@ -891,9 +881,10 @@ fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
     assert_close(&pair_probs(&v[0]), &want, "batch of pairs");
     let want = fx.probs("rte", Some("v1"), &[("sentence1", "good"), ("sentence2", "bad")]);
     assert_close(&pair_probs(&v[1]), &want, "batch of pairs");
-    // Two tasks have adapters and no default is set: /predict says so.
+    // Two tasks have adapters and no default is set: /predict says so (TEI's body).
     let (status, v) = batched.post("/predict", &json!({"inputs": "good"}));
-    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("no_default_task")), "{v}");
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"].as_str().is_some_and(|m| m.contains("--default-task")), "{v}");
     // The batched server really mixed them: fewer batches than requests.
     let count = |text: &str, name: &str| -> u64 {
         text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
@@ -1408,4 +1399,157 @@ fn every_request_writes_one_access_line_with_its_id_task_version_and_times() {
     let o = tests::run("verdict-serve", &["--port", "0"], &[("RUST_LOG", "verdict=loud")]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.code() == Some(2) && err.contains("RUST_LOG") && err.contains("not a log filter"), "{err}");
+}
+
+/// A TEI predict answer for one input (`[{label, score}]`) as probabilities in `words` order.
+fn tei_scores(list: &Value, words: &[String]) -> Vec<f64> {
+    let list = list.as_array().unwrap_or_else(|| panic!("not a list: {list}"));
+    assert_eq!(list.len(), words.len(), "{list:?}");
+    words
+        .iter()
+        .map(|w| list.iter().find(|p| p["label"] == *w).unwrap_or_else(|| panic!("no {w}"))["score"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn tei_predict_reads_texts_pairs_and_batches_as_tei_and_answers_tei_errors() {
+    let fx = Fixture::new("serve-tei");
+    fx.publish("mr", "v1", 1);
+    fx.registry.promote("mr", "v1").unwrap();
+    fx.publish("rte", "v1", 3);
+    fx.registry.promote("rte", "v1").unwrap();
+    let words = task("mr").label_words();
+    let server = fx.start(&["--default-task", "mr", "--max-inputs", "4", "--max-input-tokens", "4"]);
+    let want = fx.probs("mr", Some("v1"), &[("sentence", "good movie")]);
+    let bad = fx.probs("mr", Some("v1"), &[("sentence", "bad")]);
+    // One text, as a string or a list of one: one list of scores.
+    for inputs in [json!("good movie"), json!(["good movie"])] {
+        let (status, v) = server.post("/predict", &json!({ "inputs": inputs }));
+        assert_eq!(status, 200, "{v}");
+        assert_close(&tei_scores(&v, &words), &want, "one text");
+    }
+    // A list of lists is a batch: one list per input.
+    let (status, v) = server.post("/predict", &json!({"inputs": [["good movie"], ["bad"]]}));
+    assert_eq!((status, v.as_array().map(Vec::len)), (200, Some(2)), "{v}");
+    assert_close(&tei_scores(&v[0], &words), &want, "batch 0");
+    assert_close(&tei_scores(&v[1], &words), &bad, "batch 1");
+    // POST / is /predict.
+    let (status, v) = server.post("/", &json!({"inputs": "good movie"}));
+    assert_eq!(status, 200, "{v}");
+    assert_close(&tei_scores(&v, &words), &want, "POST /");
+    // Two strings are one pair, which a one-field task refuses (TEI's 422 body); so are
+    // three strings, a batch of strings, an empty list, too many inputs, a too long one.
+    let refused = [
+        (json!({"inputs": ["good movie", "bad"]}), 422, "Validation", "a pair"),
+        (json!({"inputs": ["good", "bad", "movie"]}), 422, "Validation", "3 items"),
+        (json!({"inputs": [["good"], "bad"]}), 422, "Validation", "a batch holds"),
+        (json!({"inputs": [["good"], ["good", "bad"]]}), 422, "Validation", "a pair"),
+        (json!({"inputs": 5}), 422, "Validation", "a number"),
+        (json!({"inputs": "good", "truncation_direction": "Middle"}), 422, "Validation", "Middle"),
+        (json!({"inputs": []}), 400, "Empty", "empty"),
+        (json!({"inputs": "  "}), 400, "Empty", "empty"),
+        (json!({"inputs": [["a"], ["a"], ["a"], ["a"], ["a"]]}), 413, "Validation", "batch size 5"),
+        (json!({"inputs": "the movie was really good"}), 413, "Validation", "tokens"),
+    ];
+    for (body, status, error_type, says) in refused {
+        let r = http_raw(server.port, "POST", "/predict", body.to_string().as_bytes(), &[]).unwrap();
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("{body}: {}", r.text()));
+        assert_eq!((r.status, v["error_type"].as_str()), (status, Some(error_type)), "{body}: {v}");
+        let message = v["error"].as_str().unwrap_or_else(|| panic!("TEI's error is a string: {v}"));
+        assert!(message.contains(says), "{body}: {message}");
+        assert_eq!(v.as_object().unwrap().len(), 2, "TEI's body has error and error_type only: {v}");
+    }
+    let (status, v) = server.post("/predict", &json!({"inputs": "{"}));
+    assert_eq!(status, 200, "the server answers after the refusals: {v}");
+
+    // Truncation keeps the start (Right, the default) or the end (Left) of a long input.
+    let long = "the movie was really good bad awful";
+    let ids = fx.loaded.encode(long, false).unwrap();
+    assert!(ids.len() > 4, "{ids:?}");
+    let head = fx.loaded.decode(&ids[..4]).unwrap();
+    let tail = fx.loaded.decode(&ids[ids.len() - 4..]).unwrap();
+    let (want_head, want_tail) =
+        (fx.probs("mr", Some("v1"), &[("sentence", &head)]), fx.probs("mr", Some("v1"), &[("sentence", &tail)]));
+    assert!((want_head[0] - want_tail[0]).abs() > 1e-4, "the two ends score apart: {want_head:?} {want_tail:?}");
+    for (direction, want, what) in
+        [(None, &want_head, "default"), (Some("Right"), &want_head, "Right"), (Some("Left"), &want_tail, "Left")]
+    {
+        let mut body = json!({"inputs": long, "truncate": true});
+        if let Some(d) = direction {
+            body["truncation_direction"] = json!(d);
+        }
+        let (status, v) = server.post("/predict", &body);
+        assert_eq!(status, 200, "{what}: {v}");
+        assert_close(&tei_scores(&v, &words), want, what);
+    }
+
+    // TEI's timing headers: whole milliseconds, compute = tokenization + queue + inference,
+    // total >= compute; tokens and characters computed.
+    let r = http_raw(
+        server.port,
+        "POST",
+        "/predict",
+        json!({"inputs": [["good movie"], ["bad"]]}).to_string().as_bytes(),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = |name: &str| -> u64 {
+        r.header(name).unwrap_or_else(|| panic!("no {name}: {}", r.head)).parse().unwrap_or_else(|_| panic!("{name}"))
+    };
+    let (tokenization, queue, inference, compute, total) =
+        (h("x-tokenization-time"), h("x-queue-time"), h("x-inference-time"), h("x-compute-time"), h("x-total-time"));
+    assert_eq!(compute, tokenization + queue + inference, "{}", r.head);
+    assert!(total >= compute && total >= inference, "{}", r.head);
+    assert_eq!(h("x-compute-characters"), ("good movie".len() + "bad".len()) as u64);
+    assert!(h("x-compute-tokens") >= 3, "{}", r.head);
+    // Errors carry no timing headers.
+    let r = http_raw(server.port, "POST", "/predict", br#"{"inputs": []}"#, &[]).unwrap();
+    assert_eq!((r.status, r.header("x-total-time")), (400, None));
+    drop(server);
+
+    // A two-field task: two strings are one pair (its first two fields); a batch of pairs;
+    // one text refused.
+    let server = fx.start(&["--default-task", "rte"]);
+    let rte_words = task("rte").label_words();
+    let want = fx.probs("rte", Some("v1"), &[("sentence1", "rain"), ("sentence2", "wet")]);
+    let (status, v) = server.post("/predict", &json!({"inputs": ["rain", "wet"]}));
+    assert_eq!(status, 200, "{v}");
+    assert_close(&tei_scores(&v, &rte_words), &want, "one pair");
+    let (status, v) = server.post("/predict", &json!({"inputs": [["rain", "wet"], ["good", "bad"]]}));
+    assert_eq!((status, v.as_array().map(Vec::len)), (200, Some(2)), "{v}");
+    assert_close(&tei_scores(&v[0], &rte_words), &want, "batch of pairs");
+    let (status, v) = server.post("/predict", &json!({"inputs": "rain"}));
+    assert_eq!((status, v["error_type"].as_str()), (422, Some("Validation")), "{v}");
+    drop(server);
+
+    // Overloaded: a queue of one overflows under a burst; TEI answers 429 with Retry-After.
+    let server = fx.start(&["--default-task", "mr", "--max-queue", "1", "--no-batching"]);
+    let heavy = json!({"inputs": vec![vec![vec!["good movie"; 60].join(" ")]; 64]}).to_string();
+    let port = server.port;
+    let mut overloaded = None;
+    for _round in 0..5 {
+        let handles: Vec<_> = (0..12)
+            .map(|_| {
+                let body = heavy.clone();
+                std::thread::spawn(move || http_raw(port, "POST", "/predict", body.as_bytes(), &[]).unwrap())
+            })
+            .collect();
+        for h in handles {
+            let r = h.join().unwrap();
+            match r.status {
+                200 => {}
+                429 => overloaded = Some(r),
+                other => panic!("unexpected {other}: {}", r.text()),
+            }
+        }
+        if overloaded.is_some() {
+            break;
+        }
+    }
+    let r = overloaded.expect("a burst of 12 heavy requests overflows a queue of one");
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error_type"], "Overloaded", "{v}");
+    assert_eq!(r.header("retry-after").as_deref(), Some("1"));
+    assert_eq!(server.post("/predict", &json!({"inputs": "good"})).0, 200);
 }
