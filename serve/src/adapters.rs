@@ -207,6 +207,11 @@ impl AdapterTable {
         v
     }
 
+    /// The sha256 of the base weights every adapter must be trained on.
+    pub fn base_sha256(&self) -> &str {
+        &self.base_sha256
+    }
+
     /// Tasks that have a serving version.
     pub fn tasks_with_current(&self) -> Vec<String> {
         self.read_slots().iter().filter(|(_, s)| s.current.is_some()).map(|(t, _)| t.clone()).collect()

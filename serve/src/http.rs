@@ -43,6 +43,10 @@ pub struct AppState {
     /// Set once loading finishes; `/ready` is 503 until then.
     pub ready: OnceLock<Ready>,
     pub model_path: String,
+    /// The weights' dtype as TEI names it (`float32`, `float16`, `bfloat16`).
+    pub model_dtype: String,
+    /// The engine's batch and queue limits (`/info`).
+    pub batch: crate::scheduler::BatchOptions,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     /// Admin endpoints need `Authorization: Bearer <token>`; `None` disables them.
@@ -70,8 +74,8 @@ impl AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "verdict-serve", description = "Text classification with per-task LoRA adapters over one base model."),
-    paths(classify, predict, predict_root, tokenize, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, info, metrics),
-    components(schemas(ErrorBody, TeiErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, PredictInputDoc, TruncationDirection, Prediction, TokenizeRequest, TokenizeResponse, TokenizedInput, TaskInfo, TaskAdapters, AdapterChange, Info, crate::tuning::Choice, crate::tuning::Timings, crate::tuning::Batching)),
+    paths(classify, predict, predict_root, tokenize, tei_tokenize, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, info, metrics),
+    components(schemas(ErrorBody, TeiErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, PredictInputDoc, TruncationDirection, Prediction, TokenizeRequest, TokenizeResponse, TokenizedInput, TeiTokenizeRequest, TeiToken, TaskInfo, TaskAdapters, AdapterChange, Info, crate::tuning::Choice, crate::tuning::Timings, crate::tuning::Batching)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -98,6 +102,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(at("/predict", Method::POST, predict).wrap(key()))
         .service(at("/", Method::POST, predict_root).wrap(key()))
         .service(at("/v1/tokenize", Method::POST, tokenize).wrap(key()))
+        .service(at("/tokenize", Method::POST, tei_tokenize).wrap(key()))
         .service(at("/v1/tasks", Method::GET, tasks).wrap(key()))
         .service(at("/v1/adapters", Method::GET, adapters).wrap(key()))
         .service(at("/info", Method::GET, info).wrap(key()))
@@ -621,17 +626,8 @@ fn tei_fields(
     Ok(fields.iter().cloned().zip(texts).collect())
 }
 
-async fn predict_inner(
-    state: &AppState,
-    req: &HttpRequest,
-    payload: web::Payload,
-    access: &mut Access,
-    characters: &mut usize,
-    started: Instant,
-) -> Result<Value, ApiError> {
-    let ready = state.ready()?;
-    let body = read_json(req, payload, state.limits.max_body_bytes).await?;
-    let r: PredictRequest = from_value(body).map_err(|e| ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, ..e })?;
+/// The task the TEI routes answer: `--default-task`, else the only task with an adapter.
+fn default_task(state: &AppState, ready: &Ready) -> Result<(String, Arc<TaskEntry>), ApiError> {
     let task = match &state.default_task {
         Some(t) => t.clone(),
         None => match ready.adapters.tasks_with_current().as_slice() {
@@ -640,7 +636,7 @@ async fn predict_inner(
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     "no_default_task",
-                    format!("/predict needs --default-task: {} tasks have adapters", many.len()),
+                    format!("the TEI routes need --default-task: {} tasks have adapters", many.len()),
                 ))
             }
         },
@@ -652,6 +648,21 @@ async fn predict_inner(
             format!("the default task {task:?} is not in the registry"),
         )
     })?;
+    Ok((task, entry))
+}
+
+async fn predict_inner(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    access: &mut Access,
+    characters: &mut usize,
+    started: Instant,
+) -> Result<Value, ApiError> {
+    let ready = state.ready()?;
+    let body = read_json(req, payload, state.limits.max_body_bytes).await?;
+    let r: PredictRequest = from_value(body).map_err(|e| ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, ..e })?;
+    let (task, entry) = default_task(state, ready)?;
     access.task = Some(task.clone());
     let (sequences, batched) = tei_sequences(r.inputs)?;
     access.inputs = Some(sequences.len());
@@ -687,6 +698,163 @@ async fn predict_inner(
         .collect();
     let value = if batched { serde_json::to_value(lists) } else { serde_json::to_value(lists.into_iter().next()) };
     value.map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// `POST /tokenize` (TEI's).
+#[derive(serde::Deserialize, ToSchema)]
+pub struct TeiTokenizeRequest {
+    /// One text or a list of texts.
+    #[schema(value_type = InputsTextDoc)]
+    pub inputs: Value,
+    /// `true` (default): the tokens the engine runs for the default task (a one-field task):
+    /// its prompt prefix and body around the text, the template's markers special; `false`:
+    /// the text's own tokens, as the server reads input text (never a special token).
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One text or a list of texts (documentation type).
+#[allow(dead_code)]
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum InputsTextDoc {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// One token, TEI's `SimpleToken`.
+#[derive(Serialize, ToSchema)]
+pub struct TeiToken {
+    pub id: u32,
+    /// The token's text.
+    pub text: String,
+    /// A special token of the tokenizer.
+    pub special: bool,
+    /// Character offsets of the token in the input text (`null` for the prompt's own tokens).
+    pub start: Option<usize>,
+    pub stop: Option<usize>,
+}
+
+/// TEI's tokenize: each text's tokens, one list per text.
+#[utoipa::path(post, path = "/tokenize", request_body = TeiTokenizeRequest, responses(
+    (status = 200, description = "one list of tokens per text", body = Vec<Vec<TeiToken>>),
+    (status = 400, description = "Empty", body = TeiErrorBody), (status = 413, body = TeiErrorBody),
+    (status = 422, description = "Validation", body = TeiErrorBody), (status = 503, body = TeiErrorBody),
+))]
+async fn tei_tokenize(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let started = Instant::now();
+    let mut access = Access::default();
+    let resp = match tei_tokenize_inner(&state, &req, payload, &mut access).await {
+        Ok(v) => HttpResponse::Ok().json(v),
+        Err(e) => e.tei_response(),
+    };
+    finish(&state, "tokenize", access, resp, started)
+}
+
+async fn tei_tokenize_inner(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    access: &mut Access,
+) -> Result<Vec<Vec<TeiToken>>, ApiError> {
+    let ready = state.ready()?;
+    let body = read_json(req, payload, state.limits.max_body_bytes).await?;
+    let r: TeiTokenizeRequest =
+        from_value(body).map_err(|e| ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, ..e })?;
+    let bad = |m: String| ApiError::unprocessable("invalid_input", m);
+    let texts: Vec<String> = match r.inputs {
+        Value::String(s) => vec![s],
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::unprocessable("no_inputs", "`inputs` cannot be empty"))
+        }
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(bad(format!("a text must be a string, not {}", kind(&other)))),
+            })
+            .collect::<Result<_, _>>()?,
+        other => return Err(bad(format!("`inputs` must be a string or a list of strings, not {}", kind(&other)))),
+    };
+    access.inputs = Some(texts.len());
+    if texts.len() > state.limits.max_inputs {
+        return Err(ApiError::unprocessable(
+            "too_many_inputs",
+            format!(
+                "batch size {} > maximum allowed batch size {} (--max-inputs)",
+                texts.len(),
+                state.limits.max_inputs
+            ),
+        ));
+    }
+    let (backend, limits) = (ready.backend.clone(), state.limits);
+    if !r.add_special_tokens {
+        return blocking(move || {
+            texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| text_tokens(&backend, t, i, limits.max_input_tokens))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await;
+    }
+    let (task, entry) = default_task(state, ready)?;
+    access.task = Some(task.clone());
+    let field = match entry.task.fields.as_slice() {
+        [one] => one.clone(),
+        many => {
+            return Err(bad(format!(
+                "task {task} takes {} fields {many:?}: tokenize a text without special tokens",
+                many.len()
+            )))
+        }
+    };
+    let inputs = texts.into_iter().map(|t| BTreeMap::from([(field.clone(), t)])).collect();
+    let (e, truncate) = (entry.clone(), state.limits.truncate.then_some(TruncationDirection::Right));
+    blocking(move || {
+        let prepared = prepare(&backend, &e, inputs, &limits, truncate)?;
+        let token = |id: u32| -> Result<TeiToken, ApiError> {
+            let text = backend.decode(&[id]).map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok(TeiToken { id, text, special: backend.is_special(id), start: None, stop: None })
+        };
+        prepared
+            .into_iter()
+            .map(|p| e.prefix_ids.iter().chain(&p.body).map(|&id| token(id)).collect::<Result<Vec<_>, _>>())
+            .collect()
+    })
+    .await
+}
+
+/// A text's own tokens (as input text is read: never special), with character offsets; at
+/// most `max` (`--max-input-tokens`).
+fn text_tokens(backend: &Backend, text: &str, i: usize, max: usize) -> Result<Vec<TeiToken>, ApiError> {
+    let fail = |e: models::Error| ApiError::unprocessable("invalid_input", format!("cannot tokenize: {e}"));
+    let ids = backend.encode(text).map_err(fail)?;
+    if ids.len() > max {
+        return Err(ApiError::unprocessable(
+            "input_too_long",
+            format!("input {i}: {} tokens, at most {max} (--max-input-tokens)", ids.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    let mut start = 0;
+    for k in 0..ids.len() {
+        // Offsets from the decoded prefix: where the text so far ends.
+        let stop = backend.decode(&ids[..=k]).map_err(fail)?.chars().count().max(start);
+        out.push(TeiToken {
+            id: ids[k],
+            text: backend.decode(&ids[k..=k]).map_err(fail)?,
+            special: backend.is_special(ids[k]),
+            start: Some(start),
+            stop: Some(stop),
+        });
+        start = stop;
+    }
+    Ok(out)
 }
 
 /// Every task in the registry, with its fields, labels and serving adapter.
@@ -848,7 +1016,7 @@ async fn health() -> HttpResponse {
 }
 
 /// What the server runs: the model, its CPU kernels and the batching mode (with the
-/// measurement that chose it).
+/// measurement that chose it), and TEI's `/info` fields.
 #[derive(Serialize, ToSchema)]
 pub struct Info {
     /// The model file or directory.
@@ -857,20 +1025,62 @@ pub struct Info {
     pub kernels: String,
     pub batching: crate::tuning::Choice,
     pub version: String,
+    /// TEI: the model (as `model`).
+    pub model_id: String,
+    /// TEI: the sha256 of the base weights (the fingerprint adapters are checked against).
+    pub model_sha: String,
+    /// TEI: `float32`, `float16` or `bfloat16`.
+    pub model_dtype: String,
+    /// TEI: `{"classifier": {"id2label", "label2id"}}`, the default task's labels (empty
+    /// maps without a default task).
+    #[schema(value_type = Object)]
+    pub model_type: Value,
+    /// The task the TEI routes answer (none when it is ambiguous).
+    pub default_task: Option<String>,
+    /// TEI: requests waiting for the engine at most (`--max-queue`).
+    pub max_concurrent_requests: usize,
+    /// TEI: tokens of one input at most (`--max-input-tokens`).
+    pub max_input_length: usize,
+    /// TEI: tokens of one engine batch at most (`--max-batch-tokens`).
+    pub max_batch_tokens: usize,
+    /// TEI: inputs of one engine batch at most (`--max-batch-rows`).
+    pub max_batch_requests: usize,
+    /// TEI: inputs of one request at most (`--max-inputs`).
+    pub max_client_batch_size: usize,
+    /// TEI: whether long inputs are cut by default (`--truncate`).
+    pub auto_truncate: bool,
 }
 
-/// The model, kernels and batching mode; 503 while loading.
-#[utoipa::path(get, path = "/info", responses((status = 200, body = Info), (status = 503, body = ErrorBody)))]
+/// The model, kernels and batching mode, and TEI's `/info`; 503 `Unhealthy` while loading.
+#[utoipa::path(get, path = "/info", responses((status = 200, body = Info), (status = 503, body = TeiErrorBody)))]
 async fn info(state: State) -> HttpResponse {
-    match state.ready() {
-        Ok(r) => HttpResponse::Ok().json(Info {
-            model: state.model_path.clone(),
-            kernels: r.kernels.clone(),
-            batching: r.serving.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        }),
-        Err(e) => e.response(),
-    }
+    let r = match state.ready() {
+        Ok(r) => r,
+        Err(e) => return e.tei_response(),
+    };
+    let default = default_task(&state, r).ok();
+    let labels = default.as_ref().map(|(_, e)| e.task.label_words()).unwrap_or_default();
+    let id2label: serde_json::Map<String, Value> =
+        labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect();
+    let label2id: serde_json::Map<String, Value> =
+        labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect();
+    HttpResponse::Ok().json(Info {
+        model: state.model_path.clone(),
+        kernels: r.kernels.clone(),
+        batching: r.serving.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        model_id: state.model_path.clone(),
+        model_sha: r.adapters.base_sha256().to_string(),
+        model_dtype: state.model_dtype.clone(),
+        model_type: json!({"classifier": {"id2label": id2label, "label2id": label2id}}),
+        default_task: default.map(|(t, _)| t),
+        max_concurrent_requests: state.batch.max_queue,
+        max_input_length: state.limits.max_input_tokens,
+        max_batch_tokens: state.batch.max_batch_tokens,
+        max_batch_requests: state.batch.max_batch_rows,
+        max_client_batch_size: state.limits.max_inputs,
+        auto_truncate: state.limits.truncate,
+    })
 }
 
 /// Readiness: 200 once the model and the adapters are loaded, 503 before.

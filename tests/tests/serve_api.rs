@@ -1553,3 +1553,70 @@ fn tei_predict_reads_texts_pairs_and_batches_as_tei_and_answers_tei_errors() {
     assert_eq!(r.header("retry-after").as_deref(), Some("1"));
     assert_eq!(server.post("/predict", &json!({"inputs": "good"})).0, 200);
 }
+
+#[test]
+fn tei_info_and_tokenize_answer_teis_fields() {
+    let fx = Fixture::new("serve-tei-info");
+    fx.publish("mr", "v1", 1);
+    fx.registry.promote("mr", "v1").unwrap();
+    let server =
+        fx.start(&["--max-queue", "7", "--max-inputs", "5", "--max-input-tokens", "40", "--max-batch-tokens", "900"]);
+    let (status, body) = server.get("/info");
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(&body).unwrap();
+    // TEI's fields, from the flags and the model; Verdict's own stay.
+    assert_eq!(info["max_concurrent_requests"], 7, "{info}");
+    assert_eq!(info["max_client_batch_size"], 5, "{info}");
+    assert_eq!(info["max_input_length"], 40, "{info}");
+    assert_eq!(info["max_batch_tokens"], 900, "{info}");
+    assert_eq!(info["model_sha"], fx.sha.as_str(), "{info}");
+    assert_eq!(info["model_dtype"], "float32", "{info}");
+    assert_eq!(info["model_id"], info["model"], "{info}");
+    assert_eq!(info["default_task"], "mr", "{info}");
+    let words = task("mr").label_words();
+    for (i, w) in words.iter().enumerate() {
+        assert_eq!(info["model_type"]["classifier"]["id2label"][i.to_string()], *w, "{info}");
+        assert_eq!(info["model_type"]["classifier"]["label2id"][w], i, "{info}");
+    }
+    for key in ["kernels", "batching", "version"] {
+        assert!(!info[key].is_null(), "{key}: {info}");
+    }
+
+    // /tokenize without special tokens: the text's own tokens with offsets into it; text
+    // spelling the tokenizer's special token stays plain text (the tokenizer alone: id 1).
+    let text = "good movie<|endoftext|>";
+    assert!(fx.loaded.encode(text, false).unwrap().contains(&1), "the tokenizer alone makes it special");
+    let (status, v) = server.post("/tokenize", &json!({"inputs": [text, "bad"], "add_special_tokens": false}));
+    assert_eq!((status, v.as_array().map(Vec::len)), (200, Some(2)), "{v}");
+    let tokens = v[0].as_array().unwrap();
+    assert!(tokens.iter().all(|t| t["special"] == false && t["id"] != 1), "user text is never special: {v}");
+    let ids: Vec<u32> = tokens.iter().map(|t| t["id"].as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, fx.loaded.encode_text(text).unwrap(), "the ids the server runs");
+    assert_eq!(tokens[0]["start"], 0, "{v}");
+    assert_eq!(tokens.last().unwrap()["stop"].as_u64(), Some(fx.loaded.decode(&ids).unwrap().chars().count() as u64));
+    for pair in tokens.windows(2) {
+        assert_eq!(pair[0]["stop"], pair[1]["start"], "contiguous offsets: {v}");
+    }
+    // With special tokens (the default): the default task's whole prompt, the text inside it.
+    let (status, v) = server.post("/tokenize", &json!({"inputs": "good movie"}));
+    assert_eq!((status, v.as_array().map(Vec::len)), (200, Some(1)), "{v}");
+    let (_, mine) = server.post("/v1/tokenize", &json!({"task": "mr", "inputs": "good movie"}));
+    let want: Vec<Value> = mine["prefix_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(mine["results"][0]["ids"].as_array().unwrap())
+        .cloned()
+        .collect();
+    let got: Vec<Value> = v[0].as_array().unwrap().iter().map(|t| t["id"].clone()).collect();
+    assert_eq!(got, want, "the prompt the engine runs");
+    // TEI's errors.
+    for (body, status, error_type) in [
+        (json!({"inputs": []}), 400, "Empty"),
+        (json!({"inputs": 3}), 422, "Validation"),
+        (json!({"inputs": ["a", "a", "a", "a", "a", "a"]}), 413, "Validation"),
+    ] {
+        let (got, v) = server.post("/tokenize", &body);
+        assert_eq!((got, v["error_type"].as_str()), (status, Some(error_type)), "{body}: {v}");
+    }
+}
