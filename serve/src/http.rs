@@ -74,8 +74,8 @@ impl AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "verdict-serve", description = "Text classification with per-task LoRA adapters over one base model."),
-    paths(classify, predict, predict_root, tokenize, tei_tokenize, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, info, metrics),
-    components(schemas(ErrorBody, TeiErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, PredictInputDoc, TruncationDirection, Prediction, TokenizeRequest, TokenizeResponse, TokenizedInput, TeiTokenizeRequest, TeiToken, TaskInfo, TaskAdapters, AdapterChange, Info, crate::tuning::Choice, crate::tuning::Timings, crate::tuning::Batching)),
+    paths(classify, predict, predict_root, vllm_classify, tokenize, tei_tokenize, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, info, metrics),
+    components(schemas(ErrorBody, TeiErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, PredictInputDoc, TruncationDirection, Prediction, TokenizeRequest, TokenizeResponse, TokenizedInput, TeiTokenizeRequest, TeiToken, VllmClassifyRequest, VllmClassifyResponse, VllmClassification, VllmUsage, VllmErrorBody, VllmErrorInfo, TaskInfo, TaskAdapters, AdapterChange, Info, crate::tuning::Choice, crate::tuning::Timings, crate::tuning::Batching)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -101,6 +101,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(at("/v1/classify", Method::POST, classify).wrap(key()))
         .service(at("/predict", Method::POST, predict).wrap(key()))
         .service(at("/", Method::POST, predict_root).wrap(key()))
+        .service(at("/classify", Method::POST, vllm_classify).wrap(key()))
         .service(at("/v1/tokenize", Method::POST, tokenize).wrap(key()))
         .service(at("/tokenize", Method::POST, tei_tokenize).wrap(key()))
         .service(at("/v1/tasks", Method::GET, tasks).wrap(key()))
@@ -855,6 +856,179 @@ fn text_tokens(backend: &Backend, text: &str, i: usize, max: usize) -> Result<Ve
         start = stop;
     }
     Ok(out)
+}
+
+/// `POST /classify` (vLLM's classification API).
+#[derive(serde::Deserialize, ToSchema)]
+pub struct VllmClassifyRequest {
+    /// `"<task>"` (its serving version) or `"<task>:<version>"` (a loaded version); absent:
+    /// the default task.
+    #[schema(example = "mr:v2")]
+    #[serde(default)]
+    pub model: Option<String>,
+    /// One text or a list of texts, for a task of one field.
+    #[schema(value_type = InputsTextDoc)]
+    pub input: Value,
+    /// Only `null` or `-1` (the server's `--max-input-tokens` and `--truncate` apply).
+    #[serde(default)]
+    pub truncate_prompt_tokens: Option<i64>,
+}
+
+/// One text's answer, vLLM's `ClassificationData`.
+#[derive(Serialize, ToSchema)]
+pub struct VllmClassification {
+    pub index: usize,
+    /// The most likely label word.
+    pub label: String,
+    /// Each label's probability, in the task's label order (`/v1/tasks`).
+    pub probs: Vec<f64>,
+    pub num_classes: usize,
+}
+
+/// vLLM's `UsageInfo`.
+#[derive(Serialize, ToSchema)]
+pub struct VllmUsage {
+    /// Tokens the model read: each input's prompt, its cached prefix included.
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// `POST /classify` answer, vLLM's `ClassificationResponse`.
+#[derive(Serialize, ToSchema)]
+pub struct VllmClassifyResponse {
+    /// `classify-<request id>`.
+    pub id: String,
+    /// `list`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// `<task>:<version>` that answered (`<task>` alone: zero-shot).
+    pub model: String,
+    pub data: Vec<VllmClassification>,
+    pub usage: VllmUsage,
+}
+
+/// vLLM's `ErrorResponse`.
+#[derive(Serialize, ToSchema)]
+pub struct VllmErrorBody {
+    pub error: VllmErrorInfo,
+}
+
+/// vLLM's `ErrorInfo`: `code` is the HTTP status.
+#[derive(Serialize, ToSchema)]
+pub struct VllmErrorInfo {
+    pub message: String,
+    /// `BadRequestError`, `NotFoundError`, `ServiceUnavailableError`, `InternalServerError`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: u16,
+}
+
+/// An error as vLLM answers it: 404 `NotFoundError` (unknown model), other client errors
+/// 400 `BadRequestError`, server errors with their status.
+fn vllm_error(e: &ApiError) -> HttpResponse {
+    let (status, kind) = match e.status.as_u16() {
+        404 => (StatusCode::NOT_FOUND, "NotFoundError"),
+        503 => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
+        504 => (StatusCode::GATEWAY_TIMEOUT, "TimeoutError"),
+        500..=599 => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError"),
+        _ => (StatusCode::BAD_REQUEST, "BadRequestError"),
+    };
+    let mut r = HttpResponse::build(status);
+    if let Some(s) = e.retry_after {
+        r.insert_header(("Retry-After", s.to_string()));
+    }
+    r.json(VllmErrorBody {
+        error: VllmErrorInfo { message: e.message.clone(), kind: kind.to_string(), param: None, code: status.as_u16() },
+    })
+}
+
+/// vLLM's classification API: `model` names the task (and version); errors are vLLM's.
+#[utoipa::path(post, path = "/classify", request_body = VllmClassifyRequest, responses(
+    (status = 200, body = VllmClassifyResponse),
+    (status = 400, description = "BadRequestError: a body, input or model name that cannot be served, over a limit", body = VllmErrorBody),
+    (status = 404, description = "NotFoundError: no such task, or the version is not loaded", body = VllmErrorBody),
+    (status = 503, description = "ServiceUnavailableError: loading, queue full (Retry-After), shutting down", body = VllmErrorBody),
+    (status = 504, body = VllmErrorBody),
+))]
+async fn vllm_classify(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let started = Instant::now();
+    let mut access = Access::default();
+    let resp = match vllm_classify_inner(&state, &req, payload, &mut access, started).await {
+        Ok(r) => HttpResponse::Ok().json(r),
+        Err(e) => vllm_error(&e),
+    };
+    finish(&state, "classify", access, resp, started)
+}
+
+async fn vllm_classify_inner(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    access: &mut Access,
+    started: Instant,
+) -> Result<VllmClassifyResponse, ApiError> {
+    let ready = state.ready()?;
+    let r: VllmClassifyRequest = from_value(read_json(req, payload, state.limits.max_body_bytes).await?)?;
+    if r.truncate_prompt_tokens.is_some_and(|k| k != -1) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "truncate_prompt_tokens: only -1 is supported (the server truncates at --max-input-tokens with --truncate)",
+        ));
+    }
+    let (task, version) = match r.model.as_deref() {
+        None => (default_task(state, ready)?.0, None),
+        Some(m) => match m.split_once(':') {
+            Some((t, v)) => (t.to_string(), Some(v.to_string())),
+            None => (m.to_string(), None),
+        },
+    };
+    let entry = ready.tasks.get(&task).cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_task",
+            format!(
+                "The model `{}` does not exist (models are tasks: GET /v1/tasks, `task` or `task:version`).",
+                r.model.as_deref().unwrap_or_default()
+            ),
+        )
+    })?;
+    access.task = Some(task.clone());
+    if let [Value::Object(_), ..] | [Value::Array(_), ..] = r.input.as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        return Err(ApiError::bad_request("invalid_input", "`input` is a text or a list of texts"));
+    }
+    if r.input.is_object() {
+        return Err(ApiError::bad_request("invalid_input", "`input` is a text or a list of texts"));
+    }
+    let inputs = parse_inputs(&entry, r.input, &state.limits)?;
+    let version = resolve_version(state, ready, &task, version).await?;
+    let name = match &version {
+        Some(v) => format!("{task}:{}", v.version),
+        None => task.clone(),
+    };
+    let n = inputs.len();
+    let truncate = state.limits.truncate.then_some(TruncationDirection::Right);
+    let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started, access).await?;
+    let prompt_tokens = access.tokens.unwrap_or(0) + n * entry.prefix_ids.len();
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    Ok(VllmClassifyResponse {
+        id: format!("classify-{}", request_id(req)),
+        object: "list".into(),
+        created,
+        model: name,
+        data: scored
+            .iter()
+            .enumerate()
+            .map(|(index, s)| {
+                let c = classification(&entry, &s.logps, None, s.truncated);
+                let probs = models::scoring::normalize(&s.logps);
+                VllmClassification { index, label: c.label, num_classes: probs.len(), probs }
+            })
+            .collect(),
+        usage: VllmUsage { prompt_tokens, total_tokens: prompt_tokens, completion_tokens: 0 },
+    })
 }
 
 /// Every task in the registry, with its fields, labels and serving adapter.

@@ -1620,3 +1620,62 @@ fn tei_info_and_tokenize_answer_teis_fields() {
         assert_eq!((got, v["error_type"].as_str()), (status, Some(error_type)), "{body}: {v}");
     }
 }
+
+#[test]
+fn vllm_classify_names_tasks_as_models_and_answers_vllm_shapes() {
+    let fx = Fixture::new("serve-vllm");
+    fx.publish("mr", "v1", 1);
+    fx.publish("mr", "v2", 5);
+    fx.registry.promote("mr", "v1").unwrap();
+    fx.publish("rte", "v1", 3);
+    fx.registry.promote("rte", "v1").unwrap();
+    let server = fx.start(&["--admin-token", TOKEN]);
+    assert_eq!(server.admin("/v1/admin/adapters/mr/v2/load").0, 200);
+    let words = task("mr").label_words();
+    // `task`: its serving version; `task:version`: that loaded version.
+    for (model, version) in [("mr", "v1"), ("mr:v2", "v2"), ("mr:v1", "v1")] {
+        let (status, v) = server.post("/classify", &json!({"model": model, "input": ["good movie", "bad"]}));
+        assert_eq!(status, 200, "{model}: {v}");
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["model"], format!("mr:{version}"), "{v}");
+        assert!(v["id"].as_str().is_some_and(|id| id.starts_with("classify-")), "{v}");
+        assert!(v["created"].as_u64().is_some_and(|t| t > 1_700_000_000), "{v}");
+        let data = v["data"].as_array().unwrap();
+        assert_eq!(data.len(), 2);
+        for (i, text) in ["good movie", "bad"].iter().enumerate() {
+            let want = fx.probs("mr", Some(version), &[("sentence", text)]);
+            assert_eq!((data[i]["index"].as_u64(), data[i]["num_classes"].as_u64()), (Some(i as u64), Some(2)));
+            let probs: Vec<f64> = data[i]["probs"].as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).collect();
+            assert_close(&probs, &want, &format!("{model} {text}"));
+            let best = if want[0] >= want[1] { 0 } else { 1 };
+            assert_eq!(data[i]["label"], words[best], "{v}");
+        }
+        // Usage: each input's whole prompt, the cached prefix included.
+        let (_, tok) = server.post("/v1/tokenize", &json!({"task": "mr", "inputs": ["good movie", "bad"]}));
+        let prefix = tok["prefix_ids"].as_array().unwrap().len();
+        let bodies: usize = tok["results"].as_array().unwrap().iter().map(|r| r["ids"].as_array().unwrap().len()).sum();
+        assert_eq!(v["usage"]["prompt_tokens"].as_u64(), Some((2 * prefix + bodies) as u64), "{v}");
+        assert_eq!(v["usage"]["total_tokens"], v["usage"]["prompt_tokens"]);
+    }
+    // One text is a list of one answer.
+    let (status, v) = server.post("/classify", &json!({"model": "mr", "input": "good movie"}));
+    assert_eq!((status, v["data"].as_array().map(Vec::len)), (200, Some(1)), "{v}");
+    // vLLM's errors: {"error": {message, type, param, code}}, code the status.
+    for (body, status, kind) in [
+        (json!({"model": "nope", "input": "good"}), 404, "NotFoundError"),
+        (json!({"model": "mr:v9", "input": "good"}), 404, "NotFoundError"),
+        (json!({"model": "mr", "input": []}), 400, "BadRequestError"),
+        (json!({"model": "mr", "input": 5}), 400, "BadRequestError"),
+        (json!({"model": "mr", "input": [{"sentence": "good"}]}), 400, "BadRequestError"),
+        (json!({"model": "rte", "input": "good"}), 400, "BadRequestError"),
+        (json!({"model": "mr"}), 400, "BadRequestError"),
+        (json!({"model": "mr", "input": "good", "truncate_prompt_tokens": 3}), 400, "BadRequestError"),
+    ] {
+        let (got, v) = server.post("/classify", &body);
+        assert_eq!((got, v["error"]["type"].as_str()), (status, Some(kind)), "{body}: {v}");
+        assert_eq!(v["error"]["code"].as_u64(), Some(status as u64), "{body}: {v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+    let (_, v) = server.post("/classify", &json!({"model": "nope", "input": "good"}));
+    assert!(v["error"]["message"].as_str().unwrap().contains("`nope` does not exist"), "{v}");
+}
