@@ -1679,3 +1679,73 @@ fn vllm_classify_names_tasks_as_models_and_answers_vllm_shapes() {
     let (_, v) = server.post("/classify", &json!({"model": "nope", "input": "good"}));
     assert!(v["error"]["message"].as_str().unwrap().contains("`nope` does not exist"), "{v}");
 }
+
+#[test]
+fn openapi_describes_the_compatibility_routes_their_bodies_and_codes() {
+    let fx = Fixture::new("serve-openapi");
+    fx.publish("mr", "v1", 1);
+    fx.registry.promote("mr", "v1").unwrap();
+    let server = fx.start(&[]);
+    let (status, body) = server.get("/openapi.json");
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    if let Ok(out) = std::env::var("VERDICT_OPENAPI_OUT") {
+        std::fs::write(out, &body).unwrap();
+    }
+    let codes = |path: &str, method: &str| -> Vec<String> {
+        let op = &doc["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} missing");
+        op["responses"].as_object().unwrap().keys().cloned().collect()
+    };
+    for (path, method, want) in [
+        ("/predict", "post", &["200", "400", "413", "422", "424", "429", "503"][..]),
+        ("/", "post", &["200", "400", "413", "422", "429", "503"]),
+        ("/tokenize", "post", &["200", "400", "413", "422", "503"]),
+        ("/classify", "post", &["200", "400", "404", "503"]),
+        ("/info", "get", &["200", "503"]),
+        ("/v1/classify", "post", &["200", "400", "404", "422", "503"]),
+    ] {
+        let got = codes(path, method);
+        for c in want {
+            assert!(got.iter().any(|g| g == c), "{method} {path}: {c} not in {got:?}");
+        }
+    }
+    let schemas = &doc["components"]["schemas"];
+    for name in [
+        "PredictRequest",
+        "PredictInputDoc",
+        "TruncationDirection",
+        "TeiErrorBody",
+        "TeiTokenizeRequest",
+        "TeiToken",
+        "VllmClassifyRequest",
+        "VllmClassifyResponse",
+        "VllmErrorBody",
+        "Info",
+    ] {
+        assert!(schemas[name].is_object(), "schema {name} missing");
+    }
+    // Error bodies are each route's own: TEI's on /predict, vLLM's on /classify.
+    let error_ref = |path: &str, code: &str| {
+        doc["paths"][path]["post"]["responses"][code]["content"]["application/json"]["schema"]["$ref"].clone()
+    };
+    assert_eq!(error_ref("/predict", "429"), "#/components/schemas/TeiErrorBody");
+    assert_eq!(error_ref("/classify", "404"), "#/components/schemas/VllmErrorBody");
+    assert_eq!(error_ref("/v1/classify", "422"), "#/components/schemas/ErrorBody");
+    // Limits are named with their flags.
+    assert!(doc["paths"]["/predict"]["post"]["responses"]["413"]["description"]
+        .as_str()
+        .unwrap()
+        .contains("--max-inputs"));
+    let fields = schemas["Info"]["properties"].as_object().unwrap();
+    for f in [
+        "max_concurrent_requests",
+        "max_input_length",
+        "max_batch_tokens",
+        "max_client_batch_size",
+        "model_sha",
+        "model_type",
+    ] {
+        assert!(fields.contains_key(f), "Info.{f} missing");
+    }
+}
