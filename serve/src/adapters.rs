@@ -105,7 +105,7 @@ pub struct VersionInfo {
     pub template_version: u32,
     /// Seconds since the Unix epoch.
     pub loaded_at: u64,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub dev_metrics: Option<serde_json::Value>,
 }
 

@@ -141,22 +141,32 @@ pub struct ClassifyRequest {
     pub truncate: Option<bool>,
 }
 
+/// One text: not blank (documentation type).
+#[allow(dead_code)]
+#[derive(Deserialize, ToSchema)]
+pub struct TextDoc(String);
+
 /// One input or a list of inputs (documentation type).
 #[allow(dead_code)]
 #[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum InputsDoc {
     One(InputDoc),
-    Many(Vec<InputDoc>),
+    Many(InputListDoc),
 }
+
+/// One input or more (documentation type).
+#[allow(dead_code)]
+#[derive(Deserialize, ToSchema)]
+pub struct InputListDoc(Vec<InputDoc>);
 
 /// One input: the task's fields, or a string for a one-field task (documentation type).
 #[allow(dead_code)]
 #[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum InputDoc {
-    Text(String),
-    Fields(BTreeMap<String, String>),
+    Text(TextDoc),
+    Fields(BTreeMap<String, TextDoc>),
 }
 
 /// The answer for one input.
@@ -210,12 +220,22 @@ pub struct PredictRequest {
 #[serde(untagged)]
 pub enum PredictInputDoc {
     /// One text.
-    Text(String),
-    /// One text (`["a"]`) or one pair (`["a", "b"]`): one or two strings.
-    Sequence(Vec<String>),
-    /// A batch: each item one text `["a"]` or one pair `["a", "b"]`.
-    Batch(Vec<Vec<String>>),
+    Text(TextDoc),
+    /// One text (`["a"]`) or one pair (`["a", "b"]`).
+    Sequence(SequenceDoc),
+    /// A batch (at most `--max-inputs`, default 64): each item one text or one pair.
+    Batch(BatchDoc),
 }
+
+/// One text or a pair: one or two strings (documentation type).
+#[allow(dead_code)]
+#[derive(Deserialize, ToSchema)]
+pub struct SequenceDoc(Vec<TextDoc>);
+
+/// A TEI batch (documentation type).
+#[allow(dead_code)]
+#[derive(Deserialize, ToSchema)]
+pub struct BatchDoc(Vec<SequenceDoc>);
 
 /// `POST /v1/tokenize`: the tokens the engine would run for each input.
 #[derive(Deserialize, ToSchema)]
@@ -248,6 +268,15 @@ pub struct TokenizedInput {
     /// text is read as plain text).
     pub special: Vec<bool>,
     pub truncated: bool,
+}
+
+/// `/predict`'s answer (documentation type): one list for one input, one per input of a batch.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum PredictResponseDoc {
+    One(Vec<Prediction>),
+    Batch(Vec<Vec<Prediction>>),
 }
 
 /// One label's score, TEI's shape.

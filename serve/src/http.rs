@@ -4,8 +4,8 @@
 use crate::adapters::{AdapterError, AdapterTable, AdapterVersion, TaskAdapters};
 use crate::api::{
     classification, kind, parse_inputs, prepare, ApiError, Classification, ClassifyRequest, ClassifyResponse,
-    ErrorBody, Limits, PredictInputDoc, PredictRequest, Prediction, TaskInfo, TeiErrorBody, TokenizeRequest,
-    TokenizeResponse, TokenizedInput, TruncationDirection,
+    ErrorBody, Limits, PredictInputDoc, PredictRequest, PredictResponseDoc, Prediction, TaskInfo, TeiErrorBody,
+    TokenizeRequest, TokenizeResponse, TokenizedInput, TruncationDirection,
 };
 use crate::backend::Backend;
 use crate::engine::{Row, TaskEntry};
@@ -517,7 +517,7 @@ async fn tokenize_inner(
 /// Text Embeddings Inference's predict API for the default task: TEI clients work unchanged.
 /// Errors are TEI's (`{"error", "error_type"}`, TEI's status codes).
 #[utoipa::path(post, path = "/predict", request_body = PredictRequest, responses(
-    (status = 200, description = "`[{label, score}]` sorted by score for one input (a text or a pair), or one such list per input of a batch", body = Vec<Prediction>),
+    (status = 200, description = "`[{label, score}]` sorted by score for one input (a text or a pair), or one such list per input of a batch", body = PredictResponseDoc),
     (status = 400, description = "Empty: no inputs, an empty text; or a body that is not JSON", body = TeiErrorBody),
     (status = 404, description = "no default task (--default-task)", body = TeiErrorBody),
     (status = 413, description = "Validation: over --max-inputs, --max-input-tokens (without truncate) or --max-body-bytes", body = TeiErrorBody),
@@ -563,7 +563,7 @@ fn timing_headers(access: &Access, characters: usize, total: Duration) -> Vec<(&
 
 /// TEI's `POST /`: the same as `/predict` for a classifier.
 #[utoipa::path(post, path = "/", request_body = PredictRequest, responses(
-    (status = 200, description = "as `/predict`", body = Vec<Prediction>),
+    (status = 200, description = "as `/predict`", body = PredictResponseDoc),
     (status = 400, body = TeiErrorBody), (status = 413, body = TeiErrorBody), (status = 422, body = TeiErrorBody),
     (status = 429, body = TeiErrorBody), (status = 503, body = TeiErrorBody),
 ))]
@@ -723,9 +723,14 @@ fn yes() -> bool {
 #[derive(serde::Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum InputsTextDoc {
-    One(String),
-    Many(Vec<String>),
+    One(crate::api::TextDoc),
+    Many(TextListDoc),
 }
+
+/// One text or more (documentation type).
+#[allow(dead_code)]
+#[derive(serde::Deserialize, ToSchema)]
+pub struct TextListDoc(Vec<crate::api::TextDoc>);
 
 /// One token, TEI's `SimpleToken`.
 #[derive(Serialize, ToSchema)]
@@ -768,6 +773,9 @@ async fn tei_tokenize_inner(
         from_value(body).map_err(|e| ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, ..e })?;
     let bad = |m: String| ApiError::unprocessable("invalid_input", m);
     let texts: Vec<String> = match r.inputs {
+        Value::String(s) if s.trim().is_empty() => {
+            return Err(ApiError::unprocessable("empty_input", "a text is empty or blank"))
+        }
         Value::String(s) => vec![s],
         Value::Array(items) if items.is_empty() => {
             return Err(ApiError::unprocessable("no_inputs", "`inputs` cannot be empty"))
@@ -775,6 +783,9 @@ async fn tei_tokenize_inner(
         Value::Array(items) => items
             .into_iter()
             .map(|v| match v {
+                Value::String(s) if s.trim().is_empty() => {
+                    Err(ApiError::unprocessable("empty_input", "a text is empty or blank"))
+                }
                 Value::String(s) => Ok(s),
                 other => Err(bad(format!("a text must be a string, not {}", kind(&other)))),
             })
@@ -870,6 +881,7 @@ pub struct VllmClassifyRequest {
     #[schema(value_type = InputsTextDoc)]
     pub input: Value,
     /// Only `null` or `-1` (the server's `--max-input-tokens` and `--truncate` apply).
+    #[schema(minimum = -1, maximum = -1)]
     #[serde(default)]
     pub truncate_prompt_tokens: Option<i64>,
 }
@@ -1280,9 +1292,35 @@ async fn metrics(state: State) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
 
-async fn openapi() -> HttpResponse {
-    match ApiDoc::openapi().to_json() {
-        Ok(s) => HttpResponse::Ok().content_type("application/json").body(s),
-        Err(e) => ApiError::internal(e.to_string()).response(),
+/// The OpenAPI document, with what the derive cannot say: texts are not blank, lists hold
+/// one input or more and at most this server's `--max-inputs`.
+async fn openapi(state: State) -> HttpResponse {
+    let mut doc = match serde_json::to_value(ApiDoc::openapi()) {
+        Ok(d) => d,
+        Err(e) => return ApiError::internal(e.to_string()).response(),
+    };
+    let max = state.limits.max_inputs;
+    let limits = [
+        ("TextDoc", json!({"minLength": 1, "pattern": "\\S"})),
+        ("InputListDoc", json!({"minItems": 1, "maxItems": max})),
+        ("TextListDoc", json!({"minItems": 1, "maxItems": max})),
+        ("BatchDoc", json!({"minItems": 1, "maxItems": max})),
+        ("SequenceDoc", json!({"minItems": 1, "maxItems": 2})),
+    ];
+    for (name, extra) in limits {
+        if let (Some(schema), Value::Object(extra)) = (doc["components"]["schemas"][name].as_object_mut(), extra) {
+            schema.extend(extra);
+        }
     }
+    // TEI's sequences as the default task reads them: one text, or a pair (no lone text).
+    let fields = state.ready.get().and_then(|r| default_task(&state, r).ok()).map(|(_, e)| e.task.fields.len());
+    if let Some(n @ (1 | 2)) = fields {
+        let sequence = &mut doc["components"]["schemas"]["SequenceDoc"];
+        sequence["minItems"] = json!(n);
+        sequence["maxItems"] = json!(n);
+        if let (2, Some(variants)) = (n, doc["components"]["schemas"]["PredictInputDoc"]["oneOf"].as_array_mut()) {
+            variants.retain(|v| v["$ref"] != "#/components/schemas/TextDoc");
+        }
+    }
+    HttpResponse::Ok().json(doc)
 }
