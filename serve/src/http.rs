@@ -550,7 +550,6 @@ fn timing_headers(access: &Access, characters: usize, total: Duration) -> Vec<(&
     let ms = |d: Option<Duration>| d.unwrap_or_default().as_millis();
     let (tokenization, queue, inference) = (ms(access.tokenized), ms(access.queued), ms(access.computed));
     vec![
-        ("x-compute-type", "cpu".to_string()),
         ("x-compute-time", (tokenization + queue + inference).to_string()),
         ("x-compute-tokens", access.tokens.unwrap_or(0).to_string()),
         ("x-compute-characters", characters.to_string()),
