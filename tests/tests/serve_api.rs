@@ -1198,9 +1198,13 @@ fn api_key_guards_inference_routes_and_the_admin_token_stays_separate() {
     };
     let classify = json!({"task": "mr", "inputs": "good"}).to_string();
     let predict = json!({"inputs": "good"}).to_string();
+    let vllm = json!({"model": "mr", "input": "good"}).to_string();
     let routes = [
         ("POST", "/v1/classify", classify.as_str()),
         ("POST", "/predict", predict.as_str()),
+        ("POST", "/", predict.as_str()),
+        ("POST", "/tokenize", predict.as_str()),
+        ("POST", "/classify", vllm.as_str()),
         ("POST", "/v1/tokenize", classify.as_str()),
         ("GET", "/v1/tasks", ""),
         ("GET", "/v1/adapters", ""),
