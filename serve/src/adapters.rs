@@ -105,7 +105,7 @@ pub struct VersionInfo {
     pub template_version: u32,
     /// Seconds since the Unix epoch.
     pub loaded_at: u64,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub dev_metrics: Option<serde_json::Value>,
 }
 
@@ -205,6 +205,11 @@ impl AdapterTable {
             self.touch(v);
         }
         v
+    }
+
+    /// The sha256 of the base weights every adapter must be trained on.
+    pub fn base_sha256(&self) -> &str {
+        &self.base_sha256
     }
 
     /// Tasks that have a serving version.

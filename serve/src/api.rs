@@ -63,6 +63,35 @@ impl ApiError {
         self
     }
 
+    /// TEI's status and `error_type` for this error, as TEI's router maps its error kinds:
+    /// Validation 413 (limits), Empty 400, Overloaded 429, Unhealthy 503, Backend 424; a body
+    /// of the wrong shape is 422 (as TEI's JSON extractor answers it), Validation too.
+    pub fn tei_kind(&self) -> (StatusCode, &'static str) {
+        match self.code {
+            "queue_full" => (StatusCode::TOO_MANY_REQUESTS, "Overloaded"),
+            "not_ready" | "shutting_down" => (StatusCode::SERVICE_UNAVAILABLE, "Unhealthy"),
+            "internal" => (StatusCode::FAILED_DEPENDENCY, "Backend"),
+            "timeout" => (self.status, "Backend"),
+            "no_inputs" | "empty_input" => (StatusCode::BAD_REQUEST, "Empty"),
+            "too_many_inputs" | "input_too_long" | "body_too_large" => (StatusCode::PAYLOAD_TOO_LARGE, "Validation"),
+            "invalid_input" | "unknown_field" | "missing_field" | "invalid_request" => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "Validation")
+            }
+            _ => (self.status, "Validation"),
+        }
+    }
+
+    /// The HTTP response of a TEI route (`/predict`, `POST /`, `/tokenize`, `/info`):
+    /// TEI's body `{"error": ..., "error_type": ...}` and status ([`ApiError::tei_kind`]).
+    pub fn tei_response(&self) -> HttpResponse {
+        let (status, error_type) = self.tei_kind();
+        let mut r = HttpResponse::build(status);
+        if let Some(s) = self.retry_after {
+            r.insert_header(("Retry-After", s.to_string()));
+        }
+        r.json(TeiErrorBody { error: self.message.clone(), error_type: error_type.to_string() })
+    }
+
     /// The HTTP response.
     pub fn response(&self) -> HttpResponse {
         let mut r = HttpResponse::build(self.status);
@@ -71,6 +100,25 @@ impl ApiError {
         }
         r.json(ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message.clone() } })
     }
+}
+
+/// The error body of the TEI routes, TEI's `ErrorResponse`.
+#[derive(Serialize, ToSchema)]
+pub struct TeiErrorBody {
+    pub error: String,
+    /// `Validation`, `Tokenizer`, `Empty`, `Overloaded`, `Unhealthy` or `Backend`.
+    pub error_type: String,
+}
+
+/// Which end of a long input truncation keeps: `Right` cuts the end (keeps the start),
+/// `Left` cuts the start (keeps the end). TEI's `truncation_direction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ToSchema)]
+pub enum TruncationDirection {
+    #[serde(alias = "left")]
+    Left,
+    #[default]
+    #[serde(alias = "right")]
+    Right,
 }
 
 /// `POST /v1/classify`.
@@ -93,22 +141,32 @@ pub struct ClassifyRequest {
     pub truncate: Option<bool>,
 }
 
+/// One text: not blank (documentation type).
+#[allow(dead_code)]
+#[derive(Deserialize, ToSchema)]
+pub struct TextDoc(String);
+
 /// One input or a list of inputs (documentation type).
 #[allow(dead_code)]
 #[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum InputsDoc {
     One(InputDoc),
-    Many(Vec<InputDoc>),
+    Many(InputListDoc),
 }
+
+/// One input or more (documentation type).
+#[allow(dead_code)]
+#[derive(Deserialize, ToSchema)]
+pub struct InputListDoc(Vec<InputDoc>);
 
 /// One input: the task's fields, or a string for a one-field task (documentation type).
 #[allow(dead_code)]
 #[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum InputDoc {
-    Text(String),
-    Fields(BTreeMap<String, String>),
+    Text(TextDoc),
+    Fields(BTreeMap<String, TextDoc>),
 }
 
 /// The answer for one input.
@@ -137,12 +195,12 @@ pub struct ClassifyResponse {
     pub results: Vec<Classification>,
 }
 
-/// `POST /predict` (Text Embeddings Inference's predict API).
+/// `POST /predict` and `POST /` (Text Embeddings Inference's predict API).
 #[derive(Deserialize, ToSchema)]
 pub struct PredictRequest {
-    /// `"text"`, `["a", "b"]` (a batch for a one-field task, a pair for a two-field task) or
-    /// `[["a", "b"], ...]` (a batch of pairs).
-    #[schema(value_type = Object)]
+    /// As TEI: `"text"` or `["text"]` (one input), `["a", "b"]` (one pair: the task's first
+    /// two fields), `[["a"], ["a", "b"], ...]` (a batch of single texts and pairs).
+    #[schema(value_type = PredictInputDoc)]
     pub inputs: Value,
     /// Unnormalised log-probabilities of each label's answer (an encoder: the head's logits)
     /// instead of probabilities.
@@ -151,10 +209,33 @@ pub struct PredictRequest {
     /// Cut long inputs instead of refusing them.
     #[serde(default)]
     pub truncate: Option<bool>,
-    /// Accepted for compatibility; only `Right` (keep the start) is supported.
+    /// With `truncate`: `Right` (default) cuts the end of a long input, `Left` its start.
     #[serde(default)]
-    pub truncation_direction: Option<String>,
+    pub truncation_direction: TruncationDirection,
 }
+
+/// TEI's `inputs` (documentation type).
+#[allow(dead_code)]
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PredictInputDoc {
+    /// One text.
+    Text(TextDoc),
+    /// One text (`["a"]`) or one pair (`["a", "b"]`).
+    Sequence(SequenceDoc),
+    /// A batch (at most `--max-inputs`, default 64): each item one text or one pair.
+    Batch(BatchDoc),
+}
+
+/// One text or a pair: one or two strings (documentation type).
+#[allow(dead_code)]
+#[derive(Deserialize, ToSchema)]
+pub struct SequenceDoc(Vec<TextDoc>);
+
+/// A TEI batch (documentation type).
+#[allow(dead_code)]
+#[derive(Deserialize, ToSchema)]
+pub struct BatchDoc(Vec<SequenceDoc>);
 
 /// `POST /v1/tokenize`: the tokens the engine would run for each input.
 #[derive(Deserialize, ToSchema)]
@@ -187,6 +268,15 @@ pub struct TokenizedInput {
     /// text is read as plain text).
     pub special: Vec<bool>,
     pub truncated: bool,
+}
+
+/// `/predict`'s answer (documentation type): one list for one input, one per input of a batch.
+#[allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum PredictResponseDoc {
+    One(Vec<Prediction>),
+    Batch(Vec<Vec<Prediction>>),
 }
 
 /// One label's score, TEI's shape.
@@ -314,14 +404,15 @@ pub fn kind(v: &Value) -> &'static str {
 
 /// Tokenizes each input: a decoder's prompt body (the task's template around the fields), or
 /// an encoder's `[CLS] field [SEP] field [SEP]` (fields in the task's order) with segment ids.
-/// Inputs over `max_input_tokens` (all fields together) are cut, longest field first, when
-/// `truncate`; else refused. Runs off the async runtime.
+/// Inputs over `max_input_tokens` (all fields together) are cut, longest field first, at the
+/// end (`Some(Right)`) or the start (`Some(Left)`) of each cut field; refused with `None`.
+/// Runs off the async runtime.
 pub fn prepare(
     backend: &Backend,
     entry: &TaskEntry,
     inputs: Vec<BTreeMap<String, String>>,
     limits: &Limits,
-    truncate: bool,
+    truncate: Option<TruncationDirection>,
 ) -> Result<Vec<PreparedInput>, ApiError> {
     let tok_err = |e: models::Error| ApiError::unprocessable("invalid_input", format!("cannot tokenize: {e}"));
     let mut out = Vec::with_capacity(inputs.len());
@@ -338,7 +429,7 @@ pub fn prepare(
         let mut keep: Vec<usize> = ids.iter().map(|(_, t)| t.len()).collect();
         let truncated = total > limits.max_input_tokens;
         if truncated {
-            if !truncate {
+            if truncate.is_none() {
                 return Err(ApiError::unprocessable(
                     "input_too_long",
                     format!(
@@ -359,7 +450,7 @@ pub fn prepare(
             Backend::Decoder(loaded) => {
                 for ((k, t), &n) in ids.iter().zip(&keep) {
                     if n < t.len() {
-                        let text = loaded.decode(&t[..n]).map_err(tok_err)?;
+                        let text = loaded.decode(kept(t, n, truncate)).map_err(tok_err)?;
                         fields.insert(k.clone(), text);
                     }
                 }
@@ -387,7 +478,7 @@ pub fn prepare(
                     .fields
                     .iter()
                     .filter_map(|f| ids.iter().position(|(k, _)| k == f))
-                    .map(|j| &ids[j].1[..keep[j]])
+                    .map(|j| kept(&ids[j].1, keep[j], truncate))
                     .collect();
                 let input = encoder.input(&texts);
                 if input.ids.len() > encoder.max_len() {
@@ -398,6 +489,14 @@ pub fn prepare(
         }
     }
     Ok(out)
+}
+
+/// The `n` tokens of `t` that truncation keeps: the first (`Right`), or the last (`Left`).
+fn kept(t: &[u32], n: usize, side: Option<TruncationDirection>) -> &[u32] {
+    match side {
+        Some(TruncationDirection::Left) => &t[t.len() - n.min(t.len())..],
+        _ => &t[..n.min(t.len())],
+    }
 }
 
 /// Field lengths cut to `budget` tokens in all: the longest field down towards the next

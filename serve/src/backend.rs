@@ -33,6 +33,14 @@ impl Backend {
         }
     }
 
+    /// The text of token ids.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, models::Error> {
+        match self {
+            Backend::Decoder(m) => m.decode(ids),
+            Backend::Encoder(e) => e.decode(ids),
+        }
+    }
+
     /// Whether `id` is a special token of the tokenizer (a chat marker, `[SEP]`, ...).
     pub fn is_special(&self, id: u32) -> bool {
         match self {

@@ -4,7 +4,8 @@
 use crate::adapters::{AdapterError, AdapterTable, AdapterVersion, TaskAdapters};
 use crate::api::{
     classification, kind, parse_inputs, prepare, ApiError, Classification, ClassifyRequest, ClassifyResponse,
-    ErrorBody, Limits, PredictRequest, Prediction, TaskInfo, TokenizeRequest, TokenizeResponse, TokenizedInput,
+    ErrorBody, Limits, PredictInputDoc, PredictRequest, PredictResponseDoc, Prediction, TaskInfo, TeiErrorBody,
+    TokenizeRequest, TokenizeResponse, TokenizedInput, TruncationDirection,
 };
 use crate::backend::Backend;
 use crate::engine::{Row, TaskEntry};
@@ -42,6 +43,10 @@ pub struct AppState {
     /// Set once loading finishes; `/ready` is 503 until then.
     pub ready: OnceLock<Ready>,
     pub model_path: String,
+    /// The weights' dtype as TEI names it (`float32`, `float16`, `bfloat16`).
+    pub model_dtype: String,
+    /// The engine's batch and queue limits (`/info`).
+    pub batch: crate::scheduler::BatchOptions,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     /// Admin endpoints need `Authorization: Bearer <token>`; `None` disables them.
@@ -69,8 +74,8 @@ impl AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "verdict-serve", description = "Text classification with per-task LoRA adapters over one base model."),
-    paths(classify, predict, tokenize, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, info, metrics),
-    components(schemas(ErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, Prediction, TokenizeRequest, TokenizeResponse, TokenizedInput, TaskInfo, TaskAdapters, AdapterChange, Info, crate::tuning::Choice, crate::tuning::Timings, crate::tuning::Batching)),
+    paths(classify, predict, predict_root, vllm_classify, tokenize, tei_tokenize, tasks, adapters, admin_load, admin_promote, admin_unload, admin_rollback, health, ready, info, metrics),
+    components(schemas(ErrorBody, TeiErrorBody, ClassifyRequest, ClassifyResponse, Classification, PredictRequest, PredictInputDoc, TruncationDirection, Prediction, TokenizeRequest, TokenizeResponse, TokenizedInput, TeiTokenizeRequest, TeiToken, VllmClassifyRequest, VllmClassifyResponse, VllmClassification, VllmUsage, VllmErrorBody, VllmErrorInfo, TaskInfo, TaskAdapters, AdapterChange, Info, crate::tuning::Choice, crate::tuning::Timings, crate::tuning::Batching)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -95,7 +100,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     let key = || from_fn(require_api_key);
     cfg.service(at("/v1/classify", Method::POST, classify).wrap(key()))
         .service(at("/predict", Method::POST, predict).wrap(key()))
+        .service(at("/", Method::POST, predict_root).wrap(key()))
+        .service(at("/classify", Method::POST, vllm_classify).wrap(key()))
         .service(at("/v1/tokenize", Method::POST, tokenize).wrap(key()))
+        .service(at("/tokenize", Method::POST, tei_tokenize).wrap(key()))
         .service(at("/v1/tasks", Method::GET, tasks).wrap(key()))
         .service(at("/v1/adapters", Method::GET, adapters).wrap(key()))
         .service(at("/info", Method::GET, info).wrap(key()))
@@ -182,6 +190,10 @@ pub struct Access {
     pub tokens: Option<usize>,
     /// Time in the engine's queue, the batch wait included.
     pub queued: Option<Duration>,
+    /// Time tokenizing the inputs.
+    pub tokenized: Option<Duration>,
+    /// Compute time of the batch that answered.
+    pub computed: Option<Duration>,
 }
 
 /// Milliseconds, to the microsecond.
@@ -361,14 +373,16 @@ async fn score_inputs(
     entry: &Arc<TaskEntry>,
     version: Option<Arc<AdapterVersion>>,
     inputs: Vec<BTreeMap<String, String>>,
-    truncate: bool,
+    truncate: Option<TruncationDirection>,
     started: Instant,
     access: &mut Access,
 ) -> Result<Vec<Scored>, ApiError> {
     access.version = version.as_ref().map(|v| v.version.clone());
     access.inputs = Some(inputs.len());
     let (backend, e, limits) = (ready.backend.clone(), entry.clone(), state.limits);
+    let tokenizing = Instant::now();
     let prepared = blocking(move || prepare(&backend, &e, inputs, &limits, truncate)).await?;
+    access.tokenized = Some(tokenizing.elapsed());
     access.tokens = Some(prepared.iter().map(|p| p.body.len()).sum());
     let truncated: Vec<bool> = prepared.iter().map(|p| p.truncated).collect();
     let rows = prepared
@@ -400,6 +414,7 @@ async fn score_inputs(
         Ok(Ok(Err(msg))) => return Err(ApiError::internal(format!("scoring failed: {msg}"))),
         Ok(Ok(Ok(answer))) => {
             access.queued = Some(answer.queued);
+            access.computed = Some(answer.computed);
             answer.scores
         }
     };
@@ -444,7 +459,7 @@ async fn classify_inner(
     access.inputs = Some(inputs.len());
     let version = resolve_version(state, ready, &r.task, r.version).await?;
     let name = version.as_ref().map(|v| v.version.clone());
-    let truncate = r.truncate.unwrap_or(state.limits.truncate);
+    let truncate = r.truncate.unwrap_or(state.limits.truncate).then_some(TruncationDirection::Right);
     let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started, access).await?;
     Ok(ClassifyResponse {
         task: r.task,
@@ -484,7 +499,7 @@ async fn tokenize_inner(
     access.task = Some(r.task.clone());
     let inputs = parse_inputs(&entry, r.inputs, &state.limits)?;
     access.inputs = Some(inputs.len());
-    let truncate = r.truncate.unwrap_or(state.limits.truncate);
+    let truncate = r.truncate.unwrap_or(state.limits.truncate).then_some(TruncationDirection::Right);
     let (backend, e, limits) = (ready.backend.clone(), entry.clone(), state.limits);
     let prepared = blocking(move || prepare(&backend, &e, inputs, &limits, truncate)).await?;
     access.tokens = Some(prepared.iter().map(|p| p.body.len()).sum());
@@ -500,75 +515,119 @@ async fn tokenize_inner(
 }
 
 /// Text Embeddings Inference's predict API for the default task: TEI clients work unchanged.
+/// Errors are TEI's (`{"error", "error_type"}`, TEI's status codes).
 #[utoipa::path(post, path = "/predict", request_body = PredictRequest, responses(
-    (status = 200, description = "`[{label, score}]` sorted by score, or one such list per input of a batch", body = Vec<Prediction>),
-    (status = 400, body = ErrorBody), (status = 404, description = "no_default_task", body = ErrorBody),
-    (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody),
+    (status = 200, description = "`[{label, score}]` sorted by score for one input (a text or a pair), or one such list per input of a batch", body = PredictResponseDoc),
+    (status = 400, description = "Empty: no inputs, an empty text; or a body that is not JSON", body = TeiErrorBody),
+    (status = 404, description = "no default task (--default-task)", body = TeiErrorBody),
+    (status = 413, description = "Validation: over --max-inputs, --max-input-tokens (without truncate) or --max-body-bytes", body = TeiErrorBody),
+    (status = 422, description = "Validation: inputs of the wrong shape, a pair for a one-field task", body = TeiErrorBody),
+    (status = 424, description = "Backend: the batch failed", body = TeiErrorBody),
+    (status = 429, description = "Overloaded: the queue is full (--max-queue), with Retry-After", body = TeiErrorBody),
+    (status = 503, description = "Unhealthy: loading or shutting down", body = TeiErrorBody),
 ))]
 async fn predict(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
     let mut access = Access::default();
-    let resp = match predict_inner(&state, &req, payload, &mut access, started).await {
-        Ok(v) => HttpResponse::Ok().json(v),
-        Err(e) => e.response(),
+    let mut characters = 0;
+    let resp = match predict_inner(&state, &req, payload, &mut access, &mut characters, started).await {
+        Ok(v) => {
+            let mut resp = HttpResponse::Ok();
+            for (name, value) in timing_headers(&access, characters, started.elapsed()) {
+                resp.insert_header((name, value));
+            }
+            resp.json(v)
+        }
+        Err(e) => e.tei_response(),
     };
     finish(&state, "predict", access, resp, started)
 }
 
-/// TEI's input shapes mapped to the task's fields; `true` when the request was a batch.
-fn tei_inputs(fields: &[String], inputs: Value) -> Result<(Vec<BTreeMap<String, String>>, bool), ApiError> {
+/// TEI's timing headers of a predict answer, in whole milliseconds: tokenization, queue
+/// (the batch wait included) and inference (the batch's compute), their sum as compute
+/// time, the request's total time in the server; and the tokens and characters computed.
+fn timing_headers(access: &Access, characters: usize, total: Duration) -> Vec<(&'static str, String)> {
+    let ms = |d: Option<Duration>| d.unwrap_or_default().as_millis();
+    let (tokenization, queue, inference) = (ms(access.tokenized), ms(access.queued), ms(access.computed));
+    vec![
+        ("x-compute-time", (tokenization + queue + inference).to_string()),
+        ("x-compute-tokens", access.tokens.unwrap_or(0).to_string()),
+        ("x-compute-characters", characters.to_string()),
+        ("x-tokenization-time", tokenization.to_string()),
+        ("x-queue-time", queue.to_string()),
+        ("x-inference-time", inference.to_string()),
+        ("x-total-time", total.as_millis().to_string()),
+    ]
+}
+
+/// TEI's `POST /`: the same as `/predict` for a classifier.
+#[utoipa::path(post, path = "/", request_body = PredictRequest, responses(
+    (status = 200, description = "as `/predict`", body = PredictResponseDoc),
+    (status = 400, body = TeiErrorBody), (status = 413, body = TeiErrorBody), (status = 422, body = TeiErrorBody),
+    (status = 429, body = TeiErrorBody), (status = 503, body = TeiErrorBody),
+))]
+async fn predict_root(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    predict(state, req, payload).await
+}
+
+/// TEI's `inputs` as TEI reads them: a string or `["a"]` is one text, `["a", "b"]` one pair,
+/// a list of lists a batch (each one text or a pair); `true` when it was a batch.
+fn tei_sequences(inputs: Value) -> Result<(Vec<Vec<String>>, bool), ApiError> {
     let bad = |m: String| ApiError::unprocessable("invalid_input", m);
-    let one = |texts: Vec<String>| -> Result<BTreeMap<String, String>, ApiError> {
-        if texts.len() != fields.len() {
-            return Err(bad(format!(
-                "an input has {} texts, the task has {} fields {fields:?}",
-                texts.len(),
-                fields.len()
-            )));
+    let sequence = |items: &[Value]| -> Result<Vec<String>, ApiError> {
+        if !(1..=2).contains(&items.len()) {
+            return Err(bad(format!("a sequence is one text or a pair of texts, not {} items", items.len())));
         }
-        Ok(fields.iter().cloned().zip(texts).collect())
-    };
-    let strings = |items: &[Value]| -> Option<Vec<String>> {
-        items.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
+        items
+            .iter()
+            .map(|v| {
+                v.as_str().map(str::to_string).ok_or_else(|| bad(format!("a text must be a string, not {}", kind(v))))
+            })
+            .collect()
     };
     match inputs {
-        Value::String(s) => Ok((vec![one(vec![s])?], false)),
-        Value::Array(items) if items.is_empty() => Err(ApiError::unprocessable("no_inputs", "`inputs` is empty")),
-        Value::Array(items) => {
-            if let Some(texts) = strings(&items) {
-                // A flat list is one multi-field input when the task has that many fields,
-                // else a batch of single texts.
-                if fields.len() > 1 && texts.len() == fields.len() {
-                    return Ok((vec![one(texts)?], false));
-                }
-                return Ok((texts.into_iter().map(|t| one(vec![t])).collect::<Result<_, _>>()?, true));
-            }
+        Value::String(s) => Ok((vec![vec![s]], false)),
+        Value::Array(items) if items.is_empty() => {
+            Err(ApiError::unprocessable("no_inputs", "`inputs` cannot be empty"))
+        }
+        Value::Array(items) if items[0].is_array() => {
             let batch = items
                 .iter()
                 .map(|v| match v {
-                    Value::Array(inner) => strings(inner).ok_or_else(|| bad("inner lists must hold strings".into())),
-                    Value::String(s) => Ok(vec![s.clone()]),
-                    other => Err(bad(format!("an input must be a string or a list of strings, not {}", kind(other)))),
+                    Value::Array(inner) => sequence(inner),
+                    other => Err(bad(format!(
+                        "a batch holds [text] or [text, text] lists, not {} (TEI: [[string], [string, string], ...])",
+                        kind(other)
+                    ))),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok((batch.into_iter().map(one).collect::<Result<_, _>>()?, true))
+            Ok((batch, true))
         }
-        other => Err(bad(format!("`inputs` must be a string or a list, not {}", kind(&other)))),
+        Value::Array(items) => Ok((vec![sequence(&items)?], false)),
+        other => Err(bad(format!("`inputs` must be a string, a pair or a batch, not {}", kind(&other)))),
     }
 }
 
-async fn predict_inner(
-    state: &AppState,
-    req: &HttpRequest,
-    payload: web::Payload,
-    access: &mut Access,
-    started: Instant,
-) -> Result<Value, ApiError> {
-    let ready = state.ready()?;
-    let r: PredictRequest = from_value(read_json(req, payload, state.limits.max_body_bytes).await?)?;
-    if r.truncation_direction.as_deref().is_some_and(|d| !d.eq_ignore_ascii_case("right")) {
-        return Err(ApiError::unprocessable("invalid_input", "only truncation_direction \"Right\" is supported"));
+/// A TEI sequence as the task's fields: one text fills a one-field task, a pair the task's
+/// first two fields (a task of two fields).
+fn tei_fields(
+    task: &str,
+    fields: &[String],
+    texts: Vec<String>,
+    i: usize,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    if texts.len() != fields.len() {
+        let what = if texts.len() == 2 { "a pair" } else { "one text" };
+        return Err(ApiError::unprocessable(
+            "invalid_input",
+            format!("input {i}: {what} for task {task}, whose inputs have {} fields {fields:?}", fields.len()),
+        ));
     }
+    Ok(fields.iter().cloned().zip(texts).collect())
+}
+
+/// The task the TEI routes answer: `--default-task`, else the only task with an adapter.
+fn default_task(state: &AppState, ready: &Ready) -> Result<(String, Arc<TaskEntry>), ApiError> {
     let task = match &state.default_task {
         Some(t) => t.clone(),
         None => match ready.adapters.tasks_with_current().as_slice() {
@@ -577,7 +636,7 @@ async fn predict_inner(
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     "no_default_task",
-                    format!("/predict needs --default-task: {} tasks have adapters", many.len()),
+                    format!("the TEI routes need --default-task: {} tasks have adapters", many.len()),
                 ))
             }
         },
@@ -589,17 +648,42 @@ async fn predict_inner(
             format!("the default task {task:?} is not in the registry"),
         )
     })?;
+    Ok((task, entry))
+}
+
+async fn predict_inner(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    access: &mut Access,
+    characters: &mut usize,
+    started: Instant,
+) -> Result<Value, ApiError> {
+    let ready = state.ready()?;
+    let body = read_json(req, payload, state.limits.max_body_bytes).await?;
+    let r: PredictRequest = from_value(body).map_err(|e| ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, ..e })?;
+    let (task, entry) = default_task(state, ready)?;
     access.task = Some(task.clone());
-    let (inputs, batched) = tei_inputs(&entry.task.fields, r.inputs)?;
-    access.inputs = Some(inputs.len());
-    if inputs.len() > state.limits.max_inputs {
+    let (sequences, batched) = tei_sequences(r.inputs)?;
+    access.inputs = Some(sequences.len());
+    if sequences.len() > state.limits.max_inputs {
         return Err(ApiError::unprocessable(
             "too_many_inputs",
-            format!("{} inputs, at most {} per request (--max-inputs)", inputs.len(), state.limits.max_inputs),
+            format!(
+                "batch size {} > maximum allowed batch size {} (--max-inputs)",
+                sequences.len(),
+                state.limits.max_inputs
+            ),
         ));
     }
+    *characters = sequences.iter().flatten().map(|t| t.chars().count()).sum();
+    let inputs = sequences
+        .into_iter()
+        .enumerate()
+        .map(|(i, texts)| tei_fields(&task, &entry.task.fields, texts, i))
+        .collect::<Result<Vec<_>, _>>()?;
     let version = resolve_version(state, ready, &task, None).await?;
-    let truncate = r.truncate.unwrap_or(state.limits.truncate);
+    let truncate = r.truncate.unwrap_or(state.limits.truncate).then_some(r.truncation_direction);
     let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started, access).await?;
     let words = entry.task.label_words();
     let lists: Vec<Vec<Prediction>> = scored
@@ -614,6 +698,348 @@ async fn predict_inner(
         .collect();
     let value = if batched { serde_json::to_value(lists) } else { serde_json::to_value(lists.into_iter().next()) };
     value.map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// `POST /tokenize` (TEI's).
+#[derive(serde::Deserialize, ToSchema)]
+pub struct TeiTokenizeRequest {
+    /// One text or a list of texts.
+    #[schema(value_type = InputsTextDoc)]
+    pub inputs: Value,
+    /// `true` (default): the tokens the engine runs for the default task (a one-field task):
+    /// its prompt prefix and body around the text, the template's markers special; `false`:
+    /// the text's own tokens, as the server reads input text (never a special token).
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One text or a list of texts (documentation type).
+#[allow(dead_code)]
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum InputsTextDoc {
+    One(crate::api::TextDoc),
+    Many(TextListDoc),
+}
+
+/// One text or more (documentation type).
+#[allow(dead_code)]
+#[derive(serde::Deserialize, ToSchema)]
+pub struct TextListDoc(Vec<crate::api::TextDoc>);
+
+/// One token, TEI's `SimpleToken`.
+#[derive(Serialize, ToSchema)]
+pub struct TeiToken {
+    pub id: u32,
+    /// The token's text.
+    pub text: String,
+    /// A special token of the tokenizer.
+    pub special: bool,
+    /// Character offsets of the token in the input text (`null` for the prompt's own tokens).
+    pub start: Option<usize>,
+    pub stop: Option<usize>,
+}
+
+/// TEI's tokenize: each text's tokens, one list per text.
+#[utoipa::path(post, path = "/tokenize", request_body = TeiTokenizeRequest, responses(
+    (status = 200, description = "one list of tokens per text", body = Vec<Vec<TeiToken>>),
+    (status = 400, description = "Empty", body = TeiErrorBody), (status = 413, body = TeiErrorBody),
+    (status = 422, description = "Validation", body = TeiErrorBody), (status = 503, body = TeiErrorBody),
+))]
+async fn tei_tokenize(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let started = Instant::now();
+    let mut access = Access::default();
+    let resp = match tei_tokenize_inner(&state, &req, payload, &mut access).await {
+        Ok(v) => HttpResponse::Ok().json(v),
+        Err(e) => e.tei_response(),
+    };
+    finish(&state, "tokenize", access, resp, started)
+}
+
+async fn tei_tokenize_inner(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    access: &mut Access,
+) -> Result<Vec<Vec<TeiToken>>, ApiError> {
+    let ready = state.ready()?;
+    let body = read_json(req, payload, state.limits.max_body_bytes).await?;
+    let r: TeiTokenizeRequest =
+        from_value(body).map_err(|e| ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, ..e })?;
+    let bad = |m: String| ApiError::unprocessable("invalid_input", m);
+    let texts: Vec<String> = match r.inputs {
+        Value::String(s) if s.trim().is_empty() => {
+            return Err(ApiError::unprocessable("empty_input", "a text is empty or blank"))
+        }
+        Value::String(s) => vec![s],
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::unprocessable("no_inputs", "`inputs` cannot be empty"))
+        }
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) if s.trim().is_empty() => {
+                    Err(ApiError::unprocessable("empty_input", "a text is empty or blank"))
+                }
+                Value::String(s) => Ok(s),
+                other => Err(bad(format!("a text must be a string, not {}", kind(&other)))),
+            })
+            .collect::<Result<_, _>>()?,
+        other => return Err(bad(format!("`inputs` must be a string or a list of strings, not {}", kind(&other)))),
+    };
+    access.inputs = Some(texts.len());
+    if texts.len() > state.limits.max_inputs {
+        return Err(ApiError::unprocessable(
+            "too_many_inputs",
+            format!(
+                "batch size {} > maximum allowed batch size {} (--max-inputs)",
+                texts.len(),
+                state.limits.max_inputs
+            ),
+        ));
+    }
+    let (backend, limits) = (ready.backend.clone(), state.limits);
+    if !r.add_special_tokens {
+        return blocking(move || {
+            texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| text_tokens(&backend, t, i, limits.max_input_tokens))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await;
+    }
+    let (task, entry) = default_task(state, ready)?;
+    access.task = Some(task.clone());
+    let field = match entry.task.fields.as_slice() {
+        [one] => one.clone(),
+        many => {
+            return Err(bad(format!(
+                "task {task} takes {} fields {many:?}: tokenize a text without special tokens",
+                many.len()
+            )))
+        }
+    };
+    let inputs = texts.into_iter().map(|t| BTreeMap::from([(field.clone(), t)])).collect();
+    let (e, truncate) = (entry.clone(), state.limits.truncate.then_some(TruncationDirection::Right));
+    blocking(move || {
+        let prepared = prepare(&backend, &e, inputs, &limits, truncate)?;
+        let token = |id: u32| -> Result<TeiToken, ApiError> {
+            let text = backend.decode(&[id]).map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok(TeiToken { id, text, special: backend.is_special(id), start: None, stop: None })
+        };
+        prepared
+            .into_iter()
+            .map(|p| e.prefix_ids.iter().chain(&p.body).map(|&id| token(id)).collect::<Result<Vec<_>, _>>())
+            .collect()
+    })
+    .await
+}
+
+/// A text's own tokens (as input text is read: never special), with character offsets; at
+/// most `max` (`--max-input-tokens`).
+fn text_tokens(backend: &Backend, text: &str, i: usize, max: usize) -> Result<Vec<TeiToken>, ApiError> {
+    let fail = |e: models::Error| ApiError::unprocessable("invalid_input", format!("cannot tokenize: {e}"));
+    let ids = backend.encode(text).map_err(fail)?;
+    if ids.len() > max {
+        return Err(ApiError::unprocessable(
+            "input_too_long",
+            format!("input {i}: {} tokens, at most {max} (--max-input-tokens)", ids.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    let mut start = 0;
+    for k in 0..ids.len() {
+        // Offsets from the decoded prefix: where the text so far ends.
+        let stop = backend.decode(&ids[..=k]).map_err(fail)?.chars().count().max(start);
+        out.push(TeiToken {
+            id: ids[k],
+            text: backend.decode(&ids[k..=k]).map_err(fail)?,
+            special: backend.is_special(ids[k]),
+            start: Some(start),
+            stop: Some(stop),
+        });
+        start = stop;
+    }
+    Ok(out)
+}
+
+/// `POST /classify` (vLLM's classification API).
+#[derive(serde::Deserialize, ToSchema)]
+pub struct VllmClassifyRequest {
+    /// `"<task>"` (its serving version) or `"<task>:<version>"` (a loaded version); absent:
+    /// the default task.
+    #[schema(example = "mr:v2")]
+    #[serde(default)]
+    pub model: Option<String>,
+    /// One text or a list of texts, for a task of one field.
+    #[schema(value_type = InputsTextDoc)]
+    pub input: Value,
+    /// Only `null` or `-1` (the server's `--max-input-tokens` and `--truncate` apply).
+    #[schema(minimum = -1, maximum = -1)]
+    #[serde(default)]
+    pub truncate_prompt_tokens: Option<i64>,
+}
+
+/// One text's answer, vLLM's `ClassificationData`.
+#[derive(Serialize, ToSchema)]
+pub struct VllmClassification {
+    pub index: usize,
+    /// The most likely label word.
+    pub label: String,
+    /// Each label's probability, in the task's label order (`/v1/tasks`).
+    pub probs: Vec<f64>,
+    pub num_classes: usize,
+}
+
+/// vLLM's `UsageInfo`.
+#[derive(Serialize, ToSchema)]
+pub struct VllmUsage {
+    /// Tokens the model read: each input's prompt, its cached prefix included.
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// `POST /classify` answer, vLLM's `ClassificationResponse`.
+#[derive(Serialize, ToSchema)]
+pub struct VllmClassifyResponse {
+    /// `classify-<request id>`.
+    pub id: String,
+    /// `list`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// `<task>:<version>` that answered (`<task>` alone: zero-shot).
+    pub model: String,
+    pub data: Vec<VllmClassification>,
+    pub usage: VllmUsage,
+}
+
+/// vLLM's `ErrorResponse`.
+#[derive(Serialize, ToSchema)]
+pub struct VllmErrorBody {
+    pub error: VllmErrorInfo,
+}
+
+/// vLLM's `ErrorInfo`: `code` is the HTTP status.
+#[derive(Serialize, ToSchema)]
+pub struct VllmErrorInfo {
+    pub message: String,
+    /// `BadRequestError`, `NotFoundError`, `ServiceUnavailableError`, `InternalServerError`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: u16,
+}
+
+/// An error as vLLM answers it: 404 `NotFoundError` (unknown model), other client errors
+/// 400 `BadRequestError`, server errors with their status.
+fn vllm_error(e: &ApiError) -> HttpResponse {
+    let (status, kind) = match e.status.as_u16() {
+        404 => (StatusCode::NOT_FOUND, "NotFoundError"),
+        503 => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
+        504 => (StatusCode::GATEWAY_TIMEOUT, "TimeoutError"),
+        500..=599 => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError"),
+        _ => (StatusCode::BAD_REQUEST, "BadRequestError"),
+    };
+    let mut r = HttpResponse::build(status);
+    if let Some(s) = e.retry_after {
+        r.insert_header(("Retry-After", s.to_string()));
+    }
+    r.json(VllmErrorBody {
+        error: VllmErrorInfo { message: e.message.clone(), kind: kind.to_string(), param: None, code: status.as_u16() },
+    })
+}
+
+/// vLLM's classification API: `model` names the task (and version); errors are vLLM's.
+#[utoipa::path(post, path = "/classify", request_body = VllmClassifyRequest, responses(
+    (status = 200, body = VllmClassifyResponse),
+    (status = 400, description = "BadRequestError: a body, input or model name that cannot be served, over a limit", body = VllmErrorBody),
+    (status = 404, description = "NotFoundError: no such task, or the version is not loaded", body = VllmErrorBody),
+    (status = 503, description = "ServiceUnavailableError: loading, queue full (Retry-After), shutting down", body = VllmErrorBody),
+    (status = 504, body = VllmErrorBody),
+))]
+async fn vllm_classify(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let started = Instant::now();
+    let mut access = Access::default();
+    let resp = match vllm_classify_inner(&state, &req, payload, &mut access, started).await {
+        Ok(r) => HttpResponse::Ok().json(r),
+        Err(e) => vllm_error(&e),
+    };
+    finish(&state, "classify", access, resp, started)
+}
+
+async fn vllm_classify_inner(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    access: &mut Access,
+    started: Instant,
+) -> Result<VllmClassifyResponse, ApiError> {
+    let ready = state.ready()?;
+    let r: VllmClassifyRequest = from_value(read_json(req, payload, state.limits.max_body_bytes).await?)?;
+    if r.truncate_prompt_tokens.is_some_and(|k| k != -1) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "truncate_prompt_tokens: only -1 is supported (the server truncates at --max-input-tokens with --truncate)",
+        ));
+    }
+    let (task, version) = match r.model.as_deref() {
+        None => (default_task(state, ready)?.0, None),
+        Some(m) => match m.split_once(':') {
+            Some((t, v)) => (t.to_string(), Some(v.to_string())),
+            None => (m.to_string(), None),
+        },
+    };
+    let entry = ready.tasks.get(&task).cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_task",
+            format!(
+                "The model `{}` does not exist (models are tasks: GET /v1/tasks, `task` or `task:version`).",
+                r.model.as_deref().unwrap_or_default()
+            ),
+        )
+    })?;
+    access.task = Some(task.clone());
+    if let [Value::Object(_), ..] | [Value::Array(_), ..] = r.input.as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        return Err(ApiError::bad_request("invalid_input", "`input` is a text or a list of texts"));
+    }
+    if r.input.is_object() {
+        return Err(ApiError::bad_request("invalid_input", "`input` is a text or a list of texts"));
+    }
+    let inputs = parse_inputs(&entry, r.input, &state.limits)?;
+    let version = resolve_version(state, ready, &task, version).await?;
+    let name = match &version {
+        Some(v) => format!("{task}:{}", v.version),
+        None => task.clone(),
+    };
+    let n = inputs.len();
+    let truncate = state.limits.truncate.then_some(TruncationDirection::Right);
+    let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started, access).await?;
+    let prompt_tokens = access.tokens.unwrap_or(0) + n * entry.prefix_ids.len();
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    Ok(VllmClassifyResponse {
+        id: format!("classify-{}", request_id(req)),
+        object: "list".into(),
+        created,
+        model: name,
+        data: scored
+            .iter()
+            .enumerate()
+            .map(|(index, s)| {
+                let c = classification(&entry, &s.logps, None, s.truncated);
+                let probs = models::scoring::normalize(&s.logps);
+                VllmClassification { index, label: c.label, num_classes: probs.len(), probs }
+            })
+            .collect(),
+        usage: VllmUsage { prompt_tokens, total_tokens: prompt_tokens, completion_tokens: 0 },
+    })
 }
 
 /// Every task in the registry, with its fields, labels and serving adapter.
@@ -775,7 +1201,7 @@ async fn health() -> HttpResponse {
 }
 
 /// What the server runs: the model, its CPU kernels and the batching mode (with the
-/// measurement that chose it).
+/// measurement that chose it), and TEI's `/info` fields.
 #[derive(Serialize, ToSchema)]
 pub struct Info {
     /// The model file or directory.
@@ -784,20 +1210,62 @@ pub struct Info {
     pub kernels: String,
     pub batching: crate::tuning::Choice,
     pub version: String,
+    /// TEI: the model (as `model`).
+    pub model_id: String,
+    /// TEI: the sha256 of the base weights (the fingerprint adapters are checked against).
+    pub model_sha: String,
+    /// TEI: `float32`, `float16` or `bfloat16`.
+    pub model_dtype: String,
+    /// TEI: `{"classifier": {"id2label", "label2id"}}`, the default task's labels (empty
+    /// maps without a default task).
+    #[schema(value_type = Object)]
+    pub model_type: Value,
+    /// The task the TEI routes answer (none when it is ambiguous).
+    pub default_task: Option<String>,
+    /// TEI: requests waiting for the engine at most (`--max-queue`).
+    pub max_concurrent_requests: usize,
+    /// TEI: tokens of one input at most (`--max-input-tokens`).
+    pub max_input_length: usize,
+    /// TEI: tokens of one engine batch at most (`--max-batch-tokens`).
+    pub max_batch_tokens: usize,
+    /// TEI: inputs of one engine batch at most (`--max-batch-rows`).
+    pub max_batch_requests: usize,
+    /// TEI: inputs of one request at most (`--max-inputs`).
+    pub max_client_batch_size: usize,
+    /// TEI: whether long inputs are cut by default (`--truncate`).
+    pub auto_truncate: bool,
 }
 
-/// The model, kernels and batching mode; 503 while loading.
-#[utoipa::path(get, path = "/info", responses((status = 200, body = Info), (status = 503, body = ErrorBody)))]
+/// The model, kernels and batching mode, and TEI's `/info`; 503 `Unhealthy` while loading.
+#[utoipa::path(get, path = "/info", responses((status = 200, body = Info), (status = 503, body = TeiErrorBody)))]
 async fn info(state: State) -> HttpResponse {
-    match state.ready() {
-        Ok(r) => HttpResponse::Ok().json(Info {
-            model: state.model_path.clone(),
-            kernels: r.kernels.clone(),
-            batching: r.serving.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        }),
-        Err(e) => e.response(),
-    }
+    let r = match state.ready() {
+        Ok(r) => r,
+        Err(e) => return e.tei_response(),
+    };
+    let default = default_task(&state, r).ok();
+    let labels = default.as_ref().map(|(_, e)| e.task.label_words()).unwrap_or_default();
+    let id2label: serde_json::Map<String, Value> =
+        labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect();
+    let label2id: serde_json::Map<String, Value> =
+        labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect();
+    HttpResponse::Ok().json(Info {
+        model: state.model_path.clone(),
+        kernels: r.kernels.clone(),
+        batching: r.serving.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        model_id: state.model_path.clone(),
+        model_sha: r.adapters.base_sha256().to_string(),
+        model_dtype: state.model_dtype.clone(),
+        model_type: json!({"classifier": {"id2label": id2label, "label2id": label2id}}),
+        default_task: default.map(|(t, _)| t),
+        max_concurrent_requests: state.batch.max_queue,
+        max_input_length: state.limits.max_input_tokens,
+        max_batch_tokens: state.batch.max_batch_tokens,
+        max_batch_requests: state.batch.max_batch_rows,
+        max_client_batch_size: state.limits.max_inputs,
+        auto_truncate: state.limits.truncate,
+    })
 }
 
 /// Readiness: 200 once the model and the adapters are loaded, 503 before.
@@ -823,9 +1291,35 @@ async fn metrics(state: State) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
 
-async fn openapi() -> HttpResponse {
-    match ApiDoc::openapi().to_json() {
-        Ok(s) => HttpResponse::Ok().content_type("application/json").body(s),
-        Err(e) => ApiError::internal(e.to_string()).response(),
+/// The OpenAPI document, with what the derive cannot say: texts are not blank, lists hold
+/// one input or more and at most this server's `--max-inputs`.
+async fn openapi(state: State) -> HttpResponse {
+    let mut doc = match serde_json::to_value(ApiDoc::openapi()) {
+        Ok(d) => d,
+        Err(e) => return ApiError::internal(e.to_string()).response(),
+    };
+    let max = state.limits.max_inputs;
+    let limits = [
+        ("TextDoc", json!({"minLength": 1, "pattern": "\\S"})),
+        ("InputListDoc", json!({"minItems": 1, "maxItems": max})),
+        ("TextListDoc", json!({"minItems": 1, "maxItems": max})),
+        ("BatchDoc", json!({"minItems": 1, "maxItems": max})),
+        ("SequenceDoc", json!({"minItems": 1, "maxItems": 2})),
+    ];
+    for (name, extra) in limits {
+        if let (Some(schema), Value::Object(extra)) = (doc["components"]["schemas"][name].as_object_mut(), extra) {
+            schema.extend(extra);
+        }
     }
+    // TEI's sequences as the default task reads them: one text, or a pair (no lone text).
+    let fields = state.ready.get().and_then(|r| default_task(&state, r).ok()).map(|(_, e)| e.task.fields.len());
+    if let Some(n @ (1 | 2)) = fields {
+        let sequence = &mut doc["components"]["schemas"]["SequenceDoc"];
+        sequence["minItems"] = json!(n);
+        sequence["maxItems"] = json!(n);
+        if let (2, Some(variants)) = (n, doc["components"]["schemas"]["PredictInputDoc"]["oneOf"].as_array_mut()) {
+            variants.retain(|v| v["$ref"] != "#/components/schemas/TextDoc");
+        }
+    }
+    HttpResponse::Ok().json(doc)
 }

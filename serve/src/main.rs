@@ -413,9 +413,24 @@ async fn serve(cli: Cli) -> Result<()> {
         None => ModelSource::Decoder(assets::resolve_model(&cli.model, &cache).map_err(|e| anyhow!(e))?),
     };
     let metrics = Arc::new(metrics::Metrics::default());
+    let batch = scheduler::BatchOptions {
+        batching: true,
+        max_batch_tokens: cli.max_batch_tokens,
+        max_batch_rows: cli.max_batch_rows,
+        max_wait: Duration::from_millis(cli.max_batch_wait_ms.unwrap_or(2)),
+        always_wait: cli.max_batch_wait_ms.is_some(),
+        max_queue: cli.max_queue,
+    };
     let state = web::Data::new(http::AppState {
         ready: OnceLock::new(),
         model_path: model.describe(),
+        model_dtype: match dtype {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            _ => "float32",
+        }
+        .to_string(),
+        batch,
         limits: api::Limits {
             max_body_bytes: cli.max_body_bytes,
             max_inputs: cli.max_inputs,
@@ -460,14 +475,7 @@ async fn serve(cli: Cli) -> Result<()> {
         answer_scoring: cli.answer_scoring,
         batching: if cli.no_batching { tuning::Batching::Off } else { cli.batching },
         default_task: cli.default_task.clone(),
-        batch: scheduler::BatchOptions {
-            batching: true,
-            max_batch_tokens: cli.max_batch_tokens,
-            max_batch_rows: cli.max_batch_rows,
-            max_wait: Duration::from_millis(cli.max_batch_wait_ms.unwrap_or(2)),
-            always_wait: cli.max_batch_wait_ms.is_some(),
-            max_queue: cli.max_queue,
-        },
+        batch,
     };
     // Load off the async runtime; /health answers meanwhile and /ready flips when done.
     let loading = tokio::task::spawn_blocking(move || load(&args, metrics));

@@ -30,6 +30,8 @@ pub struct Answer {
     pub scores: Vec<Vec<f64>>,
     /// From queueing to the start of the batch that computed it (the batch wait included).
     pub queued: Duration,
+    /// The compute time of that batch (shared with the other jobs in it).
+    pub computed: Duration,
 }
 
 /// A job's answer, or why it failed.
@@ -198,7 +200,8 @@ impl Worker {
         let start = Instant::now();
         // A panic in the model code fails this batch's requests, never the server.
         let result = catch_unwind(AssertUnwindSafe(|| self.engine.score(&rows)));
-        self.metrics.batch(rows.len(), tokens, start.elapsed());
+        let computed = start.elapsed();
+        self.metrics.batch(rows.len(), tokens, computed);
         let n_rows = rows.len();
         drop(rows);
         match result {
@@ -207,7 +210,7 @@ impl Worker {
                 for job in jobs {
                     let mine: Vec<Vec<f64>> = scores.by_ref().take(job.rows.len()).collect();
                     let queued = start.saturating_duration_since(job.submitted);
-                    let _ = job.reply.send(Ok(Answer { scores: mine, queued }));
+                    let _ = job.reply.send(Ok(Answer { scores: mine, queued, computed }));
                 }
             }
             Ok(Ok(_)) => Self::fail(jobs, "the engine returned the wrong number of rows".into()),

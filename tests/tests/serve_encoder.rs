@@ -176,7 +176,7 @@ fn encoder_server_answers_what_the_library_computes() {
     };
     close(&by_label(&pr), &probs, &["Negative", "Positive"], "predict");
     assert!(pr[0]["score"].as_f64() >= pr[1]["score"].as_f64(), "sorted by score: {pr}");
-    let (_, batch) = s.post("/predict", &json!({"inputs": [sentences[0], sentences[2]]}));
+    let (_, batch) = s.post("/predict", &json!({"inputs": [[sentences[0]], [sentences[2]]]}));
     assert_eq!(batch.as_array().unwrap().len(), 2);
     close(&by_label(&batch[1]), &f.expected("mr", "v1", &[sentences[2]]).0, &["Negative", "Positive"], "predict batch");
     let (_, raw) = s.post("/predict", &json!({"inputs": sentences[0], "raw_scores": true}));
@@ -212,12 +212,19 @@ fn encoder_server_refuses_bad_input_with_the_same_codes() {
         (json!({"task": "mr", "version": "v9", "inputs": "x"}), "/v1/classify", 404, "unknown_adapter_version"),
         (json!({"task": "mr", "version": "../x", "inputs": "x"}), "/v1/classify", 400, "invalid_name"),
         (json!({"task": "mr", "version": "other-encoder", "inputs": "x"}), "/v1/classify", 404, "adapter_not_loaded"),
-        (json!({"inputs": 5}), "/predict", 422, "invalid_input"),
-        (json!({"inputs": []}), "/predict", 422, "no_inputs"),
     ];
     for (body, path, status, code) in &cases {
         let (got, v) = s.post(path, body);
         assert_eq!((got, v["error"]["code"].as_str()), (*status, Some(*code)), "{path} {body}: {v}");
+    }
+    // /predict answers TEI's errors: `{"error", "error_type"}` with TEI's status.
+    for (body, status, error_type) in [
+        (json!({"inputs": 5}), 422, "Validation"),
+        (json!({"inputs": []}), 400, "Empty"),
+        (json!({"inputs": ["a", "b"]}), 422, "Validation"),
+    ] {
+        let (got, v) = s.post("/predict", &body);
+        assert_eq!((got, v["error_type"].as_str()), (status, Some(error_type)), "/predict {body}: {v}");
     }
     // Heads of other encoder weights, and LoRA adapters, are refused when an admin loads them.
     for version in ["other-encoder", "lora"] {
