@@ -11,7 +11,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::packed::NR;
+use super::layout::NR;
 
 /// A tile kernel: `(x, x stride, first panel, panel stride, k count, y, y stride, valid
 /// columns, accumulate)`. Computes `y[0..R, 0..cols] (+)= x[0..R, 0..kc] · panels[0..kc,

@@ -12,7 +12,7 @@
 use std::arch::x86_64::*;
 
 use super::f32::store_row_512;
-use super::packed::NR;
+use super::layout::NR;
 
 /// Row and column factors of an int8 product's epilogue.
 #[derive(Clone, Copy)]

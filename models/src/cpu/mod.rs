@@ -9,6 +9,7 @@ pub mod amx;
 pub mod attention;
 pub mod caps;
 pub mod f32;
+pub mod layout;
 pub mod lowp;
 pub mod options;
 pub mod packed;

@@ -25,8 +25,7 @@ use super::store::Store;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-/// Output columns per panel (one 512-bit vector of f32 or 32-bit lanes).
-pub const NR: usize = 16;
+pub use super::layout::NR;
 
 /// How products of frozen weights are computed on the CPU (`--cpu-matmul`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, PartialOrd, Ord)]
