@@ -64,7 +64,7 @@ impl DecoderConfig {
                 shapes.entry((inner, out)).or_default();
             }
         };
-        for proj in crate::lora::Projection::ALL {
+        for proj in Projection::ALL {
             add(proj.dims(self), self.num_layers);
         }
         add((self.vocab_size, self.hidden_size), 0);
@@ -157,5 +157,59 @@ impl DecoderConfig {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+/// A dense projection inside a decoder layer (LoRA can target any of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Projection {
+    /// Every targetable projection.
+    pub const ALL: [Projection; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
+
+    /// PEFT / Hugging Face module name (`q_proj`).
+    pub fn module_name(self) -> &'static str {
+        match self {
+            Self::Q => "q_proj",
+            Self::K => "k_proj",
+            Self::V => "v_proj",
+            Self::O => "o_proj",
+            Self::Gate => "gate_proj",
+            Self::Up => "up_proj",
+            Self::Down => "down_proj",
+        }
+    }
+
+    /// Path inside a decoder layer (`self_attn.q_proj`).
+    pub fn module_path(self) -> String {
+        let parent = match self {
+            Self::Q | Self::K | Self::V | Self::O => "self_attn",
+            Self::Gate | Self::Up | Self::Down => "mlp",
+        };
+        format!("{parent}.{}", self.module_name())
+    }
+
+    /// `(out, in)` of this projection for a model.
+    pub fn dims(self, cfg: &DecoderConfig) -> (usize, usize) {
+        let h = cfg.hidden_size;
+        let q = cfg.num_heads * cfg.head_dim;
+        let kv = cfg.num_kv_heads * cfg.head_dim;
+        match self {
+            Self::Q => (q, h),
+            Self::K | Self::V => (kv, h),
+            Self::O => (h, q),
+            Self::Gate | Self::Up => (cfg.intermediate_size, h),
+            Self::Down => (h, cfg.intermediate_size),
+        }
     }
 }

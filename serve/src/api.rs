@@ -2,7 +2,7 @@
 //! and input validation: from a request's JSON to the prompt tokens of each input.
 
 use crate::backend::Backend;
-use crate::engine::TaskEntry;
+use crate::contract::TaskEntry;
 use actix_web::http::StatusCode;
 use actix_web::HttpResponse;
 use serde::{Deserialize, Serialize};

@@ -3,8 +3,7 @@
 //! own task head. Answers are the head's logits; the HTTP layer turns them into probabilities
 //! exactly as it does a decoder's answer log-probabilities.
 
-use crate::engine::Row;
-use crate::scheduler::Compute;
+use crate::contract::{Compute, Row};
 use models::encoder::rows_f64;
 use models::{EncodedInput, Encoder};
 use std::sync::Arc;

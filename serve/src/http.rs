@@ -8,7 +8,7 @@ use crate::api::{
     TokenizeRequest, TokenizeResponse, TokenizedInput, TruncationDirection,
 };
 use crate::backend::Backend;
-use crate::engine::{Row, TaskEntry};
+use crate::contract::{Row, TaskEntry};
 use crate::logging::ACCESS;
 use crate::metrics::Metrics;
 use crate::scheduler::{Job, Scheduler, SubmitError};

@@ -9,6 +9,7 @@
 mod adapters;
 mod api;
 mod backend;
+mod contract;
 mod encoder_engine;
 mod engine;
 mod http;
@@ -219,13 +220,13 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
         registry.load_file(f)?;
     }
     let registry = Arc::new(registry);
-    let tasks: BTreeMap<String, Arc<engine::TaskEntry>> = registry
+    let tasks: BTreeMap<String, Arc<contract::TaskEntry>> = registry
         .tasks()
         .iter()
         .map(|t| {
             Ok((
                 t.name.clone(),
-                Arc::new(engine::TaskEntry::new(t, &backend, cli.answer_scoring).map_err(anyhow::Error::msg)?),
+                Arc::new(contract::TaskEntry::new(t, &backend, cli.answer_scoring).map_err(anyhow::Error::msg)?),
             ))
         })
         .collect::<Result<_>>()?;
@@ -242,7 +243,7 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
         tracing::info!("adapters: {event}");
     }
     let mut batch = cli.batch;
-    let (compute, serving): (Box<dyn scheduler::Compute>, tuning::Choice) = match &backend {
+    let (compute, serving): (Box<dyn contract::Compute>, tuning::Choice) = match &backend {
         Backend::Decoder(loaded) => {
             let mut engine = engine::Engine::new(
                 loaded.clone(),
@@ -294,7 +295,7 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
 fn choose_batching(
     cli: &LoadArgs,
     loaded: &Arc<models::LoadedModel>,
-    tasks: &BTreeMap<String, Arc<engine::TaskEntry>>,
+    tasks: &BTreeMap<String, Arc<contract::TaskEntry>>,
     adapters: &adapters::AdapterTable,
     engine: &mut engine::Engine,
     sha: &str,

@@ -4,7 +4,7 @@
 //! client never waits) while the batch stays within the token
 //! and row budgets. A job is never split, and one larger than the budget runs alone.
 
-use crate::engine::Row;
+use crate::contract::{Compute, Row};
 use crate::metrics::Metrics;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,16 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-
-/// What the engine thread computes with: the decoder engine (`engine`) or the encoder engine
-/// (`encoder_engine`). Runs on the engine thread only.
-pub trait Compute: Send {
-    /// Label scores `[row][label]` of every row (log-probabilities or logits: the HTTP layer
-    /// normalises them), in the rows' order.
-    fn score(&mut self, rows: &[&Row]) -> Result<Vec<Vec<f64>>, models::Error>;
-    /// Whether task prefixes are cached (they then cost no batch tokens).
-    fn prefix_cache(&self) -> bool;
-}
 
 /// A computed job: candidate log-probabilities `[row][label]` and how long it waited.
 #[derive(Debug)]
@@ -230,7 +220,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::TaskEntry;
+    use crate::contract::TaskEntry;
 
     /// Takes 100 ms per batch and records each batch's size.
     struct Fake(Arc<Mutex<Vec<usize>>>);

@@ -11,8 +11,8 @@
 //! and why. `--batching packed|padded|off` skips the measurement.
 
 use crate::adapters::AdapterVersion;
-use crate::engine::{Engine, Row, TaskEntry};
-use crate::scheduler::Compute;
+use crate::contract::{Compute, Row, TaskEntry};
+use crate::engine::Engine;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
