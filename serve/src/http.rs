@@ -245,6 +245,23 @@ pub async fn access_log(
     Ok(resp)
 }
 
+/// A route's answer: its value as JSON, or its error as the route's dialect renders it
+/// (Verdict's, TEI's, vLLM's); then [`finish`].
+fn respond<T: Serialize>(
+    state: &AppState,
+    endpoint: &str,
+    access: Access,
+    result: Result<T, ApiError>,
+    render: fn(&ApiError) -> HttpResponse,
+    started: Instant,
+) -> HttpResponse {
+    let resp = match result {
+        Ok(v) => HttpResponse::Ok().json(v),
+        Err(e) => render(&e),
+    };
+    finish(state, endpoint, access, resp, started)
+}
+
 /// Counts a finished request and attaches what its handler learned for the access line.
 fn finish(state: &AppState, endpoint: &str, access: Access, mut resp: HttpResponse, started: Instant) -> HttpResponse {
     state.metrics.request(endpoint, access.task.as_deref(), resp.status().as_u16(), started.elapsed());
@@ -435,11 +452,8 @@ async fn score_inputs(
 async fn classify(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
     let mut access = Access::default();
-    let resp = match classify_inner(&state, &req, payload, &mut access, started).await {
-        Ok(r) => HttpResponse::Ok().json(r),
-        Err(e) => e.response(),
-    };
-    finish(&state, "classify", access, resp, started)
+    let result = classify_inner(&state, &req, payload, &mut access, started).await;
+    respond(&state, "classify", access, result, ApiError::response, started)
 }
 
 async fn classify_inner(
@@ -478,11 +492,8 @@ async fn classify_inner(
 async fn tokenize(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
     let mut access = Access::default();
-    let resp = match tokenize_inner(&state, &req, payload, &mut access).await {
-        Ok(r) => HttpResponse::Ok().json(r),
-        Err(e) => e.response(),
-    };
-    finish(&state, "tokenize", access, resp, started)
+    let result = tokenize_inner(&state, &req, payload, &mut access).await;
+    respond(&state, "tokenize", access, result, ApiError::response, started)
 }
 
 async fn tokenize_inner(
@@ -753,11 +764,8 @@ pub struct TeiToken {
 async fn tei_tokenize(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
     let mut access = Access::default();
-    let resp = match tei_tokenize_inner(&state, &req, payload, &mut access).await {
-        Ok(v) => HttpResponse::Ok().json(v),
-        Err(e) => e.tei_response(),
-    };
-    finish(&state, "tokenize", access, resp, started)
+    let result = tei_tokenize_inner(&state, &req, payload, &mut access).await;
+    respond(&state, "tokenize", access, result, ApiError::tei_response, started)
 }
 
 async fn tei_tokenize_inner(
@@ -967,11 +975,8 @@ fn vllm_error(e: &ApiError) -> HttpResponse {
 async fn vllm_classify(state: State, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let started = Instant::now();
     let mut access = Access::default();
-    let resp = match vllm_classify_inner(&state, &req, payload, &mut access, started).await {
-        Ok(r) => HttpResponse::Ok().json(r),
-        Err(e) => vllm_error(&e),
-    };
-    finish(&state, "classify", access, resp, started)
+    let result = vllm_classify_inner(&state, &req, payload, &mut access, started).await;
+    respond(&state, "classify", access, result, vllm_error, started)
 }
 
 async fn vllm_classify_inner(

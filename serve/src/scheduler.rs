@@ -236,6 +236,18 @@ mod tests {
         }
     }
 
+    /// `mr` with no prefix or answers: the scheduler reads neither.
+    fn entry() -> Arc<TaskEntry> {
+        let task = shared::task::TaskRegistry::builtin().get("mr").expect("mr is built in").clone();
+        Arc::new(TaskEntry {
+            task,
+            prefix_text: String::new(),
+            prefix_ids: Vec::new(),
+            answers: Vec::new(),
+            scoring: None,
+        })
+    }
+
     fn job(entry: &Arc<TaskEntry>) -> (Job, oneshot::Receiver<JobResult>) {
         let (tx, rx) = oneshot::channel();
         let row = Row { task: entry.clone(), version: None, body: vec![1, 2, 3], type_ids: Vec::new() };
@@ -258,14 +270,7 @@ mod tests {
 
     #[test]
     fn a_lone_request_never_waits_unless_the_wait_is_asked_for() {
-        let task = shared::task::TaskRegistry::builtin().get("mr").unwrap().clone();
-        let entry = Arc::new(TaskEntry {
-            task,
-            prefix_text: String::new(),
-            prefix_ids: Vec::new(),
-            answers: Vec::new(),
-            scoring: None,
-        });
+        let entry = entry();
         // Default: the first request of a quiet server runs at once.
         let (s, _) = start(false);
         let (j, rx) = job(&entry);
@@ -289,14 +294,7 @@ mod tests {
 
     #[test]
     fn requests_queued_together_share_a_batch_without_waiting() {
-        let task = shared::task::TaskRegistry::builtin().get("mr").unwrap().clone();
-        let entry = Arc::new(TaskEntry {
-            task,
-            prefix_text: String::new(),
-            prefix_ids: Vec::new(),
-            answers: Vec::new(),
-            scoring: None,
-        });
+        let entry = entry();
         let (s, batches) = start(false);
         // The first request starts a 100 ms batch at once; the four queued meanwhile share the next.
         let jobs: Vec<_> = (0..5).map(|_| job(&entry)).collect();

@@ -1767,7 +1767,7 @@ fn openapi_describes_the_compatibility_routes_their_bodies_and_codes() {
 /// `pip install schemathesis`; run with `cargo test -p tests --test serve_api schemathesis
 /// -- --ignored` (`VERDICT_SCHEMATHESIS`: the binary, default `schemathesis`).
 #[test]
-#[ignore]
+#[ignore = "needs schemathesis (pip install schemathesis); run: cargo test -p tests --test serve_api schemathesis -- --ignored"]
 fn schemathesis_finds_no_failures_in_the_openapi_document() {
     let fx = Fixture::new("serve-schemathesis");
     fx.publish("mr", "v1", 1);
