@@ -13,7 +13,8 @@ Schemes: `rows` (today's: u8 per row with a zero point), `smoothA` (SmoothQuant 
 strength A: per input channel `s = amax(x)^A / amax(W)^(1-A)`, calibrated on the first
 `--calibrate` examples, x / s quantized and W · s; `smooth0` needs no calibration: each weight
 column scaled to the same peak), `groupG` (u8 per row and per G input
-columns), `outK` (the K calibrated largest input columns kept f32), `wexact` / `xexact` (weights / inputs
+columns), `wgG` (weights per output channel and per G input columns, as Q8_0 does with
+G = 32), `w2` (weights as two int8 matrices: the weight, then its rounding error), `outK` (the K calibrated largest input columns kept f32), `wexact` / `xexact` (weights / inputs
 not quantized), `x2` (inputs as two u8 passes: the row, then its rounding error), combinations
 joined by `+`.
 """
@@ -34,9 +35,14 @@ def quant_rows(x, group=0):
     return (((x / s + z).round().clamp(0, 255) - z) * s).reshape(shape)
 
 
-def quant_weight(w):
-    s = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
-    return (w / s).round().clamp(-127, 127) * s
+def quant_weight(w, group=0):
+    """w quantized to i8 per output channel (per output channel and group of `group` input
+    columns), symmetric."""
+    shape = w.shape
+    if group:
+        w = w.reshape(shape[0], -1, group)
+    s = (w.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
+    return ((w / s).round().clamp(-127, 127) * s).reshape(shape)
 
 
 def main():
@@ -132,6 +138,7 @@ def main():
         parts = scheme.split("+")
         alpha = next((float(p[6:]) for p in parts if p.startswith("smooth")), None)
         group = next((int(p[5:]) for p in parts if p.startswith("group")), 0)
+        w_group = next((int(p[2:]) for p in parts if p.startswith("wg")), 0)
         out_k = next((int(p[3:]) for p in parts if p.startswith("out")), 0)
         w_exact, x_exact = "wexact" in parts, "xexact" in parts
         # `x2`: the input as the sum of two u8 rows (the row, then its quantization error).
@@ -146,7 +153,10 @@ def main():
             keep = torch.zeros(w.shape[1], dtype=torch.bool)
             if out_k:
                 keep[amax[n].topk(out_k).indices] = True
-            wq = w.clone() if w_exact else quant_weight(w * s) / s
+            wq = w.clone() if w_exact else quant_weight(w * s, w_group) / s
+            if "w2" in parts and not w_exact:
+                # `w2`: the weight as two int8 matrices (the weight, then its rounding error).
+                wq = wq + quant_weight(w - wq, w_group)
             wq[:, keep] = w[:, keep]
 
             def fwd(x, m=m, s=s, wq=wq, keep=keep, x_exact=x_exact, two_pass=two_pass, group=group):

@@ -22,8 +22,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const MAGIC: &[u8; 12] = b"VERDICTPACK\0";
-/// Bump when the file format or any kernel's panel layout changes.
-pub const PACK_VERSION: u32 = 1;
+/// Bump when the file format or any kernel's panel layout changes (2: int8 weights carry their
+/// residual, stored as the entry `<name>+residual`).
+pub const PACK_VERSION: u32 = 2;
+/// The name suffix of an int8 weight's residual entry.
+const RESIDUAL: &str = "+residual";
 const ALIGN: usize = 64;
 
 /// What a pack file was made from: a stale file is one whose source changed.
@@ -105,6 +108,7 @@ struct Header {
 }
 
 /// A tensor to write: packed panels or plain f32 rows.
+#[derive(Clone, Copy)]
 pub enum Item<'a> {
     Packed(&'a PackedWeight),
     Rows { values: &'a [f32], out: usize, inner: usize },
@@ -172,6 +176,17 @@ impl PackFile {
     /// Writes a pack of `items` (name, tensor) for `source` in `precision` to `path`: to a
     /// temporary name, synced, then renamed, so a reader sees the old file or the whole new one.
     pub fn write(path: &Path, precision: Precision, source: &Source, items: &[(String, Item)]) -> Result<(), Error> {
+        // An int8 weight's residual is an entry of its own, right after the weight.
+        let mut expanded: Vec<(String, Item)> = Vec::with_capacity(items.len());
+        for (name, item) in items {
+            expanded.push((name.clone(), item.clone()));
+            if let Item::Packed(p) = item {
+                if let Some(r) = p.residual() {
+                    expanded.push((format!("{name}{RESIDUAL}"), Item::Packed(r)));
+                }
+            }
+        }
+        let items = &expanded[..];
         let dir = path.parent().ok_or_else(|| Error::Invalid(format!("{}: no directory", path.display())))?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         // Offsets relative to the start of the data section, fixed up once the header's size is known.
@@ -275,9 +290,9 @@ impl PackFile {
         &self.header.source
     }
 
-    /// Names of the tensors.
+    /// Names of the tensors (an int8 weight's residual is part of its weight, not a tensor).
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.header.entries.iter().map(|e| e.name.as_str())
+        self.header.entries.iter().map(|e| e.name.as_str()).filter(|n| !n.ends_with(RESIDUAL))
     }
 
     fn entry(&self, name: &str) -> Option<&Entry> {
@@ -286,12 +301,20 @@ impl PackFile {
 
     /// The packed weight `name`, borrowed from the map.
     pub fn packed(&self, name: &str) -> Result<PackedWeight, Error> {
+        let residual = match self.header.precision {
+            Precision::Int8 => Some(self.packed_part(&format!("{name}{RESIDUAL}"), None)?),
+            _ => None,
+        };
+        self.packed_part(name, residual)
+    }
+
+    fn packed_part(&self, name: &str, residual: Option<PackedWeight>) -> Result<PackedWeight, Error> {
         let e = self.entry(name).filter(|e| e.kind == Kind::Packed).ok_or_else(|| Error::MissingTensor(name.into()))?;
         let bad = || Error::Format(format!("{}: tensor {name} does not fit the file", self.path.display()));
         let data = Store::mapped(self.map.clone(), e.data.0, e.data.1).ok_or_else(bad)?;
         let scale = Store::mapped(self.map.clone(), e.scale.0, e.scale.1).ok_or_else(bad)?;
         let colsum = Store::mapped(self.map.clone(), e.colsum.0, e.colsum.1).ok_or_else(bad)?;
-        PackedWeight::from_parts(e.out, e.inner, self.header.precision, data, scale, colsum).ok_or_else(bad)
+        PackedWeight::from_parts(e.out, e.inner, self.header.precision, data, scale, colsum, residual).ok_or_else(bad)
     }
 
     /// The f32 rows `name` (`[out, inner]`), borrowed from the map.
@@ -326,4 +349,36 @@ fn read_header(map: &[u8]) -> Option<Header> {
     let len = u64::from_le_bytes(map[at + 4..at + 12].try_into().ok()?) as usize;
     let json = map.get(at + 12..at + 12 + len)?;
     serde_json::from_slice(json).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_int8_weight_reads_back_with_its_residual_and_not_without() {
+        let dir = std::env::temp_dir().join(format!("verdict-pack-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("model.gguf");
+        std::fs::write(&model, b"weights").unwrap();
+        let source = Source::of(&model).unwrap();
+        let (out, inner) = (21, 70);
+        let w: Vec<f32> = (0..out * inner).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        let packed = PackedWeight::pack_as(&w, out, inner, Precision::Int8);
+        let path = dir.join("int8.pack");
+        PackFile::write(&path, Precision::Int8, &source, &[("w".into(), Item::Packed(&packed))]).unwrap();
+        let pack = PackFile::open(&path, Precision::Int8, &source).unwrap().expect("a fresh pack opens");
+        assert_eq!(pack.names().collect::<Vec<_>>(), ["w"], "the residual is part of its weight");
+        let back = pack.packed("w").unwrap();
+        assert!(back.is_mapped() && back.residual().is_some_and(|r| r.is_mapped()));
+        assert_eq!(back.unpack(), packed.unpack(), "the residual's values come back");
+        assert_eq!(back.bytes(), packed.bytes());
+
+        // A pack whose int8 weight lacks its residual entry is refused, not read as one matrix.
+        let alone = packed.clone().without_residual();
+        PackFile::write(&path, Precision::Int8, &source, &[("w".into(), Item::Packed(&alone))]).unwrap();
+        let pack = PackFile::open(&path, Precision::Int8, &source).unwrap().unwrap();
+        assert!(matches!(pack.packed("w"), Err(Error::MissingTensor(n)) if n == "w+residual"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -257,6 +257,11 @@ pub struct PackedWeight {
     /// Int8: per output column (padded to whole panels), the scale and the sum of its weights.
     scale: Store<f32>,
     colsum: Store<i32>,
+    /// Int8: the weight's rounding error, packed as a second int8 weight with its own scales,
+    /// so that `W ≈ s₁ q₁ + s₂ q₂` within `s₂ / 2` (about 1/64,000 of a column's peak). One
+    /// int8 matrix flips classifier answers where bf16 does not (docs/results.md, "Residual
+    /// weights"); the residual's product is taken on the input's first pass only.
+    residual: Option<Box<PackedWeight>>,
 }
 
 impl std::fmt::Debug for PackedWeight {
@@ -294,7 +299,13 @@ impl PackedWeight {
     /// Packs `w`, row-major `[out, inner]`, in `precision`.
     pub fn pack_as(w: &[f32], out: usize, inner: usize, precision: Precision) -> Self {
         assert_eq!(w.len(), out * inner, "weight of {} values is not [{out}, {inner}]", w.len());
-        Self::pack_with(out, inner, precision, |o, k| w[o * inner + k])
+        let mut packed = Self::pack_with(out, inner, precision, |o, k| w[o * inner + k]);
+        if precision == Precision::Int8 {
+            let first = packed.unpack();
+            let error = |o: usize, k: usize| w[o * inner + k] - first[o * inner + k];
+            packed.residual = Some(Box::new(Self::pack_with(out, inner, precision, error)));
+        }
+        packed
     }
 
     /// Packs `Wᵀ` of `w` (row-major `[out, inner]`) as f32 panels: the weight of `g W` (the input
@@ -355,11 +366,12 @@ impl PackedWeight {
             Precision::Int8 => (Store::owned(scale), Store::owned(colsum)),
             _ => (Store::owned(Vec::new()), Store::owned(Vec::new())),
         };
-        Self { out, inner, precision, data: Store::owned(data), scale, colsum }
+        Self { out, inner, precision, data: Store::owned(data), scale, colsum, residual: None }
     }
 
     /// Reassembles a packed weight from its stored parts (a cache file): `None` if the parts do
-    /// not have the lengths `[out, inner]` in `precision` needs.
+    /// not have the lengths `[out, inner]` in `precision` needs, or a residual that is not an
+    /// int8 weight of the same shape.
     pub(crate) fn from_parts(
         out: usize,
         inner: usize,
@@ -367,23 +379,42 @@ impl PackedWeight {
         data: Store<u32>,
         scale: Store<f32>,
         colsum: Store<i32>,
+        residual: Option<PackedWeight>,
     ) -> Option<Self> {
         let n_panels = out.div_ceil(NR);
         let lanes = n_panels * units(precision, inner) * NR;
-        let cols = if precision == Precision::Int8 { n_panels * NR } else { 0 };
-        (data.len() == lanes && scale.len() == cols && colsum.len() == cols).then_some(Self {
+        let int8 = precision == Precision::Int8;
+        let cols = if int8 { n_panels * NR } else { 0 };
+        let residual_fits = match &residual {
+            Some(r) => int8 && r.residual.is_none() && r.dims() == (out, inner) && r.precision == precision,
+            None => true,
+        };
+        (data.len() == lanes && scale.len() == cols && colsum.len() == cols && residual_fits).then(|| Self {
             out,
             inner,
             precision,
             data,
             scale,
             colsum,
+            residual: residual.map(Box::new),
         })
     }
 
     /// The stored parts: panels, int8 scales and column sums (empty otherwise).
     pub(crate) fn parts(&self) -> (&[u32], &[f32], &[i32]) {
         (&self.data, &self.scale, &self.colsum)
+    }
+
+    /// This weight without its residual (a test's stand-in for an old or damaged pack).
+    #[cfg(test)]
+    pub(crate) fn without_residual(mut self) -> Self {
+        self.residual = None;
+        self
+    }
+
+    /// The int8 weight's rounding error, itself packed as int8 (`None` for f32 and bf16).
+    pub(crate) fn residual(&self) -> Option<&PackedWeight> {
+        self.residual.as_deref()
     }
 
     /// The packed weight of output columns `cols` only (rows of `W`), in the same precision
@@ -417,12 +448,21 @@ impl PackedWeight {
             data: Store::owned(data),
             scale: Store::owned(scale),
             colsum: Store::owned(colsum),
+            residual: self.residual.as_ref().map(|r| Box::new(r.select_outputs(cols))),
         }
     }
 
     /// The weight back as row-major `[out, inner]` f32: exact for f32 panels, the rounded or
-    /// dequantized values (`q · scale`) for bf16 and int8.
+    /// dequantized values (`q₁ s₁ + q₂ s₂`, with the residual) for bf16 and int8.
     pub fn unpack(&self) -> Vec<f32> {
+        let mut w = self.unpack_one();
+        if let Some(r) = &self.residual {
+            w.iter_mut().zip(r.unpack_one()).for_each(|(w, e)| *w += e);
+        }
+        w
+    }
+
+    fn unpack_one(&self) -> Vec<f32> {
         let u = units(self.precision, self.inner);
         let mut w = vec![0f32; self.out * self.inner];
         for o in 0..self.out {
@@ -460,7 +500,10 @@ impl PackedWeight {
 
     /// Bytes of packed data.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 4 + self.scale.len() * 4 + self.colsum.len() * 4
+        self.data.len() * 4
+            + self.scale.len() * 4
+            + self.colsum.len() * 4
+            + self.residual.as_ref().map_or(0, |r| r.bytes())
     }
 
     /// `y = x Wᵀ` for `x` row-major `[rows, inner]`; returns `[rows, out]` row-major.
@@ -527,6 +570,13 @@ impl PackedWeight {
                     let mut parts = vec![0f32; 2 * rows * self.out];
                     let halves = Job { rows: 2 * rows, y: SendPtr(parts.as_mut_ptr()), accumulate: false, ..job };
                     self.run_lowp(&halves, tiling, &q.codes, Some(&dq));
+                    // The weight's rounding error times the input's first pass (its second
+                    // pass times the error is below both roundings).
+                    if let Some(r) = &self.residual {
+                        let dq = Dequant { colsum: r.colsum.as_ptr(), sw: r.scale.as_ptr(), ..dq };
+                        let first = Job { rows, y: SendPtr(parts.as_mut_ptr()), accumulate: true, ..job };
+                        r.run_lowp(&first, tiling, &q.codes, Some(&dq));
+                    }
                     let (first, second) = parts.split_at(rows * self.out);
                     if accumulate {
                         y.iter_mut().zip(first.iter().zip(second)).for_each(|(y, (a, b))| *y += a + b);

@@ -104,37 +104,77 @@ fn bf16_kernels_give_the_exact_products_of_bf16_rounded_inputs() {
     }
 }
 
-/// The int8 weights as defined (per output row, `max |w| / 127`, round to nearest), dequantized.
-fn int8_weights(w: &[f32], out: usize, inner: usize) -> Vec<f64> {
-    let mut wq = Vec::with_capacity(out * inner);
-    for row in w.chunks(inner).take(out) {
-        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let sw = if max > 0.0 { max / 127.0 } else { 1.0 };
-        wq.extend(row.iter().map(|&v| (v / sw).round().clamp(-127.0, 127.0) as f64 * sw as f64));
-    }
-    wq
+/// One int8 matrix as defined (per output row, `sw = max |w| / 127`, round to nearest): the
+/// codes and scale of each row.
+fn int8_codes(w: &[f32], out: usize, inner: usize) -> Vec<(Vec<i64>, f32)> {
+    w.chunks(inner)
+        .take(out)
+        .map(|row| {
+            let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let sw = if max > 0.0 { max / 127.0 } else { 1.0 };
+            let inv = 1.0 / sw;
+            (row.iter().map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i64).collect(), sw)
+        })
+        .collect()
 }
 
-/// The int8 product as defined, in f64 from the codes of both input passes:
-/// `Σ_passes sx sw (Σ q w - zx Σ w)`.
+/// The int8 weights as defined: the weight's codes, then its rounding error's (computed in
+/// f32, `w - q₁ s₁`), as codes per row; and `Ŵ = q₁ s₁ + q₂ s₂` with the residual `q₂ s₂` in f64.
+#[allow(clippy::type_complexity)]
+fn int8_weights(w: &[f32], out: usize, inner: usize) -> ([Vec<(Vec<i64>, f32)>; 2], Vec<f64>, Vec<f64>) {
+    let first = int8_codes(w, out, inner);
+    let error: Vec<f32> = first
+        .iter()
+        .zip(w.chunks(inner))
+        .flat_map(|((q, s), row)| q.iter().zip(row).map(move |(&q, &v)| v - q as f32 * s))
+        .collect();
+    let second = int8_codes(&error, out, inner);
+    let deq = |codes: &[(Vec<i64>, f32)]| -> Vec<f64> {
+        codes.iter().flat_map(|(q, s)| q.iter().map(move |&q| q as f64 * *s as f64)).collect()
+    };
+    let residual = deq(&second);
+    let wq = deq(&first).iter().zip(&residual).map(|(a, b)| a + b).collect();
+    ([first, second], wq, residual)
+}
+
+/// The int8 product as defined, in f64 from the codes: both input passes times the weight's
+/// codes, and the first pass times the residual's, `Σ sx sw (Σ q w - zx Σ w)`.
 fn int8_reference(x: &[f32], w: &[f32], rows: usize, out: usize, inner: usize) -> Vec<f64> {
     let u = units(Precision::Int8, inner);
     let q = split_rows(x, rows, inner, u);
     let codes: Vec<u8> = q.codes.iter().flat_map(|l| l.to_le_bytes()).collect();
+    let ([first, second], _, _) = int8_weights(w, out, inner);
     let mut y = vec![0f64; rows * out];
-    for o in 0..out {
-        let row = &w[o * inner..(o + 1) * inner];
-        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let sw = if max > 0.0 { max / 127.0 } else { 1.0 };
-        let inv = 1.0 / sw;
-        let wq: Vec<i64> = row.iter().map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i64).collect();
-        let colsum: i64 = wq.iter().sum();
-        for r in 0..2 * rows {
-            let dot: i64 = (0..inner).map(|k| codes[r * u * 4 + k] as i64 * wq[k]).sum();
-            y[(r % rows) * out + o] += q.scale[r] as f64 * sw as f64 * (dot - q.zero[r] as i64 * colsum) as f64;
+    for (matrix, passes) in [(&first, 2 * rows), (&second, rows)] {
+        for (o, (wq, sw)) in matrix.iter().enumerate() {
+            let colsum: i64 = wq.iter().sum();
+            for r in 0..passes {
+                let dot: i64 = (0..inner).map(|k| codes[r * u * 4 + k] as i64 * wq[k]).sum();
+                y[(r % rows) * out + o] += q.scale[r] as f64 * *sw as f64 * (dot - q.zero[r] as i64 * colsum) as f64;
+            }
         }
     }
     y
+}
+
+#[test]
+fn int8_weights_with_their_residual_are_within_a_64000th_of_each_rows_peak() {
+    let (out, inner) = (37, 300);
+    let w = values(out * inner, 7);
+    let packed = PackedWeight::pack_as(&w, out, inner, Precision::Int8);
+    let got = packed.unpack();
+    let (_, want, _) = int8_weights(&w, out, inner);
+    for (o, row) in w.chunks(inner).enumerate() {
+        let peak = row.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        for k in 0..inner {
+            let i = o * inner + k;
+            assert!((got[i] as f64 - want[i]).abs() <= 1e-6 * peak, "[{o}, {k}]: {} vs {}", got[i], want[i]);
+            // One int8 matrix is within s₁ / 2 = peak / 254; its residual's step is at most
+            // s₁ / 254, so the two are within peak / (127 · 508).
+            let bound = peak / (127.0 * 508.0) * (1.0 + 1e-3);
+            assert!((got[i] - row[k]).abs() as f64 <= bound, "[{o}, {k}]: {} vs {} (bound {bound})", got[i], row[k]);
+        }
+    }
 }
 
 #[test]
@@ -148,8 +188,9 @@ fn int8_kernels_compute_the_quantized_product_exactly_and_agree_bit_for_bit() {
         let full = reference(&x, &w, rows, out, inner);
         // With two input passes the product is the int8 weights' on the input within the second
         // pass's rounding: one pass leaves errors within ±s₁/2, whose step is s₂ ≤ s₁ / 255, so
-        // |x - x̂| ≤ s₁ / 510 per value and |y - x Ŵᵀ| ≤ s₁ / 510 · Σ |Ŵ|.
-        let wq = int8_weights(&w, out, inner);
+        // |x - x̂| ≤ s₁ / 510 per value; the residual R is taken on the first pass x̂₁ only, so
+        // y - x Ŵᵀ = (x̂ - x) Ŵᵀ - x̂₂ Rᵀ, within s₁ / 510 · Σ |Ŵ| + s₁ (1/2 + 1/510) Σ |R|.
+        let (_, wq, residual) = int8_weights(&w, out, inner);
         let q = split_rows(&x, rows, inner, units(Precision::Int8, inner));
         let mut first: Option<(Tiling, Vec<f32>)> = None;
         for &kernel in &kernels {
@@ -161,19 +202,24 @@ fn int8_kernels_compute_the_quantized_product_exactly_and_agree_bit_for_bit() {
                         (got as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
                         "{tiling} [{rows}, {out}, {inner}] {i}: {got} vs {want}"
                     );
-                    // And the quantization error stays within what 8-bit weights allow.
-                    let bound = 0.02 * (inner as f64).sqrt() + 1e-3;
-                    assert!(
-                        (got as f64 - full).abs() <= bound,
-                        "{tiling} [{rows}, {out}, {inner}] {i}: {got} vs f32 {full}"
-                    );
                     let (r, o) = (i / out, i % out);
                     let xw: f64 = (0..inner).map(|k| x[r * inner + k] as f64 * wq[o * inner + k]).sum();
                     let abs_w: f64 = (0..inner).map(|k| wq[o * inner + k].abs()).sum();
-                    let bound = q.scale[r] as f64 / 510.0 * abs_w * (1.0 + 1e-3) + 1e-5 * (1.0 + xw.abs());
+                    let abs_r: f64 = (0..inner).map(|k| residual[o * inner + k].abs()).sum();
+                    let s1 = q.scale[r] as f64;
+                    let bound = (s1 / 510.0 * abs_w + s1 * (0.5 + 1.0 / 510.0) * abs_r) * (1.0 + 1e-3)
+                        + 1e-5 * (1.0 + xw.abs());
                     assert!(
                         (got as f64 - xw).abs() <= bound,
                         "{tiling} [{rows}, {out}, {inner}] {i}: {got} vs x Ŵᵀ {xw} (bound {bound})"
+                    );
+                    // And against the f32 product, the weights' part (within peak / 64,516 each).
+                    let peak = w[o * inner..(o + 1) * inner].iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                    let abs_x: f64 = x[r * inner..(r + 1) * inner].iter().map(|v| v.abs() as f64).sum();
+                    let bound = bound + abs_x * peak / (127.0 * 508.0) * (1.0 + 1e-3);
+                    assert!(
+                        (got as f64 - full).abs() <= bound,
+                        "{tiling} [{rows}, {out}, {inner}] {i}: {got} vs f32 {full} (bound {bound})"
                     );
                 }
                 match &first {
