@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A small config of any family, for tests: 2 layers, hidden 64, 4 query / 2 KV heads. Qwen3's
-/// heads are 32 wide (not hidden / heads); Mistral slides a 5-key window, so short test
+/// heads are 32 wide (not hidden / heads); Mistral slides a 3-key window, so short test
 /// sequences already exercise it.
 pub fn tiny_config(arch: Arch, vocab_size: usize) -> DecoderConfig {
     DecoderConfig {
@@ -33,7 +33,7 @@ pub fn tiny_config(arch: Arch, vocab_size: usize) -> DecoderConfig {
         max_position_embeddings: 512,
         tie_word_embeddings: arch == Arch::Llama,
         attention_bias: arch == Arch::Qwen2,
-        sliding_window: (arch == Arch::Mistral).then_some(5),
+        sliding_window: (arch == Arch::Mistral).then_some(3),
     }
 }
 

@@ -100,7 +100,7 @@ fn lora_gradients_match_finite_differences_qwen2() {
     check_gradients(Arch::Qwen2);
 }
 
-/// Mistral's tiny config slides a 5-key window over the 7-token rows.
+/// Mistral's tiny config slides a 3-key window over the 7-token rows.
 #[test]
 fn lora_gradients_match_finite_differences_mistral() {
     check_gradients(Arch::Mistral);
