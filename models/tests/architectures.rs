@@ -2,7 +2,8 @@
 //! in `tests/fixtures/arch/` (made by `scripts/fixtures/make_arch_fixtures.py`), loaded through
 //! the normal Hugging Face path, give transformers' logits and greedy tokens on every forward
 //! path (inference and training, our CPU kernels and candle's, packed weights, padded
-//! batches, the KV cache). Rope types Verdict does not implement are refused by name.
+//! batches, the KV cache), also when written as GGUF files the way llama.cpp's converter
+//! does. Rope types Verdict does not implement are refused by name.
 
 use candle_core::{DType, Device, Tensor};
 use models::cpu::{CpuKernels, Purpose};
@@ -180,6 +181,137 @@ fn exported_directories_load_back_the_same() {
         assert_eq!(back.model.config(), loaded.model.config(), "{name}");
         check_logits(&back.model, &r, Mode::Inference, &format!("{name}, exported"));
         std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+/// The GGUF name of a Hugging Face tensor name (llama.cpp's).
+fn gguf_name(hf: &str) -> String {
+    let fixed = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (layer, rest) = rest.split_once('.').unwrap();
+    let (module, suffix) = rest.rsplit_once('.').unwrap();
+    let module = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        other => panic!("no GGUF name for {other}"),
+    };
+    format!("blk.{layer}.{module}.{suffix}")
+}
+
+/// llama.cpp's interleaved rotary row order of a Llama Q/K weight (its converter's `permute`).
+fn permute_rows(t: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = t.dims2().unwrap();
+    let (hd, half) = (rows / heads, rows / heads / 2);
+    let idx: Vec<u32> = (0..rows).map(|r| (r / hd * hd + (r % hd) % 2 * half + (r % hd) / 2) as u32).collect();
+    let out = t.index_select(&Tensor::new(idx.as_slice(), t.device()).unwrap(), 0).unwrap();
+    assert_eq!(out.dims2().unwrap(), (rows, cols));
+    out
+}
+
+/// The fixture `name` written as a GGUF file the way llama.cpp's converter would: float32
+/// tensors, Llama Q/K rows interleaved, Llama 3 scaling as a `rope_freqs.weight` table.
+fn gguf_of(name: &str, path: &Path) {
+    use candle_core::quantized::gguf_file::Value as V;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let dir = fixture(name);
+    let cfg = models::read_config(&dir).unwrap();
+    let arch = cfg.arch.name();
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = weights
+        .iter()
+        .map(|(n, t)| {
+            let t = match (cfg.arch, n.ends_with("q_proj.weight"), n.ends_with("k_proj.weight")) {
+                (models::Arch::Llama, true, _) => permute_rows(t, cfg.num_heads),
+                (models::Arch::Llama, _, true) => permute_rows(t, cfg.num_kv_heads),
+                _ => t.clone(),
+            };
+            (gguf_name(n), QTensor::quantize(&t, GgmlDType::F32).unwrap())
+        })
+        .collect();
+    if let models::config::RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: lff,
+        high_freq_factor: hff,
+        original_max_position_embeddings: old,
+    } = cfg.rope_scaling
+    {
+        // convert_hf_to_gguf.py's Llama 3 rope_factors.
+        let old = old as f64;
+        let d = cfg.head_dim as f64;
+        let factors: Vec<f32> = (0..cfg.head_dim / 2)
+            .map(|i| {
+                let wavelen = 2.0 * std::f64::consts::PI * cfg.rope_theta.powf(2.0 * i as f64 / d);
+                let f = if wavelen < old / hff {
+                    1.0
+                } else if wavelen > old / lff {
+                    factor
+                } else {
+                    let smooth = (old / wavelen - lff) / (hff - lff);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                };
+                f as f32
+            })
+            .collect();
+        let t = Tensor::new(factors.as_slice(), &Device::Cpu).unwrap();
+        tensors.push(("rope_freqs.weight".into(), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+    }
+    let u = |x: usize| V::U32(x as u32);
+    let key = |k: &str| format!("{arch}.{k}");
+    let metadata: Vec<(String, V)> = vec![
+        ("general.architecture".into(), V::String(arch.into())),
+        (key("embedding_length"), u(cfg.hidden_size)),
+        (key("feed_forward_length"), u(cfg.intermediate_size)),
+        (key("block_count"), u(cfg.num_layers)),
+        (key("attention.head_count"), u(cfg.num_heads)),
+        (key("attention.head_count_kv"), u(cfg.num_kv_heads)),
+        (key("attention.key_length"), u(cfg.head_dim)),
+        (key("attention.value_length"), u(cfg.head_dim)),
+        (key("rope.freq_base"), V::F32(cfg.rope_theta as f32)),
+        (key("attention.layer_norm_rms_epsilon"), V::F32(cfg.rms_norm_eps as f32)),
+        (key("context_length"), u(cfg.max_position_embeddings)),
+        ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
+        ("tokenizer.ggml.tokens".into(), V::Array((0..cfg.vocab_size).map(|i| V::String(format!("w{i}"))).collect())),
+        ("tokenizer.ggml.merges".into(), V::Array(Vec::new())),
+        ("tokenizer.ggml.token_type".into(), V::Array(vec![V::I32(1); cfg.vocab_size])),
+    ];
+    let md: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    candle_core::quantized::gguf_file::write(&mut f, &md, &ts).unwrap();
+}
+
+#[test]
+fn gguf_files_match_transformers() {
+    // Llama 3 scaling as llama.cpp stores it (rope_freqs.weight, interleaved Q/K rows), and
+    // Qwen3 (attn_q_norm / attn_k_norm, attention.key_length).
+    for name in ["llama_llama3", "qwen3"] {
+        let dir = temp_dir(&format!("gguf-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.gguf"));
+        gguf_of(name, &path);
+        let loaded = load_model(&path, WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
+        let r = reference(&fixture(name));
+        for mode in [Mode::Inference, Mode::Train { dropout_seed: None }] {
+            check_logits(&loaded.model, &r, mode, &format!("{name}.gguf, {mode:?}"));
+        }
+        check_greedy(&loaded.model, &r, &format!("{name}.gguf"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
