@@ -250,10 +250,9 @@ impl RopeScaling {
             Some(f) => Some(f),
             None => top_number("partial_rotary_factor")?,
         };
-        if partial.is_some_and(|f| f != 1.0) {
+        if let Some(f) = partial.filter(|&f| f != 1.0) {
             return Err(format!(
-                "config.json: partial_rotary_factor {} (rotary embedding of part of each head) is not supported",
-                partial.unwrap_or(1.0)
+                "config.json: partial_rotary_factor {f} (rotary embedding of part of each head) is not supported"
             ));
         }
         let kind = match (p.get("rope_type"), p.get("type")) {
@@ -290,11 +289,10 @@ impl RopeScaling {
                 let original_max_position_embeddings = original()?;
                 // transformers requires the key; a null factor is the ratio of the lengths.
                 let factor = match p.get("factor") {
-                    None => required("factor")?,
                     Some(serde_json::Value::Null) => {
                         max_position_embeddings as f64 / original_max_position_embeddings as f64
                     }
-                    Some(_) => required("factor")?,
+                    _ => required("factor")?,
                 };
                 let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
                 let attention_factor = match (number("attention_factor")?, number("mscale")?, number("mscale_all_dim")?)
@@ -305,8 +303,10 @@ impl RopeScaling {
                 };
                 // transformers: `beta_fast or 32`, `beta_slow or 1` (a 0 takes the default too).
                 let or = |x: Option<f64>, default: f64| x.filter(|&b| b != 0.0).unwrap_or(default);
+                // transformers: `get("truncate", True)`, so an explicit null does not truncate.
                 let truncate = match p.get("truncate") {
-                    None | Some(serde_json::Value::Null) => true,
+                    None => true,
+                    Some(serde_json::Value::Null) => false,
                     Some(t) => t.as_bool().ok_or_else(|| format!("config.json: {key}.truncate is not a boolean"))?,
                 };
                 Self::Yarn {
@@ -709,6 +709,30 @@ mod tests {
         assert!(matches!(c.rope_scaling, RopeScaling::Yarn { attention_factor: 0.5, .. }));
         let e = read(json!({"rope_scaling": {"rope_type": "yarn"}})).unwrap_err();
         assert!(e.contains("rope_scaling.factor"), "{e}");
+    }
+
+    #[test]
+    fn untruncated_yarn_with_mscale_matches_transformers() {
+        // transformers 5.24's _compute_yarn_parameters for this config (float32): frequencies
+        // 3 to 5 lie inside the ramp (dimensions 2.6 to 5.6), where the blend is fractional.
+        let c = read(json!({"rope_theta": 10000.0, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 4096, "truncate": false, "mscale": 2.0, "mscale_all_dim": 1.0}}))
+        .unwrap();
+        let want = [
+            1.0,
+            0.3162277638912201,
+            0.10000000149011612,
+            0.028613610193133354,
+            0.006556970998644829,
+            0.0012856319081038237,
+            0.0002500000118743628,
+            7.905694656074047e-05,
+        ];
+        let (got, scale) = c.rope_frequencies();
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-7 * w, "{got:?}");
+        }
+        assert!((scale - 1.121751143713058).abs() < 1e-12, "{scale}");
     }
 
     #[test]
