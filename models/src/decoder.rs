@@ -1,4 +1,5 @@
-//! The decoder-only transformer behind Llama (SmolLM2) and Qwen2 (Qwen2.5).
+//! The decoder-only transformer behind Llama (SmolLM2, Llama 3), Mistral, Qwen2 (Qwen2.5) and
+//! Qwen3.
 //!
 //! One implementation with two paths. [`Mode::Inference`] may use candle's fused kernels
 //! (`rms_norm`, `softmax_last_dim`, `rope`), which record no backward op. [`Mode::Train`] uses
@@ -271,6 +272,8 @@ struct Attention {
     k_proj: FrozenLinear,
     v_proj: FrozenLinear,
     o_proj: FrozenLinear,
+    /// Per-head RMS norms of the queries and keys before the rotary embedding (Qwen3).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -278,11 +281,25 @@ struct Attention {
 
 impl Attention {
     fn new(cfg: &DecoderConfig, w: &Weights) -> Result<Self, Error> {
+        let head_norm = |name: &str| -> Result<RmsNorm, Error> {
+            let norm = RmsNorm::new(&w.pp(name), cfg.rms_norm_eps)?;
+            let dims = norm.weight.dims().to_vec();
+            if dims != [cfg.head_dim] {
+                return Err(Error::Invalid(format!(
+                    "{} is {dims:?}, the head dimension is {}",
+                    w.pp(name).path("weight"),
+                    cfg.head_dim
+                )));
+            }
+            Ok(norm)
+        };
+        let qk_norm = if cfg.qk_norm() { Some((head_norm("q_norm")?, head_norm("k_norm")?)) } else { None };
         Ok(Self {
             q_proj: w.pp("q_proj").linear(cfg.attention_bias)?,
             k_proj: w.pp("k_proj").linear(cfg.attention_bias)?,
             v_proj: w.pp("v_proj").linear(cfg.attention_bias)?,
             o_proj: w.pp("o_proj").linear(false)?,
+            qk_norm,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
@@ -295,8 +312,15 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor, Error> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = ctx.rope(&heads(ctx.project(&self.q_proj, layer, Projection::Q, x)?, nh)?)?;
-        let k = ctx.rope(&heads(ctx.project(&self.k_proj, layer, Projection::K, x)?, nkv)?)?;
+        let (mut q, mut k) = (
+            heads(ctx.project(&self.q_proj, layer, Projection::Q, x)?, nh)?,
+            heads(ctx.project(&self.k_proj, layer, Projection::K, x)?, nkv)?,
+        );
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = q_norm.forward(&q, ctx.mode, ctx.fused)?;
+            k = k_norm.forward(&k, ctx.mode, ctx.fused)?;
+        }
+        let (q, k) = (ctx.rope(&q)?, ctx.rope(&k)?);
         let v = heads(ctx.project(&self.v_proj, layer, Projection::V, x)?, nkv)?;
         let (k, v) = match cache {
             Some(cache) => {
@@ -427,16 +451,17 @@ impl DecoderLayer {
     }
 }
 
-/// Rotary position embedding frequencies.
+/// Rotary position embedding frequencies, scaled as the config says, and the factor cos and
+/// sin are multiplied by (YaRN's attention factor, else 1).
 struct Rope {
     inv_freq: Vec<f64>,
+    scale: f64,
 }
 
 impl Rope {
     fn new(cfg: &DecoderConfig) -> Self {
-        let d = cfg.head_dim;
-        let inv_freq = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
-        Self { inv_freq }
+        let (inv_freq, scale) = cfg.rope_frequencies();
+        Self { inv_freq, scale }
     }
 
     /// `cos`, `sin` of shape `[batch, seq, head_dim/2]` for per-row positions.
@@ -447,8 +472,8 @@ impl Rope {
         for &p in positions.iter().flatten() {
             for &f in &self.inv_freq {
                 let angle = p as f64 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * self.scale);
+                sin.push(angle.sin() * self.scale);
             }
         }
         let to =
@@ -610,7 +635,8 @@ impl Decoder {
             }
         }
         let (cos, sin) = self.rope.cos_sin(&positions, self.dtype, &self.device)?;
-        let allowed = allowed_keys(&past_mask, batch.mask(), batch.branches(), batch.segments());
+        let window = self.cfg.sliding_window.map(|w| Window { keys: w, positions: &positions });
+        let allowed = allowed_keys(&past_mask, batch.mask(), batch.branches(), batch.segments(), window);
         let fused = self.kernels.enabled() && self.device.is_cpu() && self.dtype == DType::F32 && self.cfg.head_dim > 0;
         let mask = if fused {
             AttentionMask::Keys(allowed)
@@ -720,6 +746,10 @@ impl Decoder {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), f32(&layer.input_layernorm.weight)?));
             out.push((format!("{p}.post_attention_layernorm.weight"), f32(&layer.post_attention_layernorm.weight)?));
+            if let Some((q_norm, k_norm)) = &layer.self_attn.qk_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), f32(&q_norm.weight)?));
+                out.push((format!("{p}.self_attn.k_norm.weight"), f32(&k_norm.weight)?));
+            }
             for proj in Projection::ALL {
                 let linear = layer.linear(proj);
                 out.push((format!("{p}.{}.weight", proj.module_path()), linear.weight().to_dense(DType::F32)?));
@@ -743,6 +773,7 @@ impl DecoderLayer {
                 k_proj: a.k_proj.clone(),
                 v_proj: a.v_proj.clone(),
                 o_proj: a.o_proj.clone(),
+                qk_norm: a.qk_norm.as_ref().map(|(q, k)| (norm(q), norm(k))),
                 num_heads: a.num_heads,
                 num_kv_heads: a.num_kv_heads,
                 head_dim: a.head_dim,
@@ -802,15 +833,25 @@ enum AttentionMask {
     Keys(crate::cpu::attention::KeyMask),
 }
 
+/// A sliding attention window: a query sees only keys fewer than `keys` rotary positions
+/// before it. `positions` are the new tokens' ([`positions`]); a cached token's is the number
+/// of real cached tokens before it.
+#[derive(Clone, Copy)]
+struct Window<'a> {
+    keys: usize,
+    positions: &'a [Vec<usize>],
+}
+
 /// Which of `past + seq` keys each new token may see: causal over the new tokens, padding keys
 /// hidden everywhere; with `branches`, a token sees only the trunk and its own branch; with
-/// `segments`, only tokens of its own segment (and the cache). A padding query may see itself
-/// so its row is never empty.
+/// `segments`, only tokens of its own segment (and the cache); with `window`, only keys within
+/// the window. A padding query may see itself so its row is never empty.
 fn allowed_keys(
     past: &[Vec<bool>],
     new: &[Vec<bool>],
     branches: Option<&[Vec<u32>]>,
     segments: Option<&[Vec<u32>]>,
+    window: Option<Window>,
 ) -> crate::cpu::attention::KeyMask {
     let (b, t) = (new.len(), new[0].len());
     let p = past.first().map(Vec::len).unwrap_or(0);
@@ -819,6 +860,9 @@ fn allowed_keys(
     let segment = |r: usize, c: usize| segments.map_or(0, |sg| sg[r][c]);
     let mut m = vec![false; b * t * keys];
     for r in 0..b {
+        // Rotary positions of the cached keys: the real tokens before each.
+        let past_pos: Vec<usize> =
+            past[r].iter().scan(0, |real, &x| Some(std::mem::replace(real, *real + usize::from(x)))).collect();
         for i in 0..t {
             let row = &mut m[(r * t + i) * keys..(r * t + i + 1) * keys];
             row[..past[r].len()].copy_from_slice(&past[r]);
@@ -827,6 +871,16 @@ fn allowed_keys(
                     segment(r, j) == segment(r, i) && (branch(r, j) == 0 || branch(r, j) == branch(r, i));
                 if new[r][j] && same_tree_path || j == i && !new[r][i] {
                     row[p + j] = true;
+                }
+            }
+            if let Some(w) = window {
+                let q = w.positions[r][i];
+                let key_pos = past_pos.iter().copied().chain(w.positions[r].iter().copied());
+                for ((allowed, k), c) in row.iter_mut().zip(key_pos).zip(0..) {
+                    // The query itself always stays visible (a padding query's only key).
+                    if q.saturating_sub(k) >= w.keys && c != p + i {
+                        *allowed = false;
+                    }
                 }
             }
         }
@@ -850,7 +904,7 @@ fn attention_mask(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor, Error> {
-    additive_mask(&allowed_keys(past, new, branches, segments), dtype, device)
+    additive_mask(&allowed_keys(past, new, branches, segments, None), dtype, device)
 }
 
 /// Runs `f` on the f32 values of a contiguous CPU tensor (made contiguous if needed).
@@ -898,6 +952,22 @@ mod tests {
         // keys: past0 (real), past1 (pad), new0, new1
         let x = MASKED as f32;
         assert_eq!(m, vec![0.0, x, 0.0, x, 0.0, x, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn a_sliding_window_hides_keys_as_many_positions_back() {
+        // Cache: padding, then real tokens at positions 0 and 1; two new tokens at 2 and 3.
+        let past = vec![vec![false, true, true]];
+        let new = vec![vec![true, true]];
+        let pos = positions(&new, None, None, &[2]);
+        assert_eq!(pos, vec![vec![2, 3]]);
+        let window = Some(Window { keys: 2, positions: &pos });
+        let m = allowed_keys(&past, &new, None, None, window);
+        // keys: pad, p0, p1, n2, n3
+        assert_eq!(m.allowed, vec![false, false, true, true, false, false, false, false, true, true]);
+        // A window wider than the context changes nothing.
+        let wide = allowed_keys(&past, &new, None, None, Some(Window { keys: 4, positions: &pos }));
+        assert_eq!(wide.allowed, allowed_keys(&past, &new, None, None, None).allowed);
     }
 
     #[test]

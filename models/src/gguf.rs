@@ -1,7 +1,7 @@
 //! GGUF files: hyper-parameters, tokenizer and weights all from the file, read through a
 //! memory map.
 
-use crate::config::{Arch, DecoderConfig};
+use crate::config::{Arch, DecoderConfig, RopeScaling};
 use crate::decoder::Decoder;
 use crate::linear::{qtensor_to_device, BaseWeight};
 use crate::load::{LoadedModel, ModelMeta, SpecialTokens};
@@ -44,30 +44,86 @@ impl Metadata<'_> {
     }
 }
 
-/// The decoder hyper-parameters in a GGUF file's metadata.
-fn config(md: &Metadata, vocab_size: usize, has_output: bool) -> Result<DecoderConfig, Error> {
+/// What [`config`] needs from a GGUF file besides its metadata.
+struct Tensors {
+    vocab_size: usize,
+    /// An `output.weight` (an untied LM head).
+    has_output: bool,
+    /// A `blk.0.attn_q.bias` (q/k/v biases).
+    has_qkv_bias: bool,
+    /// The values of `rope_freqs.weight`, if any.
+    rope_freqs: Option<Vec<f32>>,
+}
+
+/// The decoder hyper-parameters in a GGUF file's metadata. Rotary scaling as llama.cpp reads
+/// it: `rope.scaling.type` (`linear` when absent) with `rope.scaling.factor` (or the older
+/// `rope.scale_linear`), and a `rope_freqs.weight` table of per-frequency divisors (Llama 3);
+/// YaRN and every other type are refused.
+fn config(md: &Metadata, t: &Tensors) -> Result<DecoderConfig, Error> {
     let arch_name = md.string("general.architecture")?;
-    let arch = Arch::from_name(&arch_name)
-        .ok_or_else(|| Error::Format(format!("GGUF architecture {arch_name:?} is not supported (llama, qwen2 are)")))?;
+    // Mistral GGUFs are `llama` files; a Qwen2/Qwen3 file keeps Hugging Face's Q/K row order.
+    let arch =
+        Arch::from_name(&arch_name).filter(|a| matches!(a, Arch::Llama | Arch::Qwen2 | Arch::Qwen3)).ok_or_else(
+            || Error::Format(format!("GGUF architecture {arch_name:?} is not supported (llama, qwen2, qwen3 are)")),
+        )?;
     let a = |k: &str| format!("{arch_name}.{k}");
+    if md.map.contains_key(&a("attention.sliding_window")) {
+        return Err(Error::Format(format!(
+            "GGUF: {} (sliding-window attention) is not supported",
+            a("attention.sliding_window")
+        )));
+    }
     let hidden_size = md.usize(&a("embedding_length"))?;
     let num_heads = md.usize(&a("attention.head_count"))?;
+    if num_heads == 0 {
+        return Err(Error::Format(format!("GGUF: {} is 0", a("attention.head_count"))));
+    }
+    // Qwen3 heads need not be hidden / heads wide: llama.cpp writes `attention.key_length`.
+    let rotary_dims = md.usize(&a("rope.dimension_count")).ok();
+    let head_dim = md.usize(&a("attention.key_length")).ok().or(rotary_dims).unwrap_or(hidden_size / num_heads);
+    if let Some(r) = rotary_dims.filter(|&r| r != head_dim) {
+        return Err(Error::Format(format!(
+            "GGUF: rotary embedding over {r} of {head_dim} head dimensions (partial rotary) is not supported"
+        )));
+    }
+    let scaling_type = a("rope.scaling.type");
+    let kind = if md.map.contains_key(&scaling_type) { md.string(&scaling_type)? } else { "linear".into() };
+    let factor = md.f64(&a("rope.scaling.factor")).or_else(|_| md.f64(&a("rope.scale_linear"))).unwrap_or(0.0);
+    let factor = match kind.as_str() {
+        "none" => 1.0,
+        "linear" if factor == 0.0 => 1.0,
+        "linear" => factor,
+        other => {
+            return Err(Error::Format(format!(
+                "GGUF: {scaling_type} {other:?} is not supported (none and linear are; load the Hugging Face \
+                 directory for yarn)"
+            )))
+        }
+    };
+    // llama.cpp divides frequency i by rope_freqs[i] and multiplies every one by 1 / factor.
+    let rope_scaling = match &t.rope_freqs {
+        Some(freqs) => RopeScaling::FreqFactors { factors: freqs.iter().map(|&x| f64::from(x) * factor).collect() },
+        None if factor == 1.0 => RopeScaling::Default,
+        None => RopeScaling::Linear { factor },
+    };
     let cfg = DecoderConfig {
         arch,
-        vocab_size,
+        vocab_size: t.vocab_size,
         hidden_size,
         intermediate_size: md.usize(&a("feed_forward_length"))?,
         num_layers: md.usize(&a("block_count"))?,
         num_heads,
         num_kv_heads: md.usize(&a("attention.head_count_kv")).unwrap_or(num_heads),
-        head_dim: md.usize(&a("rope.dimension_count")).unwrap_or(hidden_size / num_heads),
+        head_dim,
         rope_theta: md.f64(&a("rope.freq_base")).unwrap_or(10_000.0),
+        rope_scaling,
         rms_norm_eps: md.f64(&a("attention.layer_norm_rms_epsilon"))?,
         max_position_embeddings: md.usize(&a("context_length"))?,
-        tie_word_embeddings: !has_output,
-        attention_bias: arch == Arch::Qwen2,
+        tie_word_embeddings: !t.has_output,
+        attention_bias: t.has_qkv_bias,
+        sliding_window: None,
     };
-    cfg.validate().map_err(Error::Format)?;
+    cfg.validate().map_err(|e| Error::Format(format!("GGUF: {e}")))?;
     Ok(cfg)
 }
 
@@ -92,6 +148,8 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -137,21 +195,37 @@ fn open(path: &Path) -> Result<(memmap2::Mmap, Content), Error> {
     Ok((mmap, content))
 }
 
+/// The tensor facts [`config`] needs (reads `rope_freqs.weight` when there is one).
+fn tensors(content: &Content, mmap: &[u8], vocab_size: usize) -> Result<Tensors, Error> {
+    let rope_freqs = if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let t = content.tensor(&mut Cursor::new(mmap), "rope_freqs.weight", &Device::Cpu)?;
+        Some(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+    } else {
+        None
+    };
+    Ok(Tensors {
+        vocab_size,
+        has_output: content.tensor_infos.contains_key("output.weight"),
+        has_qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        rope_freqs,
+    })
+}
+
 /// The hyper-parameters alone (no tokenizer is built).
 pub fn read_config(path: &Path) -> Result<DecoderConfig, Error> {
-    let (_, content) = open(path)?;
+    let (mmap, content) = open(path)?;
     let md = Metadata { map: &content.metadata };
     let vocab = md.get("tokenizer.ggml.tokens")?.to_vec()?.len();
-    config(&md, vocab, content.tensor_infos.contains_key("output.weight"))
+    config(&md, &tensors(&content, &mmap, vocab)?)
 }
 
 /// Everything but the weights: hyper-parameters, tokenizer, special tokens, chat template.
 pub fn read_meta(path: &Path) -> Result<ModelMeta, Error> {
-    let (_, content) = open(path)?;
-    meta(&content)
+    let (mmap, content) = open(path)?;
+    meta(&content, &mmap)
 }
 
-fn meta(content: &Content) -> Result<ModelMeta, Error> {
+fn meta(content: &Content, mmap: &[u8]) -> Result<ModelMeta, Error> {
     let md = Metadata { map: &content.metadata };
 
     let vocab = GgufVocab {
@@ -177,7 +251,7 @@ fn meta(content: &Content) -> Result<ModelMeta, Error> {
     .with_stop_tokens(&tok);
     let chat_template_source = md.string("tokenizer.chat_template").ok();
     let chat = chat_template_source.as_deref().and_then(ChatTemplate::from_jinja);
-    let cfg = config(&md, vocab.tokens.len(), content.tensor_infos.contains_key("output.weight"))?;
+    let cfg = config(&md, &tensors(content, mmap, vocab.tokens.len())?)?;
     Ok(ModelMeta { cfg, tokenizer: tok, special, chat, chat_template_source })
 }
 
@@ -185,7 +259,7 @@ fn meta(content: &Content) -> Result<ModelMeta, Error> {
 pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -> Result<LoadedModel, Error> {
     let (mmap, content) = open(path)?;
     let mut reader = Cursor::new(&mmap[..]);
-    let ModelMeta { cfg, tokenizer: tok, special, chat, chat_template_source } = meta(&content)?;
+    let ModelMeta { cfg, tokenizer: tok, special, chat, chat_template_source } = meta(&content, &mmap)?;
     let mut tensors = HashMap::new();
     for gguf_name in content.tensor_infos.keys() {
         let Some(name) = hf_name(gguf_name) else { continue };
@@ -228,6 +302,84 @@ mod tests {
         assert_eq!(hf_name("blk.11.ffn_down.weight").unwrap(), "model.layers.11.mlp.down_proj.weight");
         assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
         assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    /// A llama-style metadata map (`arch`, 64 wide, 4 heads of 16) with `extra` keys.
+    fn metadata(arch: &str, extra: &[(&str, Value)]) -> HashMap<String, Value> {
+        let mut m: HashMap<String, Value> = [
+            ("general.architecture".to_string(), Value::String(arch.into())),
+            (format!("{arch}.embedding_length"), Value::U32(64)),
+            (format!("{arch}.attention.head_count"), Value::U32(4)),
+            (format!("{arch}.attention.head_count_kv"), Value::U32(2)),
+            (format!("{arch}.feed_forward_length"), Value::U32(96)),
+            (format!("{arch}.block_count"), Value::U32(2)),
+            (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+            (format!("{arch}.context_length"), Value::U32(128)),
+        ]
+        .into_iter()
+        .collect();
+        for (k, v) in extra {
+            m.insert(format!("{arch}.{k}"), v.clone());
+        }
+        m
+    }
+
+    fn read(arch: &str, extra: &[(&str, Value)], rope_freqs: Option<Vec<f32>>) -> Result<DecoderConfig, Error> {
+        let map = metadata(arch, extra);
+        let t = Tensors { vocab_size: 300, has_output: false, has_qkv_bias: false, rope_freqs };
+        config(&Metadata { map: &map }, &t)
+    }
+
+    #[test]
+    fn rope_scaling_is_read_as_llama_cpp_does() {
+        assert_eq!(read("llama", &[], None).unwrap().rope_scaling, RopeScaling::Default);
+        let linear = |extra: &[(&str, Value)]| read("llama", extra, None).unwrap().rope_scaling;
+        let four = RopeScaling::Linear { factor: 4.0 };
+        // The type defaults to linear; the factor may be the older `rope.scale_linear`.
+        assert_eq!(linear(&[("rope.scaling.factor", Value::F32(4.0))]), four);
+        assert_eq!(linear(&[("rope.scale_linear", Value::F32(4.0))]), four);
+        assert_eq!(
+            linear(&[("rope.scaling.type", Value::String("linear".into())), ("rope.scaling.factor", Value::F32(4.0))]),
+            four
+        );
+        assert_eq!(
+            linear(&[("rope.scaling.type", Value::String("none".into())), ("rope.scaling.factor", Value::F32(4.0))]),
+            RopeScaling::Default
+        );
+        // Llama 3: the rope_freqs.weight divisors (times a linear factor, if any).
+        let c = read(
+            "llama",
+            &[("rope.scaling.factor", Value::F32(2.0))],
+            Some(vec![1.0, 1.5, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::FreqFactors { factors: vec![2.0, 3.0, 16.0, 16.0, 16.0, 16.0, 16.0, 16.0] }
+        );
+        let e = read("llama", &[], Some(vec![1.0; 4])).unwrap_err().to_string();
+        assert!(e.contains("rope_freqs has 4 factors"), "{e}");
+        for kind in ["yarn", "longrope"] {
+            let e = read("llama", &[("rope.scaling.type", Value::String(kind.into()))], None).unwrap_err().to_string();
+            assert!(e.contains(&format!("{kind:?}")) && e.contains("not supported"), "{e}");
+        }
+    }
+
+    #[test]
+    fn qwen3_heads_come_from_key_length_and_other_layouts_are_refused() {
+        let c = read("qwen3", &[("attention.key_length", Value::U32(32))], None).unwrap();
+        assert_eq!((c.arch, c.head_dim, c.qk_norm()), (Arch::Qwen3, 32, true));
+        let e =
+            read("qwen3", &[("attention.key_length", Value::U32(32)), ("rope.dimension_count", Value::U32(16))], None)
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("partial rotary"), "{e}");
+        let e = read("mistral", &[], None).unwrap_err().to_string();
+        assert!(e.contains("\"mistral\" is not supported"), "{e}");
+        let e = read("llama", &[("attention.sliding_window", Value::U32(8))], None).unwrap_err().to_string();
+        assert!(e.contains("sliding"), "{e}");
+        assert_eq!(hf_name("blk.1.attn_q_norm.weight").unwrap(), "model.layers.1.self_attn.q_norm.weight");
+        assert_eq!(hf_name("blk.1.attn_k_norm.weight").unwrap(), "model.layers.1.self_attn.k_norm.weight");
     }
 
     #[test]

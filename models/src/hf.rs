@@ -128,7 +128,8 @@ pub fn save_dir(loaded: &LoadedModel, dir: &Path) -> Result<(), Error> {
             std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
         };
         let cfg = loaded.model.config();
-        write("config.json", serde_json::to_string_pretty(&cfg.to_hf_json()).expect("json"))?;
+        let config = cfg.to_hf_json().map_err(Error::Invalid)?;
+        write("config.json", serde_json::to_string_pretty(&config).expect("json"))?;
         let state: HashMap<String, Tensor> = loaded.model.dense_state()?.into_iter().collect();
         candle_core::safetensors::save(&state, tmp.join("model.safetensors"))?;
         let tok_json = loaded.tokenizer.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))?;

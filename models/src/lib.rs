@@ -1,7 +1,7 @@
 //! LoRA-ready decoder-only language models for Verdict.
 //!
-//! - [`decoder`]: the Llama / Qwen2 transformer with an inference path (fused kernels,
-//!   quantized weights) and a training path (differentiable ops, gradients only for LoRA).
+//! - [`decoder`]: the Llama / Mistral / Qwen2 / Qwen3 transformer with an inference path (fused
+//!   kernels, quantized weights) and a training path (differentiable ops, gradients only for LoRA).
 //! - [`lora`]: adapters kept apart from the base weights.
 //! - [`load`]: GGUF files and Hugging Face directories, with their tokenizers.
 //! - [`encoder`]: BERT-family encoders with a linear classification head (the baseline).

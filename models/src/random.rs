@@ -14,7 +14,9 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// A small config of either family, for tests: 2 layers, hidden 64, 4 query / 2 KV heads.
+/// A small config of any family, for tests: 2 layers, hidden 64, 4 query / 2 KV heads. Qwen3's
+/// heads are 32 wide (not hidden / heads); Mistral slides a 3-key window, so short test
+/// sequences already exercise it.
 pub fn tiny_config(arch: Arch, vocab_size: usize) -> DecoderConfig {
     DecoderConfig {
         arch,
@@ -24,17 +26,19 @@ pub fn tiny_config(arch: Arch, vocab_size: usize) -> DecoderConfig {
         num_layers: 2,
         num_heads: 4,
         num_kv_heads: 2,
-        head_dim: 16,
+        head_dim: if arch == Arch::Qwen3 { 32 } else { 16 },
         rope_theta: 10_000.0,
+        rope_scaling: Default::default(),
         rms_norm_eps: 1e-6,
         max_position_embeddings: 512,
         tie_word_embeddings: arch == Arch::Llama,
         attention_bias: arch == Arch::Qwen2,
+        sliding_window: (arch == Arch::Mistral).then_some(3),
     }
 }
 
 /// A model of `cfg`'s shape with weights uniform in `±1/sqrt(fan_in)` (so activations stay
-/// O(1)) and norm weights near one, drawn from `seed`. In quantized mode the projections are
+/// O(1)) and norm weights near one (per-head q/k norms within 0.5 of one), drawn from `seed`. In quantized mode the projections are
 /// quantized to Q8_0 (their input size must be a multiple of 32).
 pub fn random_decoder(
     cfg: &DecoderConfig,
@@ -74,6 +78,12 @@ pub fn random_decoder(
                 format!("{p}.{norm}.weight"),
                 BaseWeight::Dense(dense(&mut rng, (1, h), 0.1, 1.0)?.squeeze(0)?),
             );
+        }
+        if cfg.qk_norm() {
+            for norm in ["q_norm", "k_norm"] {
+                let w = dense(&mut rng, (1, cfg.head_dim), 0.5, 1.0)?.squeeze(0)?;
+                tensors.insert(format!("{p}.self_attn.{norm}.weight"), BaseWeight::Dense(w));
+            }
         }
         for proj in Projection::ALL {
             let (out, inp) = proj.dims(cfg);

@@ -41,7 +41,7 @@ const F32_TOL: f32 = 1e-4;
 
 #[test]
 fn inference_and_training_paths_agree() {
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in Arch::ALL {
         let (model, adapter) = setup(arch);
         let batch = TokenBatch::new(&seqs(), 0, Padding::Right).unwrap();
         // No dropout on the training path, so both compute the same function.
@@ -57,7 +57,7 @@ fn inference_and_training_paths_agree() {
 
 #[test]
 fn padded_batches_equal_single_sequences() {
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in Arch::ALL {
         let (model, adapter) = setup(arch);
         for padding in [Padding::Left, Padding::Right] {
             let batch = TokenBatch::new(&seqs(), 3, padding).unwrap();
@@ -86,7 +86,7 @@ fn padded_batches_equal_single_sequences() {
 
 #[test]
 fn kv_cache_decoding_equals_full_forward() {
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in Arch::ALL {
         let (model, adapter) = setup(arch);
         // Left-padded batch, prompt of 5 columns, then 3 decode steps one token at a time.
         let prompts = vec![vec![3, 8, 1, 22, 5], vec![7, 9]];
@@ -117,7 +117,7 @@ fn kv_cache_decoding_equals_full_forward() {
 
 #[test]
 fn shared_prefix_reuse_equals_recomputation() {
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in Arch::ALL {
         let (model, adapter) = setup(arch);
         let prefix = vec![2, 40, 41, 42, 43, 44];
         let suffixes = vec![vec![5, 6, 7], vec![8], vec![9, 10]];
@@ -144,7 +144,7 @@ fn shared_prefix_reuse_equals_recomputation() {
 
 #[test]
 fn merged_adapter_equals_unmerged() {
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in Arch::ALL {
         let (model, adapter) = setup(arch);
         let batch = TokenBatch::new(&seqs(), 0, Padding::Right).unwrap();
         let unmerged = logits(&model, &batch, Some(&adapter), Mode::Inference);
@@ -156,7 +156,7 @@ fn merged_adapter_equals_unmerged() {
 
 #[test]
 fn quantized_weights_track_dense_weights() {
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in Arch::ALL {
         let cfg = tiny_config(arch, VOCAB);
         let dense = random_decoder(&cfg, 42, WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
         let quant = random_decoder(&cfg, 42, WeightMode::Quantized, DType::F32, &Device::Cpu).unwrap();

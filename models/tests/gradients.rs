@@ -1,5 +1,5 @@
-//! LoRA gradients against central finite differences on tiny f64 models, and proof that the
-//! training path computes no gradient for frozen base weights.
+//! LoRA gradients against central finite differences on tiny f64 models of every family, and
+//! proof that the training path computes no gradient for frozen base weights.
 
 use candle_core::{DType, Device, Tensor, D};
 use models::random::{random_decoder, tiny_config};
@@ -100,11 +100,23 @@ fn lora_gradients_match_finite_differences_qwen2() {
     check_gradients(Arch::Qwen2);
 }
 
+/// Mistral's tiny config slides a 3-key window over the 7-token rows.
+#[test]
+fn lora_gradients_match_finite_differences_mistral() {
+    check_gradients(Arch::Mistral);
+}
+
+/// Through Qwen3's per-head q/k norms (32-wide heads, not hidden / heads).
+#[test]
+fn lora_gradients_match_finite_differences_qwen3() {
+    check_gradients(Arch::Qwen3);
+}
+
 /// Fails if any frozen base weight (or its transpose) gets a gradient tensor computed.
 #[test]
 fn frozen_weights_get_no_gradient() {
     let dev = Device::Cpu;
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in Arch::ALL {
         let cfg = tiny_config(arch, VOCAB);
         let model = random_decoder(&cfg, 1, WeightMode::Dense, DType::F64, &dev).unwrap();
         let lora = LoraConfig {
@@ -153,7 +165,7 @@ fn packed_training_products_give_candles_loss_and_gradients() {
         return;
     }
     let dev = Device::Cpu;
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in Arch::ALL {
         let cfg = tiny_config(arch, VOCAB);
         let lora = LoraConfig {
             rank: 4,

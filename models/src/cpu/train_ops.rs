@@ -108,7 +108,7 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // A rotation: its gradient is the inverse rotation (the angle negated).
+        // A (scaled) rotation: its gradient is the transposed map, the angle negated.
         let dx = self.apply(&vec_of(grad)?, arg.dims(), true)?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
