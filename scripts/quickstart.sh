@@ -22,7 +22,12 @@ echo "== publish it: verdict-train promote into ./adapters (evaluated on 100 dev
 if [ -f adapters/mr/CURRENT ]; then
   # A rerun: the new adapter must beat the serving one by the margin, else the serving one stays.
   "$bin/verdict-train" promote --model smollm2 --task mr --candidate runs/quickstart/best --adapters ./adapters \
-    --eval-limit 100 --batch-size 16 || echo "(not promoted: adapters/mr keeps serving $(cat adapters/mr/CURRENT))"
+    --eval-limit 100 --batch-size 16 || {
+    # Exit 3 is the refusal (not better by the margin); anything else is an error.
+    status=$?
+    [ "$status" = 3 ] || exit "$status"
+    echo "(not promoted: adapters/mr keeps serving $(cat adapters/mr/CURRENT))"
+  }
 else
   # An empty registry: publish whatever the comparison with zero-shot says (logged as forced).
   "$bin/verdict-train" promote --model smollm2 --task mr --candidate runs/quickstart/best --adapters ./adapters \

@@ -378,6 +378,11 @@ fn main() -> std::process::ExitCode {
         eprintln!("verdict-serve: {e:#}");
         return std::process::ExitCode::from(2);
     }
+    // Limits that cannot work are a usage error, like clap's own (exit 2).
+    if cli.max_inputs == 0 || cli.max_input_tokens == 0 || cli.max_batch_rows == 0 || cli.max_batch_tokens == 0 {
+        tracing::error!("--max-inputs, --max-input-tokens, --max-batch-rows and --max-batch-tokens must be positive");
+        return std::process::ExitCode::from(2);
+    }
     // Every failure is a log line too (one JSON object with --log-format json).
     match actix_web::rt::System::new().block_on(serve(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -391,11 +396,6 @@ fn main() -> std::process::ExitCode {
 async fn serve(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
-    if cli.max_inputs == 0 || cli.max_input_tokens == 0 || cli.max_batch_rows == 0 || cli.max_batch_tokens == 0 {
-        return Err(anyhow!(
-            "--max-inputs, --max-input-tokens, --max-batch-rows and --max-batch-tokens must be positive"
-        ));
     }
     let device = cli.device.open()?;
     let dtype = cli.dtype.resolve(&device);

@@ -44,6 +44,8 @@ fn train(tag: &str) -> Trained {
 /// What one `promote` or `rollback` run did.
 struct Outcome {
     ok: bool,
+    /// The exit status (README: 0 done, 1 error, 2 usage, 3 refused).
+    code: Option<i32>,
     /// The audit record it printed on stdout, if any.
     record: Option<Value>,
     stderr: String,
@@ -54,6 +56,7 @@ fn registry_command(args: &[&str]) -> Outcome {
     let stdout = String::from_utf8_lossy(&o.stdout);
     Outcome {
         ok: o.status.success(),
+        code: o.status.code(),
         record: stdout.lines().last().and_then(|l| serde_json::from_str(l).ok()),
         stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
     }
@@ -117,6 +120,7 @@ fn promote_refuses_worse_promotes_better_rolls_back_and_audits_each_decision() {
     // clear refuses the weak adapter and leaves the registry without versions.
     let o = promote(&t, &root, &t.weak, &["--margin", "1"]);
     assert!(!o.ok && o.stderr.contains("refused"), "{}", o.stderr);
+    assert_eq!(o.code, Some(3), "a refusal has its own exit status: {}", o.stderr);
     assert_eq!(reg.current("mr").unwrap(), None);
     assert!(reg.versions("mr").unwrap().is_empty());
     let refused_first = o.record.expect("the refusal's audit record on stdout");
@@ -148,6 +152,7 @@ fn promote_refuses_worse_promotes_better_rolls_back_and_audits_each_decision() {
     // 3. The weak adapter over the good one: refused, nothing changes but the audit log.
     let o = promote(&t, &root, &t.weak, &[]);
     assert!(!o.ok, "a worse candidate must be refused");
+    assert_eq!(o.code, Some(3), "{}", o.stderr);
     assert!(o.stderr.contains("refused") && o.stderr.contains("registry is unchanged"), "{}", o.stderr);
     assert_eq!(reg.current("mr").unwrap().as_deref(), Some("v2"));
     assert_eq!(reg.versions("mr").unwrap(), vec!["v1", "v2"]);
@@ -156,6 +161,7 @@ fn promote_refuses_worse_promotes_better_rolls_back_and_audits_each_decision() {
     // An existing version name fails before any evaluation, and is not a decision.
     let o = promote(&t, &root, &t.good, &["--version", "v2"]);
     assert!(!o.ok && o.stderr.contains("already exists"), "{}", o.stderr);
+    assert_eq!(o.code, Some(1), "an error, not a refusal: {}", o.stderr);
     assert_eq!(audit_lines(&root).len(), 4);
 
     // 4. Rollback restores v1 and trims the history; with nothing earlier, it fails.
@@ -165,6 +171,7 @@ fn promote_refuses_worse_promotes_better_rolls_back_and_audits_each_decision() {
     assert_eq!(reg.history("mr").unwrap(), vec!["v1"]);
     let o = rollback(&root, &[]);
     assert!(!o.ok && o.stderr.contains("no earlier promoted version"), "{}", o.stderr);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
     assert_eq!(reg.current("mr").unwrap().as_deref(), Some("v1"));
 
     // 5. One audit line per decision, the same record each command printed.
@@ -204,6 +211,30 @@ fn promote_refuses_worse_promotes_better_rolls_back_and_audits_each_decision() {
     let times: Vec<&str> = lines.iter().map(|l| l["time"].as_str().unwrap()).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "in order: {times:?}");
     assert_eq!(reg.audit("mr").unwrap().len(), lines.len(), "the registry reads its own log");
+}
+
+/// Exit statuses without any training: a failure is 1, a usage error 2, never a refusal's 3.
+#[test]
+fn a_failed_promotion_exits_1_and_a_usage_error_2() {
+    let dir = tests::TempDir::new("promote-exit");
+    let missing = dir.0.join("no-registry");
+    let candidate = dir.0.join("no-candidate");
+    let (reg, cand) = (missing.to_str().unwrap(), candidate.to_str().unwrap());
+    let base = ["promote", "--model", "smollm2", "--task", "mr", "--adapters", reg, "--candidate", cand];
+    // A registry and candidate that are not there: an error, exit 1.
+    let o = registry_command(&base);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(o.stderr.contains("verdict_manifest.json"), "{}", o.stderr);
+    assert!(o.record.is_none(), "no decision, no audit record");
+    let o = rollback(&missing, &[]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    // Flags that cannot work: usage errors, exit 2 (clap's own, and the margin's check).
+    let o = registry_command(&[&base[..], &["--margin", "NaN"]].concat());
+    assert_eq!(o.code, Some(2), "{}", o.stderr);
+    assert!(o.stderr.contains("--margin"), "{}", o.stderr);
+    let o = registry_command(&[&base[..], &["--no-such-flag"]].concat());
+    assert_eq!(o.code, Some(2), "{}", o.stderr);
+    assert!(!missing.exists(), "a failed promotion creates no registry");
 }
 
 /// One client request while versions switch.

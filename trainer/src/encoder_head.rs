@@ -76,7 +76,9 @@ struct SplitData {
 pub fn run(args: &EncoderHeadArgs, cache: &Path) -> Result<()> {
     let started = Instant::now();
     let registry = args.select.registry()?;
-    let [task_name] = args.select.tasks.as_slice() else { bail!("encoder-head trains one task at a time") };
+    let [task_name] = args.select.tasks.as_slice() else {
+        return Err(crate::Failure::Usage("encoder-head trains one task at a time".into()).into());
+    };
     let task = registry.get(task_name)?.clone();
     if task.is_score() {
         bail!("task {} is a score task; encoder heads classify", task.name);

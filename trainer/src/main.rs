@@ -22,6 +22,7 @@ use models::cpu::Purpose;
 use models::{generate, DTypeSpec, DeviceSpec, LoadedModel, WeightMode};
 use shared::assets::{self, MODELS};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -143,7 +144,7 @@ impl ModelArgs {
     /// Loads the model for training (dense weights only).
     fn load_for_training(&self, cache: &std::path::Path) -> Result<LoadedModel> {
         if self.weights != WeightMode::Dense {
-            anyhow::bail!("training needs dense weights (--weights dense)");
+            return Err(Failure::Usage("training needs dense weights (--weights dense)".into()).into());
         }
         self.load_for(cache, Purpose::Train)
     }
@@ -181,7 +182,48 @@ impl ModelArgs {
     }
 }
 
-fn main() -> Result<()> {
+/// A failure with its own exit status (anything else exits 1; clap's usage errors exit 2).
+#[derive(Debug)]
+pub enum Failure {
+    /// Flags that do not fit together or with the run on disk: exit 2, like clap's usage errors.
+    Usage(String),
+    /// `promote` refused a candidate that does not beat the incumbent by the margin: exit 3.
+    Refused(String),
+}
+
+impl Failure {
+    /// The process exit status this failure ends with.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) => 2,
+            Failure::Refused(_) => 3,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Usage(m) | Failure::Refused(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Exit statuses: 0 done, 1 error, 2 usage (clap's and [`Failure::Usage`]), 3 promotion refused.
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The same report as `fn main() -> anyhow::Result<()>` prints: message and causes.
+            eprintln!("Error: {e:?}");
+            ExitCode::from(e.downcast_ref::<Failure>().map_or(1, Failure::exit_code))
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         // candle's CPU kernels size their thread pools from this variable.

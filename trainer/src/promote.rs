@@ -231,7 +231,7 @@ fn evaluate(
 /// `verdict-train promote`.
 pub fn promote(args: &PromoteArgs, cache: &Path) -> Result<()> {
     if !args.margin.is_finite() {
-        bail!("--margin must be a number, not {}", args.margin);
+        return Err(crate::Failure::Usage(format!("--margin must be a number, not {}", args.margin)).into());
     }
     let registry = Registry::new(&args.registry.adapters);
     let task = {
@@ -332,10 +332,11 @@ pub fn promote(args: &PromoteArgs, cache: &Path) -> Result<()> {
         record.time = rfc3339_utc(SystemTime::now());
         registry.append_audit(&task.name, &record)?;
         println!("{}", serde_json::to_string(&record)?);
-        bail!(
+        return Err(crate::Failure::Refused(format!(
             "refused: {comparison}: the candidate does not beat {incumbent_name}; the registry is unchanged \
              (--force promotes anyway)"
-        );
+        ))
+        .into());
     }
     // Another promotion since we read CURRENT would make this comparison stale.
     if registry.current(&task.name)? != incumbent {

@@ -323,7 +323,7 @@ fn dev_eval(
 pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
     let t = &args.train;
     if args.batch_size == 0 || t.grad_accum == 0 {
-        bail!("--batch-size and --grad-accum must be at least 1");
+        return Err(crate::Failure::Usage("--batch-size and --grad-accum must be at least 1".into()).into());
     }
     let ckpt = run_dir::prepare(&args.run.out, args.run.resume)?;
     let loaded = args.run.model.load_for_training(cache)?;

@@ -111,7 +111,10 @@ pub fn load_split(
     cache: &Path,
 ) -> Result<Vec<TaskData>> {
     if select.data.is_some() && select.tasks.len() > 1 {
-        bail!("--data names one task's directory; a mix reads each task's default data");
+        return Err(crate::Failure::Usage(
+            "--data names one task's directory; a mix reads each task's default data".into(),
+        )
+        .into());
     }
     let registry = select.registry()?;
     let mut data = Vec::new();

@@ -25,7 +25,7 @@ use crate::reward_model::LearnedReward;
 use crate::run_dir::{self, MetricsLog, Recorder, RunState};
 use crate::train_config::{initial_adapter, progress_bar, LoopArgs, LoraArgs, RunArgs};
 use crate::train_data::{self, BatchPlan, TaskData};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Tensor, Var};
 use clap::{Args, ValueEnum};
 use math::KlController;
@@ -197,13 +197,19 @@ struct LossStats {
 pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
     let t = &args.train;
     if args.batch_size == 0 || args.mini_batch_size == 0 || t.grad_accum == 0 || args.ppo_epochs == 0 {
-        bail!("--batch-size, --mini-batch-size, --grad-accum and --ppo-epochs must be at least 1");
+        return Err(crate::Failure::Usage(
+            "--batch-size, --mini-batch-size, --grad-accum and --ppo-epochs must be at least 1".into(),
+        )
+        .into());
     }
     if args.algorithm == Algorithm::Grpo && args.group_size < 2 {
-        bail!("GRPO needs --group-size of at least 2 (advantages compare samples of one prompt)");
+        return Err(crate::Failure::Usage(
+            "GRPO needs --group-size of at least 2 (advantages compare samples of one prompt)".into(),
+        )
+        .into());
     }
     if args.reward_kind != RewardKind::Rule && args.reward_model.is_none() {
-        bail!("--reward learned|mixed needs --reward-model DIR");
+        return Err(crate::Failure::Usage("--reward learned|mixed needs --reward-model DIR".into()).into());
     }
     let ckpt = run_dir::prepare(&args.run.out, args.run.resume)?;
     let loaded = args.run.model.load_for_training(cache)?;
