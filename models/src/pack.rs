@@ -179,7 +179,7 @@ impl PackFile {
         // An int8 weight's residual is an entry of its own, right after the weight.
         let mut expanded: Vec<(String, Item)> = Vec::with_capacity(items.len());
         for (name, item) in items {
-            expanded.push((name.clone(), item.clone()));
+            expanded.push((name.clone(), *item));
             if let Item::Packed(p) = item {
                 if let Some(r) = p.residual() {
                     expanded.push((format!("{name}{RESIDUAL}"), Item::Packed(r)));

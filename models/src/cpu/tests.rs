@@ -166,13 +166,13 @@ fn int8_weights_with_their_residual_are_within_a_64000th_of_each_rows_peak() {
     let (_, want, _) = int8_weights(&w, out, inner);
     for (o, row) in w.chunks(inner).enumerate() {
         let peak = row.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-        for k in 0..inner {
+        for (k, &x) in row.iter().enumerate() {
             let i = o * inner + k;
             assert!((got[i] as f64 - want[i]).abs() <= 1e-6 * peak, "[{o}, {k}]: {} vs {}", got[i], want[i]);
             // One int8 matrix is within s₁ / 2 = peak / 254; its residual's step is at most
             // s₁ / 254, so the two are within peak / (127 · 508).
             let bound = peak / (127.0 * 508.0) * (1.0 + 1e-3);
-            assert!((got[i] - row[k]).abs() as f64 <= bound, "[{o}, {k}]: {} vs {} (bound {bound})", got[i], row[k]);
+            assert!((got[i] - x).abs() as f64 <= bound, "[{o}, {k}]: {} vs {x} (bound {bound})", got[i]);
         }
     }
 }
