@@ -115,6 +115,19 @@ fn a_continued_run_ends_where_an_uninterrupted_run_ends() {
     train(&model, &data, &whole, "6", &adaptive);
     let cut = dir.0.join("cut");
     train(&model, &data, &cut, "3", &adaptive);
+    // Other batches or another KL target would not continue the same run: refused, naming them.
+    let mut changed = ppo_args(&model, &data, cut.to_str().unwrap(), "6");
+    changed.extend(adaptive.iter().map(|a| match *a {
+        "16" => "32",
+        "0.1" => "0.2",
+        a => a,
+    }));
+    changed.push("--resume");
+    let o = tests::run("verdict-train", &changed, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("batch-size was 16, now 32") && stderr.contains("kl-target was 0.1, now 0.2"), "{stderr}");
+    // A longer run (--max-steps 3 -> 6) is accepted.
     let mut more = adaptive.to_vec();
     more.push("--resume");
     let stderr = train(&model, &data, &cut, "6", &more);

@@ -134,3 +134,41 @@ fn a_killed_run_resumes_to_the_same_adapter() {
     let o = run("verdict-train", &sft_args(&model, &data, cut.to_str().unwrap(), "25"), &[]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--resume"));
 }
+
+#[test]
+fn a_resume_refuses_a_changed_seed_and_accepts_a_longer_run() {
+    let (dir, model, data) = setup("sft-resume-flags");
+    let out = dir.0.join("run");
+    let o = run("verdict-train", &sft_args(&model, &data, out.to_str().unwrap(), "5"), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(recorded["command"], "sft");
+    assert_eq!(recorded["settings"]["seed"], serde_json::json!(["3"]), "{recorded}");
+    assert_eq!(recorded["settings"]["batch-size"], serde_json::json!(["16"]), "{recorded}");
+
+    // Another seed (or batch size) would not continue the same run: a usage error naming it.
+    for (flag, value, key) in [("--seed", "4", "seed was 3, now 4"), ("--batch-size", "8", "batch-size was 16, now 8")]
+    {
+        let mut args = sft_args(&model, &data, out.to_str().unwrap(), "5");
+        let at = args.iter().position(|a| *a == flag).unwrap();
+        args[at + 1] = value;
+        args.push("--resume");
+        let o = run("verdict-train", &args, &[]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(key) && stderr.contains("exact resume needs the same value"), "{stderr}");
+    }
+    assert_eq!(series(&out, "loss").len(), 5, "a refused resume trains nothing");
+
+    // A longer run is what --resume is for: accepted, and recorded.
+    let mut args = sft_args(&model, &data, out.to_str().unwrap(), "7");
+    args.push("--resume");
+    let o = run("verdict-train", &args, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && stderr.contains("resumed from"), "{stderr}");
+    assert_eq!(series(&out, "loss").len(), 7);
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(recorded["settings"]["max-steps"], serde_json::json!(["7"]), "{recorded}");
+}

@@ -17,7 +17,7 @@ mod train_config;
 mod train_data;
 
 use anyhow::{anyhow, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use models::cpu::Purpose;
 use models::{generate, DTypeSpec, DeviceSpec, LoadedModel, WeightMode};
 use shared::assets::{self, MODELS};
@@ -224,7 +224,20 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // A training run records every flag's resolved value (`--resume` checks them).
+    if let Some((name, sub)) = matches.subcommand() {
+        let run = match &mut cli.command {
+            Command::Sft(a) => Some(&mut a.run),
+            Command::Ppo(a) => Some(&mut a.run),
+            Command::RewardModel(a) => Some(&mut a.run),
+            _ => None,
+        };
+        if let (Some(run), Some(cmd)) = (run, Cli::command().find_subcommand(name)) {
+            run.settings = run_dir::RunSettings::from_matches(cmd, sub);
+        }
+    }
     if let Some(n) = cli.threads {
         // candle's CPU kernels size their thread pools from this variable.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());

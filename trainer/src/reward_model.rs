@@ -325,7 +325,7 @@ pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
     if args.batch_size == 0 || t.grad_accum == 0 {
         return Err(crate::Failure::Usage("--batch-size and --grad-accum must be at least 1".into()).into());
     }
-    let ckpt = run_dir::prepare(&args.run.out, args.run.resume)?;
+    let ckpt = run_dir::prepare(&args.run)?;
     let loaded = args.run.model.load_for_training(cache)?;
     let data = train_data::load(&loaded, &args.run.select, t.train_limit, cache)?;
     let dev = train_data::load_split(&loaded, &args.run.select, &t.eval_split, t.eval_limit, cache)?;

@@ -74,7 +74,7 @@ fn answer_nll(
 }
 
 pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
-    let ckpt = run_dir::prepare(&args.run.out, args.run.resume)?;
+    let ckpt = run_dir::prepare(&args.run)?;
     let loaded = args.run.model.load_for_training(cache)?;
     let data = train_data::load(&loaded, &args.run.select, args.train.train_limit, cache)?;
     let t = &args.train;

@@ -211,7 +211,7 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
     if args.reward_kind != RewardKind::Rule && args.reward_model.is_none() {
         return Err(crate::Failure::Usage("--reward learned|mixed needs --reward-model DIR".into()).into());
     }
-    let ckpt = run_dir::prepare(&args.run.out, args.run.resume)?;
+    let ckpt = run_dir::prepare(&args.run)?;
     let loaded = args.run.model.load_for_training(cache)?;
     let data = train_data::load(&loaded, &args.run.select, t.train_limit, cache)?;
     let learned = match (&args.reward_model, args.reward_kind) {
