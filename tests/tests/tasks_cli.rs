@@ -127,3 +127,44 @@ fn the_shown_prompt_is_what_the_evaluator_and_the_server_compute_on() {
     assert!(apart(&got, &want) < 1e-3, "server {got:?}, the shown ids give {want:?}");
     assert!(apart(&other, &want) > 1e-3, "a different body gives {other:?}: the check cannot tell: {want:?}");
 }
+
+/// A user task in TOML, named `name`.
+fn user_task(name: &str) -> String {
+    format!(
+        "name = \"{name}\"\ndescription = \"English or French.\"\nfields = [\"text\"]\n\
+         instruction = \"Sentence: {{text}}\\nWhich language is it?\"\nlabels = [\"English\", \"French\"]\nmetrics = [\"accuracy\"]\n"
+    )
+}
+
+/// `verdict-train` reads the model and the task files from the variables `verdict-serve` reads,
+/// with the same meaning: the flag wins over the variable, and task files split on commas.
+#[test]
+fn verdict_train_takes_the_model_and_task_files_from_the_servers_variables() {
+    let (dir, model, data) = tests::tiny::setup("tasks-env");
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let o = run("verdict-train", &["tasks", "--show", "mr", "--data", &data], &[("VERDICT_MODEL", &model)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("loaded {model} ")), "VERDICT_MODEL ignored: {}", stderr(&o));
+    let o = run(
+        "verdict-train",
+        &["tasks", "--show", "mr", "--data", &data, "--model", &model],
+        &[("VERDICT_MODEL", "/nonexistent/model")],
+    );
+    assert!(o.status.success() && stderr(&o).contains(&format!("loaded {model} ")), "{}", stderr(&o));
+    let o =
+        run("verdict-train", &["tasks", "--show", "mr", "--data", &data], &[("VERDICT_MODEL", "/nonexistent/model")]);
+    assert!(!o.status.success() && stderr(&o).contains("/nonexistent/model"), "{}", stderr(&o));
+
+    let (a, b) = (dir.0.join("a.toml"), dir.0.join("b.toml"));
+    std::fs::write(&a, user_task("lang-a")).unwrap();
+    std::fs::write(&b, user_task("lang-b")).unwrap();
+    let both = format!("{},{}", a.display(), b.display());
+    for (args, envs) in
+        [(vec!["tasks"], vec![("VERDICT_TASK_FILES", both.as_str())]), (vec!["tasks", "--task-file", &both], vec![])]
+    {
+        let o = run("verdict-train", &args, &envs);
+        let table = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        assert!(table.contains("| lang-a |") && table.contains("| lang-b |"), "{args:?}:\n{table}");
+    }
+}

@@ -12,10 +12,10 @@ use std::time::Instant;
 #[derive(Args)]
 pub struct BenchArgs {
     /// Models to measure (repeatable).
-    #[arg(long = "model", default_values_t = vec!["smollm2".to_string()])]
+    #[arg(long = "model", env = "VERDICT_MODEL", default_values_t = vec!["smollm2".to_string()])]
     models: Vec<String>,
     /// Weight modes to measure (repeatable).
-    #[arg(long = "weights", default_values_t = vec![WeightMode::Dense, WeightMode::Quantized])]
+    #[arg(long = "weights", env = "VERDICT_WEIGHTS", default_values_t = vec![WeightMode::Dense, WeightMode::Quantized])]
     weights: Vec<WeightMode>,
     /// Prompt length for prefill.
     #[arg(long, default_value_t = 256)]
@@ -27,10 +27,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "VERDICT_DEVICE", default_value = "cpu")]
     device: DeviceSpec,
     /// Precision of dense weights: `auto` (f32 on CPU, bf16 on a GPU), `f32`, `bf16`, `f16`.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, env = "VERDICT_DTYPE", default_value = "auto")]
     dtype: DTypeSpec,
     #[command(flatten)]
     kernels: models::cpu::KernelArgs,

@@ -32,7 +32,7 @@ use std::time::Instant;
 #[derive(Args)]
 pub struct EncoderHeadArgs {
     /// The encoder: `minilm`, `bert-base`, `bert-large` (random weights) or a BERT directory.
-    #[arg(long, default_value = "minilm")]
+    #[arg(long, env = "VERDICT_MODEL", default_value = "minilm")]
     pub model: String,
     /// `cpu`, `cuda` or `cuda:N` (the encoder runs f32 on either).
     #[arg(long, env = "VERDICT_DEVICE", default_value = "cpu")]

@@ -38,8 +38,9 @@ pub struct TaskSelection {
     /// Tasks by registry name (repeatable; `sft` trains on the mix).
     #[arg(long = "task", required = true)]
     pub tasks: Vec<String>,
-    /// Extra task definitions (TOML, repeatable); see docs/tasks.md.
-    #[arg(long = "task-file")]
+    /// Extra task definitions (TOML; repeatable or comma-separated, as in `verdict-serve`);
+    /// see docs/tasks.md.
+    #[arg(long = "task-file", env = "VERDICT_TASK_FILES", value_delimiter = ',')]
     pub task_files: Vec<PathBuf>,
     /// Data directory of one task (GLUE task dir, SuperGLUE task dir, or a dir of
     /// `<split>.jsonl|csv|parquet`). Default for the real datasets: `<cache>/data/<task>`.

@@ -112,10 +112,10 @@ enum Command {
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// A model name (`smollm2`, `qwen0.5b`, `qwen1.5b`), a .gguf file or a Hugging Face directory.
-    #[arg(long, default_value = "smollm2")]
+    #[arg(long, env = "VERDICT_MODEL", default_value = "smollm2")]
     pub model: String,
     /// `dense` (f32, the reference) or `quantized` (GGUF blocks as they are).
-    #[arg(long, default_value = "dense")]
+    #[arg(long, env = "VERDICT_WEIGHTS", default_value = "dense")]
     pub weights: WeightMode,
     /// `cpu`, `cuda` or `cuda:N` (a binary built with the `cuda` feature; see docs/gpu.md).
     #[arg(long, env = "VERDICT_DEVICE", default_value = "cpu")]

@@ -51,8 +51,9 @@ pub struct PromoteArgs {
     /// The task (registry name).
     #[arg(long)]
     pub task: String,
-    /// Extra task definitions (TOML, repeatable); see docs/tasks.md.
-    #[arg(long = "task-file")]
+    /// Extra task definitions (TOML; repeatable or comma-separated, as in `verdict-serve`);
+    /// see docs/tasks.md.
+    #[arg(long = "task-file", env = "VERDICT_TASK_FILES", value_delimiter = ',')]
     pub task_files: Vec<PathBuf>,
     /// The task's data directory (default for the real datasets: `<cache>/data/<task>`).
     #[arg(long)]

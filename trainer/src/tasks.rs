@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct TasksArgs {
-    /// Extra task definitions (TOML).
-    #[arg(long = "task-file")]
+    /// Extra task definitions (TOML; repeatable or comma-separated, as in `verdict-serve`).
+    #[arg(long = "task-file", env = "VERDICT_TASK_FILES", value_delimiter = ',')]
     pub task_files: Vec<PathBuf>,
     /// Print the prompt of this task's first dev example as `--model` sees it: the cached
     /// prefix and the per-input body marked, then the answers scored, with token counts.
