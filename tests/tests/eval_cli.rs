@@ -133,7 +133,8 @@ fn eval_runs_a_user_task_from_toml_on_csv() {
         label = "lang"
     "#;
     std::fs::write(dir.0.join("lang.toml"), toml).unwrap();
-    std::fs::write(dir.0.join("test.csv"), "phrase,lang\n\"Where is the station, please?\",en\nOù est la gare s'il vous plaît ?,fr\nI like cheese.,en\nJ'aime le fromage.,fr\n").unwrap();
+    // No --split: the dev split is the default.
+    std::fs::write(dir.0.join("dev.csv"), "phrase,lang\n\"Where is the station, please?\",en\nOù est la gare s'il vous plaît ?,fr\nI like cheese.,en\nJ'aime le fromage.,fr\n").unwrap();
     let report = eval(
         &[
             "--task",
@@ -221,4 +222,41 @@ fn eval_groups_record_queries_and_multirc_questions() {
     let em = [0usize, 2].iter().filter(|&&q| right(&preds[q]) && right(&preds[q + 1])).count() as f64 / 2.0;
     let reported = task["score"]["metrics"].as_array().unwrap().iter().find(|m| m["metric"] == "multirc_em").unwrap();
     assert_eq!(reported["value"].as_f64().unwrap(), em);
+}
+
+/// `--split` is `dev` unless asked otherwise, `validation` names the same split, and the test
+/// split is read only when asked for (the tiny model's data has no test file).
+#[test]
+fn eval_scores_the_dev_split_unless_asked_for_another() {
+    let (dir, model, data) = tests::tiny::setup("eval-split");
+    let report = |extra: &[&str], name: &str| -> (std::process::Output, Option<Value>) {
+        let out = dir.0.join(name);
+        let mut args = vec![
+            "eval",
+            "--model",
+            &model,
+            "--task",
+            "mr",
+            "--data",
+            &data,
+            "--resamples",
+            "10",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = run("verdict-train", &args, &[]);
+        let v = std::fs::read_to_string(&out).ok().map(|t| serde_json::from_str(&t).unwrap());
+        (o, v)
+    };
+    for (extra, name) in [(&[][..], "default.json"), (&["--split", "validation"][..], "validation.json")] {
+        let (o, v) = report(extra, name);
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let task = &v.unwrap()["tasks"][0];
+        assert_eq!(task["split"], "dev", "{extra:?}: {task}");
+        assert_eq!(task["examples"], 64, "{extra:?}: the 64 dev examples");
+    }
+    let (o, _) = report(&["--split", "test"], "test.json");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("no test file"), "{stderr}");
 }

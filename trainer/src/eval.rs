@@ -65,7 +65,9 @@ pub struct EvalArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub select: TaskSelection,
-    #[arg(long, default_value = "test")]
+    /// The split to score: `dev` (the default; `validation` is the same), `test` (only when
+    /// you mean to report it), `train`, or any `<split>` file of the data directory.
+    #[arg(long, default_value = "dev", value_parser = split_name)]
     pub split: String,
     /// Demonstrations from the training split (0 = zero-shot).
     #[arg(long, default_value_t = 0)]
@@ -153,6 +155,15 @@ pub struct TaskReport {
     pub skipped_rows: usize,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     predictions: Vec<ExampleResult>,
+}
+
+/// A `--split` value: `validation` is another name for `dev`.
+pub fn split_name(s: &str) -> Result<String, String> {
+    match s.trim() {
+        "" => Err("give a split name (dev, test, train)".into()),
+        "validation" => Ok("dev".into()),
+        s => Ok(s.to_string()),
+    }
 }
 
 /// The data file of `split` for `task`.

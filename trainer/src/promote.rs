@@ -75,7 +75,7 @@ pub struct PromoteArgs {
     #[arg(long)]
     pub force: bool,
     /// The split both are evaluated on.
-    #[arg(long, default_value = "dev")]
+    #[arg(long, default_value = "dev", value_parser = eval::split_name)]
     pub split: String,
     /// Evaluate on the first N examples of the split only.
     #[arg(long)]

@@ -95,7 +95,8 @@ pub struct LoopArgs {
     /// Dev examples per evaluation (default: the whole split).
     #[arg(long)]
     pub eval_limit: Option<usize>,
-    #[arg(long, default_value = "dev")]
+    /// The split of the in-training evaluations (`validation` is `dev`).
+    #[arg(long, default_value = "dev", value_parser = crate::eval::split_name)]
     pub eval_split: String,
     /// Checkpoint every N steps (and at the end).
     #[arg(long, default_value_t = 50)]
