@@ -182,6 +182,15 @@ pub fn accumulate_grads(grads: &mut BTreeMap<String, Tensor>, g: &GradStore, var
     Ok(())
 }
 
+/// The end-of-run words about the best adapter: `best dev score 0.8700 at step 40 (<dir>)`.
+fn best_line(state: &RunState, dir: &Path) -> String {
+    match (state.best_score, state.best_step) {
+        (Some(score), Some(step)) => format!("best dev score {score:.4} at step {step} ({})", dir.display()),
+        (Some(score), None) => format!("best dev score {score:.4} ({})", dir.display()),
+        _ => "no dev evaluation, so no best adapter".to_string(),
+    }
+}
+
 /// Atomic directory write (see `shared::atomic`).
 pub use shared::atomic::write_dir as write_dir_atomically;
 
@@ -437,11 +446,9 @@ impl<'a> Recorder<'a> {
     ) -> Result<()> {
         self.save(&self.out.join("adapter"), &adapter.snapshot()?, head, state.step, &[])?;
         eprintln!(
-            "done: {} steps in {seconds:.1}s; best dev score {:?} at step {:?} ({}); final adapter in {}",
+            "done: {} steps in {seconds:.1}s; {}; final adapter in {}",
             state.step,
-            state.best_score,
-            state.best_step,
-            self.out.join("best").display(),
+            best_line(state, &self.out.join("best")),
             self.out.join("adapter").display()
         );
         Ok(())
@@ -490,6 +497,15 @@ mod tests {
         let m = crate::Cli::command().try_get_matches_from(all).unwrap();
         let (name, sub) = m.subcommand().unwrap();
         RunSettings::from_matches(crate::Cli::command().find_subcommand(name).unwrap(), sub)
+    }
+
+    #[test]
+    fn the_best_adapter_is_reported_in_words_not_debug_forms() {
+        let dir = std::path::Path::new("runs/x/best");
+        let state = super::RunState { step: 40, best_score: Some(0.87), best_step: Some(40), kl_coef: None };
+        assert_eq!(super::best_line(&state, dir), "best dev score 0.8700 at step 40 (runs/x/best)");
+        let none = super::best_line(&super::RunState::default(), dir);
+        assert!(!none.contains("None") && !none.contains("Some"), "{none}");
     }
 
     #[test]
