@@ -120,10 +120,10 @@ impl std::fmt::Display for PlanSource {
 #[derive(Debug, Clone, clap::Args)]
 pub struct KernelArgs {
     /// Precision of the dense products on the CPU: `f32`, `bf16` (weights and inputs rounded
-    /// to bf16, f32 sums), `int8` (int8 weights per output channel, inputs as two u8 passes per
-    /// row, i32 sums; less exact: docs/results.md) or `auto` (verdict-serve: the faster of
-    /// f32 and bf16 measured on the loaded model; every other command: f32). Training is always
-    /// f32. docs/runtime.md.
+    /// to bf16, f32 sums), `int8` (int8 weights per output channel with their rounding error as
+    /// a second int8 matrix, inputs as two u8 passes per row, i32 sums) or `auto`
+    /// (verdict-serve: the fastest of these measured on the loaded model; every other command:
+    /// f32). Training is always f32. docs/runtime.md.
     #[arg(long, env = "VERDICT_CPU_MATMUL", default_value = "auto", global = true)]
     pub cpu_matmul: PrecisionChoice,
     /// Instruction sets the kernels may use: `all` (what the CPU has), `none` (candle's
@@ -193,11 +193,12 @@ impl KernelArgs {
                 p.check(&caps)?;
                 vec![p]
             }
-            // int8 is asked for, never chosen: with activations quantized per row its answers
-            // moved on 23 of 998 `mr` test sentences (SmolLM2 SFT; bf16: 2), docs/results.md.
-            (PrecisionChoice::Auto, Purpose::Serve) => {
-                [Precision::F32, Precision::Bf16].into_iter().filter(|p| p.check(&caps).is_ok()).collect()
-            }
+            // Every precision that holds the answers: int8 (two input passes, residual weights)
+            // moves 1 of 998 `mr` test answers, bf16 3 (docs/results.md, "Residual weights").
+            (PrecisionChoice::Auto, Purpose::Serve) => [Precision::F32, Precision::Bf16, Precision::Int8]
+                .into_iter()
+                .filter(|p| p.check(&caps).is_ok())
+                .collect(),
             (PrecisionChoice::Auto, _) => vec![Precision::F32],
         };
         let cache_path = Plan::cache_path(cache_dir, &caps);

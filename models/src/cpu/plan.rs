@@ -58,7 +58,7 @@ pub struct Choice {
 }
 
 /// Format version of plan files: bump when kernels change so old choices are measured again.
-const PLAN_VERSION: u32 = 1;
+const PLAN_VERSION: u32 = 2;
 
 impl Plan {
     /// An empty plan for this CPU: every product takes [`Plan::default_tiling`].
