@@ -11,6 +11,7 @@ mod ppo;
 mod promote;
 mod reward_model;
 mod run_dir;
+mod settings;
 mod sft;
 mod tasks;
 mod train_config;
@@ -235,7 +236,7 @@ fn run() -> Result<()> {
             _ => None,
         };
         if let (Some(run), Some(cmd)) = (run, Cli::command().find_subcommand(name)) {
-            run.settings = run_dir::RunSettings::from_matches(cmd, sub);
+            run.settings = settings::RunSettings::from_matches(cmd, sub);
         }
     }
     if let Some(n) = cli.threads {

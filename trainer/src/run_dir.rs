@@ -13,6 +13,7 @@
 
 use crate::eval;
 use crate::optim::Optimizer;
+use crate::settings::{RunSettings, RESUME_MAY_CHANGE};
 use crate::train_config::{LoopArgs, RunArgs};
 use crate::train_data::TaskData;
 use crate::ModelArgs;
@@ -40,86 +41,6 @@ pub struct RunState {
     /// PPO's current KL coefficient (the adaptive controller's state).
     #[serde(default)]
     pub kl_coef: Option<f64>,
-}
-
-/// The settings a `--resume` may change (long flag names): how long the run goes on, how often
-/// it evaluates, checkpoints and logs, and where it is. Every other flag is part of what the
-/// resumed run computes (data order, dropout, shapes, the optimizer, numerics, the dev set that
-/// picks `best/`) and must keep its recorded value. docs/training.md lists them.
-pub const RESUME_MAY_CHANGE: [&str; 8] =
-    ["max-steps", "epochs", "eval-every", "save-every", "log-every", "keep-checkpoints", "out", "resume"];
-
-/// A training command's resolved settings: each flag's value as given, from the environment or
-/// the default (`None`: unset), keyed by its long name. Recorded in `<out>/run.json`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct RunSettings {
-    /// `sft`, `ppo` or `reward-model`.
-    pub command: String,
-    pub settings: BTreeMap<String, Option<Vec<String>>>,
-}
-
-impl RunSettings {
-    /// The settings of subcommand `cmd` as `matches` resolved them.
-    pub fn from_matches(cmd: &clap::Command, matches: &clap::ArgMatches) -> Self {
-        let mut settings = BTreeMap::new();
-        for arg in cmd.get_arguments() {
-            let id = arg.get_id().as_str();
-            if matches!(id, "help" | "version") {
-                continue;
-            }
-            let Ok(raw) = matches.try_get_raw(id) else { continue };
-            let value = raw.map(|vs| vs.map(|v| v.to_string_lossy().into_owned()).collect());
-            settings.insert(arg.get_long().unwrap_or(id).to_string(), value);
-        }
-        Self { command: cmd.get_name().to_string(), settings }
-    }
-
-    /// Why `self` (this invocation) cannot resume a run started with `recorded`, if it cannot:
-    /// one line per changed setting that exact resume needs.
-    pub fn resume_conflicts(&self, recorded: &RunSettings) -> Vec<String> {
-        if self.command != recorded.command {
-            return vec![format!(
-                "--resume: the run was started by `{}`, not `{}`; resume it with the same command",
-                recorded.command, self.command
-            )];
-        }
-        let keys: std::collections::BTreeSet<&String> = self.settings.keys().chain(recorded.settings.keys()).collect();
-        let mut out = Vec::new();
-        for key in keys {
-            if RESUME_MAY_CHANGE.contains(&key.as_str()) {
-                continue;
-            }
-            let (was, now) = (recorded.settings.get(key).cloned().flatten(), self.settings.get(key).cloned().flatten());
-            if !same_values(was.as_deref(), now.as_deref()) {
-                out.push(format!(
-                    "--resume: {key} was {}, now {}; exact resume needs the same value",
-                    shown(was.as_deref()),
-                    shown(now.as_deref())
-                ));
-            }
-        }
-        out
-    }
-}
-
-/// Equal settings: the same text, or numbers of the same value (`3e-3` and `0.003`).
-fn same_values(a: Option<&[String]>, b: Option<&[String]>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => {
-            a.len() == b.len()
-                && a.iter()
-                    .zip(b)
-                    .all(|(x, y)| x == y || matches!((x.parse::<f64>(), y.parse::<f64>()), (Ok(p), Ok(q)) if p == q))
-        }
-        (a, b) => a.is_none() && b.is_none(),
-    }
-}
-
-fn shown(v: Option<&[String]>) -> String {
-    match v {
-        None => "unset".to_string(),
-        Some(vs) => vs.join(","),
-    }
 }
 
 const RUN_FILE: &str = "run.json";
@@ -489,16 +410,6 @@ impl<'a> Recorder<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::RunSettings;
-    use clap::CommandFactory;
-
-    fn settings(args: &[&str]) -> RunSettings {
-        let all: Vec<&str> = ["verdict-train"].iter().chain(args).copied().collect();
-        let m = crate::Cli::command().try_get_matches_from(all).unwrap();
-        let (name, sub) = m.subcommand().unwrap();
-        RunSettings::from_matches(crate::Cli::command().find_subcommand(name).unwrap(), sub)
-    }
-
     #[test]
     fn the_best_adapter_is_reported_in_words_not_debug_forms() {
         let dir = std::path::Path::new("runs/x/best");
@@ -506,43 +417,5 @@ mod tests {
         assert_eq!(super::best_line(&state, dir), "best dev score 0.8700 at step 40 (runs/x/best)");
         let none = super::best_line(&super::RunState::default(), dir);
         assert!(!none.contains("None") && !none.contains("Some"), "{none}");
-    }
-
-    #[test]
-    fn a_resume_may_lengthen_a_run_but_not_change_what_it_computes() {
-        let started = settings(&["reward-model", "--task", "mr", "--out", "o", "--lr", "3e-3"]);
-        // The same number spelled otherwise, and the settings a resume may change.
-        let longer = settings(&[
-            "reward-model",
-            "--task",
-            "mr",
-            "--out",
-            "o",
-            "--lr",
-            "0.003",
-            "--max-steps",
-            "9",
-            "--eval-every",
-            "3",
-            "--save-every",
-            "3",
-            "--log-every",
-            "1",
-            "--keep-checkpoints",
-            "5",
-            "--resume",
-        ]);
-        assert_eq!(longer.resume_conflicts(&started), Vec::<String>::new());
-        let other = settings(&["reward-model", "--task", "mr", "--out", "o", "--seed", "2", "--resume"]);
-        assert_eq!(
-            other.resume_conflicts(&started),
-            [
-                "--resume: lr was 3e-3, now unset; exact resume needs the same value",
-                "--resume: seed was 1, now 2; exact resume needs the same value"
-            ]
-        );
-        let sft = settings(&["sft", "--task", "mr", "--out", "o", "--lr", "3e-3", "--resume"]);
-        let conflicts = sft.resume_conflicts(&started);
-        assert!(conflicts.len() == 1 && conflicts[0].contains("started by `reward-model`"), "{conflicts:?}");
     }
 }

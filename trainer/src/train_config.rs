@@ -22,13 +22,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Continue from the newest checkpoint in `--out` (with the settings the run started with;
-    /// only those in `run_dir::RESUME_MAY_CHANGE` may differ).
+    /// only those in `settings::RESUME_MAY_CHANGE` may differ).
     #[arg(long)]
     pub resume: bool,
     /// Every flag's resolved value, recorded in `<out>/run.json` and checked on `--resume`
     /// (filled in from the parsed command line by `main`).
     #[arg(skip)]
-    pub settings: crate::run_dir::RunSettings,
+    pub settings: crate::settings::RunSettings,
 }
 
 /// A fresh adapter's shape (ignored when training continues from an existing adapter).
