@@ -4,7 +4,7 @@
 use crate::config::{Arch, DecoderConfig, RopeScaling};
 use crate::decoder::Decoder;
 use crate::linear::{qtensor_to_device, BaseWeight};
-use crate::load::{LoadedModel, ModelMeta, SpecialTokens};
+use crate::loaded::{LoadedModel, ModelMeta, SpecialTokens};
 use crate::tokenizer::{self, GgufVocab};
 use crate::weights::{WeightMap, WeightMode};
 use crate::Error;

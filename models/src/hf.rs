@@ -4,7 +4,7 @@
 use crate::config::DecoderConfig;
 use crate::decoder::Decoder;
 use crate::linear::{qtensor_to_device, BaseWeight};
-use crate::load::{LoadedModel, ModelMeta, SpecialTokens};
+use crate::loaded::{LoadedModel, ModelMeta, SpecialTokens};
 use crate::weights::{WeightMap, WeightMode};
 use crate::Error;
 use candle_core::quantized::{GgmlDType, QTensor};

@@ -19,6 +19,7 @@ pub mod head;
 pub mod hf;
 pub mod linear;
 pub mod load;
+pub mod loaded;
 pub mod lora;
 pub mod pack;
 pub mod random;
@@ -32,9 +33,8 @@ pub use decoder::{Adapters, Decoder, DecoderOutput, LogitsAt, Mode};
 pub use device::{DTypeSpec, DeviceSpec};
 pub use encoder::{ClassifierHead, EncodedInput, Encoder, EncoderSource};
 pub use head::ScalarHead;
-pub use load::{
-    load_for, load_model, load_model_with, read_config, read_meta, LoadOptions, LoadedModel, ModelMeta, SpecialTokens,
-};
+pub use load::{load_for, load_model, load_model_with, read_config, read_meta, LoadOptions};
+pub use loaded::{LoadedModel, ModelMeta, SpecialTokens};
 pub use lora::{LoraAdapter, LoraConfig, Projection};
 pub use shared::chat::{ChatMessage, ChatTemplate};
 pub use weights::WeightMode;

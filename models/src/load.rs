@@ -2,70 +2,12 @@
 
 use crate::cpu::{CpuKernels, Purpose};
 use crate::decoder::Decoder;
+use crate::loaded::{LoadedModel, ModelMeta};
 use crate::pack::{Item, PackFile, Source};
 use crate::weights::{WeightMap, WeightMode};
-use crate::{gguf, hf, tokenizer, Error};
+use crate::{gguf, hf, Error};
 use candle_core::{DType, Device};
-use shared::chat::{ChatMessage, ChatTemplate};
 use std::path::{Path, PathBuf};
-use tokenizers::Tokenizer;
-
-/// Token ids with a fixed role.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SpecialTokens {
-    pub bos: Option<u32>,
-    pub eos: Option<u32>,
-    pub pad: Option<u32>,
-    /// Whether prompts start with BOS.
-    pub add_bos: bool,
-    /// Ids that end a generation: EOS and the chat end-of-turn tokens the vocabulary has.
-    pub stop: Vec<u32>,
-}
-
-impl SpecialTokens {
-    /// Fills `stop` from `eos` and the end-of-turn tokens found in the tokenizer.
-    pub(crate) fn with_stop_tokens(mut self, tok: &Tokenizer) -> Self {
-        let mut stop: Vec<u32> = self.eos.into_iter().collect();
-        for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
-            if let Some(id) = tok.token_to_id(t) {
-                if !stop.contains(&id) {
-                    stop.push(id);
-                }
-            }
-        }
-        self.stop = stop;
-        self
-    }
-
-    /// The id used to pad batches: PAD, else EOS, else 0.
-    pub fn pad_id(&self) -> u32 {
-        self.pad.or(self.eos).unwrap_or(0)
-    }
-}
-
-/// A model with everything needed to talk to it.
-pub struct LoadedModel {
-    pub model: Decoder,
-    pub tokenizer: Tokenizer,
-    pub special: SpecialTokens,
-    pub chat: Option<ChatTemplate>,
-    /// The Jinja chat template as the file carried it (kept for export).
-    pub chat_template_source: Option<String>,
-    /// Where the weights came from.
-    pub path: PathBuf,
-    /// The sha256 of the weights file when the load already knew it (a pack file records it).
-    pub weights_sha256: Option<String>,
-}
-
-/// A model's hyper-parameters, tokenizer, special tokens and chat template: everything a
-/// load needs besides the weights.
-pub struct ModelMeta {
-    pub cfg: crate::config::DecoderConfig,
-    pub tokenizer: Tokenizer,
-    pub special: SpecialTokens,
-    pub chat: Option<ChatTemplate>,
-    pub chat_template_source: Option<String>,
-}
 
 /// How [`load_model_with`] loads a model.
 #[derive(Debug, Clone)]
@@ -80,48 +22,6 @@ pub struct LoadOptions {
     pub purpose: Purpose,
     /// Where pack files go when the model's own directory is not writable.
     pub cache_dir: PathBuf,
-}
-
-impl LoadedModel {
-    /// Token ids of `text` (special tokens in the text are parsed), with BOS first when
-    /// `add_bos` and the model wants it.
-    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, Error> {
-        let mut ids = Vec::new();
-        if add_bos && self.special.add_bos {
-            ids.extend(self.special.bos);
-        }
-        ids.extend(tokenizer::encode(&self.tokenizer, text)?);
-        Ok(ids)
-    }
-
-    /// Token ids of an input's text, read as plain text: it cannot spell a special token
-    /// (`tokenizer::encode_text`).
-    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, Error> {
-        tokenizer::encode_text(&self.tokenizer, text)
-    }
-
-    /// Token ids of a prompt body: its field values (user input) read as plain text, the
-    /// template's own markers as their special tokens (`tokenizer::encode_with_plain`).
-    /// Trainer, evaluator and server all tokenize bodies with this.
-    pub fn encode_body(&self, parts: &shared::task::PromptParts) -> Result<Vec<u32>, Error> {
-        tokenizer::encode_with_plain(&self.tokenizer, &parts.body, &parts.fields)
-    }
-
-    /// Text of `ids`.
-    pub fn decode(&self, ids: &[u32]) -> Result<String, Error> {
-        tokenizer::decode(&self.tokenizer, ids)
-    }
-
-    /// A one-turn chat prompt ending with an open assistant turn.
-    pub fn chat_prompt(&self, user: &str, system: Option<&str>) -> Result<String, Error> {
-        let chat = self.chat.as_ref().ok_or_else(|| Error::Invalid("this model has no chat template".into()))?;
-        let mut messages = Vec::new();
-        if let Some(s) = system {
-            messages.push(ChatMessage::new("system", s));
-        }
-        messages.push(ChatMessage::new("user", user));
-        Ok(chat.render(&messages, true))
-    }
 }
 
 /// Loads a `.gguf` file or a Hugging Face directory (`config.json`, `*.safetensors`,

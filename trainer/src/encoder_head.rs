@@ -15,7 +15,7 @@
 //! `--random` writes a seeded random head without data or training: the latency baseline for
 //! encoders without real weights (BERT-base, BERT-large).
 
-use crate::eval::{data_dir, read_split, Item, TaskSelection};
+use crate::data::{data_dir, read_split, Item, TaskSelection};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use clap::Args;

@@ -2,6 +2,7 @@
 //! on tasks from the registry, in constrained mode (probability of every label's answer) or in
 //! the method's free-generation mode (decode, parse the answer tag, count unparseable answers).
 
+use crate::data::{data_dir, pick_shots, read_split, split_name, Item, TaskSelection};
 use crate::ModelArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
@@ -10,14 +11,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use models::generate::{generate, Sampling};
 use models::scoring::{normalize, score_candidates};
 use models::{KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, TokenBatch};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use shared::adapter::{Manifest, MANIFEST_FILE};
-use shared::data::{self, ColumnMap, RawExample, ReadOptions};
 use shared::metrics::{score_task, Predictions, TaskScore};
-use shared::task::{AnswerScoring, DataFormat, Label, Task, TaskRegistry};
+use shared::task::{AnswerScoring, Label, Task};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -30,33 +27,6 @@ pub enum EvalMode {
     Constrained,
     /// Decode freely and parse the text before the closing tag (the method's evaluation).
     Generate,
-}
-
-/// Which tasks, from which definitions and data: shared by `eval` and `sft`.
-#[derive(Args, Clone)]
-pub struct TaskSelection {
-    /// Tasks by registry name (repeatable; `sft` trains on the mix).
-    #[arg(long = "task", required = true)]
-    pub tasks: Vec<String>,
-    /// Extra task definitions (TOML; repeatable or comma-separated, as in `verdict-serve`);
-    /// see docs/tasks.md.
-    #[arg(long = "task-file", env = "VERDICT_TASK_FILES", value_delimiter = ',')]
-    pub task_files: Vec<PathBuf>,
-    /// Data directory of one task (GLUE task dir, SuperGLUE task dir, or a dir of
-    /// `<split>.jsonl|csv|parquet`). Default for the real datasets: `<cache>/data/<task>`.
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-}
-
-impl TaskSelection {
-    /// The built-in registry plus the task files.
-    pub fn registry(&self) -> Result<TaskRegistry> {
-        let mut registry = TaskRegistry::builtin();
-        for f in &self.task_files {
-            registry.load_file(f)?;
-        }
-        Ok(registry)
-    }
 }
 
 #[derive(Args, Clone)]
@@ -118,12 +88,6 @@ pub struct EvalArgs {
     pub show_prompts: usize,
 }
 
-/// One example ready to score.
-pub(crate) struct Item {
-    pub raw: RawExample,
-    pub label: Label,
-}
-
 /// Per-example result in the report.
 #[derive(Serialize)]
 struct ExampleResult {
@@ -155,99 +119,6 @@ pub struct TaskReport {
     pub skipped_rows: usize,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     predictions: Vec<ExampleResult>,
-}
-
-/// A `--split` value: `validation` is another name for `dev`.
-pub fn split_name(s: &str) -> Result<String, String> {
-    match s.trim() {
-        "" => Err("give a split name (dev, test, train)".into()),
-        "validation" => Ok("dev".into()),
-        s => Ok(s.to_string()),
-    }
-}
-
-/// The data file of `split` for `task`.
-fn split_file(task: &Task, dir: &Path, split: &str) -> Result<PathBuf> {
-    let candidates: Vec<String> = match &task.format {
-        DataFormat::GlueTsv(_) => {
-            let mm = task.name == "mnli-mm";
-            let m = task.name == "mnli-m";
-            vec![match (split, m, mm) {
-                ("dev", true, _) => "dev_matched.tsv".into(),
-                ("dev", _, true) => "dev_mismatched.tsv".into(),
-                ("test", true, _) => "test_matched.tsv".into(),
-                ("test", _, true) => "test_mismatched.tsv".into(),
-                (s, _, _) => format!("{s}.tsv"),
-            }]
-        }
-        DataFormat::SuperGlueJsonl(_) => vec![format!("{}.jsonl", if split == "dev" { "val" } else { split })],
-        DataFormat::Table => ["jsonl", "csv", "tsv", "parquet"].iter().map(|e| format!("{split}.{e}")).collect(),
-    };
-    candidates.iter().map(|c| dir.join(c)).find(|p| p.is_file()).ok_or_else(|| {
-        anyhow!("{}: no {} file for task {} (looked for {})", dir.display(), split, task.name, candidates.join(", "))
-    })
-}
-
-pub(crate) fn data_dir(task: &Task, data: Option<&Path>, cache: &Path) -> Result<PathBuf> {
-    match (data, &task.format) {
-        (Some(d), _) => Ok(d.to_path_buf()),
-        (None, DataFormat::Table) => {
-            let d = cache.join("data").join(&task.name);
-            if !d.is_dir() {
-                bail!("{} not found: run `verdict-train fetch-data {}` or pass --data", d.display(), task.name);
-            }
-            Ok(d)
-        }
-        (None, _) => bail!("task {} needs --data <directory with the official files>", task.name),
-    }
-}
-
-/// Reads and labels a split.
-pub(crate) fn read_split(task: &Task, dir: &Path, split: &str, skip_bad_rows: bool) -> Result<(Vec<Item>, usize)> {
-    let path = split_file(task, dir, split)?;
-    let opts = ReadOptions { skip_bad_rows };
-    let report = match &task.format {
-        DataFormat::GlueTsv(name) => data::read_glue_tsv(name, &path, opts),
-        DataFormat::SuperGlueJsonl(name) => data::read_superglue_jsonl(name, &path, opts),
-        DataFormat::Table => {
-            let mapping = ColumnMap {
-                fields: task.fields.iter().map(|f| (task.column(f), f.clone())).collect(),
-                label: Some(task.column("label")),
-                // Ids from an `id` column where the data has one (our datasets, or a mapped
-                // column); otherwise rows are named by their line.
-                id: (task.columns.contains_key("id") || task.benchmark == shared::task::Benchmark::Verdict)
-                    .then(|| task.column("id")),
-                group: None,
-            };
-            data::read_table(&path, &mapping, opts)
-        }
-    }?;
-    let mut items = Vec::with_capacity(report.examples.len());
-    for raw in report.examples {
-        let Some(text) = raw.label.clone() else {
-            bail!("{}:{}: no label: the {split} split cannot be evaluated", path.display(), raw.line);
-        };
-        let label = task.parse_label(&text).with_context(|| format!("{}:{}", path.display(), raw.line))?;
-        items.push(Item { raw, label });
-    }
-    for s in &report.skipped {
-        eprintln!("skipped: {s}");
-    }
-    Ok((items, report.skipped.len()))
-}
-
-/// Picks `k` demonstrations from the training split, seeded, balanced over no class.
-fn pick_shots(task: &Task, dir: &Path, k: usize, seed: u64, skip_bad_rows: bool) -> Result<Vec<Item>> {
-    if k == 0 {
-        return Ok(Vec::new());
-    }
-    let (mut train, _) = read_split(task, dir, "train", skip_bad_rows)?;
-    if train.len() < k {
-        bail!("task {}: {} shots asked, the training split has {}", task.name, k, train.len());
-    }
-    train.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-    train.truncate(k);
-    Ok(train)
 }
 
 fn bar(len: usize, what: &str) -> ProgressBar {

@@ -2,6 +2,7 @@
 //! reward models), promote them into the serving registry, and measure speed.
 
 mod bench;
+mod data;
 mod encoder_head;
 mod eval;
 mod fetch;

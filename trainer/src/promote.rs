@@ -9,7 +9,8 @@
 //! own model first and swaps synchronously); otherwise the registry is written here and
 //! servers pick up `CURRENT` with their registry watch.
 
-use crate::eval::{self, EvalArgs, EvalMode, TaskReport, TaskSelection};
+use crate::data::{self, TaskSelection};
+use crate::eval::{self, EvalArgs, EvalMode, TaskReport};
 use crate::ModelArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
@@ -75,7 +76,7 @@ pub struct PromoteArgs {
     #[arg(long)]
     pub force: bool,
     /// The split both are evaluated on.
-    #[arg(long, default_value = "dev", value_parser = eval::split_name)]
+    #[arg(long, default_value = "dev", value_parser = data::split_name)]
     pub split: String,
     /// Evaluate on the first N examples of the split only.
     #[arg(long)]

@@ -1,7 +1,7 @@
 //! `verdict-train tasks`: the task registry, the exact prompt a task sends to a model
 //! (`--show`), and a task's tokenized training examples for outside tools (`--dump`).
 
-use crate::eval::TaskSelection;
+use crate::data::TaskSelection;
 use crate::train_data;
 use crate::ModelArgs;
 use anyhow::{Context, Result};

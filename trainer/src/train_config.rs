@@ -1,7 +1,8 @@
 //! Settings every training command shares (SFT, PPO): the LoRA shape, the optimizer and the
 //! run loop (steps, evaluation, checkpoints), and the pieces of the loop built from them.
 
-use crate::eval::{EvalArgs, EvalMode, TaskSelection};
+use crate::data::TaskSelection;
+use crate::eval::{EvalArgs, EvalMode};
 use crate::optim::{OptimizerKind, Schedule};
 use crate::ModelArgs;
 use candle_core::DType;
@@ -96,7 +97,7 @@ pub struct LoopArgs {
     #[arg(long)]
     pub eval_limit: Option<usize>,
     /// The split of the in-training evaluations (`validation` is `dev`).
-    #[arg(long, default_value = "dev", value_parser = crate::eval::split_name)]
+    #[arg(long, default_value = "dev", value_parser = crate::data::split_name)]
     pub eval_split: String,
     /// Checkpoint every N steps (and at the end).
     #[arg(long, default_value_t = 50)]

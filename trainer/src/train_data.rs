@@ -3,7 +3,7 @@
 //! which examples form each batch of an epoch. Batches hold one task each, so a batch shares
 //! its prefix.
 
-use crate::eval::{self, TaskSelection};
+use crate::data::{self, TaskSelection};
 use anyhow::{bail, Context, Result};
 use models::{Decoder, DecoderOutput, KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, Padding, TokenBatch};
 use rand::seq::SliceRandom;
@@ -75,7 +75,7 @@ impl BatchPlan {
     }
 }
 
-fn tokenize_task(loaded: &LoadedModel, task: &Task, items: &[eval::Item]) -> Result<TaskData> {
+fn tokenize_task(loaded: &LoadedModel, task: &Task, items: &[data::Item]) -> Result<TaskData> {
     let mut prefix = None;
     let mut examples = Vec::with_capacity(items.len());
     for it in items {
@@ -120,8 +120,8 @@ pub fn load_split(
     let mut data = Vec::new();
     for name in &select.tasks {
         let task = registry.get(name)?.clone();
-        let dir = eval::data_dir(&task, select.data.as_deref(), cache)?;
-        let (mut items, _) = eval::read_split(&task, &dir, split, false)?;
+        let dir = data::data_dir(&task, select.data.as_deref(), cache)?;
+        let (mut items, _) = data::read_split(&task, &dir, split, false)?;
         if let Some(n) = limit {
             items.truncate(n);
         }
