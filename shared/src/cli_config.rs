@@ -167,11 +167,11 @@ fn flag_tokens(cmd: &Command, arg: &Arg, long: &str, value: &toml::Value) -> Res
             }
             // false: the `--no-<flag>` form where there is one, else the default (unset).
             let no = format!("no-{long}");
-            Ok(cmd
-                .get_arguments()
-                .any(|a| a.get_long() == Some(&no))
-                .then(|| vec![format!("--{no}")])
-                .unwrap_or_default())
+            if cmd.get_arguments().any(|a| a.get_long() == Some(&no)) {
+                Ok(vec![format!("--{no}")])
+            } else {
+                Ok(Vec::new())
+            }
         }
         ArgAction::Count => {
             let n = value.as_integer().filter(|n| *n >= 0).ok_or("expects a count")?;
