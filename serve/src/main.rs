@@ -22,7 +22,7 @@ use actix_web::{web, App, HttpServer};
 use anyhow::{anyhow, Context, Result};
 use backend::Backend;
 use candle_core::{DType, Device};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use models::{DTypeSpec, DeviceSpec, Encoder, EncoderSource, WeightMode};
 use shared::adapter::weights_sha256;
 use shared::assets;
@@ -70,6 +70,11 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, env = "VERDICT_THREADS")]
     threads: Option<usize>,
+    /// Flags from a TOML file: every key a flag's long name (`port = 9000`,
+    /// `max_batch_rows = 32`); flags on the command line win (docs/serving.md).
+    #[arg(long, value_name = "FILE.toml")]
+    #[allow(dead_code)] // read before clap parses (shared::cli_config)
+    config: Option<PathBuf>,
     #[command(flatten)]
     kernels: models::cpu::KernelArgs,
     /// HTTP worker threads (they only parse, validate and wait; compute runs on the engine).
@@ -373,7 +378,7 @@ struct LoadArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(shared::cli_config::expand_or_exit(Cli::command(), std::env::args_os()));
     if let Err(e) = logging::init(cli.log_format) {
         eprintln!("verdict-serve: {e:#}");
         return std::process::ExitCode::from(2);

@@ -6,6 +6,7 @@ pub mod assets;
 pub mod atomic;
 pub mod audit;
 pub mod chat;
+pub mod cli_config;
 pub mod data;
 pub mod datasets;
 pub mod metrics;

@@ -36,6 +36,11 @@ struct Cli {
     /// Compute threads (default: all cores). Under contention one thread can beat two.
     #[arg(long, global = true, env = "VERDICT_THREADS")]
     threads: Option<usize>,
+    /// Flags from a TOML file: every key a flag's long name (`batch_size = 8`,
+    /// `targets = ["q", "v"]`, `packing = true`); flags on the command line win (docs/training.md).
+    #[arg(long, global = true, value_name = "FILE.toml")]
+    #[allow(dead_code)] // read before clap parses (shared::cli_config)
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -226,7 +231,8 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
-    let matches = Cli::command().get_matches();
+    let argv = shared::cli_config::expand_or_exit(Cli::command(), std::env::args_os());
+    let matches = Cli::command().get_matches_from(argv);
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // A training run records every flag's resolved value (`--resume` checks them).
     if let Some((name, sub)) = matches.subcommand() {
