@@ -52,7 +52,9 @@ struct Outcome {
 }
 
 fn registry_command(args: &[&str]) -> Outcome {
-    let o = run("verdict-train", args, &[]);
+    // With backtraces asked for, as a developer's shell often has them: a refusal must still
+    // read as an answer, not a crash report.
+    let o = run("verdict-train", args, &[("RUST_BACKTRACE", "1")]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     Outcome {
         ok: o.status.success(),
@@ -121,6 +123,7 @@ fn promote_refuses_worse_promotes_better_rolls_back_and_audits_each_decision() {
     let o = promote(&t, &root, &t.weak, &["--margin", "1"]);
     assert!(!o.ok && o.stderr.contains("refused"), "{}", o.stderr);
     assert_eq!(o.code, Some(3), "a refusal has its own exit status: {}", o.stderr);
+    assert!(!o.stderr.contains("backtrace") && !o.stderr.contains(".rs:"), "no backtrace: {}", o.stderr);
     assert_eq!(reg.current("mr").unwrap(), None);
     assert!(reg.versions("mr").unwrap().is_empty());
     let refused_first = o.record.expect("the refusal's audit record on stdout");

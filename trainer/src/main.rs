@@ -222,11 +222,19 @@ impl std::error::Error for Failure {}
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(e) => match e.downcast_ref::<Failure>() {
+            // A usage error or a refused promotion is an answer, not a crash: its message and
+            // causes on one line, never a backtrace (even with RUST_BACKTRACE set).
+            Some(f) => {
+                eprintln!("Error: {e:#}");
+                ExitCode::from(f.exit_code())
+            }
             // The same report as `fn main() -> anyhow::Result<()>` prints: message and causes.
-            eprintln!("Error: {e:?}");
-            ExitCode::from(e.downcast_ref::<Failure>().map_or(1, Failure::exit_code))
-        }
+            None => {
+                eprintln!("Error: {e:?}");
+                ExitCode::from(1)
+            }
+        },
     }
 }
 
