@@ -28,6 +28,10 @@ fn fetch_skips_a_verified_file_and_lists_models() {
     let list = stdout(&o);
     assert!(list.lines().any(|l| l.starts_with("smollm2") && l.contains("cached")), "{list}");
     assert!(list.lines().any(|l| l.starts_with("qwen1.5b") && l.contains("not fetched")), "{list}");
+    // And how to bring a model of one's own, pointing at the page that says what loads.
+    let own = list.lines().find(|l| l.starts_with("your own model")).expect("a line on bringing a model");
+    assert!(own.contains("docs/own-model.md"), "{own}");
+    assert!(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/own-model.md").is_file());
     let o = run("verdict-train", &["fetch", "gpt-5"], &env);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("unknown model"), "{}", stderr(&o));

@@ -266,6 +266,10 @@ fn run() -> Result<()> {
                     let state = if m.is_cached(&cache) { "cached" } else { "not fetched" };
                     println!("{:10} {:>6} MB  {:12} {}", m.name, m.size / 1_000_000, state, m.description);
                 }
+                println!(
+                    "your own model: --model <Hugging Face directory> or --model <file.gguf> \
+                     (llama, mistral, qwen2, qwen3; docs/own-model.md)"
+                );
                 return Ok(());
             }
             let chosen: Vec<_> = if all {
