@@ -897,6 +897,32 @@ fn mixed_batches_and_the_prefix_cache_answer_as_single_uncached_requests() {
     assert_eq!(count(&text, "verdict_prefix_cache_hits_total "), 0);
 }
 
+/// Bursts of 12 concurrent `body`s to `path` (up to 5 rounds) until one is refused with
+/// `refused` (the queue is full); every other answer must be 200.
+fn overflow(port: u16, path: &'static str, body: &str, refused: u16) -> tests::RawResponse {
+    for _round in 0..5 {
+        let handles: Vec<_> = (0..12)
+            .map(|_| {
+                let body = body.to_string();
+                std::thread::spawn(move || http_raw(port, "POST", path, body.as_bytes(), &[]).unwrap())
+            })
+            .collect();
+        let mut hit = None;
+        for h in handles {
+            let r = h.join().unwrap();
+            match r.status {
+                200 => {}
+                s if s == refused => hit = Some(r),
+                other => panic!("unexpected {other}: {}", r.text()),
+            }
+        }
+        if let Some(r) = hit {
+            return r;
+        }
+    }
+    panic!("5 bursts of 12 heavy requests to {path} never overflowed a queue of one")
+}
+
 #[test]
 fn full_queue_timeouts_disabled_admin_and_graceful_shutdown() {
     let fx = Fixture::new("serve-limits");
@@ -907,27 +933,7 @@ fn full_queue_timeouts_disabled_admin_and_graceful_shutdown() {
     {
         let server = fx.start(&["--max-queue", "1", "--no-batching"]);
         let port = server.port;
-        let mut full = None;
-        for _round in 0..5 {
-            let handles: Vec<_> = (0..12)
-                .map(|_| {
-                    let body = heavy.clone();
-                    std::thread::spawn(move || http_raw(port, "POST", "/v1/classify", body.as_bytes(), &[]).unwrap())
-                })
-                .collect();
-            for h in handles {
-                let r = h.join().unwrap();
-                match r.status {
-                    200 => {}
-                    503 => full = Some(r),
-                    other => panic!("unexpected {other}: {}", r.text()),
-                }
-            }
-            if full.is_some() {
-                break;
-            }
-        }
-        let r = full.expect("a burst of 12 heavy requests overflows a queue of one");
+        let r = overflow(port, "/v1/classify", &heavy, 503);
         assert!(r.text().contains("\"queue_full\""), "{}", r.text());
         assert_eq!(r.header("retry-after").as_deref(), Some("1"));
         assert_eq!(server.post("/v1/classify", &json!({"task": "mr", "inputs": "good"})).0, 200);
@@ -1539,27 +1545,7 @@ fn tei_predict_reads_texts_pairs_and_batches_as_tei_and_answers_tei_errors() {
     let server = fx.start(&["--default-task", "mr", "--max-queue", "1", "--no-batching"]);
     let heavy = json!({"inputs": vec![vec![vec!["good movie"; 60].join(" ")]; 64]}).to_string();
     let port = server.port;
-    let mut overloaded = None;
-    for _round in 0..5 {
-        let handles: Vec<_> = (0..12)
-            .map(|_| {
-                let body = heavy.clone();
-                std::thread::spawn(move || http_raw(port, "POST", "/predict", body.as_bytes(), &[]).unwrap())
-            })
-            .collect();
-        for h in handles {
-            let r = h.join().unwrap();
-            match r.status {
-                200 => {}
-                429 => overloaded = Some(r),
-                other => panic!("unexpected {other}: {}", r.text()),
-            }
-        }
-        if overloaded.is_some() {
-            break;
-        }
-    }
-    let r = overloaded.expect("a burst of 12 heavy requests overflows a queue of one");
+    let r = overflow(port, "/predict", &heavy, 429);
     let v: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(v["error_type"], "Overloaded", "{v}");
     assert_eq!(r.header("retry-after").as_deref(), Some("1"));
