@@ -301,8 +301,8 @@ impl PackedWeight {
         assert_eq!(w.len(), out * inner, "weight of {} values is not [{out}, {inner}]", w.len());
         let mut packed = Self::pack_with(out, inner, precision, |o, k| w[o * inner + k]);
         if precision == Precision::Int8 {
-            let first = packed.unpack();
-            let error = |o: usize, k: usize| w[o * inner + k] - first[o * inner + k];
+            // The error of each value as packed, read back from the panels (no dequantized copy).
+            let error = |o: usize, k: usize| w[o * inner + k] - packed.value(o, k);
             packed.residual = Some(Box::new(Self::pack_with(out, inner, precision, error)));
         }
         packed
@@ -463,24 +463,24 @@ impl PackedWeight {
     }
 
     fn unpack_one(&self) -> Vec<f32> {
-        let u = units(self.precision, self.inner);
         let mut w = vec![0f32; self.out * self.inner];
-        for o in 0..self.out {
-            let (p, j) = (o / NR, o % NR);
-            let lane = |i: usize| self.data[(p * u + i) * NR + j];
-            let row = &mut w[o * self.inner..(o + 1) * self.inner];
+        for (o, row) in w.chunks_mut(self.inner.max(1)).take(self.out).enumerate() {
             for (k, v) in row.iter_mut().enumerate() {
-                *v = match self.precision {
-                    Precision::F32 => f32::from_bits(lane(k)),
-                    Precision::Bf16 => {
-                        let bits = (lane(k / 2) >> (16 * (k % 2))) & 0xffff;
-                        f32::from_bits(bits << 16)
-                    }
-                    Precision::Int8 => f32::from(((lane(k / 4) >> (8 * (k % 4))) & 0xff) as u8 as i8) * self.scale[o],
-                };
+                *v = self.value(o, k);
             }
         }
         w
+    }
+
+    /// Entry `(o, k)` of this matrix alone (its residual not added), as the kernels read it.
+    fn value(&self, o: usize, k: usize) -> f32 {
+        let u = units(self.precision, self.inner);
+        let lane = |i: usize| self.data[(o / NR * u + i) * NR + o % NR];
+        match self.precision {
+            Precision::F32 => f32::from_bits(lane(k)),
+            Precision::Bf16 => f32::from_bits(((lane(k / 2) >> (16 * (k % 2))) & 0xffff) << 16),
+            Precision::Int8 => f32::from(((lane(k / 4) >> (8 * (k % 4))) & 0xff) as u8 as i8) * self.scale[o],
+        }
     }
 
     /// Whether the panels live in a memory map (a pack file) rather than on the heap.
