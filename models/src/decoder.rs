@@ -704,14 +704,15 @@ impl Decoder {
                         let w = (q.dequantize(&self.device)? + delta.to_dtype(DType::F32)?)?;
                         BaseWeight::Quantized(Arc::new(QTensor::quantize(&w, q.dtype())?))
                     }
-                    // Panels from a pack: unpacked, summed and packed again in their precision
-                    // (for bf16 and int8 the delta is rounded with the weights).
+                    // Panels from a pack: unpacked, summed and packed again as they were (for
+                    // bf16 and int8 the delta is rounded with the weights).
                     BaseWeight::Packed(p) => {
                         let (out, inner) = p.dims();
                         let w = (Tensor::from_vec(p.unpack(), (out, inner), &Device::Cpu)?
                             + delta.to_dtype(DType::F32)?)?;
                         let w = w.flatten_all()?.to_vec1::<f32>()?;
-                        BaseWeight::Packed(crate::cpu::PackedWeight::pack_as(&w, out, inner, p.precision()))
+                        let panels = crate::cpu::Panels::of_weight(p);
+                        BaseWeight::Packed(crate::cpu::PackedWeight::pack_kind(&w, out, inner, panels))
                     }
                 };
                 *layer.linear_mut(proj) = FrozenLinear::new(merged, linear.bias().cloned())?;

@@ -7,7 +7,7 @@
 //! returns only the input gradient; on the CPU both directions run on the packed f32 kernels
 //! (`x Wᵀ` on `W`'s panels, `g W` on `Wᵀ`'s).
 
-use crate::cpu::{CpuKernels, PackedWeight, Precision};
+use crate::cpu::{CpuKernels, PackedWeight, Panels, Precision};
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Storage, Tensor};
@@ -99,24 +99,29 @@ impl FrozenLinear {
         self.bias.as_ref()
     }
 
-    /// The weight packed for `kernels` (packed now if it is dense), `None` where our kernels do
-    /// not take it: not enabled, not f32 on the CPU, or quantized blocks.
+    /// The weight packed for `kernels` (packed now on first use), `None` where our kernels do
+    /// not take it: not enabled, another device or dtype, or quantized blocks on f32 or bf16
+    /// kernels. Quantized blocks on int8 kernels become one int8 matrix per weight (the panels
+    /// of a `--weights quantized` pack file).
     fn packed(&self, kernels: &CpuKernels) -> Option<&PackedWeight> {
         if !kernels.enabled() {
             return None;
         }
-        match &self.weight {
-            BaseWeight::Packed(_) => self.packed.get().and_then(Option::as_ref),
-            BaseWeight::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => self
-                .packed
-                .get_or_init(|| {
-                    let (out, inner) = w.dims2().ok()?;
-                    let values = w.flatten_all().and_then(|v| v.to_vec1::<f32>()).ok()?;
-                    Some(PackedWeight::pack_as(&values, out, inner, kernels.precision))
-                })
-                .as_ref(),
-            _ => None,
-        }
+        let panels = match &self.weight {
+            BaseWeight::Packed(_) => return self.packed.get().and_then(Option::as_ref),
+            BaseWeight::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => Panels::of(kernels.precision),
+            BaseWeight::Quantized(q) if q.device().is_cpu() && kernels.precision == Precision::Int8 => {
+                Panels::INT8_ALONE
+            }
+            _ => return None,
+        };
+        self.packed
+            .get_or_init(|| {
+                let (out, inner) = self.weight.dims().ok()?;
+                let values = self.weight.to_dense(DType::F32).and_then(|v| v.flatten_all()?.to_vec1::<f32>()).ok()?;
+                Some(PackedWeight::pack_kind(&values, out, inner, panels))
+            })
+            .as_ref()
     }
 
     /// Inference forward: fast kernels, no gradient bookkeeping needed.

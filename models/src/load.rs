@@ -65,6 +65,12 @@ pub fn load_for(
 ) -> Result<LoadedModel, Error> {
     let kernels = if device.is_cpu() {
         let shapes = read_config(path)?.product_shapes(purpose == Purpose::Train);
+        // Quantized weights run on integer kernels where the CPU has them (else on candle's
+        // kernels for the blocks, as with an explicit f32 or bf16).
+        let kernels = match mode {
+            WeightMode::Quantized if purpose != Purpose::Train => kernels.preferring(crate::cpu::Precision::Int8),
+            _ => kernels.clone(),
+        };
         kernels.resolve(&shapes, purpose, cache_dir, log).map_err(Error::Invalid)?
     } else {
         CpuKernels::portable()
@@ -91,24 +97,18 @@ pub fn read_meta(path: &Path) -> Result<ModelMeta, Error> {
 /// pack and maps it, so no dense copy of the projections stays on the heap and later processes
 /// start from the map. `log` hears what happened.
 pub fn load_model_with(path: &Path, opts: &LoadOptions, log: &mut dyn FnMut(&str)) -> Result<LoadedModel, Error> {
-    let packable = opts.purpose != Purpose::Train
-        && opts.device.is_cpu()
-        && opts.mode == WeightMode::Dense
-        && opts.dtype == DType::F32
-        && opts.kernels.enabled();
-    if !packable {
+    let Some(panels) = pack_panels(opts) else {
         let mut loaded = load_model(path, opts.mode, opts.dtype, &opts.device)?;
         loaded.model.set_kernels(opts.kernels.clone());
         return Ok(loaded);
-    }
-    let precision = opts.kernels.precision;
+    };
     let source = Source::of(path)?;
-    let pack_path = crate::pack::path_for(path, precision, &opts.cache_dir);
-    match PackFile::open(&pack_path, precision, &source) {
+    let pack_path = crate::pack::path_for(path, panels, &opts.cache_dir);
+    match PackFile::open(&pack_path, panels, &source) {
         Ok(Some(pack)) => {
             let meta = read_meta(path)?;
             let model = decoder_from_pack(meta.cfg, &pack, &opts.kernels)?;
-            log(&format!("weights: {precision} panels mapped from {}", pack_path.display()));
+            log(&format!("weights: {panels} panels mapped from {}", pack_path.display()));
             return Ok(LoadedModel {
                 model,
                 tokenizer: meta.tokenizer,
@@ -126,12 +126,12 @@ pub fn load_model_with(path: &Path, opts: &LoadOptions, log: &mut dyn FnMut(&str
     let mut loaded = load_model(path, opts.mode, opts.dtype, &opts.device)?;
     let sha = if path.is_file() { shared::adapter::weights_sha256(path).ok() } else { None };
     let source = Source { sha256: sha.clone(), ..source };
-    match write_pack(&loaded.model, &pack_path, precision, &source) {
-        Ok(()) => match PackFile::open(&pack_path, precision, &source)? {
+    match write_pack(&loaded.model, &pack_path, panels, &source) {
+        Ok(()) => match PackFile::open(&pack_path, panels, &source)? {
             Some(pack) => {
                 loaded.model = decoder_from_pack(loaded.model.config().clone(), &pack, &opts.kernels)?;
                 log(&format!(
-                    "weights: packed as {precision} in {:.1} s into {} (later starts map it)",
+                    "weights: packed as {panels} in {:.1} s into {} (later starts map it)",
                     started.elapsed().as_secs_f64(),
                     pack_path.display()
                 ));
@@ -149,14 +149,30 @@ pub fn load_model_with(path: &Path, opts: &LoadOptions, log: &mut dyn FnMut(&str
     Ok(loaded)
 }
 
+/// The panels an inference load packs its weights as: dense f32 weights in the kernels'
+/// precision (int8 with residuals), quantized ones (GGUF blocks) as one int8 matrix per weight
+/// when the kernels are int8; `None` where the weights stay as loaded (training, another
+/// device, kernels off, quantized blocks on f32 or bf16 kernels).
+fn pack_panels(opts: &LoadOptions) -> Option<crate::cpu::Panels> {
+    if opts.purpose == Purpose::Train || !opts.device.is_cpu() || !opts.kernels.enabled() {
+        return None;
+    }
+    let precision = opts.kernels.precision;
+    match opts.mode {
+        WeightMode::Dense if opts.dtype == DType::F32 => Some(crate::cpu::Panels::of(precision)),
+        WeightMode::Quantized if precision == crate::cpu::Precision::Int8 => Some(crate::cpu::Panels::INT8_ALONE),
+        _ => None,
+    }
+}
+
 /// Whether a tensor is a frozen projection the kernels multiply (else plain rows).
 fn is_linear(name: &str) -> bool {
     name.ends_with("_proj.weight") || name == "lm_head.weight"
 }
 
 /// Writes every base tensor of `model` to a pack: projections and the LM head (also a tied
-/// one) as `precision` panels, the rest as f32 rows.
-fn write_pack(model: &Decoder, path: &Path, precision: crate::cpu::Precision, source: &Source) -> Result<(), Error> {
+/// one) as `panels`, the rest as f32 rows (GGUF blocks dequantized).
+fn write_pack(model: &Decoder, path: &Path, panels: crate::cpu::Panels, source: &Source) -> Result<(), Error> {
     let mut state = model.dense_state()?;
     if model.config().tie_word_embeddings && !state.iter().any(|(n, _)| n == "lm_head.weight") {
         let embed = state.iter().find(|(n, _)| n == "model.embed_tokens.weight").map(|(_, t)| t.clone());
@@ -174,14 +190,14 @@ fn write_pack(model: &Decoder, path: &Path, precision: crate::cpu::Precision, so
             d => return Err(Error::Format(format!("tensor {name} of rank {} cannot be packed", d.len()))),
         };
         if is_linear(name) {
-            packed.push((name.clone(), crate::cpu::PackedWeight::pack_as(&values, out, inner, precision)));
+            packed.push((name.clone(), crate::cpu::PackedWeight::pack_kind(&values, out, inner, panels)));
         } else {
             rows.push((name.clone(), values, out, inner));
         }
     }
     let mut items: Vec<(String, Item)> = packed.iter().map(|(n, p)| (n.clone(), Item::Packed(p))).collect();
     items.extend(rows.iter().map(|(n, v, o, i)| (n.clone(), Item::Rows { values: v, out: *o, inner: *i })));
-    PackFile::write(path, precision, source, &items)
+    PackFile::write(path, panels, source, &items)
 }
 
 /// A decoder whose weights are the pack's: projections as mapped panels, the embedding as

@@ -12,7 +12,7 @@
 //! (source, precision, one entry per tensor with its offsets), then the tensors' bytes, each
 //! aligned to 64 bytes.
 
-use crate::cpu::packed::{PackedWeight, Precision};
+use crate::cpu::packed::{PackedWeight, Panels, Precision};
 use crate::cpu::store::Store;
 use crate::Error;
 use memmap2::Mmap;
@@ -103,6 +103,10 @@ pub struct Entry {
 struct Header {
     version: u32,
     precision: Precision,
+    /// Int8: whether every weight has its residual entry (`false`: the `--weights quantized`
+    /// panels; files written before this field always had them).
+    #[serde(default = "residual_default")]
+    residual: bool,
     source: Source,
     entries: Vec<Entry>,
 }
@@ -127,11 +131,18 @@ impl std::fmt::Debug for PackFile {
     }
 }
 
-/// Where the pack of `model` in `precision` lives: beside the model when that directory is
-/// writable, else under `cache_dir/packs/`.
-pub fn path_for(model: &Path, precision: Precision, cache_dir: &Path) -> PathBuf {
+fn residual_default() -> bool {
+    true
+}
+
+/// Where the pack of `model` in `panels` lives: beside the model when that directory is
+/// writable, else under `cache_dir/packs/`. `int8.pack` holds residuals, `int8-alone.pack` not.
+pub fn path_for(model: &Path, panels: Panels, cache_dir: &Path) -> PathBuf {
     let canonical = model.canonicalize().unwrap_or_else(|_| model.to_path_buf());
-    let file = format!("{precision}.pack");
+    let file = match (panels.precision, panels.residual) {
+        (Precision::Int8, false) => "int8-alone.pack".to_string(),
+        (p, _) => format!("{p}.pack"),
+    };
     let beside = {
         let mut name = canonical.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         name.push(".verdict");
@@ -150,10 +161,10 @@ pub fn path_for(model: &Path, precision: Precision, cache_dir: &Path) -> PathBuf
 }
 
 impl PackFile {
-    /// Opens `path` if it is a pack of `precision` made from `source` as it is now; `Ok(None)`
+    /// Opens `path` if it is a pack of `panels` made from `source` as it is now; `Ok(None)`
     /// when it is missing or stale (the caller rewrites it), `Err` when it exists but cannot be
     /// read.
-    pub fn open(path: &Path, precision: Precision, source: &Source) -> Result<Option<Self>, Error> {
+    pub fn open(path: &Path, panels: Panels, source: &Source) -> Result<Option<Self>, Error> {
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -163,7 +174,7 @@ impl PackFile {
         // mapped inode does not change under us.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let Some(header) = read_header(&map) else { return Ok(None) };
-        if header.version != PACK_VERSION || header.precision != precision || !header.source.same_file(source) {
+        if header.version != PACK_VERSION || header.panels() != panels || !header.source.same_file(source) {
             return Ok(None);
         }
         let end = header.entries.iter().map(|e| e.data.0 + e.data.1 * 4).max().unwrap_or(0);
@@ -173,12 +184,21 @@ impl PackFile {
         Ok(Some(Self { map: Arc::new(map), header, path: path.to_path_buf() }))
     }
 
-    /// Writes a pack of `items` (name, tensor) for `source` in `precision` to `path`: to a
+    /// Writes a pack of `items` (name, tensor) for `source` in `panels` to `path`: to a
     /// temporary name, synced, then renamed, so a reader sees the old file or the whole new one.
-    pub fn write(path: &Path, precision: Precision, source: &Source, items: &[(String, Item)]) -> Result<(), Error> {
+    /// Every packed item must be of `panels`.
+    pub fn write(path: &Path, panels: Panels, source: &Source, items: &[(String, Item)]) -> Result<(), Error> {
         // An int8 weight's residual is an entry of its own, right after the weight.
         let mut expanded: Vec<(String, Item)> = Vec::with_capacity(items.len());
         for (name, item) in items {
+            if let Item::Packed(p) = item {
+                if Panels::of_weight(p) != panels {
+                    return Err(Error::Invalid(format!(
+                        "{name}: {} panels in a pack of {panels}",
+                        Panels::of_weight(p)
+                    )));
+                }
+            }
             expanded.push((name.clone(), *item));
             if let Item::Packed(p) = item {
                 if let Some(r) = p.residual() {
@@ -224,7 +244,13 @@ impl PackFile {
             });
         }
         // The header's length depends on the offsets' digits: fix the data start generously.
-        let mut header = Header { version: PACK_VERSION, precision, source: source.clone(), entries };
+        let mut header = Header {
+            version: PACK_VERSION,
+            precision: panels.precision,
+            residual: panels.residual,
+            source: source.clone(),
+            entries,
+        };
         let draft = serde_json::to_vec(&header).map_err(|e| Error::Format(e.to_string()))?;
         let data_start = (MAGIC.len() + 4 + 8 + draft.len() + 4096).div_ceil(ALIGN) * ALIGN;
         for e in &mut header.entries {
@@ -301,9 +327,9 @@ impl PackFile {
 
     /// The packed weight `name`, borrowed from the map.
     pub fn packed(&self, name: &str) -> Result<PackedWeight, Error> {
-        let residual = match self.header.precision {
-            Precision::Int8 => Some(self.packed_part(&format!("{name}{RESIDUAL}"), None)?),
-            _ => None,
+        let residual = match self.header.panels().residual {
+            true => Some(self.packed_part(&format!("{name}{RESIDUAL}"), None)?),
+            false => None,
         };
         self.packed_part(name, residual)
     }
@@ -337,6 +363,13 @@ fn bytes_of<T: crate::cpu::store::Plain>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
+impl Header {
+    /// The panels the file holds (a residual only ever for int8).
+    fn panels(&self) -> Panels {
+        Panels { precision: self.precision, residual: self.precision == Precision::Int8 && self.residual }
+    }
+}
+
 fn read_header(map: &[u8]) -> Option<Header> {
     if map.len() < MAGIC.len() + 12 || &map[..MAGIC.len()] != MAGIC {
         return None;
@@ -356,7 +389,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_int8_weight_reads_back_with_its_residual_and_not_without() {
+    fn an_int8_weight_reads_back_with_its_residual_and_a_quantized_one_without() {
         let dir = std::env::temp_dir().join(format!("verdict-pack-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let model = dir.join("model.gguf");
@@ -364,21 +397,38 @@ mod tests {
         let source = Source::of(&model).unwrap();
         let (out, inner) = (21, 70);
         let w: Vec<f32> = (0..out * inner).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        let with = Panels::of(Precision::Int8);
         let packed = PackedWeight::pack_as(&w, out, inner, Precision::Int8);
-        let path = dir.join("int8.pack");
-        PackFile::write(&path, Precision::Int8, &source, &[("w".into(), Item::Packed(&packed))]).unwrap();
-        let pack = PackFile::open(&path, Precision::Int8, &source).unwrap().expect("a fresh pack opens");
+        let path = path_for(&model, with, &dir);
+        assert_eq!(path.file_name().unwrap(), "int8.pack");
+        PackFile::write(&path, with, &source, &[("w".into(), Item::Packed(&packed))]).unwrap();
+        let pack = PackFile::open(&path, with, &source).unwrap().expect("a fresh pack opens");
         assert_eq!(pack.names().collect::<Vec<_>>(), ["w"], "the residual is part of its weight");
         let back = pack.packed("w").unwrap();
         assert!(back.is_mapped() && back.residual().is_some_and(|r| r.is_mapped()));
         assert_eq!(back.unpack(), packed.unpack(), "the residual's values come back");
         assert_eq!(back.bytes(), packed.bytes());
+        // The same file is not the quantized mode's pack (it would be rewritten, not misread).
+        assert!(PackFile::open(&path, Panels::INT8_ALONE, &source).unwrap().is_none());
 
-        // A pack whose int8 weight lacks its residual entry is refused, not read as one matrix.
+        // A weight without its residual is refused in a pack that promises residuals.
         let alone = packed.clone().without_residual();
-        PackFile::write(&path, Precision::Int8, &source, &[("w".into(), Item::Packed(&alone))]).unwrap();
-        let pack = PackFile::open(&path, Precision::Int8, &source).unwrap().unwrap();
-        assert!(matches!(pack.packed("w"), Err(Error::MissingTensor(n)) if n == "w+residual"));
+        let err = PackFile::write(&path, with, &source, &[("w".into(), Item::Packed(&alone))]).unwrap_err();
+        assert!(err.to_string().contains("one matrix per weight"), "{err}");
+        assert!(PackFile::open(&path, with, &source).unwrap().is_some(), "the old file is still whole");
+
+        // The quantized mode's pack: one matrix per weight, half the bytes, its own file name.
+        let single = PackedWeight::pack_kind(&w, out, inner, Panels::INT8_ALONE);
+        assert_eq!(single.unpack(), alone.unpack(), "the same first matrix");
+        let path = path_for(&model, Panels::INT8_ALONE, &dir);
+        assert_eq!(path.file_name().unwrap(), "int8-alone.pack");
+        PackFile::write(&path, Panels::INT8_ALONE, &source, &[("w".into(), Item::Packed(&single))]).unwrap();
+        let pack = PackFile::open(&path, Panels::INT8_ALONE, &source).unwrap().expect("opens");
+        let back = pack.packed("w").unwrap();
+        assert!(back.residual().is_none());
+        assert_eq!(back.unpack(), single.unpack());
+        assert_eq!(2 * back.bytes(), packed.bytes());
+        assert!(PackFile::open(&path, with, &source).unwrap().is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,7 +6,7 @@
 //! does. Rope types Verdict does not implement are refused by name.
 
 use candle_core::{DType, Device, Tensor};
-use models::cpu::{CpuKernels, Purpose};
+use models::cpu::{Caps, CpuKernels, Precision, Purpose};
 use models::{generate, load_model, Decoder, LoadOptions, LogitsAt, Mode, Padding, TokenBatch, WeightMode};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -166,6 +166,80 @@ fn packed_weights_match_transformers() {
             check_greedy(&loaded.model, &r, &format!("{name}, {load} pack"));
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// The largest difference between `model`'s logits and `other`'s over every case.
+fn logits_gap(model: &Decoder, other: &Decoder, r: &Reference) -> f32 {
+    let logits = |m: &Decoder, ids: &[u32]| -> Tensor {
+        m.forward(&TokenBatch::single(ids).unwrap(), None, None, Mode::Inference, LogitsAt::All)
+            .unwrap()
+            .logits
+            .unwrap()
+    };
+    r.cases
+        .iter()
+        .map(|c| {
+            let d = (logits(model, &c.ids) - logits(other, &c.ids)).unwrap().abs().unwrap();
+            d.max_all().unwrap().to_scalar::<f32>().unwrap()
+        })
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn quantized_weights_run_on_one_int8_matrix_each_from_their_own_pack() {
+    let Ok(int8) = CpuKernels::with_caps(Precision::Int8, Caps::detect()) else {
+        eprintln!("skipped: no int8 kernels on this CPU ({})", Caps::detect().describe());
+        return;
+    };
+    for name in ["llama_llama3", "qwen3"] {
+        let dir = temp_dir(&format!("quantized-{name}"));
+        copy_dir(&fixture(name), &dir);
+        let r = reference(&dir);
+        // The reference: the same Q8_0 blocks through candle's quantized kernels.
+        let mut blocks = load_model(&dir, WeightMode::Quantized, DType::F32, &Device::Cpu).unwrap().model;
+        blocks.set_kernels(CpuKernels::portable());
+        let scale = r.cases.iter().flat_map(|c| c.last.iter()).fold(0f32, |m, v| m.max(v.abs()));
+        let opts = |mode| LoadOptions {
+            mode,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            kernels: int8.clone(),
+            purpose: Purpose::Serve,
+            cache_dir: dir.join("cache"),
+        };
+        for load in ["packing", "mapped"] {
+            let mut log = Vec::new();
+            let loaded =
+                models::load_model_with(&dir, &opts(WeightMode::Quantized), &mut |l| log.push(l.to_string())).unwrap();
+            assert!(
+                log.iter().any(|l| l.contains("int8 (one matrix per weight)") && l.contains("int8-alone.pack")),
+                "{name}, {load}: {log:?}"
+            );
+            // One int8 matrix of Q8_0 values: within 1/254 of each row's peak of the blocks.
+            let gap = logits_gap(&loaded.model, &blocks, &r);
+            assert!(gap > 0.0, "{name}, {load}: equal to candle's Q8_0 product bit for bit: not our kernels");
+            assert!(gap < 0.02 * scale, "{name}, {load}: logits {gap} from the Q8_0 blocks' (scale {scale})");
+            for (i, case) in r.cases.iter().enumerate() {
+                let out = loaded.model.forward(
+                    &TokenBatch::single(&case.ids).unwrap(),
+                    None,
+                    None,
+                    Mode::Inference,
+                    LogitsAt::All,
+                );
+                let d = worst_diff(&out.unwrap().logits.unwrap().squeeze(0).unwrap(), case, &r.logits_ids);
+                assert!(d < 0.05 * scale, "{name}, {load}: case {i}: {d} from transformers' f32 (scale {scale})");
+            }
+        }
+        // One byte per weight: the projections take half of what dense int8 (with residuals) takes.
+        let dense = models::load_model_with(&dir, &opts(WeightMode::Dense), &mut |_| {}).unwrap();
+        let pack = |file: &str| std::fs::metadata(dir.with_extension("verdict").join(file)).unwrap().len();
+        let (alone, with) = (pack("int8-alone.pack"), pack("int8.pack"));
+        assert!(alone < with, "{name}: int8-alone.pack {alone} bytes, int8.pack {with}");
+        assert!(logits_gap(&dense.model, &blocks, &r) > 0.0);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(dir.with_extension("verdict"));
     }
 }
 

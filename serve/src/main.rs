@@ -46,9 +46,10 @@ struct Cli {
     /// encoder's versions are heads: `verdict-train encoder-head`).
     #[arg(long, env = "VERDICT_ADAPTERS", default_value = "./adapters")]
     adapters: PathBuf,
-    /// `dense` (f32; the fast path for serving) or `quantized` (GGUF blocks kept in memory:
-    /// less memory, but every forward of more than 4 rows dequantizes each matrix again, about
-    /// 2x slower per request on Qwen2.5-0.5B, see docs/benchmarks.md).
+    /// `dense` (the model's values; `--cpu-matmul` picks f32, bf16 or int8 panels) or
+    /// `quantized` (one int8 matrix per weight, 1 byte each, on the integer kernels where the
+    /// CPU has VNNI; elsewhere, or with `--cpu-matmul f32|bf16`, the GGUF blocks on candle's
+    /// kernels). docs/runtime.md.
     #[arg(long, env = "VERDICT_WEIGHTS", default_value = "dense")]
     weights: WeightMode,
     /// `cpu`, `cuda` or `cuda:N` (a binary built with the `cuda` feature; see docs/gpu.md).

@@ -121,7 +121,8 @@ pub struct ModelArgs {
     /// A model name (`smollm2`, `qwen0.5b`, `qwen1.5b`), a .gguf file or a Hugging Face directory.
     #[arg(long, env = "VERDICT_MODEL", default_value = "smollm2")]
     pub model: String,
-    /// `dense` (f32, the reference) or `quantized` (GGUF blocks as they are).
+    /// `dense` (f32, the reference) or `quantized` (inference only: one int8 matrix per
+    /// weight on the integer kernels where the CPU has VNNI, else the GGUF blocks).
     #[arg(long, env = "VERDICT_WEIGHTS", default_value = "dense")]
     pub weights: WeightMode,
     /// `cpu`, `cuda` or `cuda:N` (a binary built with the `cuda` feature; see docs/gpu.md).

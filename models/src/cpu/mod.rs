@@ -19,7 +19,7 @@ pub mod train_ops;
 
 pub use caps::Caps;
 pub use options::{IsaLimit, KernelArgs, PlanSource, PrecisionChoice, Purpose};
-pub use packed::{Kernel, PackedWeight, Precision, Tiling};
+pub use packed::{Kernel, PackedWeight, Panels, Precision, Tiling};
 pub use plan::{Plan, Shape};
 
 use std::sync::Arc;

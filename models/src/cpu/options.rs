@@ -172,6 +172,18 @@ impl Purpose {
 const REQUEST_ROWS: usize = 48;
 
 impl KernelArgs {
+    /// These options with `auto` precision fixed to `p` where the allowed instruction sets run
+    /// it (`--weights quantized` takes int8: its blocks then run on integer kernels).
+    pub fn preferring(&self, p: Precision) -> Self {
+        let caps = self.cpu_isa.0.intersect(Caps::detect());
+        match self.cpu_matmul {
+            PrecisionChoice::Auto if caps.avx2 && p.check(&caps).is_ok() => {
+                Self { cpu_matmul: PrecisionChoice::Fixed(p), ..self.clone() }
+            }
+            _ => self.clone(),
+        }
+    }
+
     /// The kernels for a model whose products have `shapes` (`(out, inner, count per
     /// forward)`; for training also the transposed ones), used for `purpose`: the plan read from
     /// the cache under `cache_dir`, measured where it lacks a choice, written back. `log` gets

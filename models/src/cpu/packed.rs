@@ -246,6 +246,40 @@ impl Tiling {
     }
 }
 
+/// What a weight is packed as: a precision and, for int8, whether its rounding error is packed
+/// beside it as a second int8 matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Panels {
+    pub precision: Precision,
+    /// Int8 only. With it a weight reads back within 1/64,000 of its row's peak and costs two
+    /// bytes; without it (the `--weights quantized` panels, one byte) within 1/254.
+    pub residual: bool,
+}
+
+impl Panels {
+    /// Panels of `precision` as dense weights get them (int8 with its residual).
+    pub fn of(precision: Precision) -> Self {
+        Self { precision, residual: precision == Precision::Int8 }
+    }
+
+    /// One int8 matrix per weight, no residual: the panels of `--weights quantized`.
+    pub const INT8_ALONE: Self = Self { precision: Precision::Int8, residual: false };
+
+    /// The panels a weight already packed as `p` has.
+    pub fn of_weight(p: &PackedWeight) -> Self {
+        Self { precision: p.precision, residual: p.residual.is_some() }
+    }
+}
+
+impl std::fmt::Display for Panels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.precision, self.residual) {
+            (Precision::Int8, false) => f.write_str("int8 (one matrix per weight)"),
+            (p, _) => p.fmt(f),
+        }
+    }
+}
+
 /// A weight matrix `W [out, inner]` packed for `y = x Wᵀ`.
 #[derive(Clone)]
 pub struct PackedWeight {
@@ -296,14 +330,19 @@ impl PackedWeight {
         Self::pack_as(w, out, inner, Precision::F32)
     }
 
-    /// Packs `w`, row-major `[out, inner]`, in `precision`.
+    /// Packs `w`, row-major `[out, inner]`, in `precision` (int8 with its residual).
     pub fn pack_as(w: &[f32], out: usize, inner: usize, precision: Precision) -> Self {
+        Self::pack_kind(w, out, inner, Panels::of(precision))
+    }
+
+    /// Packs `w`, row-major `[out, inner]`, as `kind` says.
+    pub fn pack_kind(w: &[f32], out: usize, inner: usize, kind: Panels) -> Self {
         assert_eq!(w.len(), out * inner, "weight of {} values is not [{out}, {inner}]", w.len());
-        let mut packed = Self::pack_with(out, inner, precision, |o, k| w[o * inner + k]);
-        if precision == Precision::Int8 {
+        let mut packed = Self::pack_with(out, inner, kind.precision, |o, k| w[o * inner + k]);
+        if kind.residual && kind.precision == Precision::Int8 {
             // The error of each value as packed, read back from the panels (no dequantized copy).
             let error = |o: usize, k: usize| w[o * inner + k] - packed.value(o, k);
-            packed.residual = Some(Box::new(Self::pack_with(out, inner, precision, error)));
+            packed.residual = Some(Box::new(Self::pack_with(out, inner, Precision::Int8, error)));
         }
         packed
     }
