@@ -14,11 +14,12 @@
 //! target/release/examples/score_latency smollm2 runs/mr-smollm2/best
 //! VERDICT_CPU_MATMUL=bf16 target/release/examples/score_latency qwen0.5b runs/mr-qwen05/best
 //! VERDICT_CPU_ISA=none target/release/examples/score_latency smollm2 runs/mr-smollm2/best   # candle's kernels
+//! VERDICT_WEIGHTS=quantized target/release/examples/score_latency qwen0.5b runs/mr-qwen05/best
 //! ```
 
 use candle_core::{DType, Device};
 use models::scoring::{score_packed, score_rows};
-use models::{load_model, Adapters, KvCache, LogitsAt, LoraAdapter, Mode, TokenBatch, WeightMode};
+use models::{load_for, Adapters, KvCache, LogitsAt, LoraAdapter, Mode, TokenBatch, WeightMode};
 use serve::loadgen::SAMPLE_SENTENCES;
 use shared::task::{AnswerScoring, TaskRegistry};
 use std::collections::BTreeMap;
@@ -34,8 +35,9 @@ fn main() -> Res<()> {
     let (Some(model), Some(adapter_dir)) = (args.get(1), args.get(2)) else {
         return Err("usage: score_latency <model> <adapter dir>".into());
     };
-    // Kernel options from the environment, as the binaries read them (VERDICT_CPU_MATMUL,
-    // VERDICT_CPU_ISA, VERDICT_KERNEL_PLAN); `auto` precision is the server's choice.
+    // Kernel and weight options from the environment, as the binaries read them
+    // (VERDICT_CPU_MATMUL, VERDICT_CPU_ISA, VERDICT_KERNEL_PLAN, VERDICT_WEIGHTS); `auto`
+    // precision is the server's choice.
     let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
     let kargs = models::cpu::KernelArgs {
         cpu_matmul: env("VERDICT_CPU_MATMUL", "auto").parse()?,
@@ -44,10 +46,10 @@ fn main() -> Res<()> {
     };
     let cache = shared::assets::cache_dir();
     let path = shared::assets::resolve_model(model, &cache)?;
-    let mut loaded = load_model(&path, WeightMode::Dense, DType::F32, &Device::Cpu)?;
-    let shapes = loaded.model.product_shapes(false);
-    let kernels = kargs.resolve(&shapes, models::cpu::Purpose::Serve, &cache, &mut |l| eprintln!("{l}"))?;
-    loaded.model.set_kernels(kernels);
+    let weights: WeightMode = env("VERDICT_WEIGHTS", "dense").parse()?;
+    // The server's loading path: kernels resolved on the model's shapes, weights from the pack.
+    let purpose = models::cpu::Purpose::Serve;
+    let loaded = load_for(&path, weights, DType::F32, &Device::Cpu, &kargs, purpose, &cache, &mut |l| eprintln!("{l}"))?;
     let dec = &loaded.model;
     let adapter = LoraAdapter::load_peft_dir(adapter_dir.as_ref(), dec.config(), DType::F32, &Device::Cpu)?;
     let tasks = TaskRegistry::builtin();
