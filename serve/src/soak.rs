@@ -170,7 +170,7 @@ fn attribution(path: &str, task: &str, v: &Value, versions: &[String; 2]) -> Res
         let probs = results[0]["probabilities"].as_object().ok_or("no `probabilities`")?;
         (version.to_string(), probs.values().filter_map(Value::as_f64).collect())
     };
-    if !versions.iter().any(|x| *x == version) {
+    if !versions.contains(&version) {
         return Err(format!("version {version:?} is neither {} nor {}", versions[0], versions[1]));
     }
     if probs.is_empty() {
