@@ -69,7 +69,11 @@ wait_ready "$PORT" verdict-serve "$work/serve.log" 6000 > /dev/null
 mkdir -p "$(dirname "$OUT")"
 serving=$(curl -fsS "http://127.0.0.1:$PORT/info" |
   python3 -c "import json, sys; i = json.load(sys.stdin); print(i['kernels'] + '; batching ' + str(i['batching']['batching']))")
-command="SOAK_SECONDS=$SOAK_SECONDS CLIENTS=$CLIENTS SWAP_EVERY=$SWAP_EVERY BAD_FRACTION=$BAD_FRACTION scripts/soak.sh"
+command="SOAK_SECONDS=$SOAK_SECONDS CLIENTS=$CLIENTS SWAP_EVERY=$SWAP_EVERY BAD_FRACTION=$BAD_FRACTION"
+for v in SERVE_BIN BENCH_BIN TRAIN_BIN ADAPTER_A ADAPTER_B THREADS; do
+  if [ -n "${!v:-}" ]; then command="$command $v=${!v}"; fi
+done
+command="$command scripts/soak.sh"
 status=0
 VERDICT_ADMIN_TOKEN=$token "$bench_bin" soak --url "http://127.0.0.1:$PORT" --task mr --versions a,b \
   --seconds "$SOAK_SECONDS" --clients "$CLIENTS" --swap-every "$SWAP_EVERY" --bad-fraction "$BAD_FRACTION" \
