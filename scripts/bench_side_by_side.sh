@@ -77,21 +77,6 @@ registry() { # name, adapter dir
   cp -r "$2" "$work/$1/mr/v1"
   echo v1 > "$work/$1/mr/CURRENT"
 }
-wait_ready() { # port, name, log: seconds until /ready
-  local t0 t1
-  t0=$(date +%s.%N)
-  for _ in $(seq 1 1200); do
-    if curl -fsS "http://127.0.0.1:$1/ready" >/dev/null 2>&1; then
-      t1=$(date +%s.%N)
-      python3 -c "print(f'{$t1 - $t0:.2f}')"
-      return 0
-    fi
-    sleep 0.05
-  done
-  echo "$2 did not become ready:" >&2
-  cat "$3" >&2
-  return 1
-}
 
 if has serve || has memory; then
   registry smollm2 "${SMOLLM2_ADAPTER:-$(quick_adapter smollm2 "$work/runs/smollm2")}"

@@ -94,31 +94,58 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// How a route renders its errors, the ones its handler never sees included (401 of
+/// `--api-key`, 405 of a wrong method): Verdict's body, TEI's or vLLM's.
+trait Dialect {
+    const RENDER: fn(&ApiError) -> HttpResponse;
+}
+
+/// `{"error": {"code", "message"}}`.
+struct Verdict;
+/// TEI's `{"error", "error_type"}` ([`ApiError::tei_response`]).
+struct Tei;
+/// vLLM's `ErrorResponse` ([`vllm_error`]).
+struct Vllm;
+
+impl Dialect for Verdict {
+    const RENDER: fn(&ApiError) -> HttpResponse = ApiError::response;
+}
+
+impl Dialect for Tei {
+    const RENDER: fn(&ApiError) -> HttpResponse = ApiError::tei_response;
+}
+
+impl Dialect for Vllm {
+    const RENDER: fn(&ApiError) -> HttpResponse = vllm_error;
+}
+
 /// Registers every route: each path answers one method (any other: 405 with `Allow`);
 /// the inference and information routes need the `--api-key` when one is set.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    let key = || from_fn(require_api_key);
-    cfg.service(at("/v1/classify", Method::POST, classify).wrap(key()))
-        .service(at("/predict", Method::POST, predict).wrap(key()))
-        .service(at("/", Method::POST, predict_root).wrap(key()))
-        .service(at("/classify", Method::POST, vllm_classify).wrap(key()))
-        .service(at("/v1/tokenize", Method::POST, tokenize).wrap(key()))
-        .service(at("/tokenize", Method::POST, tei_tokenize).wrap(key()))
-        .service(at("/v1/tasks", Method::GET, tasks).wrap(key()))
-        .service(at("/v1/adapters", Method::GET, adapters).wrap(key()))
-        .service(at("/info", Method::GET, info).wrap(key()))
-        .service(at("/v1/admin/adapters/{task}/{version}/load", Method::POST, admin_load))
-        .service(at("/v1/admin/adapters/{task}/{version}/promote", Method::POST, admin_promote))
-        .service(at("/v1/admin/adapters/{task}/{version}/unload", Method::POST, admin_unload))
-        .service(at("/v1/admin/adapters/{task}/rollback", Method::POST, admin_rollback))
-        .service(at("/health", Method::GET, health))
-        .service(at("/ready", Method::GET, ready))
-        .service(at("/metrics", Method::GET, metrics))
-        .service(at("/openapi.json", Method::GET, openapi));
+    cfg.service(
+        at::<Verdict, _, _>("/v1/classify", Method::POST, classify).wrap(from_fn(require_api_key::<Verdict, _>)),
+    )
+    .service(at::<Tei, _, _>("/predict", Method::POST, predict).wrap(from_fn(require_api_key::<Tei, _>)))
+    .service(at::<Tei, _, _>("/", Method::POST, predict_root).wrap(from_fn(require_api_key::<Tei, _>)))
+    .service(at::<Vllm, _, _>("/classify", Method::POST, vllm_classify).wrap(from_fn(require_api_key::<Vllm, _>)))
+    .service(at::<Verdict, _, _>("/v1/tokenize", Method::POST, tokenize).wrap(from_fn(require_api_key::<Verdict, _>)))
+    .service(at::<Tei, _, _>("/tokenize", Method::POST, tei_tokenize).wrap(from_fn(require_api_key::<Tei, _>)))
+    .service(at::<Verdict, _, _>("/v1/tasks", Method::GET, tasks).wrap(from_fn(require_api_key::<Verdict, _>)))
+    .service(at::<Verdict, _, _>("/v1/adapters", Method::GET, adapters).wrap(from_fn(require_api_key::<Verdict, _>)))
+    .service(at::<Tei, _, _>("/info", Method::GET, info).wrap(from_fn(require_api_key::<Tei, _>)))
+    .service(at::<Verdict, _, _>("/v1/admin/adapters/{task}/{version}/load", Method::POST, admin_load))
+    .service(at::<Verdict, _, _>("/v1/admin/adapters/{task}/{version}/promote", Method::POST, admin_promote))
+    .service(at::<Verdict, _, _>("/v1/admin/adapters/{task}/{version}/unload", Method::POST, admin_unload))
+    .service(at::<Verdict, _, _>("/v1/admin/adapters/{task}/rollback", Method::POST, admin_rollback))
+    .service(at::<Verdict, _, _>("/health", Method::GET, health))
+    .service(at::<Verdict, _, _>("/ready", Method::GET, ready))
+    .service(at::<Verdict, _, _>("/metrics", Method::GET, metrics))
+    .service(at::<Verdict, _, _>("/openapi.json", Method::GET, openapi));
 }
 
-/// A path served by `handler` for `method` alone; other methods get 405 naming it in `Allow`.
-fn at<F, Args>(path: &str, method: Method, handler: F) -> actix_web::Resource
+/// A path served by `handler` for `method` alone; other methods get 405 naming it in `Allow`,
+/// in the route's dialect.
+fn at<D: Dialect, F, Args>(path: &str, method: Method, handler: F) -> actix_web::Resource
 where
     F: actix_web::Handler<Args>,
     Args: actix_web::FromRequest + 'static,
@@ -127,7 +154,7 @@ where
     let allow = method.clone();
     web::resource(path.to_string())
         .route(web::route().method(method).to(handler))
-        .default_service(web::to(move |req: HttpRequest| method_not_allowed(req, allow.clone())))
+        .default_service(web::to(move |req: HttpRequest| method_not_allowed(req, allow.clone(), D::RENDER)))
 }
 
 /// Any path no route matches.
@@ -135,13 +162,12 @@ pub async fn not_found(req: HttpRequest) -> HttpResponse {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {} {}", req.method(), req.path())).response()
 }
 
-async fn method_not_allowed(req: HttpRequest, allow: Method) -> HttpResponse {
-    let mut resp = ApiError::new(
+async fn method_not_allowed(req: HttpRequest, allow: Method, render: fn(&ApiError) -> HttpResponse) -> HttpResponse {
+    let mut resp = render(&ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         format!("{} is not allowed on {} (allowed: {allow})", req.method(), req.path()),
-    )
-    .response();
+    ));
     if let Ok(v) = actix_web::http::header::HeaderValue::from_str(allow.as_str()) {
         resp.headers_mut().insert(actix_web::http::header::ALLOW, v);
     }
@@ -269,20 +295,20 @@ fn finish(state: &AppState, endpoint: &str, access: Access, mut resp: HttpRespon
     resp
 }
 
-/// With `--api-key`, answers 401 to a request without `Authorization: Bearer <key>`.
-async fn require_api_key(
+/// With `--api-key`, answers 401 (in the route's dialect) to a request without
+/// `Authorization: Bearer <key>`.
+async fn require_api_key<D: Dialect, B: MessageBody>(
     req: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    next: Next<B>,
+) -> Result<ServiceResponse<EitherBody<B>>, actix_web::Error> {
     let key = req.app_data::<State>().and_then(|s| s.api_key.clone());
     if let Some(key) = key {
         if !bearer_is(req.request(), &key) {
-            let mut resp = ApiError::new(
+            let mut resp = D::RENDER(&ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "a valid API key is required: Authorization: Bearer <--api-key>",
-            )
-            .response();
+            ));
             resp.headers_mut().insert(
                 actix_web::http::header::WWW_AUTHENTICATE,
                 actix_web::http::header::HeaderValue::from_static("Bearer"),
@@ -390,13 +416,14 @@ async fn score_inputs(
     entry: &Arc<TaskEntry>,
     version: Option<Arc<AdapterVersion>>,
     inputs: Vec<BTreeMap<String, String>>,
+    limits: &Limits,
     truncate: Option<TruncationDirection>,
     started: Instant,
     access: &mut Access,
 ) -> Result<Vec<Scored>, ApiError> {
     access.version = version.as_ref().map(|v| v.version.clone());
     access.inputs = Some(inputs.len());
-    let (backend, e, limits) = (ready.backend.clone(), entry.clone(), state.limits);
+    let (backend, e, limits) = (ready.backend.clone(), entry.clone(), *limits);
     let tokenizing = Instant::now();
     let prepared = blocking(move || prepare(&backend, &e, inputs, &limits, truncate)).await?;
     access.tokenized = Some(tokenizing.elapsed());
@@ -474,7 +501,7 @@ async fn classify_inner(
     let version = resolve_version(state, ready, &r.task, r.version).await?;
     let name = version.as_ref().map(|v| v.version.clone());
     let truncate = r.truncate.unwrap_or(state.limits.truncate).then_some(TruncationDirection::Right);
-    let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started, access).await?;
+    let scored = score_inputs(state, ready, &entry, version, inputs, &state.limits, truncate, started, access).await?;
     Ok(ClassifyResponse {
         task: r.task,
         results: scored.iter().map(|s| classification(&entry, &s.logps, name.as_deref(), s.truncated)).collect(),
@@ -695,7 +722,7 @@ async fn predict_inner(
         .collect::<Result<Vec<_>, _>>()?;
     let version = resolve_version(state, ready, &task, None).await?;
     let truncate = r.truncate.unwrap_or(state.limits.truncate).then_some(r.truncation_direction);
-    let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started, access).await?;
+    let scored = score_inputs(state, ready, &entry, version, inputs, &state.limits, truncate, started, access).await?;
     let words = entry.task.label_words();
     let lists: Vec<Vec<Prediction>> = scored
         .iter()
@@ -887,8 +914,10 @@ pub struct VllmClassifyRequest {
     /// One text or a list of texts, for a task of one field.
     #[schema(value_type = InputsTextDoc)]
     pub input: Value,
-    /// Only `null` or `-1` (the server's `--max-input-tokens` and `--truncate` apply).
-    #[schema(minimum = -1, maximum = -1)]
+    /// Keep only the last k tokens of each input (vLLM's left truncation): k from 1 to the
+    /// server's `--max-input-tokens`, or `-1` for `--max-input-tokens` itself (a larger k: 400).
+    /// Absent: an input over `--max-input-tokens` is refused, or with `--truncate` cut at its end.
+    #[schema(minimum = -1)]
     #[serde(default)]
     pub truncate_prompt_tokens: Option<i64>,
 }
@@ -946,10 +975,13 @@ pub struct VllmErrorInfo {
 }
 
 /// An error as vLLM answers it: 404 `NotFoundError` (unknown model), other client errors
-/// 400 `BadRequestError`, server errors with their status.
+/// 400 `BadRequestError`, server errors with their status; the 401 of `--api-key` and the 405
+/// of a wrong method keep their status (`AuthenticationError`, `MethodNotAllowedError`).
 fn vllm_error(e: &ApiError) -> HttpResponse {
     let (status, kind) = match e.status.as_u16() {
+        401 => (StatusCode::UNAUTHORIZED, "AuthenticationError"),
         404 => (StatusCode::NOT_FOUND, "NotFoundError"),
+        405 => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowedError"),
         503 => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
         504 => (StatusCode::GATEWAY_TIMEOUT, "TimeoutError"),
         500..=599 => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError"),
@@ -988,12 +1020,32 @@ async fn vllm_classify_inner(
 ) -> Result<VllmClassifyResponse, ApiError> {
     let ready = state.ready()?;
     let r: VllmClassifyRequest = from_value(read_json(req, payload, state.limits.max_body_bytes).await?)?;
-    if r.truncate_prompt_tokens.is_some_and(|k| k != -1) {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "truncate_prompt_tokens: only -1 is supported (the server truncates at --max-input-tokens with --truncate)",
-        ));
-    }
+    // vLLM's `truncate_prompt_tokens`: keep an input's last k tokens (-1: as many as the
+    // server takes, `--max-input-tokens`); absent, the server's `--truncate` applies (cutting
+    // the end, as the other routes do).
+    let most = state.limits.max_input_tokens;
+    let (limits, truncate) = match r.truncate_prompt_tokens {
+        None => (state.limits, state.limits.truncate.then_some(TruncationDirection::Right)),
+        Some(-1) => (state.limits, Some(TruncationDirection::Left)),
+        Some(k) if k >= 1 && k as u64 <= most as u64 => {
+            (Limits { max_input_tokens: k as usize, ..state.limits }, Some(TruncationDirection::Left))
+        }
+        Some(k) if k > most as i64 => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                format!(
+                    "truncate_prompt_tokens value ({k}) is greater than the most tokens of an input \
+                     ({most}, --max-input-tokens). Please, select a smaller truncation size."
+                ),
+            ))
+        }
+        Some(k) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                format!("truncate_prompt_tokens is -1 or from 1 to {most} (--max-input-tokens), not {k}"),
+            ))
+        }
+    };
     let (task, version) = match r.model.as_deref() {
         None => (default_task(state, ready)?.0, None),
         Some(m) => match m.split_once(':') {
@@ -1025,8 +1077,7 @@ async fn vllm_classify_inner(
         None => task.clone(),
     };
     let n = inputs.len();
-    let truncate = state.limits.truncate.then_some(TruncationDirection::Right);
-    let scored = score_inputs(state, ready, &entry, version, inputs, truncate, started, access).await?;
+    let scored = score_inputs(state, ready, &entry, version, inputs, &limits, truncate, started, access).await?;
     let prompt_tokens = access.tokens.unwrap_or(0) + n * entry.prefix_ids.len();
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     Ok(VllmClassifyResponse {
@@ -1315,6 +1366,18 @@ async fn openapi(state: State) -> HttpResponse {
         if let (Some(schema), Value::Object(extra)) = (doc["components"]["schemas"][name].as_object_mut(), extra) {
             schema.extend(extra);
         }
+    }
+    // vLLM's truncate_prompt_tokens: -1, or 1 to this server's --max-input-tokens.
+    if let Some(p) =
+        doc["components"]["schemas"]["VllmClassifyRequest"]["properties"]["truncate_prompt_tokens"].as_object_mut()
+    {
+        for k in ["type", "format", "minimum", "maximum"] {
+            p.remove(k);
+        }
+        p.insert(
+            "oneOf".into(),
+            json!([{"type": "null"}, {"const": -1}, {"type": "integer", "minimum": 1, "maximum": state.limits.max_input_tokens}]),
+        );
     }
     // TEI's sequences as the default task reads them: one text, or a pair (no lone text).
     let fields = state.ready.get().and_then(|r| default_task(&state, r).ok()).map(|(_, e)| e.task.fields.len());

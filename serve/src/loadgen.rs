@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Eight short film-review sentences of different lengths: the examples' request bodies.
@@ -39,19 +39,26 @@ impl Endpoint {
         if name.is_empty() {
             return Err(format!("{spec:?}: the endpoint needs a name"));
         }
-        let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url:?}: only http:// URLs on loopback"))?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && !p.contains(']') => {
-                (h, p.parse::<u16>().map_err(|_| format!("{url:?}: bad port {p:?}"))?)
-            }
-            _ => (authority, 80),
-        };
-        Ok(Self { name: name.to_string(), addr: SocketAddr::new(loopback_ip(host)?, port), path: path.to_string() })
+        let (addr, path) = parse_url(url)?;
+        Ok(Self { name: name.to_string(), addr, path })
     }
+}
+
+/// The address and path of `http://host:port/path` (path `/` when absent); only loopback
+/// hosts are accepted ([`loopback_ip`]).
+pub fn parse_url(url: &str) -> Result<(SocketAddr, String), String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url:?}: only http:// URLs on loopback"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !p.contains(']') => {
+            (h, p.parse::<u16>().map_err(|_| format!("{url:?}: bad port {p:?}"))?)
+        }
+        _ => (authority, 80),
+    };
+    Ok((SocketAddr::new(loopback_ip(host)?, port), path.to_string()))
 }
 
 /// The address of a loopback host; any other host is refused.
@@ -91,6 +98,25 @@ pub fn http(
     let raw = String::from_utf8_lossy(&raw);
     let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     Ok((status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+/// The request body of one input (`values`: its fields' texts, in `fields` order) on `path`:
+/// `/predict` is TEI's (`{"inputs": text}`, a pair as a list), `/classify` vLLM's
+/// (`{"model": task, "input": text}`, a task of one field), anything else Verdict's
+/// `/v1/classify` (`{"task", "inputs"}`: the text, or an object of the fields).
+pub fn request_body(path: &str, task: &str, fields: &[String], values: &[String]) -> String {
+    use serde_json::{json, Value};
+    if path.ends_with("/predict") {
+        let inputs = if values.len() == 1 { json!(values[0]) } else { json!(values) };
+        json!({"inputs": inputs}).to_string()
+    } else if path == "/classify" {
+        json!({"model": task, "input": values.first()}).to_string()
+    } else {
+        let object: serde_json::Map<String, Value> =
+            fields.iter().cloned().zip(values.iter().map(|v| Value::String(v.clone()))).collect();
+        let input = if values.len() == 1 { json!(values[0]) } else { Value::Object(object) };
+        json!({"task": task, "inputs": input}).to_string()
+    }
 }
 
 /// How much load one measurement sends.
@@ -143,52 +169,56 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p.clamp(0.0, 1.0)).round() as usize]
 }
 
+/// The closed loop of every measurement: `load.clients` threads, each calling `send(i)` for the
+/// next request number `i` (0, 1, ... across all clients) as soon as its last call returned,
+/// until `load.max_requests` were started or `load.max_time` passed (calls in flight finish).
+/// Returns the wall time.
+pub fn closed_loop(load: &Load, send: impl Fn(usize) + Sync) -> Duration {
+    let next = AtomicUsize::new(0);
+    let t0 = Instant::now();
+    let deadline = t0 + load.max_time;
+    std::thread::scope(|s| {
+        for _ in 0..load.clients.max(1) {
+            s.spawn(|| {
+                while Instant::now() < deadline {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= load.max_requests {
+                        break;
+                    }
+                    send(i);
+                }
+            });
+        }
+    });
+    t0.elapsed()
+}
+
 /// Sends `bodies` (request `i` sends `bodies[i % len]`) to `addr` + `path` with `load.clients`
 /// closed-loop clients, until `max_requests` were sent or `max_time` passed.
 pub fn run(addr: SocketAddr, path: &str, headers: &[(&str, &str)], bodies: &[String], load: &Load) -> Outcome {
-    let bodies: Arc<Vec<String>> = Arc::new(bodies.to_vec());
-    let next = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::new(Mutex::new(Outcome::default()));
-    let t0 = Instant::now();
-    let deadline = t0 + load.max_time;
-    let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let handles: Vec<_> = (0..load.clients.max(1))
-        .map(|_| {
-            let (bodies, next, seen, path, headers) =
-                (bodies.clone(), next.clone(), seen.clone(), path.to_string(), headers.clone());
-            let timeout = load.timeout;
-            let max = load.max_requests;
-            std::thread::spawn(move || {
-                let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                while Instant::now() < deadline && !bodies.is_empty() {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= max {
-                        break;
-                    }
-                    let s = Instant::now();
-                    let result = http(addr, "POST", &path, &bodies[i % bodies.len()], &hdrs, timeout);
-                    let ms = s.elapsed().as_secs_f64() * 1e3;
-                    let mut o = seen.lock().unwrap_or_else(|e| e.into_inner());
-                    match result {
-                        Ok((200..=299, _)) => o.latencies_ms.push(ms),
-                        Ok((status, body)) => {
-                            o.errors += 1;
-                            o.first_error.get_or_insert_with(|| format!("HTTP {status}: {}", body.trim()));
-                        }
-                        Err(e) => {
-                            o.errors += 1;
-                            o.first_error.get_or_insert_with(|| e.to_string());
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        let _ = h.join();
+    let seen = Mutex::new(Outcome::default());
+    if bodies.is_empty() {
+        return Outcome::default();
     }
-    let mut o = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
-    o.wall = t0.elapsed();
+    let wall = closed_loop(load, |i| {
+        let s = Instant::now();
+        let result = http(addr, "POST", path, &bodies[i % bodies.len()], headers, load.timeout);
+        let ms = s.elapsed().as_secs_f64() * 1e3;
+        let mut o = seen.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok((200..=299, _)) => o.latencies_ms.push(ms),
+            Ok((status, body)) => {
+                o.errors += 1;
+                o.first_error.get_or_insert_with(|| format!("HTTP {status}: {}", body.trim()));
+            }
+            Err(e) => {
+                o.errors += 1;
+                o.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    });
+    let mut o = seen.into_inner().unwrap_or_else(|e| e.into_inner());
+    o.wall = wall;
     o.latencies_ms.sort_by(f64::total_cmp);
     o
 }

@@ -1206,22 +1206,23 @@ fn api_key_guards_inference_routes_and_the_admin_token_stays_separate() {
     let predict = json!({"inputs": "good"}).to_string();
     let vllm = json!({"model": "mr", "input": "good"}).to_string();
     let routes = [
-        ("POST", "/v1/classify", classify.as_str()),
-        ("POST", "/predict", predict.as_str()),
-        ("POST", "/", predict.as_str()),
-        ("POST", "/tokenize", predict.as_str()),
-        ("POST", "/classify", vllm.as_str()),
-        ("POST", "/v1/tokenize", classify.as_str()),
-        ("GET", "/v1/tasks", ""),
-        ("GET", "/v1/adapters", ""),
-        ("GET", "/info", ""),
+        ("POST", "/v1/classify", classify.as_str(), Dialect::Verdict),
+        ("POST", "/predict", predict.as_str(), Dialect::Tei),
+        ("POST", "/", predict.as_str(), Dialect::Tei),
+        ("POST", "/tokenize", predict.as_str(), Dialect::Tei),
+        ("POST", "/classify", vllm.as_str(), Dialect::Vllm),
+        ("POST", "/v1/tokenize", classify.as_str(), Dialect::Verdict),
+        ("GET", "/v1/tasks", "", Dialect::Verdict),
+        ("GET", "/v1/adapters", "", Dialect::Verdict),
+        ("GET", "/info", "", Dialect::Tei),
     ];
-    for (method, path, body) in routes {
-        // No key, a wrong one, and the admin token (which is not the API key): 401.
+    for (method, path, body, dialect) in routes {
+        // No key, a wrong one, and the admin token (which is not the API key): 401, in the
+        // route's own error body.
         for bearer in [None, Some("nope"), Some(TOKEN)] {
             let r = call(method, path, body, bearer);
             assert_eq!(r.status, 401, "{path} with {bearer:?}: {}", r.text());
-            assert!(r.text().contains("\"unauthorized\""), "{path}: {}", r.text());
+            dialect.assert_error(&r, "unauthorized", "AuthenticationError");
             assert_eq!(r.header("www-authenticate").as_deref(), Some("Bearer"), "{path}");
         }
         let r = call(method, path, body, Some(KEY));
@@ -1239,25 +1240,62 @@ fn api_key_guards_inference_routes_and_the_admin_token_stays_separate() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// Which error body a route answers.
+#[derive(Clone, Copy, Debug)]
+enum Dialect {
+    /// `{"error": {"code", "message"}}`.
+    Verdict,
+    /// TEI's `{"error": "<message>", "error_type": "<type>"}`.
+    Tei,
+    /// vLLM's `{"error": {"message", "type", "param", "code": <status>}}`.
+    Vllm,
+}
+
+impl Dialect {
+    /// `r`'s body is this dialect's error: Verdict's with `code`, TEI's (a message and one of
+    /// TEI's error types), vLLM's with `vllm_type` and the status as its code.
+    fn assert_error(self, r: &tests::RawResponse, code: &str, vllm_type: &str) {
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("not JSON: {}", r.text()));
+        match self {
+            Dialect::Verdict => assert_eq!(v["error"]["code"], code, "{v}"),
+            Dialect::Tei => {
+                assert!(v["error"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+                let types = ["Validation", "Tokenizer", "Empty", "Overloaded", "Unhealthy", "Backend"];
+                assert!(types.iter().any(|t| v["error_type"] == *t), "{v}");
+                assert_eq!(v.as_object().map(|o| o.len()), Some(2), "{v}");
+            }
+            Dialect::Vllm => {
+                assert_eq!(v["error"]["type"], vllm_type, "{v}");
+                assert_eq!(v["error"]["code"].as_u64(), Some(u64::from(r.status)), "{v}");
+                assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+            }
+        }
+    }
+}
+
 #[test]
 fn wrong_methods_get_405_with_an_allow_header() {
     let fx = Fixture::new("serve-405");
     fx.publish("mr", "v1", 1);
     fx.registry.promote("mr", "v1").unwrap();
     let server = fx.start(&[]);
-    for (method, path, allow) in [
-        ("GET", "/v1/classify", "POST"),
-        ("PUT", "/predict", "POST"),
-        ("GET", "/v1/tokenize", "POST"),
-        ("DELETE", "/v1/tasks", "GET"),
-        ("POST", "/health", "GET"),
-        ("POST", "/metrics", "GET"),
-        ("GET", "/v1/admin/adapters/mr/v1/promote", "POST"),
-        ("GET", "/v1/admin/adapters/mr/rollback", "POST"),
+    for (method, path, allow, dialect) in [
+        ("GET", "/v1/classify", "POST", Dialect::Verdict),
+        ("GET", "/v1/tokenize", "POST", Dialect::Verdict),
+        ("DELETE", "/v1/tasks", "GET", Dialect::Verdict),
+        ("POST", "/health", "GET", Dialect::Verdict),
+        ("POST", "/metrics", "GET", Dialect::Verdict),
+        ("GET", "/v1/admin/adapters/mr/v1/promote", "POST", Dialect::Verdict),
+        ("GET", "/v1/admin/adapters/mr/rollback", "POST", Dialect::Verdict),
+        ("PUT", "/predict", "POST", Dialect::Tei),
+        ("GET", "/", "POST", Dialect::Tei),
+        ("GET", "/tokenize", "POST", Dialect::Tei),
+        ("POST", "/info", "GET", Dialect::Tei),
+        ("GET", "/classify", "POST", Dialect::Vllm),
     ] {
         let r = http_raw(server.port, method, path, b"", &[]).unwrap();
         assert_eq!(r.status, 405, "{method} {path}: {}", r.text());
-        assert!(r.text().contains("\"method_not_allowed\""), "{}", r.text());
+        dialect.assert_error(&r, "method_not_allowed", "MethodNotAllowedError");
         assert_eq!(r.header("allow").as_deref(), Some(allow), "{method} {path}: {}", r.head);
     }
 }
@@ -1668,7 +1706,7 @@ fn vllm_classify_names_tasks_as_models_and_answers_vllm_shapes() {
         (json!({"model": "mr", "input": [{"sentence": "good"}]}), 400, "BadRequestError"),
         (json!({"model": "rte", "input": "good"}), 400, "BadRequestError"),
         (json!({"model": "mr"}), 400, "BadRequestError"),
-        (json!({"model": "mr", "input": "good", "truncate_prompt_tokens": 3}), 400, "BadRequestError"),
+        (json!({"model": "mr", "input": "good", "truncate_prompt_tokens": 0}), 400, "BadRequestError"),
     ] {
         let (got, v) = server.post("/classify", &body);
         assert_eq!((got, v["error"]["type"].as_str()), (status, Some(kind)), "{body}: {v}");
@@ -1677,6 +1715,162 @@ fn vllm_classify_names_tasks_as_models_and_answers_vllm_shapes() {
     }
     let (_, v) = server.post("/classify", &json!({"model": "nope", "input": "good"}));
     assert!(v["error"]["message"].as_str().unwrap().contains("`nope` does not exist"), "{v}");
+}
+
+#[test]
+fn vllm_truncate_prompt_tokens_keeps_the_last_tokens_and_refuses_out_of_range_values() {
+    let fx = Fixture::new("serve-vllm-truncate");
+    fx.publish("mr", "v1", 1);
+    fx.registry.promote("mr", "v1").unwrap();
+    // f32 products, as the library's (`--cpu-matmul auto` may pick bf16 on this CPU).
+    let server = fx.start(&["--max-input-tokens", "12", "--cpu-matmul", "f32"]);
+    let probs = |v: &Value| -> Vec<f64> {
+        v["data"][0]["probs"].as_array().unwrap_or_else(|| panic!("{v}")).iter().map(|p| p.as_f64().unwrap()).collect()
+    };
+    // 20 words (the tiny tokenizer's tokens): its start is negative, its end positive.
+    let words: Vec<&str> = ["bad", "awful", "the", "plot", "bad"]
+        .iter()
+        .cycle()
+        .take(14)
+        .chain(&["the", "movie", "was", "really", "good", "great"])
+        .copied()
+        .collect();
+    let long = words.join(" ");
+    let last = |k: usize| words[words.len() - k..].join(" ");
+    let first6 = fx.probs("mr", Some("v1"), &[("sentence", &words[..6].join(" "))]);
+    let last6 = fx.probs("mr", Some("v1"), &[("sentence", &last(6))]);
+    let d = first6.iter().zip(&last6).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(d > 100.0 * TOL, "the two ends must be told apart by their answers ({d})");
+    // k keeps the last k tokens: the answer and the prompt's tokens are those of that text.
+    for (k, want) in [(json!(6), 6), (json!(12), 12), (json!(-1), 12)] {
+        let (status, v) = server.post("/classify", &json!({"model": "mr", "input": long, "truncate_prompt_tokens": k}));
+        assert_eq!(status, 200, "{k}: {v}");
+        assert_close(&probs(&v), &fx.probs("mr", Some("v1"), &[("sentence", &last(want))]), &format!("k = {k}"));
+        let (_, plain) = server.post("/classify", &json!({"model": "mr", "input": last(want)}));
+        assert_eq!(v["usage"], plain["usage"], "k = {k}");
+    }
+    // A text within k is not cut.
+    let (_, v) = server.post("/classify", &json!({"model": "mr", "input": last(6), "truncate_prompt_tokens": 12}));
+    assert_close(&probs(&v), &last6, "a short text");
+    // Without it a long input is refused as before; k outside -1 and 1..=12 is a 400.
+    for k in [None, Some(13), Some(1000), Some(0), Some(-2)] {
+        let body = match k {
+            Some(k) => json!({"model": "mr", "input": long, "truncate_prompt_tokens": k}),
+            None => json!({"model": "mr", "input": long}),
+        };
+        let (status, v) = server.post("/classify", &body);
+        assert_eq!((status, v["error"]["type"].as_str()), (400, Some("BadRequestError")), "{k:?}: {v}");
+        assert_eq!(v["error"]["code"], 400, "{v}");
+    }
+    let (_, v) = server.post("/classify", &json!({"model": "mr", "input": "good", "truncate_prompt_tokens": 13}));
+    assert!(v["error"]["message"].as_str().unwrap().contains("greater than"), "{v}");
+    // The document says so, with this server's limit.
+    let (_, doc) = server.get("/openapi.json");
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    let field = &doc["components"]["schemas"]["VllmClassifyRequest"]["properties"]["truncate_prompt_tokens"];
+    assert_eq!(field["oneOf"][2]["maximum"], 12, "{field}");
+    assert_eq!(field["oneOf"][1]["const"], -1, "{field}");
+}
+
+/// `verdict-bench soak` on the tiny model: `(exit status, report)`.
+fn soak(server: &Server, data: &Path, out: &Path, args: &[&str]) -> (Option<i32>, Value) {
+    let o = Command::new(tests::binary("verdict-bench"))
+        .args(["soak", "--url", &format!("http://127.0.0.1:{}", server.port), "--task", "mr", "--versions", "v1,v2"])
+        .args(["--data", data.to_str().unwrap(), "--admin-token", TOKEN, "--out-json", out.to_str().unwrap()])
+        .args(["--tolerance", "1e-4", "--sample-every", "1", "--warmup", "2", "--timeout", "30"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{}{stderr}", String::from_utf8_lossy(&o.stdout));
+    let report = std::fs::read_to_string(out).unwrap_or_else(|_| panic!("no report: {stderr}"));
+    (o.status.code(), serde_json::from_str(&report).unwrap())
+}
+
+#[test]
+fn soak_with_swaps_and_bad_inputs_fails_no_good_request_and_attributes_every_answer() {
+    let fx = Fixture::new("serve-soak");
+    fx.publish("mr", "v1", 11);
+    fx.publish("mr", "v2", 12);
+    fx.registry.promote("mr", "v1").unwrap();
+    let tmp = TempDir::new("serve-soak-data");
+    let data = tmp.0.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let sentences = [
+        "the movie was really good",
+        "a bad film",
+        "the plot was awful",
+        "great",
+        "the rain was wet",
+        "a really good plot",
+    ];
+    let lines: Vec<String> =
+        sentences.iter().map(|s| json!({"sentence": s, "label": "positive"}).to_string()).collect();
+    std::fs::write(data.join("test.jsonl"), lines.join("\n")).unwrap();
+    let out = tmp.0.join("soak.json");
+    // f32 products: answers of one version agree to 1e-4 whatever the batch.
+    let server = fx.start(&[
+        "--admin-token",
+        TOKEN,
+        "--max-input-tokens",
+        "16",
+        "--watch-interval-ms",
+        "50",
+        "--cpu-matmul",
+        "f32",
+    ]);
+    let args =
+        ["--seconds", "16", "--clients", "3", "--swap-every", "2", "--bad-fraction", "0.2", "--max-growth", "10"];
+    let (status, r) = soak(&server, &data, &out, &args);
+    assert_eq!(status, Some(0), "{r}");
+    let g = &r["good"];
+    assert!(g["ok"].as_u64().unwrap() >= 50, "{r}");
+    for k in ["failed", "unattributed", "stale", "inconsistent"] {
+        assert_eq!(g[k], 0, "{k}: {r}");
+    }
+    assert_eq!(g["ok"], g["sent"], "{r}");
+    for v in ["v1", "v2"] {
+        assert!(g["per_version"][v].as_u64().unwrap() > 10, "{v}: {r}");
+    }
+    assert!(g["max_diff_between_versions"].as_f64().unwrap() > 1e-3, "{r}");
+    assert_eq!(r["routes"], json!(["/v1/classify", "/classify"]), "{r}");
+    assert!(r["swaps"]["ok"].as_u64().unwrap() >= 6 && r["swaps"]["failed"] == 0, "{r}");
+    // Every kind of bad request was sent and answered with a 4xx JSON error.
+    assert_eq!(r["bad"]["not_4xx_json"], 0, "{r}");
+    let kinds = r["bad"]["kinds"].as_object().unwrap();
+    assert_eq!(kinds.len(), 12, "{r}");
+    assert!(kinds.values().all(|n| n.as_u64().unwrap() > 0), "{r}");
+    let share = r["bad"]["sent"].as_f64().unwrap() / r["requests"].as_f64().unwrap();
+    assert!((share - 0.2).abs() < 0.02, "bad share {share}: {r}");
+    // Resident memory was sampled throughout (its growth is reported, not asserted here).
+    let samples = r["rss"]["samples"].as_array().unwrap();
+    assert!(samples.len() >= 12, "{r}");
+    assert!(samples.iter().all(|s| s[1].as_f64().unwrap() > 1e6), "{r}");
+    assert!(r["rss"]["growth"].is_number() && r["rss"]["after_warmup_mib"].is_number(), "{r}");
+
+    // The soak fails when answers do not follow the swaps: another process writes CURRENT back
+    // to v1 whenever it names v2, and the registry watch follows it.
+    let reverting = Arc::new(AtomicBool::new(true));
+    let reverter = {
+        let (reverting, registry) = (reverting.clone(), Registry::new(fx.registry.root()));
+        std::thread::spawn(move || {
+            while reverting.load(Ordering::Relaxed) {
+                if registry.current("mr").ok().flatten().as_deref() == Some("v2") {
+                    let _ = registry.promote("mr", "v1");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let args =
+        ["--seconds", "7", "--clients", "2", "--swap-every", "1.5", "--bad-fraction", "0.1", "--max-growth", "10"];
+    let (status, r) = soak(&server, &data, &out, &args);
+    reverting.store(false, Ordering::Relaxed);
+    reverter.join().unwrap();
+    assert_eq!(status, Some(1), "{r}");
+    assert!(r["good"]["stale"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["passed"], false, "{r}");
+    assert!(r["failures"].as_array().unwrap().iter().any(|f| f.as_str().unwrap().contains("another version")), "{r}");
 }
 
 #[test]

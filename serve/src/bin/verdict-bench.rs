@@ -11,35 +11,38 @@
 //!
 //! Loopback only: any other host is refused. Every measurement is bounded by `--requests` and
 //! `--seconds`; endpoints are measured one after another at each client count.
+//!
+//! `verdict-bench soak` runs one server through a bounded stretch of production instead
+//! (`serve::soak`): clients, an adapter swap every few seconds, bad requests mixed in, resident
+//! memory sampled; it exits 1 when a check fails.
+//!
+//! ```text
+//! verdict-bench soak --url http://127.0.0.1:8080 --task mr --versions v1,v2 --admin-token T \
+//!   --seconds 600 --clients 4 --swap-every 10 --bad-fraction 0.05 --out-json soak.json
+//! ```
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use serve::loadgen::{self, Endpoint, Load, Outcome};
+use serve::loadgen::{self, request_body, Endpoint, Load, Outcome};
+use serve::soak::{self, SoakConfig};
 use shared::data::{read_table, ColumnMap, ReadOptions};
 use shared::plot::{Panel, Series};
-use shared::task::TaskRegistry;
+use shared::task::{Task, TaskRegistry};
 use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "verdict-bench", version, about = "Load-test classification servers on loopback with real sentences")]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// `NAME=http://127.0.0.1:PORT/v1/classify` or `.../predict` (repeatable; loopback only).
     #[arg(long = "endpoint", required = true)]
     endpoints: Vec<String>,
-    /// The task whose sentences are sent (`/v1/classify` names it; `/predict` answers the
-    /// server's default task).
-    #[arg(long, default_value = "mr")]
-    task: String,
-    /// The split replayed.
-    #[arg(long, default_value = "test")]
-    split: String,
-    /// The task's data directory (default: `<cache>/data/<task>`).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    #[arg(long, env = "VERDICT_CACHE_DIR")]
-    cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    sentences: Sentences,
     /// Client counts (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     clients: Vec<usize>,
@@ -72,6 +75,85 @@ struct Cli {
     note: String,
 }
 
+/// Where the sentences come from.
+#[derive(clap::Args)]
+struct Sentences {
+    /// The task whose sentences are sent (`/v1/classify` names it; `/predict` answers the
+    /// server's default task).
+    #[arg(long, default_value = "mr")]
+    task: String,
+    /// The split replayed.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// The task's data directory (default: `<cache>/data/<task>`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, env = "VERDICT_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A bounded soak of one server: clients on `/v1/classify` and vLLM's `/classify` with bad
+    /// requests mixed in, the task's adapter swapped between two versions through the admin
+    /// API, resident memory sampled from `/metrics`; exits 1 when a check fails.
+    Soak(SoakArgs),
+}
+
+#[derive(clap::Args)]
+struct SoakArgs {
+    /// The server, `http://127.0.0.1:PORT` (loopback only).
+    #[arg(long)]
+    url: String,
+    #[command(flatten)]
+    sentences: Sentences,
+    /// The two adapter versions of the task the swapper alternates (the first serves first).
+    #[arg(long, value_delimiter = ',', required = true)]
+    versions: Vec<String>,
+    /// Length of the run.
+    #[arg(long, default_value_t = 600.0)]
+    seconds: f64,
+    /// Concurrent closed-loop clients.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Seconds between swaps.
+    #[arg(long, default_value_t = 10.0)]
+    swap_every: f64,
+    /// Share of the requests that are bad (malformed JSON, unknown task, empty, over-long, ...).
+    #[arg(long, default_value_t = 0.05)]
+    bad_fraction: f64,
+    /// Memory growth is measured from the first sample after this many seconds [default: a
+    /// tenth of the run, at most 60].
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Seconds between resident memory samples.
+    #[arg(long, default_value_t = 5.0)]
+    sample_every: f64,
+    /// Most growth of resident memory after the warm-up (0.05: 5%).
+    #[arg(long, default_value_t = 0.05)]
+    max_growth: f64,
+    /// Answers of one sentence by one version agree to this (probabilities). Batches of other
+    /// shapes move a probability by up to about 0.01 on SmolLM2 with bf16 or int8 products;
+    /// two trained versions differ by far more on some sentence (the soak checks they do).
+    #[arg(long, default_value_t = 0.05)]
+    tolerance: f64,
+    /// Distinct sentences sent (spread over the split), each many times.
+    #[arg(long, default_value_t = 32)]
+    distinct: usize,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    timeout: f64,
+    /// The server's `--admin-token`.
+    #[arg(long, env = "VERDICT_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+    /// The server's `--api-key`, if it has one.
+    #[arg(long, env = "VERDICT_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Write the report here (JSON: counts, versions, latency, every memory sample).
+    #[arg(long)]
+    out_json: Option<PathBuf>,
+}
+
 /// One measurement.
 struct Cell {
     endpoint: usize,
@@ -79,44 +161,17 @@ struct Cell {
     outcome: Outcome,
 }
 
-/// The request body for `sentence` on `path`: `/v1/classify` names the task, `/predict` is TEI's.
-fn body(path: &str, task: &str, fields: &[String], values: &[String]) -> String {
-    let object: serde_json::Map<String, Value> =
-        fields.iter().cloned().zip(values.iter().map(|v| Value::String(v.clone()))).collect();
-    if path.ends_with("/predict") {
-        let inputs = if values.len() == 1 { json!(values[0]) } else { json!(values) };
-        json!({"inputs": inputs}).to_string()
-    } else {
-        let input = if values.len() == 1 { json!(values[0]) } else { Value::Object(object) };
-        json!({"task": task, "inputs": input}).to_string()
-    }
-}
-
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    let endpoints: Vec<Endpoint> =
-        cli.endpoints.iter().map(|e| Endpoint::parse(e)).collect::<Result<_, _>>().map_err(|e| anyhow!(e))?;
-    let mut names: Vec<&str> = endpoints.iter().map(|e| e.name.as_str()).collect();
-    names.sort();
-    if names.windows(2).any(|w| w[0] == w[1]) {
-        bail!("endpoint names must be distinct");
-    }
-    let baseline = match &cli.baseline {
-        Some(b) => endpoints.iter().position(|e| &e.name == b).ok_or_else(|| anyhow!("no endpoint named {b}"))?,
-        None => 0,
-    };
-    if cli.clients.is_empty() || cli.clients.contains(&0) || cli.requests == 0 || cli.seconds <= 0.0 {
-        bail!("--clients, --requests and --seconds must be positive");
-    }
-    let task = TaskRegistry::builtin().get(&cli.task)?.clone();
-    let cache = cli.cache_dir.clone().unwrap_or_else(shared::assets::cache_dir);
-    let dir = cli.data.clone().unwrap_or_else(|| cache.join("data").join(&task.name));
+/// The task and every example's field values of the split.
+fn sentences(args: &Sentences) -> Result<(Task, Vec<Vec<String>>)> {
+    let task = TaskRegistry::builtin().get(&args.task)?.clone();
+    let cache = args.cache_dir.clone().unwrap_or_else(shared::assets::cache_dir);
+    let dir = args.data.clone().unwrap_or_else(|| cache.join("data").join(&task.name));
     let file = ["jsonl", "csv", "tsv", "parquet"]
         .iter()
-        .map(|e| dir.join(format!("{}.{e}", cli.split)))
+        .map(|e| dir.join(format!("{}.{e}", args.split)))
         .find(|p| p.is_file())
         .ok_or_else(|| {
-            anyhow!("no {} split in {} (verdict-train fetch-data {})", cli.split, dir.display(), task.name)
+            anyhow!("no {} split in {} (verdict-train fetch-data {})", args.split, dir.display(), task.name)
         })?;
     let mapping = ColumnMap {
         fields: task.fields.iter().map(|f| (task.column(f), f.clone())).collect(),
@@ -131,10 +186,99 @@ fn main() -> Result<()> {
     }
     let values: Vec<Vec<String>> =
         examples.iter().map(|ex| task.fields.iter().map(|f| ex.fields[f].clone()).collect()).collect();
+    eprintln!("{} {} sentences from {}", values.len(), args.split, file.display());
+    Ok((task, values))
+}
+
+fn soak_main(a: &SoakArgs) -> Result<()> {
+    let versions: [String; 2] = a
+        .versions
+        .clone()
+        .try_into()
+        .map_err(|v: Vec<String>| anyhow!("--versions takes two versions, got {}", v.len()))?;
+    if versions[0] == versions[1] {
+        bail!("--versions must name two different versions");
+    }
+    let positive = [a.seconds, a.swap_every, a.sample_every, a.timeout];
+    if a.clients == 0 || a.distinct == 0 || positive.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+        bail!("--clients, --distinct, --seconds, --swap-every, --sample-every and --timeout must be positive");
+    }
+    if !(0.0..1.0).contains(&a.bad_fraction) {
+        bail!("--bad-fraction is a share in [0, 1)");
+    }
+    let (addr, _) = loadgen::parse_url(&a.url).map_err(|e| anyhow!(e))?;
+    let (task, values) = sentences(&a.sentences)?;
+    let step = (values.len() / a.distinct).max(1);
+    let inputs: Vec<Vec<String>> = values.into_iter().step_by(step).take(a.distinct).collect();
+    let warmup = a.warmup.unwrap_or((a.seconds / 10.0).min(60.0));
+    let cfg = SoakConfig {
+        addr,
+        task: task.name.clone(),
+        fields: task.fields.clone(),
+        inputs,
+        versions,
+        clients: a.clients,
+        duration: Duration::from_secs_f64(a.seconds),
+        swap_every: Duration::from_secs_f64(a.swap_every),
+        bad_fraction: a.bad_fraction,
+        warmup: Duration::from_secs_f64(warmup.max(0.0)),
+        sample_every: Duration::from_secs_f64(a.sample_every),
+        max_growth: a.max_growth,
+        tolerance: a.tolerance,
+        timeout: Duration::from_secs_f64(a.timeout),
+        admin_token: a.admin_token.clone(),
+        api_key: a.api_key.clone(),
+    };
+    eprintln!(
+        "soak: {} for {} s, {} clients, a swap between {} and {} every {} s, {}% bad requests",
+        a.url,
+        a.seconds,
+        a.clients,
+        cfg.versions[0],
+        cfg.versions[1],
+        a.swap_every,
+        a.bad_fraction * 100.0
+    );
+    let (report, failures) = soak::run(&cfg).map_err(|e| anyhow!("soak: {e}"))?;
+    print!("{}", soak::summary(&report));
+    if let Some(p) = &a.out_json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?).with_context(|| p.display().to_string())?;
+    }
+    if !failures.is_empty() {
+        for f in &failures {
+            eprintln!("soak: FAILED: {f}");
+        }
+        std::process::exit(1);
+    }
+    eprintln!("soak: passed");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Soak(a)) = &cli.command {
+        return soak_main(a);
+    }
+    let endpoints: Vec<Endpoint> =
+        cli.endpoints.iter().map(|e| Endpoint::parse(e)).collect::<Result<_, _>>().map_err(|e| anyhow!(e))?;
+    let mut names: Vec<&str> = endpoints.iter().map(|e| e.name.as_str()).collect();
+    names.sort();
+    if names.windows(2).any(|w| w[0] == w[1]) {
+        bail!("endpoint names must be distinct");
+    }
+    let baseline = match &cli.baseline {
+        Some(b) => endpoints.iter().position(|e| &e.name == b).ok_or_else(|| anyhow!("no endpoint named {b}"))?,
+        None => 0,
+    };
+    if cli.clients.is_empty() || cli.clients.contains(&0) || cli.requests == 0 || cli.seconds <= 0.0 {
+        bail!("--clients, --requests and --seconds must be positive");
+    }
+    let (task, values) = sentences(&cli.sentences)?;
     let timeout = Duration::from_secs_f64(cli.timeout);
-    let bodies: Vec<Vec<String>> =
-        endpoints.iter().map(|e| values.iter().map(|v| body(&e.path, &task.name, &task.fields, v)).collect()).collect();
-    eprintln!("{} {} sentences from {}", values.len(), cli.split, file.display());
+    let bodies: Vec<Vec<String>> = endpoints
+        .iter()
+        .map(|e| values.iter().map(|v| request_body(&e.path, &task.name, &task.fields, v)).collect())
+        .collect();
 
     for (e, b) in endpoints.iter().zip(&bodies) {
         // Warm-up: first allocations, caches; a server that refuses its first request is reported now.
@@ -214,8 +358,7 @@ fn main() -> Result<()> {
                 })
             })
             .collect();
-        let doc =
-            json!({"task": task.name, "split": cli.split, "baseline": base_name, "note": cli.note, "results": rows});
+        let doc = json!({"task": task.name, "split": cli.sentences.split, "baseline": base_name, "note": cli.note, "results": rows});
         std::fs::write(p, serde_json::to_string_pretty(&doc)?).with_context(|| p.display().to_string())?;
     }
     if let Some(p) = &cli.out_svg {
@@ -245,7 +388,7 @@ fn main() -> Result<()> {
                 series: series(&|o| o.throughput()),
             },
         ];
-        let title = format!("verdict-bench: {} {} sentences", task.name, cli.split);
+        let title = format!("verdict-bench: {} {} sentences", task.name, cli.sentences.split);
         shared::plot::write_svg(p, &title, &panels).with_context(|| p.display().to_string())?;
     }
     Ok(())
