@@ -8,9 +8,8 @@
 //! must load and be finite. A refused version leaves the serving one in place.
 
 use crate::backend::Backend;
+use crate::contract::AdapterVersion;
 use crate::metrics::Metrics;
-use candle_core::DType;
-use models::{ClassifierHead, Decoder, LoraAdapter};
 use serde::Serialize;
 use shared::adapter::{Manifest, MANIFEST_FILE};
 use shared::registry::{Registry, RegistryError};
@@ -20,54 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 use utoipa::ToSchema;
-
-/// One loaded adapter version.
-pub struct AdapterVersion {
-    pub version: String,
-    /// Unique for each load (also of the same version): keys the prefix cache.
-    pub id: u64,
-    pub weights: VersionWeights,
-    pub manifest: Manifest,
-    /// Seconds since the Unix epoch.
-    pub loaded_at: u64,
-    /// The table's clock when a request last named this version (or it was loaded): the
-    /// least recently used versions are evicted first.
-    last_used: AtomicU64,
-}
-
-/// What a version holds, by backend.
-pub enum VersionWeights {
-    /// A decoder's LoRA adapter; in merged mode also the base with it folded in.
-    Lora { adapter: LoraAdapter, merged: Option<Box<Decoder>> },
-    /// An encoder's classification head.
-    Head(ClassifierHead),
-}
-
-impl AdapterVersion {
-    /// The LoRA adapter (decoder backend).
-    pub fn lora(&self) -> Option<&LoraAdapter> {
-        match &self.weights {
-            VersionWeights::Lora { adapter, .. } => Some(adapter),
-            VersionWeights::Head(_) => None,
-        }
-    }
-
-    /// Merged mode: the base model with this adapter folded into its weights.
-    pub fn merged(&self) -> Option<&Decoder> {
-        match &self.weights {
-            VersionWeights::Lora { merged, .. } => merged.as_deref(),
-            VersionWeights::Head(_) => None,
-        }
-    }
-
-    /// The classification head (encoder backend).
-    pub fn head(&self) -> Option<&ClassifierHead> {
-        match &self.weights {
-            VersionWeights::Head(h) => Some(h),
-            VersionWeights::Lora { .. } => None,
-        }
-    }
-}
 
 /// Why an adapter operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -383,40 +334,7 @@ impl AdapterTable {
                 ));
             }
             let manifest = Manifest::read(&dir)?;
-            let weights = match &self.backend {
-                Backend::Decoder(model) => {
-                    manifest.check(&self.base_sha256, spec)?;
-                    let adapter =
-                        LoraAdapter::load_peft_dir(&dir, model.model.config(), DType::F32, model.model.device())
-                            .map_err(|e| format!("cannot load the adapter: {e}"))?;
-                    for (name, t) in adapter.named_tensors() {
-                        let finite = t
-                            .abs()
-                            .and_then(|a| a.sum_all())
-                            .and_then(|s| s.to_dtype(DType::F32))
-                            .and_then(|s| s.to_scalar::<f32>())
-                            .map(f32::is_finite)
-                            .unwrap_or(false);
-                        if !finite {
-                            return Err(format!("tensor {name} is not finite"));
-                        }
-                    }
-                    let merged = if self.merged {
-                        Some(Box::new(
-                            model.model.merged(&adapter).map_err(|e| format!("cannot merge the adapter: {e}"))?,
-                        ))
-                    } else {
-                        None
-                    };
-                    VersionWeights::Lora { adapter, merged }
-                }
-                Backend::Encoder(encoder) => {
-                    manifest.check_head(&self.base_sha256, spec)?;
-                    let head = ClassifierHead::load(&dir, encoder.hidden_size(), spec.num_classes(), encoder.device())
-                        .map_err(|e| format!("cannot load the head: {e}"))?;
-                    VersionWeights::Head(head)
-                }
-            };
+            let weights = self.backend.load_weights(&dir, &manifest, &self.base_sha256, spec, self.merged)?;
             Ok(AdapterVersion {
                 version: version.to_string(),
                 id: self.next_id.fetch_add(1, Ordering::Relaxed),

@@ -2,11 +2,10 @@
 //! they belong to, and the `Compute` trait the scheduler's worker thread drives. Below all of
 //! them; it imports none of them.
 
-use crate::adapters::AdapterVersion;
-use crate::backend::Backend;
-use models::LoadedModel;
+use models::{ClassifierHead, Decoder, LoraAdapter};
+use shared::adapter::Manifest;
 use shared::task::{AnswerScoring, Task};
-use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 /// A task as the engine needs it: the prompt's constant prefix and every label's answer,
@@ -23,36 +22,57 @@ pub struct TaskEntry {
 }
 
 impl TaskEntry {
-    /// The task's constant parts for `backend`, its answers scored as `scoring` says.
-    pub fn new(task: &Task, backend: &Backend, scoring: AnswerScoring) -> Result<Self, String> {
-        match backend {
-            Backend::Decoder(loaded) => Self::for_decoder(task, loaded, scoring),
-            Backend::Encoder(_) => Ok(Self {
-                task: task.clone(),
-                prefix_text: String::new(),
-                prefix_ids: Vec::new(),
-                answers: Vec::new(),
-                scoring: None,
-            }),
-        }
-    }
-
-    /// Renders and tokenizes the task's constant parts for `loaded`'s tokenizer and chat.
-    fn for_decoder(task: &Task, loaded: &LoadedModel, scoring: AnswerScoring) -> Result<Self, String> {
-        let probe: BTreeMap<String, String> = task.fields.iter().map(|f| (f.clone(), "x".to_string())).collect();
-        let parts = task.prompt(loaded.chat.as_ref(), &[], &probe).map_err(|e| e.to_string())?;
-        let prefix_ids = loaded.encode(&parts.prefix, true).map_err(|e| e.to_string())?;
-        let scored = task.scored_candidates(scoring, |t| loaded.encode(t, false))?;
-        if let Some(why) = &scored.fallback {
-            tracing::warn!("{why}");
-        }
-        let (scoring, answers) = (scored.scoring, scored.candidates);
-        Ok(Self { task: task.clone(), prefix_text: parts.prefix, prefix_ids, answers, scoring: Some(scoring) })
-    }
-
     /// Tokens of the longest answer.
     pub fn max_answer_len(&self) -> usize {
         self.answers.iter().map(Vec::len).max().unwrap_or(0)
+    }
+}
+
+/// One loaded adapter version.
+pub struct AdapterVersion {
+    pub version: String,
+    /// Unique for each load (also of the same version): keys the prefix cache.
+    pub id: u64,
+    pub weights: VersionWeights,
+    pub manifest: Manifest,
+    /// Seconds since the Unix epoch.
+    pub loaded_at: u64,
+    /// The table's clock when a request last named this version (or it was loaded): the
+    /// least recently used versions are evicted first.
+    pub(crate) last_used: AtomicU64,
+}
+
+/// What a version holds, by backend.
+pub enum VersionWeights {
+    /// A decoder's LoRA adapter; in merged mode also the base with it folded in.
+    Lora { adapter: LoraAdapter, merged: Option<Box<Decoder>> },
+    /// An encoder's classification head.
+    Head(ClassifierHead),
+}
+
+impl AdapterVersion {
+    /// The LoRA adapter (decoder backend).
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        match &self.weights {
+            VersionWeights::Lora { adapter, .. } => Some(adapter),
+            VersionWeights::Head(_) => None,
+        }
+    }
+
+    /// Merged mode: the base model with this adapter folded into its weights.
+    pub fn merged(&self) -> Option<&Decoder> {
+        match &self.weights {
+            VersionWeights::Lora { merged, .. } => merged.as_deref(),
+            VersionWeights::Head(_) => None,
+        }
+    }
+
+    /// The classification head (encoder backend).
+    pub fn head(&self) -> Option<&ClassifierHead> {
+        match &self.weights {
+            VersionWeights::Head(h) => Some(h),
+            VersionWeights::Lora { .. } => None,
+        }
     }
 }
 
@@ -79,8 +99,8 @@ impl Row {
     }
 }
 
-/// What the engine thread computes with: the decoder engine (`engine`) or the encoder engine
-/// (`encoder_engine`). Runs on the engine thread only.
+/// What the engine thread computes with: the decoder engine (`backend::decoder`) or the encoder
+/// engine (`backend::encoder`). Runs on the engine thread only.
 pub trait Compute: Send {
     /// Label scores `[row][label]` of every row (log-probabilities or logits: the HTTP layer
     /// normalises them), in the rows' order.

@@ -1,17 +1,22 @@
-//! The HTTP layer: thin handlers that read and validate a request, hand its rows to the
-//! scheduler and render the answer. Every error is an [`ApiError`].
+//! The HTTP layer: routes, middleware (request ids, the access line, the API key) and thin
+//! handlers that read a request's JSON into its wire type (`wire`), hand it to the inference
+//! layer (`infer`) and render the answer in the route's dialect. Every error is an
+//! [`ApiError`], rendered once per dialect.
 
-use crate::adapters::{AdapterError, AdapterTable, AdapterVersion, TaskAdapters};
-use crate::api::{
-    classification, kind, parse_inputs, prepare, ApiError, Classification, ClassifyRequest, ClassifyResponse,
-    ErrorBody, Limits, PredictInputDoc, PredictRequest, PredictResponseDoc, Prediction, TaskInfo, TeiErrorBody,
-    TokenizeRequest, TokenizeResponse, TokenizedInput, TruncationDirection,
-};
+use crate::adapters::TaskAdapters;
 use crate::backend::Backend;
-use crate::contract::{Row, TaskEntry};
+use crate::error::{ApiError, ErrorBody, TeiErrorBody};
+use crate::infer::{
+    adapter_error, blocking, classification, default_task, kind, parse_inputs, prepare, resolve_version, score_inputs,
+    tei_fields, tei_sequences, Access, AppState, Limits,
+};
 use crate::logging::ACCESS;
-use crate::metrics::Metrics;
-use crate::scheduler::{Job, Scheduler, SubmitError};
+use crate::wire::{
+    AdapterChange, Classification, ClassifyRequest, ClassifyResponse, Info, PredictInputDoc, PredictRequest,
+    PredictResponseDoc, Prediction, TaskInfo, TeiToken, TeiTokenizeRequest, TokenizeRequest, TokenizeResponse,
+    TokenizedInput, TruncationDirection, VllmClassification, VllmClassifyRequest, VllmClassifyResponse, VllmErrorBody,
+    VllmErrorInfo, VllmUsage,
+};
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{Method, StatusCode};
@@ -19,56 +24,11 @@ use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde::Serialize;
 use serde_json::{json, Value};
-use shared::registry::RegistryError;
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
-use utoipa::{OpenApi, ToSchema};
-
-/// What exists once the model and adapters are loaded.
-pub struct Ready {
-    pub backend: Backend,
-    pub tasks: BTreeMap<String, Arc<TaskEntry>>,
-    pub adapters: Arc<AdapterTable>,
-    pub scheduler: Arc<Scheduler>,
-    /// The batching mode and how it was chosen (`tuning`).
-    pub serving: crate::tuning::Choice,
-    /// The CPU kernels the model runs on, one line.
-    pub kernels: String,
-}
-
-/// Everything the handlers share.
-pub struct AppState {
-    /// Set once loading finishes; `/ready` is 503 until then.
-    pub ready: OnceLock<Ready>,
-    pub model_path: String,
-    /// The weights' dtype as TEI names it (`float32`, `float16`, `bfloat16`).
-    pub model_dtype: String,
-    /// The engine's batch and queue limits (`/info`).
-    pub batch: crate::scheduler::BatchOptions,
-    pub limits: Limits,
-    pub metrics: Arc<Metrics>,
-    /// Admin endpoints need `Authorization: Bearer <token>`; `None` disables them.
-    pub admin_token: Option<String>,
-    /// With a key, the inference and information routes need `Authorization: Bearer <key>`
-    /// (`--api-key`, as TEI's); probes, metrics and the OpenAPI document stay open.
-    pub api_key: Option<String>,
-    /// Answer tasks without an adapter with the base model alone.
-    pub zero_shot: bool,
-    /// The task `/predict` answers (default: the only task with an adapter).
-    pub default_task: Option<String>,
-}
+use utoipa::OpenApi;
 
 type State = web::Data<AppState>;
-
-impl AppState {
-    fn ready(&self) -> Result<&Ready, ApiError> {
-        self.ready.get().ok_or_else(|| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the model is still loading").retry_after(1)
-        })
-    }
-}
 
 /// The OpenAPI document, generated from the handlers and types below.
 #[derive(OpenApi)]
@@ -202,26 +162,6 @@ fn request_id(req: &HttpRequest) -> String {
     req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default()
 }
 
-/// What a handler learned about its request, for the access line: as far as the request got
-/// (one refused before its task is known has no task). Handlers put it in their response's
-/// extensions.
-#[derive(Debug, Clone, Default)]
-pub struct Access {
-    /// A task the server knows, never a name from the request that is not one.
-    pub task: Option<String>,
-    /// The adapter version acted on or answering (none: zero-shot, or not reached).
-    pub version: Option<String>,
-    pub inputs: Option<usize>,
-    /// Prompt-body tokens of the inputs, as the engine runs them.
-    pub tokens: Option<usize>,
-    /// Time in the engine's queue, the batch wait included.
-    pub queued: Option<Duration>,
-    /// Time tokenizing the inputs.
-    pub tokenized: Option<Duration>,
-    /// Compute time of the batch that answered.
-    pub computed: Option<Duration>,
-}
-
 /// Milliseconds, to the microsecond.
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
@@ -349,121 +289,6 @@ fn from_value<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ApiError> {
         return Err(ApiError::bad_request("invalid_request", format!("expected a JSON object, got {}", kind(&v))));
     }
     serde_json::from_value(v).map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
-}
-
-fn adapter_error(e: AdapterError) -> ApiError {
-    let msg = e.to_string();
-    match e {
-        AdapterError::Registry(RegistryError::InvalidName { .. }) => ApiError::bad_request("invalid_name", msg),
-        AdapterError::Registry(RegistryError::NoSuchVersion { .. }) => {
-            ApiError::new(StatusCode::NOT_FOUND, "unknown_adapter_version", msg)
-        }
-        AdapterError::Registry(RegistryError::NoPrevious { .. }) => {
-            ApiError::new(StatusCode::CONFLICT, "no_previous_version", msg)
-        }
-        AdapterError::Registry(RegistryError::VersionExists { .. }) => {
-            ApiError::new(StatusCode::CONFLICT, "version_exists", msg)
-        }
-        AdapterError::Registry(RegistryError::Io { .. } | RegistryError::Write(_)) => ApiError::internal(msg),
-        AdapterError::UnknownTask(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_task", msg),
-        AdapterError::Refused { .. } => ApiError::unprocessable("adapter_refused", msg),
-        AdapterError::IsCurrent { .. } => ApiError::new(StatusCode::CONFLICT, "adapter_is_current", msg),
-        AdapterError::NotLoaded { .. } => ApiError::new(StatusCode::NOT_FOUND, "adapter_not_loaded", msg),
-    }
-}
-
-/// Runs blocking work (tokenizing, adapter loading) on actix's blocking pool.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
-    web::block(f).await.map_err(|e| ApiError::internal(format!("worker failed: {e}")))?
-}
-
-/// One scored input.
-struct Scored {
-    logps: Vec<f64>,
-    truncated: bool,
-}
-
-/// The adapter a request runs with: the named version (a loaded one: requests never load),
-/// else the task's current one, else zero-shot when allowed.
-async fn resolve_version(
-    state: &AppState,
-    ready: &Ready,
-    task: &str,
-    version: Option<String>,
-) -> Result<Option<Arc<AdapterVersion>>, ApiError> {
-    if let Some(v) = version {
-        let adapters = ready.adapters.clone();
-        let task = task.to_string();
-        return blocking(move || adapters.get(&task, &v).map(Some).map_err(adapter_error)).await;
-    }
-    match ready.adapters.current(task) {
-        Some(v) => Ok(Some(v)),
-        None if state.zero_shot => Ok(None),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "no_adapter",
-            format!("task {task} has no adapter (the server does not answer zero-shot: --zero-shot-fallback)"),
-        )),
-    }
-}
-
-/// Tokenizes, queues and awaits the inputs of one request (its tokens and queue time go to
-/// `access`).
-#[allow(clippy::too_many_arguments)]
-async fn score_inputs(
-    state: &AppState,
-    ready: &Ready,
-    entry: &Arc<TaskEntry>,
-    version: Option<Arc<AdapterVersion>>,
-    inputs: Vec<BTreeMap<String, String>>,
-    limits: &Limits,
-    truncate: Option<TruncationDirection>,
-    started: Instant,
-    access: &mut Access,
-) -> Result<Vec<Scored>, ApiError> {
-    access.version = version.as_ref().map(|v| v.version.clone());
-    access.inputs = Some(inputs.len());
-    let (backend, e, limits) = (ready.backend.clone(), entry.clone(), *limits);
-    let tokenizing = Instant::now();
-    let prepared = blocking(move || prepare(&backend, &e, inputs, &limits, truncate)).await?;
-    access.tokenized = Some(tokenizing.elapsed());
-    access.tokens = Some(prepared.iter().map(|p| p.body.len()).sum());
-    let truncated: Vec<bool> = prepared.iter().map(|p| p.truncated).collect();
-    let rows = prepared
-        .into_iter()
-        .map(|p| Row { task: entry.clone(), version: version.clone(), body: p.body, type_ids: p.type_ids })
-        .collect();
-    let (tx, rx) = oneshot::channel();
-    ready.scheduler.submit(Job::new(rows, tx)).map_err(|e| match e {
-        SubmitError::QueueFull => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "queue_full",
-            "the queue is full (--max-queue); retry shortly",
-        )
-        .retry_after(1),
-        SubmitError::Stopped => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down")
-        }
-    })?;
-    let left = state.limits.request_timeout.saturating_sub(started.elapsed());
-    let logps = match tokio::time::timeout(left, rx).await {
-        Err(_) => {
-            return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                format!("no answer within {} ms (--request-timeout-ms)", state.limits.request_timeout.as_millis()),
-            ))
-        }
-        Ok(Err(_)) => return Err(ApiError::internal("the engine dropped the request")),
-        Ok(Ok(Err(msg))) => return Err(ApiError::internal(format!("scoring failed: {msg}"))),
-        Ok(Ok(Ok(answer))) => {
-            access.queued = Some(answer.queued);
-            access.computed = Some(answer.computed);
-            answer.scores
-        }
-    };
-    state.metrics.inputs(&entry.task.name, logps.len());
-    Ok(logps.into_iter().zip(truncated).map(|(logps, truncated)| Scored { logps, truncated }).collect())
 }
 
 /// Classify inputs of one task: every label's probability, constrained to the label words.
@@ -608,87 +433,6 @@ async fn predict_root(state: State, req: HttpRequest, payload: web::Payload) -> 
     predict(state, req, payload).await
 }
 
-/// TEI's `inputs` as TEI reads them: a string or `["a"]` is one text, `["a", "b"]` one pair,
-/// a list of lists a batch (each one text or a pair); `true` when it was a batch.
-fn tei_sequences(inputs: Value) -> Result<(Vec<Vec<String>>, bool), ApiError> {
-    let bad = |m: String| ApiError::unprocessable("invalid_input", m);
-    let sequence = |items: &[Value]| -> Result<Vec<String>, ApiError> {
-        if !(1..=2).contains(&items.len()) {
-            return Err(bad(format!("a sequence is one text or a pair of texts, not {} items", items.len())));
-        }
-        items
-            .iter()
-            .map(|v| {
-                v.as_str().map(str::to_string).ok_or_else(|| bad(format!("a text must be a string, not {}", kind(v))))
-            })
-            .collect()
-    };
-    match inputs {
-        Value::String(s) => Ok((vec![vec![s]], false)),
-        Value::Array(items) if items.is_empty() => {
-            Err(ApiError::unprocessable("no_inputs", "`inputs` cannot be empty"))
-        }
-        Value::Array(items) if items[0].is_array() => {
-            let batch = items
-                .iter()
-                .map(|v| match v {
-                    Value::Array(inner) => sequence(inner),
-                    other => Err(bad(format!(
-                        "a batch holds [text] or [text, text] lists, not {} (TEI: [[string], [string, string], ...])",
-                        kind(other)
-                    ))),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((batch, true))
-        }
-        Value::Array(items) => Ok((vec![sequence(&items)?], false)),
-        other => Err(bad(format!("`inputs` must be a string, a pair or a batch, not {}", kind(&other)))),
-    }
-}
-
-/// A TEI sequence as the task's fields: one text fills a one-field task, a pair the task's
-/// first two fields (a task of two fields).
-fn tei_fields(
-    task: &str,
-    fields: &[String],
-    texts: Vec<String>,
-    i: usize,
-) -> Result<BTreeMap<String, String>, ApiError> {
-    if texts.len() != fields.len() {
-        let what = if texts.len() == 2 { "a pair" } else { "one text" };
-        return Err(ApiError::unprocessable(
-            "invalid_input",
-            format!("input {i}: {what} for task {task}, whose inputs have {} fields {fields:?}", fields.len()),
-        ));
-    }
-    Ok(fields.iter().cloned().zip(texts).collect())
-}
-
-/// The task the TEI routes answer: `--default-task`, else the only task with an adapter.
-fn default_task(state: &AppState, ready: &Ready) -> Result<(String, Arc<TaskEntry>), ApiError> {
-    let task = match &state.default_task {
-        Some(t) => t.clone(),
-        None => match ready.adapters.tasks_with_current().as_slice() {
-            [one] => one.clone(),
-            many => {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "no_default_task",
-                    format!("the TEI routes need --default-task: {} tasks have adapters", many.len()),
-                ))
-            }
-        },
-    };
-    let entry = ready.tasks.get(&task).cloned().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_task",
-            format!("the default task {task:?} is not in the registry"),
-        )
-    })?;
-    Ok((task, entry))
-}
-
 async fn predict_inner(
     state: &AppState,
     req: &HttpRequest,
@@ -736,50 +480,6 @@ async fn predict_inner(
         .collect();
     let value = if batched { serde_json::to_value(lists) } else { serde_json::to_value(lists.into_iter().next()) };
     value.map_err(|e| ApiError::internal(e.to_string()))
-}
-
-/// `POST /tokenize` (TEI's).
-#[derive(serde::Deserialize, ToSchema)]
-pub struct TeiTokenizeRequest {
-    /// One text or a list of texts.
-    #[schema(value_type = InputsTextDoc)]
-    pub inputs: Value,
-    /// `true` (default): the tokens the engine runs for the default task (a one-field task):
-    /// its prompt prefix and body around the text, the template's markers special; `false`:
-    /// the text's own tokens, as the server reads input text (never a special token).
-    #[serde(default = "yes")]
-    pub add_special_tokens: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// One text or a list of texts (documentation type).
-#[allow(dead_code)]
-#[derive(serde::Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum InputsTextDoc {
-    One(crate::api::TextDoc),
-    Many(TextListDoc),
-}
-
-/// One text or more (documentation type).
-#[allow(dead_code)]
-#[derive(serde::Deserialize, ToSchema)]
-pub struct TextListDoc(Vec<crate::api::TextDoc>);
-
-/// One token, TEI's `SimpleToken`.
-#[derive(Serialize, ToSchema)]
-pub struct TeiToken {
-    pub id: u32,
-    /// The token's text.
-    pub text: String,
-    /// A special token of the tokenizer.
-    pub special: bool,
-    /// Character offsets of the token in the input text (`null` for the prompt's own tokens).
-    pub start: Option<usize>,
-    pub stop: Option<usize>,
 }
 
 /// TEI's tokenize: each text's tokens, one list per text.
@@ -901,77 +601,6 @@ fn text_tokens(backend: &Backend, text: &str, i: usize, max: usize) -> Result<Ve
         start = stop;
     }
     Ok(out)
-}
-
-/// `POST /classify` (vLLM's classification API).
-#[derive(serde::Deserialize, ToSchema)]
-pub struct VllmClassifyRequest {
-    /// `"<task>"` (its serving version) or `"<task>:<version>"` (a loaded version); absent:
-    /// the default task.
-    #[schema(example = "mr:v2")]
-    #[serde(default)]
-    pub model: Option<String>,
-    /// One text or a list of texts, for a task of one field.
-    #[schema(value_type = InputsTextDoc)]
-    pub input: Value,
-    /// Keep only the last k tokens of each input (vLLM's left truncation): k from 1 to the
-    /// server's `--max-input-tokens`, or `-1` for `--max-input-tokens` itself (a larger k: 400).
-    /// Absent: an input over `--max-input-tokens` is refused, or with `--truncate` cut at its end.
-    #[schema(minimum = -1)]
-    #[serde(default)]
-    pub truncate_prompt_tokens: Option<i64>,
-}
-
-/// One text's answer, vLLM's `ClassificationData`.
-#[derive(Serialize, ToSchema)]
-pub struct VllmClassification {
-    pub index: usize,
-    /// The most likely label word.
-    pub label: String,
-    /// Each label's probability, in the task's label order (`/v1/tasks`).
-    pub probs: Vec<f64>,
-    pub num_classes: usize,
-}
-
-/// vLLM's `UsageInfo`.
-#[derive(Serialize, ToSchema)]
-pub struct VllmUsage {
-    /// Tokens the model read: each input's prompt, its cached prefix included.
-    pub prompt_tokens: usize,
-    pub total_tokens: usize,
-    pub completion_tokens: usize,
-}
-
-/// `POST /classify` answer, vLLM's `ClassificationResponse`.
-#[derive(Serialize, ToSchema)]
-pub struct VllmClassifyResponse {
-    /// `classify-<request id>`.
-    pub id: String,
-    /// `list`.
-    pub object: String,
-    /// Unix seconds.
-    pub created: u64,
-    /// `<task>:<version>` that answered (`<task>` alone: zero-shot).
-    pub model: String,
-    pub data: Vec<VllmClassification>,
-    pub usage: VllmUsage,
-}
-
-/// vLLM's `ErrorResponse`.
-#[derive(Serialize, ToSchema)]
-pub struct VllmErrorBody {
-    pub error: VllmErrorInfo,
-}
-
-/// vLLM's `ErrorInfo`: `code` is the HTTP status.
-#[derive(Serialize, ToSchema)]
-pub struct VllmErrorInfo {
-    pub message: String,
-    /// `BadRequestError`, `NotFoundError`, `ServiceUnavailableError`, `InternalServerError`, ...
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub param: Option<String>,
-    pub code: u16,
 }
 
 /// An error as vLLM answers it: 404 `NotFoundError` (unknown model), other client errors
@@ -1142,17 +771,6 @@ async fn adapters(state: State) -> HttpResponse {
     }
 }
 
-/// The outcome of an admin call.
-#[derive(Serialize, ToSchema)]
-pub struct AdapterChange {
-    pub task: String,
-    pub version: String,
-    /// `loaded`, `promoted`, `unloaded`, `rolled_back`.
-    pub action: String,
-    /// The version serving the task after the call.
-    pub current: Option<String>,
-}
-
 /// Checks `Authorization: Bearer <--admin-token>` (in constant time).
 fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     let Some(token) = &state.admin_token else {
@@ -1254,42 +872,6 @@ async fn admin_rollback(state: State, req: HttpRequest, path: web::Path<String>)
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
 async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
-}
-
-/// What the server runs: the model, its CPU kernels and the batching mode (with the
-/// measurement that chose it), and TEI's `/info` fields.
-#[derive(Serialize, ToSchema)]
-pub struct Info {
-    /// The model file or directory.
-    pub model: String,
-    /// The kernels' precision, the CPU and its instruction sets (decoders on the CPU).
-    pub kernels: String,
-    pub batching: crate::tuning::Choice,
-    pub version: String,
-    /// TEI: the model (as `model`).
-    pub model_id: String,
-    /// TEI: the sha256 of the base weights (the fingerprint adapters are checked against).
-    pub model_sha: String,
-    /// TEI: `float32`, `float16` or `bfloat16`.
-    pub model_dtype: String,
-    /// TEI: `{"classifier": {"id2label", "label2id"}}`, the default task's labels (empty
-    /// maps without a default task).
-    #[schema(value_type = Object)]
-    pub model_type: Value,
-    /// The task the TEI routes answer (none when it is ambiguous).
-    pub default_task: Option<String>,
-    /// TEI: requests waiting for the engine at most (`--max-queue`).
-    pub max_concurrent_requests: usize,
-    /// TEI: tokens of one input at most (`--max-input-tokens`).
-    pub max_input_length: usize,
-    /// TEI: tokens of one engine batch at most (`--max-batch-tokens`).
-    pub max_batch_tokens: usize,
-    /// TEI: inputs of one engine batch at most (`--max-batch-rows`).
-    pub max_batch_requests: usize,
-    /// TEI: inputs of one request at most (`--max-inputs`).
-    pub max_client_batch_size: usize,
-    /// TEI: whether long inputs are cut by default (`--truncate`).
-    pub auto_truncate: bool,
 }
 
 /// The model, kernels and batching mode, and TEI's `/info`; 503 `Unhealthy` while loading.

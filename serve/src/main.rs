@@ -1,22 +1,22 @@
 //! `verdict-serve`: one memory-mapped base model, per-task LoRA adapters from a registry
 //! directory (hot-swapped while serving), and an HTTP API that answers with the probability of
-//! every label. Layers, as in TEI: `http` (validation, errors, OpenAPI, metrics) ->
-//! `scheduler` (queue, dynamic batching) -> `engine` (base model, per-row adapters, prefix
-//! cache) with `adapters` (loaded versions, checks, registry watch). With a BERT encoder
-//! (`--model minilm|bert-base|bert-large|<dir>`) the same layers serve per-task heads through
-//! `encoder_engine` (`backend`).
+//! every label. Layers, as in TEI: `http` (routes, handlers, OpenAPI; bodies in `wire`, one
+//! `error` type) -> `infer` (parsing, limits, version resolution, submit, timeout) -> `queue`
+//! (dynamic batching) -> `backend` (a decoder: base model, per-row adapters, prefix cache; or
+//! a BERT encoder, `--model minilm|bert-base|bert-large|<dir>`, with per-task heads), all
+//! meeting in `contract`, with `adapters` (loaded versions, checks, registry watch).
 
 mod adapters;
-mod api;
 mod backend;
 mod contract;
-mod encoder_engine;
-mod engine;
+mod error;
 mod http;
+mod infer;
 mod logging;
 mod metrics;
-mod scheduler;
+mod queue;
 mod tuning;
+mod wire;
 
 use actix_web::{web, App, HttpServer};
 use anyhow::{anyhow, Context, Result};
@@ -218,7 +218,7 @@ fn load_backend(cli: &LoadArgs) -> Result<(Backend, String)> {
 }
 
 /// Loads the model, the tasks and the adapters; starts the engine.
-fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
+fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<infer::Ready> {
     let t0 = Instant::now();
     let (backend, sha) = load_backend(cli)?;
     let mut registry = TaskRegistry::builtin();
@@ -229,12 +229,7 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
     let tasks: BTreeMap<String, Arc<contract::TaskEntry>> = registry
         .tasks()
         .iter()
-        .map(|t| {
-            Ok((
-                t.name.clone(),
-                Arc::new(contract::TaskEntry::new(t, &backend, cli.answer_scoring).map_err(anyhow::Error::msg)?),
-            ))
-        })
+        .map(|t| Ok((t.name.clone(), Arc::new(backend.task_entry(t, cli.answer_scoring).map_err(anyhow::Error::msg)?))))
         .collect::<Result<_>>()?;
     let adapters = Arc::new(adapters::AdapterTable::new(
         Registry::new(&cli.adapters),
@@ -251,9 +246,9 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
     let mut batch = cli.batch;
     let (compute, serving): (Box<dyn contract::Compute>, tuning::Choice) = match &backend {
         Backend::Decoder(loaded) => {
-            let mut engine = engine::Engine::new(
+            let mut engine = backend::decoder::Engine::new(
                 loaded.clone(),
-                engine::EngineOptions {
+                backend::decoder::EngineOptions {
                     prefix_cache: cli.prefix_cache,
                     merged: cli.merged,
                     pack_tokens: cli.pack_tokens,
@@ -276,11 +271,11 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
             let mode =
                 if cli.batching == tuning::Batching::Off { tuning::Batching::Off } else { tuning::Batching::Padded };
             batch.batching = mode != tuning::Batching::Off;
-            (Box::new(encoder_engine::EncoderEngine::new(encoder.clone())), tuning::Choice::flag(mode))
+            (Box::new(backend::encoder::EncoderEngine::new(encoder.clone())), tuning::Choice::flag(mode))
         }
     };
     tracing::info!("{}", serving.describe());
-    let scheduler = Arc::new(scheduler::Scheduler::start(compute, batch, metrics)?);
+    let scheduler = Arc::new(queue::Scheduler::start(compute, batch, metrics)?);
     // Loading parses the model file's metadata and vocabulary on this thread: glibc keeps the
     // freed pages of its arena resident (about 100 MiB on Qwen2.5-0.5B), private to this
     // process where the packed weights are shared. Give them back.
@@ -294,7 +289,7 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<http::Ready> {
         Backend::Decoder(loaded) => loaded.model.kernels().describe(),
         Backend::Encoder(_) => "candle's kernels".into(),
     };
-    Ok(http::Ready { backend, tasks, adapters, scheduler, serving, kernels })
+    Ok(infer::Ready { backend, tasks, adapters, scheduler, serving, kernels })
 }
 
 /// The batching mode: the flag's, a cached measurement's, or one measured now (`tuning`).
@@ -303,7 +298,7 @@ fn choose_batching(
     loaded: &Arc<models::LoadedModel>,
     tasks: &BTreeMap<String, Arc<contract::TaskEntry>>,
     adapters: &adapters::AdapterTable,
-    engine: &mut engine::Engine,
+    engine: &mut backend::decoder::Engine,
     sha: &str,
 ) -> Result<tuning::Choice> {
     if cli.batching != tuning::Batching::Auto {
@@ -375,7 +370,7 @@ struct LoadArgs {
     answer_scoring: AnswerScoring,
     batching: tuning::Batching,
     default_task: Option<String>,
-    batch: scheduler::BatchOptions,
+    batch: queue::BatchOptions,
 }
 
 fn main() -> std::process::ExitCode {
@@ -420,7 +415,7 @@ async fn serve(cli: Cli) -> Result<()> {
         None => ModelSource::Decoder(assets::resolve_model(&cli.model, &cache).map_err(|e| anyhow!(e))?),
     };
     let metrics = Arc::new(metrics::Metrics::default());
-    let batch = scheduler::BatchOptions {
+    let batch = queue::BatchOptions {
         batching: true,
         max_batch_tokens: cli.max_batch_tokens,
         max_batch_rows: cli.max_batch_rows,
@@ -428,7 +423,7 @@ async fn serve(cli: Cli) -> Result<()> {
         always_wait: cli.max_batch_wait_ms.is_some(),
         max_queue: cli.max_queue,
     };
-    let state = web::Data::new(http::AppState {
+    let state = web::Data::new(infer::AppState {
         ready: OnceLock::new(),
         model_path: model.describe(),
         model_dtype: match dtype {
@@ -438,7 +433,7 @@ async fn serve(cli: Cli) -> Result<()> {
         }
         .to_string(),
         batch,
-        limits: api::Limits {
+        limits: infer::Limits {
             max_body_bytes: cli.max_body_bytes,
             max_inputs: cli.max_inputs,
             max_input_tokens: cli.max_input_tokens,

@@ -10,9 +10,9 @@
 //! threads, scoring), so a warm start measures nothing; `/info` and the log say what was chosen
 //! and why. `--batching packed|padded|off` skips the measurement.
 
-use crate::adapters::AdapterVersion;
+use crate::backend::decoder::Engine;
+use crate::contract::AdapterVersion;
 use crate::contract::{Compute, Row, TaskEntry};
-use crate::engine::Engine;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

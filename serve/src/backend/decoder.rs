@@ -8,12 +8,16 @@
 //! one batch on top of their stacked prefixes ([`KvCache::stack`]), the bodies of one version
 //! packed side by side into shared rows without padding ([`score_packed`]).
 
-use crate::adapters::AdapterVersion;
-use crate::contract::{Compute, Row};
+use super::{InputError, KeptField};
+use crate::contract::{AdapterVersion, Compute, Row, TaskEntry, VersionWeights};
 use crate::metrics::Metrics;
+use candle_core::DType;
 use models::scoring::{score_packed, score_rows};
 use models::{Adapters, Decoder, KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, TokenBatch};
-use std::collections::HashMap;
+use shared::adapter::Manifest;
+use shared::task::{AnswerScoring, Task};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::{Arc, Weak};
 
 /// How the engine computes.
@@ -227,6 +231,77 @@ impl Compute for Engine {
     fn prefix_cache(&self) -> bool {
         self.opts.prefix_cache
     }
+}
+
+/// A decoder input's prompt body: the task's template around the fields (a cut field's text
+/// is its kept tokens decoded), tokenized after the cached prefix, which it must not change.
+pub fn prompt_body(
+    loaded: &LoadedModel,
+    entry: &TaskEntry,
+    mut fields: BTreeMap<String, String>,
+    kept: &[KeptField],
+) -> Result<Vec<u32>, InputError> {
+    for f in kept.iter().filter(|f| f.cut) {
+        fields.insert(f.name.to_string(), loaded.decode(f.ids).map_err(InputError::Tokenize)?);
+    }
+    let parts = entry.task.prompt(loaded.chat.as_ref(), &[], &fields).map_err(|e| InputError::Prompt(e.to_string()))?;
+    if parts.prefix != entry.prefix_text {
+        return Err(InputError::PrefixChanged);
+    }
+    let body = loaded.encode_body(&parts).map_err(InputError::Tokenize)?;
+    let context = loaded.model.config().max_position_embeddings;
+    if entry.prefix_ids.len() + body.len() + entry.max_answer_len() > context {
+        return Err(InputError::TooLong { context });
+    }
+    Ok(body)
+}
+
+/// A task's constant parts rendered and tokenized for `loaded`'s tokenizer and chat template:
+/// the cached prefix and every label's answer tokens.
+pub fn task_entry(task: &Task, loaded: &LoadedModel, scoring: AnswerScoring) -> Result<TaskEntry, String> {
+    let probe: BTreeMap<String, String> = task.fields.iter().map(|f| (f.clone(), "x".to_string())).collect();
+    let parts = task.prompt(loaded.chat.as_ref(), &[], &probe).map_err(|e| e.to_string())?;
+    let prefix_ids = loaded.encode(&parts.prefix, true).map_err(|e| e.to_string())?;
+    let scored = task.scored_candidates(scoring, |t| loaded.encode(t, false))?;
+    if let Some(why) = &scored.fallback {
+        tracing::warn!("{why}");
+    }
+    let (scoring, answers) = (scored.scoring, scored.candidates);
+    Ok(TaskEntry { task: task.clone(), prefix_text: parts.prefix, prefix_ids, answers, scoring: Some(scoring) })
+}
+
+/// A version's LoRA adapter from `dir`, its manifest checked against the base and the task,
+/// every tensor finite; in merged mode also the base with it folded in.
+pub fn load_lora(
+    loaded: &LoadedModel,
+    dir: &Path,
+    manifest: &Manifest,
+    base_sha256: &str,
+    task: &Task,
+    merged: bool,
+) -> Result<VersionWeights, String> {
+    manifest.check(base_sha256, task)?;
+    let model = &loaded.model;
+    let adapter = LoraAdapter::load_peft_dir(dir, model.config(), DType::F32, model.device())
+        .map_err(|e| format!("cannot load the adapter: {e}"))?;
+    for (name, t) in adapter.named_tensors() {
+        let finite = t
+            .abs()
+            .and_then(|a| a.sum_all())
+            .and_then(|s| s.to_dtype(DType::F32))
+            .and_then(|s| s.to_scalar::<f32>())
+            .map(f32::is_finite)
+            .unwrap_or(false);
+        if !finite {
+            return Err(format!("tensor {name} is not finite"));
+        }
+    }
+    let merged = if merged {
+        Some(Box::new(model.merged(&adapter).map_err(|e| format!("cannot merge the adapter: {e}"))?))
+    } else {
+        None
+    };
+    Ok(VersionWeights::Lora { adapter, merged })
 }
 
 #[cfg(test)]

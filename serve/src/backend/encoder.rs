@@ -3,9 +3,14 @@
 //! own task head. Answers are the head's logits; the HTTP layer turns them into probabilities
 //! exactly as it does a decoder's answer log-probabilities.
 
-use crate::contract::{Compute, Row};
+use super::{InputError, KeptField};
+use crate::contract::{Compute, Row, TaskEntry, VersionWeights};
 use models::encoder::rows_f64;
+use models::ClassifierHead;
 use models::{EncodedInput, Encoder};
+use shared::adapter::Manifest;
+use shared::task::Task;
+use std::path::Path;
 use std::sync::Arc;
 
 /// The encoder, on the engine thread.
@@ -56,4 +61,46 @@ impl Compute for EncoderEngine {
         // No prompt, no prefix: a row costs its own tokens.
         true
     }
+}
+
+/// An encoder input: `[CLS] field [SEP] field [SEP]` of the kept tokens themselves (no detour
+/// through text), fields in the task's order, with segment ids.
+pub fn input_tokens(
+    encoder: &Encoder,
+    entry: &TaskEntry,
+    kept: &[KeptField],
+) -> Result<(Vec<u32>, Vec<u32>), InputError> {
+    let texts: Vec<&[u32]> =
+        entry.task.fields.iter().filter_map(|f| kept.iter().find(|k| k.name == f)).map(|k| k.ids).collect();
+    let input = encoder.input(&texts);
+    if input.ids.len() > encoder.max_len() {
+        return Err(InputError::TooLong { context: encoder.max_len() });
+    }
+    Ok((input.ids, input.type_ids))
+}
+
+/// An encoder's task entry: no prompt and no answers (the head scores the classes).
+pub fn task_entry(task: &Task) -> TaskEntry {
+    TaskEntry {
+        task: task.clone(),
+        prefix_text: String::new(),
+        prefix_ids: Vec::new(),
+        answers: Vec::new(),
+        scoring: None,
+    }
+}
+
+/// A version's classification head from `dir`, its manifest checked against the encoder and
+/// the task.
+pub fn load_head(
+    encoder: &Encoder,
+    dir: &Path,
+    manifest: &Manifest,
+    encoder_sha256: &str,
+    task: &Task,
+) -> Result<VersionWeights, String> {
+    manifest.check_head(encoder_sha256, task)?;
+    let head = ClassifierHead::load(dir, encoder.hidden_size(), task.num_classes(), encoder.device())
+        .map_err(|e| format!("cannot load the head: {e}"))?;
+    Ok(VersionWeights::Head(head))
 }

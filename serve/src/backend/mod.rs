@@ -1,18 +1,27 @@
 //! The model behind the server: a decoder answering with constrained scoring through per-task
 //! LoRA adapters, or a BERT encoder answering through per-task linear heads. Everything above
 //! it (HTTP, validation and limits, the queue and batching, the registry and hot swap,
-//! metrics) is the same for both; the compute each runs is behind `scheduler::Compute`.
+//! metrics) is the same for both; the compute each runs is behind `contract::Compute`
+//! (`decoder::Engine`, `encoder::EncoderEngine`).
 
+pub mod decoder;
+pub mod encoder;
+
+use crate::contract::{TaskEntry, VersionWeights};
 use models::{Encoder, LoadedModel};
+use shared::adapter::Manifest;
+use shared::task::{AnswerScoring, Task};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 /// The loaded model.
 #[derive(Clone)]
 pub enum Backend {
-    /// A decoder: tasks are prompts, adapters are LoRA (`engine`).
+    /// A decoder: tasks are prompts, adapters are LoRA (`decoder`).
     Decoder(Arc<LoadedModel>),
     /// An encoder: inputs are `[CLS] text [SEP]`, adapters are classification heads
-    /// (`encoder_engine`).
+    /// (`encoder`).
     Encoder(Arc<Encoder>),
 }
 
@@ -46,6 +55,72 @@ impl Backend {
         match self {
             Backend::Decoder(m) => models::tokenizer::is_added(&m.tokenizer, id),
             Backend::Encoder(e) => e.is_special(id),
+        }
+    }
+}
+
+/// One input field's tokens as the limits leave them.
+pub struct KeptField<'a> {
+    pub name: &'a str,
+    /// The tokens kept (all of them, or the end truncation keeps).
+    pub ids: &'a [u32],
+    /// Whether tokens were cut.
+    pub cut: bool,
+}
+
+/// Why an input cannot become the engine's tokens.
+#[derive(Debug)]
+pub enum InputError {
+    Tokenize(models::Error),
+    /// The task's template refuses the fields.
+    Prompt(String),
+    /// The input would change the prompt's cached prefix.
+    PrefixChanged,
+    /// Longer than the model's context.
+    TooLong {
+        context: usize,
+    },
+}
+
+impl Backend {
+    /// One input's engine tokens and segment ids (a decoder's: none) from its fields (`fields`,
+    /// the text) and their kept tokens: each backend's half of tokenization
+    /// ([`decoder::prompt_body`], [`encoder::input_tokens`]).
+    pub fn input_tokens(
+        &self,
+        entry: &TaskEntry,
+        fields: BTreeMap<String, String>,
+        kept: &[KeptField],
+    ) -> Result<(Vec<u32>, Vec<u32>), InputError> {
+        match self {
+            Backend::Decoder(m) => Ok((decoder::prompt_body(m, entry, fields, kept)?, Vec::new())),
+            Backend::Encoder(e) => encoder::input_tokens(e, entry, kept),
+        }
+    }
+
+    /// A task's constant parts for this model, its answers scored as `scoring` says (an
+    /// encoder reads no prompt: all empty).
+    pub fn task_entry(&self, task: &Task, scoring: AnswerScoring) -> Result<TaskEntry, String> {
+        match self {
+            Backend::Decoder(m) => decoder::task_entry(task, m, scoring),
+            Backend::Encoder(_) => Ok(encoder::task_entry(task)),
+        }
+    }
+
+    /// A version's weights read from its directory `dir` and checked against this model
+    /// (`base_sha256`) and `task` by its manifest: a LoRA adapter (merged into a copy of the
+    /// base when `merged`) or an encoder head.
+    pub fn load_weights(
+        &self,
+        dir: &Path,
+        manifest: &Manifest,
+        base_sha256: &str,
+        task: &Task,
+        merged: bool,
+    ) -> Result<VersionWeights, String> {
+        match self {
+            Backend::Decoder(m) => decoder::load_lora(m, dir, manifest, base_sha256, task, merged),
+            Backend::Encoder(e) => encoder::load_head(e, dir, manifest, base_sha256, task),
         }
     }
 }
