@@ -1,10 +1,9 @@
 //! HTTP load generation against `verdict-serve` (or any server with its API), shared by
-//! `verdict-bench` and `examples/serve_bench.rs`: a minimal HTTP/1.1 client, endpoints that
+//! `verdict-bench` and `examples/serve_bench.rs`: requests through [`shared::http`], endpoints that
 //! must be on loopback, closed-loop clients bounded in request count and time, and latency
 //! percentiles.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -75,7 +74,7 @@ pub fn loopback_ip(host: &str) -> Result<IpAddr, String> {
     }
 }
 
-/// One HTTP/1.1 request on a new connection; returns the status and the body.
+/// One HTTP/1.1 request on a new connection ([`shared::http`]); returns the status and the body.
 pub fn http(
     addr: SocketAddr,
     method: &str,
@@ -84,20 +83,12 @@ pub fn http(
     headers: &[(&str, &str)],
     timeout: Duration,
 ) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_nodelay(true)?;
-    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let raw = String::from_utf8_lossy(&raw);
-    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    let url = format!("http://{addr}{path}");
+    match shared::http::request(method, &url, body.as_bytes(), headers, timeout) {
+        Ok(a) => Ok((a.status, a.body)),
+        Err(e) if e.is_timeout() => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, e)),
+        Err(e) => Err(std::io::Error::other(e)),
+    }
 }
 
 /// The request body of one input (`values`: its fields' texts, in `fields` order) on `path`:

@@ -9,6 +9,7 @@ pub mod chat;
 pub mod cli_config;
 pub mod data;
 pub mod datasets;
+pub mod http;
 pub mod metrics;
 pub mod plot;
 pub mod registry;

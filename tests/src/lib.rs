@@ -46,21 +46,13 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// One HTTP/1.1 request on loopback; returns the status code and body.
+/// `method path` on the loopback port with an optional JSON body ([`shared::http`]): the
+/// status and the body as text.
 pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let a = shared::http::request(method, &url, body.unwrap_or("").as_bytes(), &[], Duration::from_secs(30))
+        .map_err(std::io::Error::other)?;
+    Ok((a.status, a.body))
 }
 
 /// A raw HTTP response: status, header block and body bytes.
@@ -85,7 +77,10 @@ impl RawResponse {
     }
 }
 
-/// One HTTP/1.1 request with any body bytes and extra headers (`Name: value` lines).
+/// One HTTP/1.1 request written byte for byte, with any body bytes and extra headers (`Name:
+/// value` lines): the hostile requests a well-behaved client will not send (a body the server
+/// stops reading at its limit, bytes that are not UTF-8, made-up methods), read back as far as
+/// the server answered before closing. Everything else goes through [`http`].
 pub fn http_raw(port: u16, method: &str, path: &str, body: &[u8], headers: &[&str]) -> std::io::Result<RawResponse> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;

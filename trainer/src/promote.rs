@@ -20,8 +20,6 @@ use shared::adapter::MANIFEST_FILE;
 use shared::audit::{rfc3339_utc, AuditAction, AuditRecord};
 use shared::registry::{Registry, RegistryError};
 use shared::task::{AnswerScoring, Task};
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -413,38 +411,21 @@ pub fn rollback(args: &RollbackArgs) -> Result<()> {
 }
 
 /// POSTs to a verdict-serve admin endpoint (routes: serve/src/http.rs) and returns the version
-/// serving the task afterwards. Plain HTTP/1.1 on one connection: the server speaks no TLS.
+/// serving the task afterwards ([`shared::http`]; the server speaks plain HTTP, no TLS).
 fn admin_post(server: &str, token: &str, path: &str) -> Result<String> {
-    let rest = server
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("--server {server}: give an http:// URL (verdict-serve speaks plain HTTP)"))?;
-    let (authority, base) = rest.split_once('/').unwrap_or((rest, ""));
-    let base = base.trim_end_matches('/');
-    let base = if base.is_empty() { String::new() } else { format!("/{base}") };
-    let has_port = authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok());
-    let addr_text = if has_port { authority.to_string() } else { format!("{authority}:80") };
-    let addr = addr_text
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {addr_text}"))?
-        .next()
-        .ok_or_else(|| anyhow!("{addr_text}: no address"))?;
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .with_context(|| format!("connecting to {server}"))?;
+    if !server.starts_with("http://") {
+        bail!("--server {server}: give an http:// URL (verdict-serve speaks plain HTTP)");
+    }
+    let url = format!("{}{path}", server.trim_end_matches('/'));
+    let auth = format!("Bearer {token}");
     // Loading and checking an adapter can take a while on a big model.
-    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
-    write!(
-        stream,
-        "POST {base}{path} HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).with_context(|| format!("reading the answer of {server}"))?;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(raw.len());
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body: serde_json::Value = serde_json::from_slice(raw.get(split + 4..).unwrap_or_default()).unwrap_or_default();
-    if status != 200 {
+    let answer = shared::http::request("POST", &url, b"", &[("authorization", &auth)], Duration::from_secs(300))
+        .with_context(|| format!("calling {server}"))?;
+    let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap_or_default();
+    if answer.status != 200 {
         bail!(
-            "POST {path}: {status} {}: {}",
+            "POST {path}: {} {}: {}",
+            answer.status,
             body["error"]["code"].as_str().unwrap_or("?"),
             body["error"]["message"].as_str().unwrap_or("no error message")
         );
