@@ -91,17 +91,10 @@ impl<'a> Adapters<'a> {
     /// Rows `0..batch` cut into maximal runs `(start, end, adapter)` of rows that share an
     /// adapter (by identity): each run's LoRA delta is one computation.
     fn runs(&self, batch: usize) -> Vec<(usize, usize, Option<&'a LoraAdapter>)> {
-        let mut runs = Vec::new();
-        let mut start = 0;
-        while start < batch {
-            let mut end = start + 1;
-            while end < batch && same_adapter(self.row(end), self.row(start)) {
-                end += 1;
-            }
-            runs.push((start, end, self.row(start)));
-            start = end;
-        }
-        runs
+        let rows: Vec<usize> = (0..batch).collect();
+        rows.chunk_by(|&a, &b| same_adapter(self.row(a), self.row(b)))
+            .map(|run| (run[0], run[0] + run.len(), self.row(run[0])))
+            .collect()
     }
 
     /// The adapter of row `i`.

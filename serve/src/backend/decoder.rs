@@ -79,17 +79,12 @@ impl Engine {
         let model = self.model.clone();
         if self.opts.merged {
             // One forward per version, each on its merged weights.
-            let mut start = 0;
-            while start < order.len() {
-                let id = rows[order[start]].key().1;
-                let end = start + order[start..].iter().take_while(|&&i| rows[i].key().1 == id).count();
-                let group = &order[start..end];
+            for group in order.chunk_by(|&a, &b| rows[a].key().1 == rows[b].key().1) {
                 let decoder = rows[group[0]].version.as_ref().and_then(|v| v.merged()).unwrap_or(&model.model);
                 let scores = self.run(decoder, group, rows, false)?;
                 for (&i, s) in group.iter().zip(scores) {
                     out[i] = s;
                 }
-                start = end;
             }
         } else {
             let scores = self.run(&model.model, &order, rows, true)?;
@@ -131,9 +126,8 @@ impl Engine {
         let mut row_of = vec![0; group.len()];
         let mut firsts: Vec<usize> = Vec::new();
         let mut start = 0;
-        while start < group.len() {
-            let key = rows[group[start]].key();
-            let n = group[start..].iter().take_while(|&&i| rows[i].key() == key).count();
+        for same_key in group.chunk_by(|&a, &b| rows[a].key() == rows[b].key()) {
+            let n = same_key.len();
             let run = start..start + n;
             // `--pack-tokens 0`: one input per row, in order (what `score_rows` takes).
             let (rows_here, assign) = if self.opts.pack_tokens == 0 {
@@ -156,12 +150,10 @@ impl Engine {
             // One block per run of rows of one key: its prefix, repeated.
             let mut parts = Vec::new();
             let mut start = 0;
-            while start < firsts.len() {
-                let key = rows[group[firsts[start]]].key();
-                let n = firsts[start..].iter().take_while(|&&k| rows[group[k]].key() == key).count();
-                let prefix = self.prefix(decoder, rows[group[firsts[start]]], row_adapters[start])?;
-                parts.push(prefix.expand_batch(n)?);
-                start += n;
+            for block in firsts.chunk_by(|&a, &b| rows[group[a]].key() == rows[group[b]].key()) {
+                let prefix = self.prefix(decoder, rows[group[block[0]]], row_adapters[start])?;
+                parts.push(prefix.expand_batch(block.len())?);
+                start += block.len();
             }
             if parts.len() == 1 {
                 parts.remove(0)

@@ -35,12 +35,8 @@ impl Compute for EncoderEngine {
         let mut out: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by_key(|&i| rows[i].version.as_ref().map(|v| v.id).unwrap_or(0));
-        let mut start = 0;
-        while start < order.len() {
-            let id = rows[order[start]].version.as_ref().map(|v| v.id);
-            let end =
-                start + order[start..].iter().take_while(|&&i| rows[i].version.as_ref().map(|v| v.id) == id).count();
-            let group = &order[start..end];
+        let id = |i: usize| rows[i].version.as_ref().map(|v| v.id);
+        for group in order.chunk_by(|&a, &b| id(a) == id(b)) {
             let head = rows[group[0]]
                 .version
                 .as_ref()
@@ -52,7 +48,6 @@ impl Compute for EncoderEngine {
             for (&i, row) in group.iter().zip(rows_f64(&logits)?) {
                 out[i] = row;
             }
-            start = end;
         }
         Ok(out)
     }
