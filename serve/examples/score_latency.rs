@@ -49,7 +49,8 @@ fn main() -> Res<()> {
     let weights: WeightMode = env("VERDICT_WEIGHTS", "dense").parse()?;
     // The server's loading path: kernels resolved on the model's shapes, weights from the pack.
     let purpose = models::cpu::Purpose::Serve;
-    let loaded = load_for(&path, weights, DType::F32, &Device::Cpu, &kargs, purpose, &cache, &mut |l| eprintln!("{l}"))?;
+    let loaded =
+        load_for(&path, weights, DType::F32, &Device::Cpu, &kargs, purpose, &cache, &mut |l| eprintln!("{l}"))?;
     let dec = &loaded.model;
     let adapter = LoraAdapter::load_peft_dir(adapter_dir.as_ref(), dec.config(), DType::F32, &Device::Cpu)?;
     let tasks = TaskRegistry::builtin();
