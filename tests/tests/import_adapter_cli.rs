@@ -28,20 +28,25 @@ fn reference() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference.json")).unwrap()).unwrap()
 }
 
-/// A temporary directory with the synthetic `mr` dev split (`data/`) and an empty registry path.
+/// A temporary directory with a copy of the fixture's base model (`base/`: loading writes a
+/// packed-weight cache beside it, which must not land in the source tree), the synthetic `mr`
+/// dev split (`data/`) and an empty registry path.
 struct Setup {
     dir: TempDir,
+    base: PathBuf,
     data: String,
     registry: PathBuf,
 }
 
 fn setup(tag: &str) -> Setup {
     let dir = TempDir::new(tag);
+    let base = dir.0.join("base");
+    copy_dir(&fixtures().join("base"), &base);
     let data = dir.0.join("data");
     std::fs::create_dir_all(&data).unwrap();
     synthetic_split(&data.join("dev.jsonl"), 32, 2);
     let registry = dir.0.join("adapters");
-    Setup { data: data.display().to_string(), registry, dir }
+    Setup { base, data: data.display().to_string(), registry, dir }
 }
 
 /// What one import did.
@@ -52,11 +57,10 @@ struct Outcome {
 }
 
 fn import(s: &Setup, from: &Path, extra: &[&str]) -> Outcome {
-    let base = fixtures().join("base");
     let mut args = vec![
         "import-adapter",
         "--model",
-        base.to_str().unwrap(),
+        s.base.to_str().unwrap(),
         "--task",
         "mr",
         "--data",
@@ -129,13 +133,14 @@ fn peft_adapters_import_under_the_promotion_rule_and_serve_peft_probabilities() 
     assert_eq!(m["method"], "peft-import");
     assert_eq!(m["base_hub_id"], BASE_ID);
     assert_eq!(m["base_sha256"].as_str().unwrap(), shared::adapter::weights_sha256(&fx.join("base")).unwrap());
+    assert_eq!(m["base_sha256"].as_str().unwrap(), shared::adapter::weights_sha256(&s.base).unwrap());
     assert_eq!(m["template_hash"].as_str().unwrap(), mr.template_hash());
     assert_eq!(m["task"], "mr");
 
     // A base named by its local path is fingerprinted: no --base needed.
     let layers_dir = s.dir.0.join("adapter_layers");
     copy_dir(&fx.join("adapter_layers"), &layers_dir);
-    edit_config(&layers_dir, |c| c["base_model_name_or_path"] = json!(fx.join("base").display().to_string()));
+    edit_config(&layers_dir, |c| c["base_model_name_or_path"] = json!(s.base.display().to_string()));
     let o = import(&s, &layers_dir, &["--force", "--version", "layers"]);
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     assert!(tests::read_manifest(&s.registry.join("mr/layers"))["base_hub_id"].is_null());
@@ -155,7 +160,7 @@ fn peft_adapters_import_under_the_promotion_rule_and_serve_peft_probabilities() 
 
     // Served: the prompt and answers are the token ids PEFT scored, the probabilities PEFT's.
     let r = reference();
-    let base = fx.join("base");
+    let base = &s.base;
     let server = Server::start(&[
         "--model",
         base.to_str().unwrap(),
