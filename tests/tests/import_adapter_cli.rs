@@ -187,7 +187,7 @@ fn peft_adapters_import_under_the_promotion_rule_and_serve_peft_probabilities() 
         assert_eq!(Value::Array(ids), input["prompt_ids"], "prompt {i}: Verdict's ids are the ones PEFT scored");
     }
     let loaded =
-        models::load_model(&base, models::WeightMode::Dense, candle_core::DType::F32, &candle_core::Device::Cpu)
+        models::load_model(base, models::WeightMode::Dense, candle_core::DType::F32, &candle_core::Device::Cpu)
             .unwrap();
     let answers: Vec<Vec<u32>> =
         mr.scored_texts(AnswerScoring::Full).iter().map(|t| loaded.encode_text(t).unwrap()).collect();
@@ -241,10 +241,13 @@ fn refusals_name_what_they_refuse_and_change_nothing() {
     let before = snapshot(&s.registry);
     assert!(before.keys().any(|k| k.ends_with("AUDIT.jsonl")) && before.keys().any(|k| k.ends_with("v1")));
 
+    /// What a case does to a copy of the fixture adapter, the flags, the exit status and what
+    /// the error must say.
     type Edit = Box<dyn Fn(&Path)>;
+    type Case<'a> = (&'a str, Edit, &'a [&'a str], i32, &'a [&'a str]);
     let config = |f: fn(&mut Value)| -> Edit { Box::new(move |d: &Path| edit_config(d, f)) };
     let other_base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/arch/qwen3");
-    let cases: Vec<(&str, Edit, &[&str], i32, &[&str])> = vec![
+    let cases: Vec<Case> = vec![
         (
             "unknown field",
             config(|c| c["frobnicate"] = json!(true)),
