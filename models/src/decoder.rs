@@ -225,7 +225,7 @@ impl LayerCtx<'_> {
             Mode::Inference => crate::linear::matmul_wt_packed_once(x, w, self.kernels),
             Mode::Train { .. } => matmul_wt(x, w),
         };
-        Ok(Some((product(&product(&x, &pair.a)?, &pair.b)? * cfg.scaling())?.to_dtype(x_dtype)?))
+        Ok(Some((product(&product(&x, &pair.a)?, &pair.b)? * pair.scaling())?.to_dtype(x_dtype)?))
     }
 
     fn rope(&self, x: &Tensor) -> Result<Tensor, Error> {

@@ -22,6 +22,7 @@ pub mod load;
 pub mod loaded;
 pub mod lora;
 pub mod pack;
+pub mod peft;
 pub mod random;
 pub mod scoring;
 pub mod tokenizer;

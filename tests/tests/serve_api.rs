@@ -70,6 +70,7 @@ fn manifest(task: &Task, base_sha256: &str) -> Manifest {
         manifest_version: MANIFEST_VERSION,
         base_sha256: base_sha256.to_string(),
         base_model: "tiny".into(),
+        base_hub_id: None,
         task: task.name.clone(),
         template_version: task.template_version,
         template_hash: task.template_hash(),

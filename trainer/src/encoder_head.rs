@@ -95,6 +95,7 @@ pub fn run(args: &EncoderHeadArgs, cache: &Path) -> Result<()> {
         manifest_version: MANIFEST_VERSION,
         base_sha256: sha.clone(),
         base_model: args.model.clone(),
+        base_hub_id: shared::assets::hub_id_of(&args.model).map(str::to_string),
         task: task.name.clone(),
         template_version: task.template_version,
         template_hash: task.template_hash(),

@@ -7,6 +7,7 @@ mod encoder_head;
 mod eval;
 mod fetch;
 mod fetch_data;
+mod import;
 mod optim;
 mod ppo;
 mod promote;
@@ -81,6 +82,10 @@ enum Command {
     /// Publish an adapter as a task's new serving version if it beats the serving one (or
     /// zero-shot) by a margin on the same examples; logged in the registry's audit log.
     Promote(promote::PromoteArgs),
+    /// Publish a LoRA adapter trained with Hugging Face PEFT as a task's new serving version:
+    /// its config read strictly (every field honoured or refused by name), its base checked
+    /// against --model, then evaluated and promoted under `promote`'s rules and audit log.
+    ImportAdapter(import::ImportArgs),
     /// Serve the task's previously promoted version again (logged in the audit log).
     Rollback(promote::RollbackArgs),
     /// The encoder baseline: a linear head on frozen BERT sentence embeddings (MiniLM), chosen
@@ -197,12 +202,16 @@ pub enum Failure {
     Usage(String),
     /// `promote` refused a candidate that does not beat the incumbent by the margin: exit 3.
     Refused(String),
+    /// An input refused for a stated reason (an imported adapter's field, its base): exit 1,
+    /// like any error, but reported as an answer (one line, no backtrace).
+    Rejected(String),
 }
 
 impl Failure {
     /// The process exit status this failure ends with.
     pub fn exit_code(&self) -> u8 {
         match self {
+            Failure::Rejected(_) => 1,
             Failure::Usage(_) => 2,
             Failure::Refused(_) => 3,
         }
@@ -212,7 +221,7 @@ impl Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Usage(m) | Failure::Refused(m) => f.write_str(m),
+            Failure::Usage(m) | Failure::Refused(m) | Failure::Rejected(m) => f.write_str(m),
         }
     }
 }
@@ -224,7 +233,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<Failure>() {
-            // A usage error or a refused promotion is an answer, not a crash: its message and
+            // A usage error, a refused promotion or input is an answer, not a crash: its message and
             // causes on one line, never a backtrace (even with RUST_BACKTRACE set).
             Some(f) => {
                 eprintln!("Error: {e:#}");
@@ -316,6 +325,7 @@ fn run() -> Result<()> {
         Command::Ppo(args) => ppo::run(&args, &cache)?,
         Command::RewardModel(args) => reward_model::run(&args, &cache)?,
         Command::Promote(args) => promote::promote(&args, &cache)?,
+        Command::ImportAdapter(args) => import::run(&args, &cache)?,
         Command::Rollback(args) => promote::rollback(&args)?,
     }
     Ok(())

@@ -45,6 +45,17 @@ pub struct RegistryArgs {
 
 #[derive(Args, Clone)]
 pub struct PromoteArgs {
+    /// The adapter to promote: PEFT files + verdict_manifest.json (e.g. a run's `best/`).
+    #[arg(long)]
+    pub candidate: PathBuf,
+    #[command(flatten)]
+    pub rules: Promotion,
+}
+
+/// Everything `promote` and `import-adapter` share: the model, the task, the evaluation both
+/// sides get, the registry and the promotion rule.
+#[derive(Args, Clone)]
+pub struct Promotion {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The task (registry name).
@@ -57,9 +68,6 @@ pub struct PromoteArgs {
     /// The task's data directory (default for the real datasets: `<cache>/data/<task>`).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// The adapter to promote: PEFT files + verdict_manifest.json (e.g. a run's `best/`).
-    #[arg(long)]
-    pub candidate: PathBuf,
     #[command(flatten)]
     pub registry: RegistryArgs,
     /// Name of the new version (default: the next `vN`).
@@ -119,7 +127,7 @@ pub fn decide(candidate: f64, incumbent: Option<f64>, margin: f64, force: bool) 
 }
 
 /// This process's command line for the audit log, with the admin token replaced by `***`.
-fn command_line(args: impl IntoIterator<Item = String>) -> String {
+pub(crate) fn command_line(args: impl IntoIterator<Item = String>) -> String {
     let mut out: Vec<String> = Vec::new();
     let mut secret_next = false;
     for a in args {
@@ -140,14 +148,19 @@ fn command_line(args: impl IntoIterator<Item = String>) -> String {
 
 /// A copy of the candidate in a temporary directory, removed on drop: what is evaluated is
 /// exactly what is published, even if a training run rewrites the candidate meanwhile.
-struct Staged(PathBuf);
+pub(crate) struct Staged(pub(crate) PathBuf);
 
 impl Staged {
-    fn copy_of(candidate: &Path) -> Result<Self> {
+    /// An empty temporary directory `verdict-<tag>-...`.
+    pub(crate) fn new(tag: &str) -> Result<Self> {
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let dir = std::env::temp_dir().join(format!("verdict-promote-{}-{nanos}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("verdict-{tag}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let staged = Self(dir);
+        Ok(Self(dir))
+    }
+
+    fn copy_of(candidate: &Path) -> Result<Self> {
+        let staged = Self::new("promote")?;
         copy_adapter(candidate, &staged.0)?;
         Ok(staged)
     }
@@ -175,7 +188,7 @@ fn copy_adapter(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-impl PromoteArgs {
+impl Promotion {
     /// The evaluation both sides get: `eval`'s constrained, zero-shot evaluation, as served.
     fn eval_args(&self) -> EvalArgs {
         EvalArgs {
@@ -230,17 +243,34 @@ fn evaluate(
 
 /// `verdict-train promote`.
 pub fn promote(args: &PromoteArgs, cache: &Path) -> Result<()> {
+    publish_candidate(&args.candidate, &args.candidate, &args.rules, cache, None)
+}
+
+/// The task `args` name, from the built-in registry and `--task-file`s.
+pub(crate) fn task_of(args: &Promotion) -> Result<Task> {
+    let mut tasks = shared::task::TaskRegistry::builtin();
+    for f in &args.task_files {
+        tasks.load_file(f)?;
+    }
+    Ok(tasks.get(&args.task)?.clone())
+}
+
+/// Evaluates the adapter in `candidate` against the incumbent and, under the promotion rule,
+/// publishes it as the task's new version (both ways, `promote` and `import-adapter`, publish
+/// through here). `shown` is what the audit log names as the candidate; `loaded`, the model if
+/// the caller has it already.
+pub(crate) fn publish_candidate(
+    candidate: &Path,
+    shown: &Path,
+    args: &Promotion,
+    cache: &Path,
+    loaded: Option<&LoadedModel>,
+) -> Result<()> {
     if !args.margin.is_finite() {
         return Err(crate::Failure::Usage(format!("--margin must be a number, not {}", args.margin)).into());
     }
     let registry = Registry::new(&args.registry.adapters);
-    let task = {
-        let mut tasks = shared::task::TaskRegistry::builtin();
-        for f in &args.task_files {
-            tasks.load_file(f)?;
-        }
-        tasks.get(&args.task)?.clone()
-    };
+    let task = task_of(args)?;
     // Names and an existing version fail before any evaluation.
     let version = match &args.version {
         Some(v) => v.clone(),
@@ -249,14 +279,14 @@ pub fn promote(args: &PromoteArgs, cache: &Path) -> Result<()> {
     if registry.version_dir(&task.name, &version)?.exists() {
         return Err(RegistryError::VersionExists { task: task.name.clone(), version }.into());
     }
-    if !args.candidate.join(MANIFEST_FILE).is_file() {
+    if !candidate.join(MANIFEST_FILE).is_file() {
         bail!(
             "{} has no {MANIFEST_FILE}: the server serves only adapters whose manifest ties them to the base \
-             weights and template (train with verdict-train, or write one)",
-            args.candidate.display()
+             weights and template (train with verdict-train, or import a PEFT adapter with import-adapter)",
+            candidate.display()
         );
     }
-    let staged = Staged::copy_of(&args.candidate)?;
+    let staged = Staged::copy_of(candidate)?;
     let sha = args.model.weights_sha256(cache)?;
     eval::check_manifest(&staged.0, &sha, std::slice::from_ref(&task))?;
 
@@ -282,22 +312,23 @@ pub fn promote(args: &PromoteArgs, cache: &Path) -> Result<()> {
         }
     }
 
-    let loaded = args.model.load(cache)?;
+    let owned;
+    let loaded = match loaded {
+        Some(l) => l,
+        None => {
+            owned = args.model.load(cache)?;
+            &owned
+        }
+    };
     let eval_args = args.eval_args();
-    let candidate_report = evaluate(
-        &loaded,
-        Some(&staged.0),
-        &task,
-        &eval_args,
-        &format!("candidate {}", args.candidate.display()),
-        cache,
-    )?;
+    let candidate_report =
+        evaluate(loaded, Some(&staged.0), &task, &eval_args, &format!("candidate {}", shown.display()), cache)?;
     let incumbent_name = match &incumbent {
         Some(v) => format!("incumbent {}/{v}", task.name),
         None => "incumbent zero-shot (no version serving)".to_string(),
     };
     let incumbent_score = if comparable {
-        Some(evaluate(&loaded, incumbent_dir.as_deref(), &task, &eval_args, &incumbent_name, cache)?.score.score)
+        Some(evaluate(loaded, incumbent_dir.as_deref(), &task, &eval_args, &incumbent_name, cache)?.score.score)
     } else {
         None
     };
@@ -310,9 +341,7 @@ pub fn promote(args: &PromoteArgs, cache: &Path) -> Result<()> {
         task: task.name.clone(),
         from_version: incumbent.clone(),
         to_version: None,
-        candidate: Some(
-            std::fs::canonicalize(&args.candidate).unwrap_or_else(|_| args.candidate.clone()).display().to_string(),
-        ),
+        candidate: Some(std::fs::canonicalize(shown).unwrap_or_else(|_| shown.to_path_buf()).display().to_string()),
         split: Some(args.split.clone()),
         examples: Some(candidate_report.examples),
         metrics: task.metrics.iter().map(|m| m.name().to_string()).collect(),

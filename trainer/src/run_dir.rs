@@ -131,7 +131,7 @@ pub fn save_checkpoint(
 ) -> Result<()> {
     let dir = checkpoint_dir(out, state.step);
     write_dir_atomically(&dir, |tmp| {
-        adapter.write_peft_files(tmp, base)?;
+        adapter.write_peft_files(tmp, &shared::assets::base_model_name(base))?;
         if let Some(h) = head {
             h.save(tmp)?;
         }
@@ -385,7 +385,7 @@ impl<'a> Recorder<'a> {
         dev: &[serde_json::Value],
     ) -> Result<()> {
         write_dir_atomically(dir, |tmp| {
-            adapter.write_peft_files(tmp, &self.model.model)?;
+            adapter.write_peft_files(tmp, &shared::assets::base_model_name(&self.model.model))?;
             if let Some(h) = head {
                 h.save(tmp)?;
             }
@@ -393,6 +393,7 @@ impl<'a> Recorder<'a> {
                 manifest_version: MANIFEST_VERSION,
                 base_sha256: self.base_sha.clone(),
                 base_model: self.model.model.clone(),
+                base_hub_id: shared::assets::hub_id_of(&self.model.model).map(str::to_string),
                 task: self.task.name.clone(),
                 template_version: self.task.template_version,
                 template_hash: self.task.template_hash(),
