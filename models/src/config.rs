@@ -382,11 +382,6 @@ impl DecoderConfig {
         self.rope_scaling.frequencies(self.rope_theta, self.head_dim)
     }
 
-    /// Query heads per key/value head (grouped-query attention).
-    pub fn heads_per_kv(&self) -> usize {
-        self.num_heads / self.num_kv_heads
-    }
-
     /// Checks the invariants the forward pass relies on.
     pub fn validate(&self) -> Result<(), String> {
         if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {

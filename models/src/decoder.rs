@@ -11,7 +11,7 @@ use crate::config::DecoderConfig;
 use crate::cpu::CpuKernels;
 use crate::linear::{matmul_wt, BaseWeight, FrozenLinear, LoraRun};
 use crate::lora::{dropout_mask, LoraAdapter, Projection};
-use crate::weights::{WeightMap, WeightMode, Weights};
+use crate::weights::{WeightMap, Weights};
 use crate::Error;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, D};
@@ -483,7 +483,6 @@ pub struct Decoder {
     norm: RmsNorm,
     lm_head: FrozenLinear,
     rope: Rope,
-    mode: WeightMode,
     dtype: DType,
     device: Device,
     /// How products run on the CPU (precision, instruction sets, tile plan).
@@ -525,7 +524,6 @@ impl Decoder {
             layers,
             norm,
             lm_head,
-            mode: weights.mode(),
             dtype: weights.dtype(),
             device: weights.device().clone(),
             kernels: CpuKernels::auto(),
@@ -551,11 +549,6 @@ impl Decoder {
     /// The model's hyper-parameters.
     pub fn config(&self) -> &DecoderConfig {
         &self.cfg
-    }
-
-    /// Dense or quantized base weights.
-    pub fn weight_mode(&self) -> WeightMode {
-        self.mode
     }
 
     /// Compute dtype of activations.
@@ -719,7 +712,6 @@ impl Decoder {
             norm: RmsNorm { weight: self.norm.weight.clone(), eps: self.norm.eps },
             lm_head: self.lm_head.clone(),
             rope: Rope::new(&self.cfg),
-            mode: self.mode,
             dtype: self.dtype,
             device: self.device.clone(),
             kernels: self.kernels.clone(),

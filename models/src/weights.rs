@@ -73,11 +73,6 @@ impl WeightMap {
         matches!(self.tensors.get(name), Some(BaseWeight::Packed(_)))
     }
 
-    /// The mode the model will run in.
-    pub fn mode(&self) -> WeightMode {
-        self.mode
-    }
-
     /// Dense compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
