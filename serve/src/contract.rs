@@ -92,11 +92,6 @@ impl Row {
     pub(crate) fn key(&self) -> (&str, u64) {
         (self.task.task.name.as_str(), self.version.as_ref().map(|v| v.id).unwrap_or(0))
     }
-
-    /// Tokens this row costs (its prefix too when the prefix is not cached).
-    pub fn tokens(&self, prefix_cached: bool) -> usize {
-        self.body.len() + if prefix_cached { 0 } else { self.task.prefix_ids.len() }
-    }
 }
 
 /// What the engine thread computes with: the decoder engine (`backend::decoder`) or the encoder
@@ -105,6 +100,7 @@ pub trait Compute: Send {
     /// Label scores `[row][label]` of every row (log-probabilities or logits: the HTTP layer
     /// normalises them), in the rows' order.
     fn score(&mut self, rows: &[&Row]) -> Result<Vec<Vec<f64>>, models::Error>;
-    /// Whether task prefixes are cached (they then cost no batch tokens).
-    fn prefix_cache(&self) -> bool;
+    /// The tokens `row` costs in a batch (what the queue's token budget counts): what this
+    /// backend runs for it.
+    fn cost(&self, row: &Row) -> usize;
 }

@@ -131,8 +131,7 @@ impl Worker {
     }
 
     fn cost(&self, job: &Job) -> usize {
-        let cached = self.engine.prefix_cache();
-        job.rows.iter().map(|r| r.tokens(cached)).sum()
+        job.rows.iter().map(|r| self.engine.cost(r)).sum()
     }
 
     fn run(mut self) {
@@ -231,8 +230,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(100));
             Ok(rows.iter().map(|_| vec![0.0, 0.0]).collect())
         }
-        fn prefix_cache(&self) -> bool {
-            true
+        fn cost(&self, row: &Row) -> usize {
+            row.body.len()
         }
     }
 

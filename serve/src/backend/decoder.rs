@@ -220,8 +220,9 @@ impl Compute for Engine {
         self.score_rows(rows)
     }
 
-    fn prefix_cache(&self) -> bool {
-        self.opts.prefix_cache
+    /// The prompt body, plus the task's prefix when prefixes are not cached.
+    fn cost(&self, row: &Row) -> usize {
+        row.body.len() + if self.opts.prefix_cache { 0 } else { row.task.prefix_ids.len() }
     }
 }
 

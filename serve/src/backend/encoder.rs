@@ -52,9 +52,9 @@ impl Compute for EncoderEngine {
         Ok(out)
     }
 
-    fn prefix_cache(&self) -> bool {
-        // No prompt, no prefix: a row costs its own tokens.
-        true
+    /// No prompt, no prefix: a row costs its own tokens.
+    fn cost(&self, row: &Row) -> usize {
+        row.body.len()
     }
 }
 
