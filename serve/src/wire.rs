@@ -263,8 +263,22 @@ pub struct VllmClassifyRequest {
     /// server's `--max-input-tokens`, or `-1` for `--max-input-tokens` itself (a larger k: 400).
     /// Absent: an input over `--max-input-tokens` is refused, or with `--truncate` cut at its end.
     #[schema(minimum = -1)]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral")]
     pub truncate_prompt_tokens: Option<i64>,
+}
+
+/// An optional integer that may be written as a number with no fraction (`6.0`), as JSON
+/// Schema's `integer` (and vLLM's pydantic) counts it.
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::Error;
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Ok(Some(i)),
+            (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Some(f as i64)),
+            _ => Err(D::Error::custom(format!("expected an integer, not {n}"))),
+        },
+    }
 }
 
 /// One text's answer, vLLM's `ClassificationData`.

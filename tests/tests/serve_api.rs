@@ -1760,7 +1760,8 @@ fn vllm_truncate_prompt_tokens_keeps_the_last_tokens_and_refuses_out_of_range_va
     let d = first6.iter().zip(&last6).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(d > 100.0 * TOL, "the two ends must be told apart by their answers ({d})");
     // k keeps the last k tokens: the answer and the prompt's tokens are those of that text.
-    for (k, want) in [(json!(6), 6), (json!(12), 12), (json!(-1), 12)] {
+    // `6.0` is an integer to JSON Schema (and to vLLM's pydantic): the same as 6.
+    for (k, want) in [(json!(6), 6), (json!(6.0), 6), (json!(12), 12), (json!(-1), 12)] {
         let (status, v) = server.post("/classify", &json!({"model": "mr", "input": long, "truncate_prompt_tokens": k}));
         assert_eq!(status, 200, "{k}: {v}");
         assert_close(&probs(&v), &fx.probs("mr", Some("v1"), &[("sentence", &last(want))]), &format!("k = {k}"));
@@ -1780,6 +1781,8 @@ fn vllm_truncate_prompt_tokens_keeps_the_last_tokens_and_refuses_out_of_range_va
         assert_eq!((status, v["error"]["type"].as_str()), (400, Some("BadRequestError")), "{k:?}: {v}");
         assert_eq!(v["error"]["code"], 400, "{v}");
     }
+    let (status, v) = server.post("/classify", &json!({"model": "mr", "input": long, "truncate_prompt_tokens": 6.5}));
+    assert_eq!((status, v["error"]["type"].as_str()), (400, Some("BadRequestError")), "6.5: {v}");
     let (_, v) = server.post("/classify", &json!({"model": "mr", "input": "good", "truncate_prompt_tokens": 13}));
     assert!(v["error"]["message"].as_str().unwrap().contains("greater than"), "{v}");
     // The document says so, with this server's limit.
@@ -1962,8 +1965,9 @@ fn openapi_describes_the_compatibility_routes_their_bodies_and_codes() {
 }
 
 /// Schemathesis against the OpenAPI document (`--checks all`), on the tiny model. Needs
-/// `pip install schemathesis`; run with `cargo test -p tests --test serve_api schemathesis
-/// -- --ignored` (`VERDICT_SCHEMATHESIS`: the binary, default `schemathesis`).
+/// `pip install schemathesis`; the test command (scripts/test.sh) installs it and runs this
+/// with `cargo test -p tests --test serve_api schemathesis -- --ignored`
+/// (`VERDICT_SCHEMATHESIS`: the binary, default `schemathesis`).
 #[test]
 #[ignore = "needs schemathesis (pip install schemathesis); run: cargo test -p tests --test serve_api schemathesis -- --ignored"]
 fn schemathesis_finds_no_failures_in_the_openapi_document() {
