@@ -29,6 +29,8 @@ cpu_model=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
 cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512bw|avx512_vnni|avx512_bf16|avx512_fp16|avx_vnni|amx_tile|amx_bf16|amx_int8)$' | tr '\n' ' ')
 slug=$(echo "$cpu_model" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-' | sed 's/--*/-/g; s/^-//; s/-$//')
 OUT=${OUT:-docs/results/soak/$slug}
+# The commit at the start (the tree may move on while the soak runs).
+commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- || echo "+changes")
 
 . scripts/lib.sh
 if [ -n "${SERVE_BIN:-}" ] && [ -n "${BENCH_BIN:-}" ] && [ -n "${TRAIN_BIN:-}" ]; then
@@ -81,7 +83,7 @@ VERDICT_ADMIN_TOKEN=$token "$bench_bin" soak --url "http://127.0.0.1:$PORT" --ta
 {
   echo "# Soak on $cpu_model"
   echo
-  echo "CPU: \`$cpu_model\`, $(nproc) cores; flags: \`$cpu_flags\`; $(date -u +%Y-%m-%d); commit $(git rev-parse --short HEAD);"
+  echo "CPU: \`$cpu_model\`, $(nproc) cores; flags: \`$cpu_flags\`; $(date -u +%Y-%m-%d); commit $commit;"
   echo "\`$command\`; server \`$serve_bin --model $MODEL ${threads[*]}\`, versions a = \`$a\`, b = \`$b\`;"
   echo "the server's \`/info\`: $serving."
   echo
