@@ -30,7 +30,7 @@ if [ ! -x "$schemathesis_env/bin/schemathesis" ]; then
 fi
 if [ -x "$schemathesis_env/bin/schemathesis" ]; then
   VERDICT_SCHEMATHESIS="$schemathesis_env/bin/schemathesis" \
-    cargo test -p tests --test serve_api schemathesis -- --ignored 2>&1 | tee -a "$log" || status=$?
+    cargo test --workspace --test serve_api schemathesis -- --ignored 2>&1 | tee -a "$log" || status=$?
 fi
 passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
 failed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | paste -sd+ | bc)
