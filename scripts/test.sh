@@ -19,7 +19,8 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace 2>&1 | tee "$log" || status=$?
 # Schemathesis against the OpenAPI document (issue 18): installed from the Python registry into
-# the target directory once (pinned), then its ignored test runs. A failed install fails the
+# the target directory once (pinned), then its ignored test runs (the same targets as above, so
+# nothing is built again; only the ignored test named schemathesis runs). A failed install fails the
 # command: the check must not silently not run.
 schemathesis_env="$(target_dir)/schemathesis-4.32.5"
 if [ ! -x "$schemathesis_env/bin/schemathesis" ]; then
@@ -30,7 +31,7 @@ if [ ! -x "$schemathesis_env/bin/schemathesis" ]; then
 fi
 if [ -x "$schemathesis_env/bin/schemathesis" ]; then
   VERDICT_SCHEMATHESIS="$schemathesis_env/bin/schemathesis" \
-    cargo test --workspace --test serve_api schemathesis -- --ignored 2>&1 | tee -a "$log" || status=$?
+    cargo test --workspace -- --ignored schemathesis 2>&1 | tee -a "$log" || status=$?
 fi
 passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
 failed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | paste -sd+ | bc)
