@@ -109,10 +109,10 @@ impl FrozenLinear {
         }
         let panels = match &self.weight {
             BaseWeight::Packed(_) => return self.packed.get().and_then(Option::as_ref),
-            BaseWeight::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => Panels::of(kernels.precision),
-            BaseWeight::Quantized(q) if q.device().is_cpu() && kernels.precision == Precision::Int8 => {
-                Panels::INT8_ALONE
+            BaseWeight::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => {
+                Panels::for_weight(kernels.precision, false)?
             }
+            BaseWeight::Quantized(q) if q.device().is_cpu() => Panels::for_weight(kernels.precision, true)?,
             _ => return None,
         };
         self.packed

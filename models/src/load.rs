@@ -157,12 +157,10 @@ fn pack_panels(opts: &LoadOptions) -> Option<crate::cpu::Panels> {
     if opts.purpose == Purpose::Train || !opts.device.is_cpu() || !opts.kernels.enabled() {
         return None;
     }
-    let precision = opts.kernels.precision;
-    match opts.mode {
-        WeightMode::Dense if opts.dtype == DType::F32 => Some(crate::cpu::Panels::of(precision)),
-        WeightMode::Quantized if precision == crate::cpu::Precision::Int8 => Some(crate::cpu::Panels::INT8_ALONE),
-        _ => None,
+    if opts.mode == WeightMode::Dense && opts.dtype != DType::F32 {
+        return None;
     }
+    crate::cpu::Panels::for_weight(opts.kernels.precision, opts.mode == WeightMode::Quantized)
 }
 
 /// Whether a tensor is a frozen projection the kernels multiply (else plain rows).

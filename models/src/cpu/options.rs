@@ -172,10 +172,15 @@ impl Purpose {
 const REQUEST_ROWS: usize = 48;
 
 impl KernelArgs {
+    /// The instruction sets the kernels may use: `--cpu-isa` within what this CPU has.
+    fn allowed_caps(&self) -> Caps {
+        self.cpu_isa.0.intersect(Caps::detect())
+    }
+
     /// These options with `auto` precision fixed to `p` where the allowed instruction sets run
     /// it (`--weights quantized` takes int8: its blocks then run on integer kernels).
     pub fn preferring(&self, p: Precision) -> Self {
-        let caps = self.cpu_isa.0.intersect(Caps::detect());
+        let caps = self.allowed_caps();
         match self.cpu_matmul {
             PrecisionChoice::Auto if caps.avx2 && p.check(&caps).is_ok() => {
                 Self { cpu_matmul: PrecisionChoice::Fixed(p), ..self.clone() }
@@ -195,7 +200,7 @@ impl KernelArgs {
         cache_dir: &Path,
         log: &mut dyn FnMut(&str),
     ) -> Result<CpuKernels, String> {
-        let caps = self.cpu_isa.0.intersect(Caps::detect());
+        let caps = self.allowed_caps();
         if !caps.avx2 {
             log("kernels: portable (no AVX2/FMA allowed or present): candle's products");
             return Ok(CpuKernels::portable());

@@ -265,6 +265,17 @@ impl Panels {
     /// One int8 matrix per weight, no residual: the panels of `--weights quantized`.
     pub const INT8_ALONE: Self = Self { precision: Precision::Int8, residual: false };
 
+    /// The panels kernels of `precision` take a weight as: dense values in that precision (int8
+    /// with its residual); quantized blocks as one int8 matrix on int8 kernels, and not at all
+    /// on f32 or bf16 kernels (`None`: they stay blocks, on candle's kernels).
+    pub fn for_weight(precision: Precision, quantized: bool) -> Option<Self> {
+        match (quantized, precision) {
+            (false, p) => Some(Self::of(p)),
+            (true, Precision::Int8) => Some(Self::INT8_ALONE),
+            (true, _) => None,
+        }
+    }
+
     /// The panels a weight already packed as `p` has.
     pub fn of_weight(p: &PackedWeight) -> Self {
         Self { precision: p.precision, residual: p.residual.is_some() }
