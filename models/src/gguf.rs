@@ -249,17 +249,19 @@ fn meta(content: &Content, mmap: &[u8]) -> Result<ModelMeta, Error> {
         stop: Vec::new(),
     }
     .with_stop_tokens(&tok);
-    let chat_template_source = md.string("tokenizer.chat_template").ok();
-    let chat = chat_template_source.as_deref().and_then(ChatTemplate::from_jinja);
+    let chat = match md.string("tokenizer.chat_template").ok() {
+        Some(source) => Some(ChatTemplate::from_jinja(&source, special.chat_tokens(&tok))?),
+        None => None,
+    };
     let cfg = config(&md, &tensors(content, mmap, vocab.tokens.len())?)?;
-    Ok(ModelMeta { cfg, tokenizer: tok, special, chat, chat_template_source })
+    Ok(ModelMeta { cfg, tokenizer: tok, special, chat })
 }
 
 /// Loads a GGUF model file.
 pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -> Result<LoadedModel, Error> {
     let (mmap, content) = open(path)?;
     let mut reader = Cursor::new(&mmap[..]);
-    let ModelMeta { cfg, tokenizer: tok, special, chat, chat_template_source } = meta(&content, &mmap)?;
+    let ModelMeta { cfg, tokenizer: tok, special, chat } = meta(&content, &mmap)?;
     let mut tensors = HashMap::new();
     for gguf_name in content.tensor_infos.keys() {
         let Some(name) = hf_name(gguf_name) else { continue };
@@ -280,15 +282,7 @@ pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -
         tensors.insert(name, w);
     }
     let model = Decoder::new(cfg, &WeightMap::new(tensors, mode, dtype, device.clone()))?;
-    Ok(LoadedModel {
-        model,
-        tokenizer: tok,
-        special,
-        chat,
-        chat_template_source,
-        path: path.to_path_buf(),
-        weights_sha256: None,
-    })
+    Ok(LoadedModel { model, tokenizer: tok, special, chat, path: path.to_path_buf(), weights_sha256: None })
 }
 
 #[cfg(test)]

@@ -75,14 +75,19 @@ pub fn read_meta(dir: &Path) -> Result<ModelMeta, Error> {
         stop: Vec::new(),
     }
     .with_stop_tokens(&tokenizer);
-    let chat_template_source = tc["chat_template"].as_str().map(str::to_string);
-    let chat = chat_template_source.as_deref().and_then(ChatTemplate::from_jinja);
-    Ok(ModelMeta { cfg, tokenizer, special, chat, chat_template_source })
+    let chat = match tc["chat_template"].as_str() {
+        Some(source) => Some(
+            ChatTemplate::from_jinja(source, special.chat_tokens(&tokenizer))
+                .map_err(|e| Error::Invalid(format!("{}: {e}", tc_path.display())))?,
+        ),
+        None => None,
+    };
+    Ok(ModelMeta { cfg, tokenizer, special, chat })
 }
 
 /// Loads a Hugging Face directory.
 pub fn load_dir(dir: &Path, mode: WeightMode, dtype: DType, device: &Device) -> Result<LoadedModel, Error> {
-    let ModelMeta { cfg, tokenizer, special, chat, chat_template_source } = read_meta(dir)?;
+    let ModelMeta { cfg, tokenizer, special, chat } = read_meta(dir)?;
     let mut tensors = HashMap::new();
     for file in safetensors_files(dir)? {
         let f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
@@ -107,15 +112,7 @@ pub fn load_dir(dir: &Path, mode: WeightMode, dtype: DType, device: &Device) -> 
         }
     }
     let model = Decoder::new(cfg, &WeightMap::new(tensors, mode, dtype, device.clone()))?;
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        special,
-        chat,
-        chat_template_source,
-        path: dir.to_path_buf(),
-        weights_sha256: None,
-    })
+    Ok(LoadedModel { model, tokenizer, special, chat, path: dir.to_path_buf(), weights_sha256: None })
 }
 
 /// Writes `loaded` as a Hugging Face directory with dense f32 weights, so tools such as
@@ -141,7 +138,7 @@ pub fn save_dir(loaded: &LoadedModel, dir: &Path) -> Result<(), Error> {
             "pad_token": token(loaded.special.pad),
             "add_bos_token": loaded.special.add_bos,
             "add_eos_token": false,
-            "chat_template": loaded.chat_template_source,
+            "chat_template": loaded.chat.as_ref().map(ChatTemplate::source),
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": cfg.max_position_embeddings,
         });

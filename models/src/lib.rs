@@ -57,6 +57,8 @@ pub enum Error {
     Tokenizer(String),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    ChatTemplate(#[from] shared::chat::ChatError),
 }
 
 impl Error {

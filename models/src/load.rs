@@ -114,7 +114,6 @@ pub fn load_model_with(path: &Path, opts: &LoadOptions, log: &mut dyn FnMut(&str
                 tokenizer: meta.tokenizer,
                 special: meta.special,
                 chat: meta.chat,
-                chat_template_source: meta.chat_template_source,
                 path: path.to_path_buf(),
                 weights_sha256: pack.source().sha256.clone(),
             });

@@ -34,6 +34,14 @@ impl SpecialTokens {
         self
     }
 
+    /// The texts of BOS and EOS, as a chat template prints them.
+    pub(crate) fn chat_tokens(&self, tok: &Tokenizer) -> shared::chat::ChatTokens {
+        shared::chat::ChatTokens {
+            bos: self.bos.and_then(|id| tok.id_to_token(id)),
+            eos: self.eos.and_then(|id| tok.id_to_token(id)),
+        }
+    }
+
     /// The id used to pad batches: PAD, else EOS, else 0.
     pub fn pad_id(&self) -> u32 {
         self.pad.or(self.eos).unwrap_or(0)
@@ -45,9 +53,8 @@ pub struct LoadedModel {
     pub model: Decoder,
     pub tokenizer: Tokenizer,
     pub special: SpecialTokens,
+    /// The model's own chat template (its Jinja source kept for export); `None`: a plain layout.
     pub chat: Option<ChatTemplate>,
-    /// The Jinja chat template as the file carried it (kept for export).
-    pub chat_template_source: Option<String>,
     /// Where the weights came from.
     pub path: PathBuf,
     /// The sha256 of the weights file when the load already knew it (a pack file records it).
@@ -61,16 +68,19 @@ pub struct ModelMeta {
     pub tokenizer: Tokenizer,
     pub special: SpecialTokens,
     pub chat: Option<ChatTemplate>,
-    pub chat_template_source: Option<String>,
 }
 
 impl LoadedModel {
     /// Token ids of `text` (special tokens in the text are parsed), with BOS first when
-    /// `add_bos` and the model wants it.
+    /// `add_bos` and the model wants it, unless the text starts with BOS already (chat
+    /// templates such as Llama 3's and Gemma's print it: transformers then adds none either).
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, Error> {
         let mut ids = Vec::new();
         if add_bos && self.special.add_bos {
-            ids.extend(self.special.bos);
+            let bos_text = self.special.bos.and_then(|id| self.tokenizer.id_to_token(id));
+            if !bos_text.is_some_and(|b| text.starts_with(&b)) {
+                ids.extend(self.special.bos);
+            }
         }
         ids.extend(tokenizer::encode(&self.tokenizer, text)?);
         Ok(ids)
@@ -94,6 +104,18 @@ impl LoadedModel {
         tokenizer::decode(&self.tokenizer, ids)
     }
 
+    /// How task prompts are laid out for this model, in words: `tasks --show`, the server's
+    /// log and `GET /v1/tasks` say it.
+    pub fn prompt_layout(&self) -> &'static str {
+        match self.chat.as_ref().map(ChatTemplate::system_turn) {
+            Some(shared::chat::SystemTurn::Own) => "the model's chat template",
+            Some(shared::chat::SystemTurn::FirstUserTurn) => {
+                "the model's chat template (it has no system turn: the system text opens the first user turn)"
+            }
+            None => "a plain layout (the model has no chat template)",
+        }
+    }
+
     /// A one-turn chat prompt ending with an open assistant turn.
     pub fn chat_prompt(&self, user: &str, system: Option<&str>) -> Result<String, Error> {
         let chat = self.chat.as_ref().ok_or_else(|| Error::Invalid("this model has no chat template".into()))?;
@@ -102,6 +124,6 @@ impl LoadedModel {
             messages.push(ChatMessage::new("system", s));
         }
         messages.push(ChatMessage::new("user", user));
-        Ok(chat.render(&messages, true))
+        Ok(chat.render(&messages, true)?)
     }
 }

@@ -750,6 +750,7 @@ async fn tasks(state: State) -> HttpResponse {
                 serving: version.is_some() || state.zero_shot,
                 adapter_version: version,
                 answer_scoring: e.scoring.map(|s| s.to_string()),
+                prompt_layout: ready.backend.prompt_layout().map(str::to_string),
             }
         })
         .collect();

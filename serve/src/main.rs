@@ -275,6 +275,9 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<infer::Ready> 
         }
     };
     tracing::info!("{}", serving.describe());
+    if let Some(layout) = backend.prompt_layout() {
+        tracing::info!("task prompts: {layout}");
+    }
     let scheduler = Arc::new(queue::Scheduler::start(compute, batch, metrics)?);
     // Loading parses the model file's metadata and vocabulary on this thread: glibc keeps the
     // freed pages of its arena resident (about 100 MiB on Qwen2.5-0.5B), private to this

@@ -202,6 +202,9 @@ pub struct TaskInfo {
     /// What its probabilities compare: `full` answers or label `word`s alone
     /// (`--answer-scoring`); absent for an encoder's head.
     pub answer_scoring: Option<String>,
+    /// How prompts are laid out: the model's chat template, or a plain layout for a model
+    /// without one; absent for an encoder.
+    pub prompt_layout: Option<String>,
 }
 
 /// `POST /tokenize` (TEI's).

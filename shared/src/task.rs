@@ -194,6 +194,8 @@ pub enum TaskError {
     MissingField { task: String, field: String },
     #[error("{path}: {problem}")]
     File { path: String, problem: String },
+    #[error("task {task}: {source}")]
+    Chat { task: String, source: crate::chat::ChatError },
 }
 
 impl Task {
@@ -391,7 +393,10 @@ impl Task {
             Some(chat) => {
                 let mut messages = vec![ChatMessage::new("system", &system)];
                 messages.extend(turns);
-                format!("{}{OPEN_TAG}", chat.render(&messages, true))
+                let rendered = chat
+                    .render(&messages, true)
+                    .map_err(|source| TaskError::Chat { task: self.name.clone(), source })?;
+                format!("{rendered}{OPEN_TAG}")
             }
             None => {
                 let mut out = format!("{system}\n\n");
@@ -772,7 +777,11 @@ mod tests {
     fn prompt_splits_into_a_constant_prefix_and_a_body() {
         let reg = TaskRegistry::builtin();
         let mr = reg.get("mr").unwrap();
-        let chat = ChatTemplate { default_system: Some("ignored when a system turn is given".into()) };
+        let chat = ChatTemplate::from_jinja(
+            "{% if messages[0].role != 'system' %}<|im_start|>system\nignored when a system turn is given<|im_end|>\n{% endif %}{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+            Default::default(),
+        )
+        .unwrap();
         let a = mr.prompt(Some(&chat), &[], &fields(&[("sentence", "a gorgeous film")])).unwrap();
         let b = mr.prompt(Some(&chat), &[], &fields(&[("sentence", "dull, dull, dull")])).unwrap();
         assert_eq!(a.prefix, b.prefix);

@@ -44,7 +44,6 @@ pub fn model_dir_with_words(dir: &Path, words: &[&str]) {
         tokenizer,
         special: SpecialTokens { bos: None, eos: Some(1), pad: Some(1), add_bos: false, stop: vec![1] },
         chat: None,
-        chat_template_source: None,
         path: dir.to_path_buf(),
         weights_sha256: None,
     };

@@ -221,6 +221,8 @@ fn endpoints_answer_what_the_library_computes() {
     let mr = tasks.iter().find(|t| t["name"] == "mr").unwrap();
     assert_eq!((mr["adapter_version"].clone(), mr["labels"].clone()), (json!("v1"), json!(["Negative", "Positive"])));
     assert_eq!(tasks.iter().find(|t| t["name"] == "tweets3").unwrap()["serving"], true, "zero-shot allowed");
+    // The tiny model has no chat template: the server says its prompts are laid out plainly.
+    assert_eq!(mr["prompt_layout"], "a plain layout (the model has no chat template)");
     let (status, body) = server.get("/v1/adapters");
     assert_eq!(status, 200);
     let adapters: Vec<Value> = serde_json::from_str(&body).unwrap();

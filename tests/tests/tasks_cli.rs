@@ -168,3 +168,62 @@ fn verdict_train_takes_the_model_and_task_files_from_the_servers_variables() {
         assert!(table.contains("| lang-a |") && table.contains("| lang-b |"), "{args:?}:\n{table}");
     }
 }
+
+/// A model directory whose `tokenizer_config.json` carries Llama 3.1's real chat template (and
+/// BOS, which that template prints): `tasks --show` lays the task out in it, with BOS once,
+/// and says which layout it used; the same model without a template says "plain layout".
+#[test]
+fn a_model_with_llama_3_s_template_gets_its_prompts_in_that_template() {
+    let dir = TempDir::new("tasks-llama-template");
+    let markers = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"];
+    let plain = dir.0.join("plain");
+    let words: Vec<&str> = markers.iter().copied().chain(["Sentence", ":", "\"", "good", "movie"]).collect();
+    tests::tiny::model_dir_with_words(&plain, &words);
+    let mut loaded = models::load_model(&plain, WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
+    let specials: Vec<tokenizers::AddedToken> =
+        markers.iter().map(|m| tokenizers::AddedToken::from(m.to_string(), true)).collect();
+    let _ = loaded.tokenizer.add_special_tokens(specials);
+    loaded.special.bos = loaded.tokenizer.token_to_id(markers[0]);
+    loaded.special.add_bos = true;
+    let source = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/chat_templates/llama3.1.jinja"),
+    )
+    .unwrap();
+    let tokens = shared::chat::ChatTokens { bos: Some(markers[0].into()), eos: Some("<|eot_id|>".into()) };
+    loaded.chat = Some(shared::chat::ChatTemplate::from_jinja(&source, tokens).unwrap());
+    let llama = dir.0.join("llama");
+    models::hf::save_dir(&loaded, &llama).unwrap();
+    let data = dir.0.join("mr");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("dev.jsonl"), "{\"id\": \"d0\", \"sentence\": \"good movie\", \"label\": \"positive\"}\n")
+        .unwrap();
+    let show = |model: &std::path::Path| {
+        let out = run(
+            "verdict-train",
+            &["tasks", "--show", "mr", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()],
+            &[],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let shown = show(&llama);
+    assert!(shown.lines().next().unwrap().contains("(the model's chat template)"), "{shown}");
+    let prefix = section(&shown, "cached prefix");
+    assert!(
+        prefix.starts_with(
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nYou are an assistant"
+        ),
+        "{shown}"
+    );
+    assert!(prefix.contains("<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"), "{shown}");
+    let body = section(&shown, "body");
+    assert!(body.ends_with("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<Judgement>"), "{shown}");
+    // The template prints BOS; the tokenizer wants BOS too: it is there once.
+    let bos = loaded.special.bos.unwrap();
+    let ids = ids_after(&shown, "prefix ");
+    assert_eq!(ids[0], bos, "{shown}");
+    assert_eq!(ids.iter().filter(|&&i| i == bos).count(), 1, "{shown}");
+
+    let shown = show(&plain);
+    assert!(shown.lines().next().unwrap().contains("(a plain layout (the model has no chat template))"), "{shown}");
+}

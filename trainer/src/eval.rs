@@ -430,8 +430,7 @@ pub fn prompt_view(
     let prefix = loaded.encode(&parts.prefix, true)?;
     let body = loaded.encode_body(&parts)?;
     let (scoring_used, answers) = crate::train_data::encode_scored(loaded, task, scoring)?;
-    let template =
-        if loaded.chat.is_some() { "the model's chat template" } else { "a plain layout (no chat template)" };
+    let template = loaded.prompt_layout();
     let mut s = String::new();
     writeln!(s, "task {} on {} ({template}), example {}", task.name, loaded.path.display(), item.raw.id)?;
     writeln!(s, "===== cached prefix: {} tokens (computed once per task and adapter version) =====", prefix.len())?;

@@ -184,12 +184,13 @@ impl ModelArgs {
         })
         .with_context(|| format!("loading {}", path.display()))?;
         eprintln!(
-            "loaded {} ({:?}, {:?} weights, {dtype:?} on {}) in {:.1}s",
+            "loaded {} ({:?}, {:?} weights, {dtype:?} on {}) in {:.1}s; task prompts: {}",
             path.display(),
             loaded.model.config().arch,
             self.weights,
             self.device,
-            t.elapsed().as_secs_f64()
+            t.elapsed().as_secs_f64(),
+            loaded.prompt_layout()
         );
         Ok(loaded)
     }

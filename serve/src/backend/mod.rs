@@ -34,6 +34,14 @@ impl Backend {
         }
     }
 
+    /// How a decoder lays out task prompts (`LoadedModel::prompt_layout`); `None` for an encoder.
+    pub fn prompt_layout(&self) -> Option<&'static str> {
+        match self {
+            Backend::Decoder(m) => Some(m.prompt_layout()),
+            Backend::Encoder(_) => None,
+        }
+    }
+
     /// Token ids of one input field, read as plain text (it cannot spell a special token).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, models::Error> {
         match self {
