@@ -92,8 +92,11 @@ struct Cli {
     max_input_tokens: usize,
     /// Cut longer inputs to --max-input-tokens instead of refusing them (422); a request's
     /// `truncate` overrides it.
-    #[arg(long, env = "VERDICT_TRUNCATE")]
+    #[arg(long, env = "VERDICT_TRUNCATE", overrides_with = "no_truncate")]
     truncate: bool,
+    #[arg(long, overrides_with = "truncate", hide = true)]
+    #[allow(dead_code)] // the `--no-x` half of `--x / --no-x`
+    no_truncate: bool,
     /// Most requests waiting for the engine; beyond, 503 with Retry-After.
     #[arg(long, env = "VERDICT_MAX_QUEUE", default_value_t = 256)]
     max_queue: usize,
@@ -123,20 +126,29 @@ struct Cli {
     #[arg(long, env = "VERDICT_PACK_TOKENS", default_value_t = 256)]
     pack_tokens: usize,
     /// Recompute every prompt's constant prefix (for comparison).
-    #[arg(long, env = "VERDICT_NO_PREFIX_CACHE")]
+    #[arg(long, env = "VERDICT_NO_PREFIX_CACHE", overrides_with = "prefix_cache_on")]
     no_prefix_cache: bool,
+    #[arg(long = "prefix-cache", overrides_with = "no_prefix_cache", hide = true)]
+    #[allow(dead_code)] // the `--x` half of `--x / --no-x`
+    prefix_cache_on: bool,
     /// Fold each adapter version into its own copy of the base weights: faster per row,
     /// one forward per version in a batch, a copy of the projections per version.
-    #[arg(long, env = "VERDICT_MERGED")]
+    #[arg(long, env = "VERDICT_MERGED", overrides_with = "no_merged")]
     merged: bool,
+    #[arg(long, overrides_with = "merged", hide = true)]
+    #[allow(dead_code)] // the `--no-x` half of `--x / --no-x`
+    no_merged: bool,
     /// What constrained scoring compares between labels: `full` (label word and closing tag,
     /// exact) or `word` (the label word alone: no answer tokens after the prompt when every
     /// word is one token; docs/serving.md).
     #[arg(long, env = "VERDICT_ANSWER_SCORING", default_value_t = AnswerScoring::Full)]
     answer_scoring: AnswerScoring,
     /// Answer tasks that have no adapter with the base model alone.
-    #[arg(long, env = "VERDICT_ZERO_SHOT_FALLBACK")]
+    #[arg(long, env = "VERDICT_ZERO_SHOT_FALLBACK", overrides_with = "no_zero_shot_fallback")]
     zero_shot_fallback: bool,
+    #[arg(long, overrides_with = "zero_shot_fallback", hide = true)]
+    #[allow(dead_code)] // the `--no-x` half of `--x / --no-x`
+    no_zero_shot_fallback: bool,
     /// The task `POST /predict` answers (default: the only task with an adapter).
     #[arg(long, env = "VERDICT_DEFAULT_TASK")]
     default_task: Option<String>,

@@ -107,7 +107,7 @@ pub const SFT_SETTINGS: [&str; 14] = [
 /// The PPO batch the tiny-model tests use: 32 prompts in mini-batches of 16, advantages not
 /// whitened (once every response is right, whitening blows residual noise up to unit scale;
 /// docs/training.md).
-pub const PPO_BATCH: [&str; 6] = ["--batch-size", "32", "--mini-batch-size", "16", "--whiten-advantages", "false"];
+pub const PPO_BATCH: [&str; 5] = ["--batch-size", "32", "--mini-batch-size", "16", "--no-whiten-advantages"];
 
 /// PPO settings under which the tiny model's reward rises within 20 steps: 4 PPO epochs,
 /// rank 8 / alpha 16 on every projection without dropout (exact ratios), constant lr 2e-3,

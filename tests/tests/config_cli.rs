@@ -34,7 +34,7 @@ fn a_config_file_and_the_same_flags_give_the_same_run() {
     let flags = dir.0.join("flags");
     let mut args = train_args("sft", &model, &data, flags.to_str().unwrap(), "3");
     args.extend(SFT_SETTINGS);
-    args.extend(["--rslora", "false", "--save-every", "5"]);
+    args.extend(["--no-rslora", "--save-every", "5"]);
     let o = run("verdict-train", &args, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
 
@@ -45,10 +45,43 @@ fn a_config_file_and_the_same_flags_give_the_same_run() {
     assert!(o.status.success(), "{}", stderr(&o));
 
     assert_eq!(settings(&flags), settings(&cfg));
-    assert_eq!(settings(&cfg)["settings"]["rslora"], serde_json::json!(["false"]));
+    // `rslora = false` is `--no-rslora` (the field's value, recorded under the flag's name).
+    assert_eq!(settings(&cfg)["settings"]["no-rslora"], serde_json::json!(["false"]));
+    assert_eq!(adapter_config(&cfg)["use_rslora"], false);
     let bytes = |out: &Path| std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
     assert_eq!(bytes(&flags), bytes(&cfg), "the two runs trained different adapters");
     assert_eq!(metrics_series(&flags, "loss"), metrics_series(&cfg, "loss"));
+}
+
+fn adapter_config(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap()).unwrap()
+}
+
+/// Every boolean setting is `--x` / `--no-x`, the last one given wins, and a config file's
+/// `x = true` undoes nothing but what it names.
+#[test]
+fn booleans_are_x_and_no_x_and_the_last_one_wins() {
+    let (dir, model, data) = setup("config-booleans");
+    let rslora_of = |name: &str, extra: &[&str]| {
+        let out = dir.0.join(name);
+        let mut args = train_args("sft", &model, &data, out.to_str().unwrap(), "1");
+        args.extend(extra);
+        let o = run("verdict-train", &args, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        adapter_config(&out)["use_rslora"].as_bool().unwrap()
+    };
+    assert!(rslora_of("default", &[]), "rsLoRA is the default");
+    assert!(!rslora_of("off", &["--no-rslora"]));
+    assert!(rslora_of("on-again", &["--no-rslora", "--rslora"]));
+    assert!(!rslora_of("off-again", &["--rslora", "--no-rslora"]));
+    let file = dir.0.join("on.toml");
+    std::fs::write(&file, "rslora = true\n").unwrap();
+    assert!(rslora_of("file-on", &["--config", file.to_str().unwrap()]));
+    // The old `--rslora false` form is refused (a usage error), not read as "on".
+    let out = dir.0.join("old");
+    let mut args = train_args("sft", &model, &data, out.to_str().unwrap(), "1");
+    args.extend(["--rslora", "false"]);
+    assert_eq!(run("verdict-train", &args, &[]).status.code(), Some(2));
 }
 
 #[test]

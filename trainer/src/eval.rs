@@ -74,14 +74,20 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1000)]
     pub resamples: usize,
     /// Skip malformed data rows (counted and reported) instead of stopping at the first.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_skip_bad_rows")]
     pub skip_bad_rows: bool,
+    #[arg(long, overrides_with = "skip_bad_rows", hide = true)]
+    #[allow(dead_code)] // the `--no-x` half of `--x / --no-x`
+    pub no_skip_bad_rows: bool,
     /// Write a JSON report here.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Include every example's prediction in the JSON report.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_predictions")]
     pub predictions: bool,
+    #[arg(long, overrides_with = "predictions", hide = true)]
+    #[allow(dead_code)] // the `--no-x` half of `--x / --no-x`
+    pub no_predictions: bool,
     /// Print the first N prompts as the model gets them (stderr): the cached prefix once, then
     /// each input's body, with their token counts and ids.
     #[arg(long, default_value_t = 0)]

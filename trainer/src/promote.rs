@@ -212,8 +212,10 @@ impl Promotion {
             max_new_tokens: 16,
             resamples: 1000,
             skip_bad_rows: false,
+            no_skip_bad_rows: false,
             out: None,
             predictions: false,
+            no_predictions: false,
             show_prompts: 0,
         }
     }

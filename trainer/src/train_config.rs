@@ -39,9 +39,13 @@ pub struct LoraArgs {
     pub rank: usize,
     #[arg(long, default_value_t = 32.0)]
     pub alpha: f64,
-    /// rsLoRA scaling alpha/sqrt(rank) (the method's); `--rslora false` for alpha/rank.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Plain LoRA scaling alpha/rank instead of rsLoRA's alpha/sqrt(rank) (the method's, and
+    /// the default; `--rslora` undoes an earlier `--no-rslora`).
+    #[arg(long = "no-rslora", action = clap::ArgAction::SetFalse, overrides_with = "rslora_on")]
     pub rslora: bool,
+    #[arg(long = "rslora", overrides_with = "rslora", hide = true)]
+    #[allow(dead_code)] // the `--x` half of `--x / --no-x`: it only overrides `--no-rslora`
+    rslora_on: bool,
     #[arg(long, default_value_t = 0.05)]
     pub lora_dropout: f64,
     /// Projections to adapt, comma-separated: q,k,v,o,gate,up,down.
@@ -153,8 +157,10 @@ impl LoopArgs {
             max_new_tokens: 16,
             resamples: 200,
             skip_bad_rows: false,
+            no_skip_bad_rows: false,
             out: None,
             predictions: false,
+            no_predictions: false,
             show_prompts: 0,
         }
     }

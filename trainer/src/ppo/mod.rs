@@ -159,9 +159,13 @@ pub struct PpoArgs {
     /// Value loss coefficient.
     #[arg(long, default_value_t = 0.1)]
     pub vf_coef: f64,
-    /// Whiten advantages over each rollout batch.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Do not whiten advantages over each rollout batch (whitening is the default;
+    /// `--whiten-advantages` undoes an earlier `--no-whiten-advantages`).
+    #[arg(long = "no-whiten-advantages", action = clap::ArgAction::SetFalse, overrides_with = "whiten_on")]
     pub whiten_advantages: bool,
+    #[arg(long = "whiten-advantages", overrides_with = "whiten_advantages", hide = true)]
+    #[allow(dead_code)] // the `--x` half of `--x / --no-x`
+    whiten_on: bool,
 }
 
 /// One rollout batch with everything the PPO epochs need, per response row.
