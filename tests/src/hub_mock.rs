@@ -1,7 +1,8 @@
 //! A loopback stand-in for the Hugging Face Hub's file API, enough for `hf-hub`'s sync client:
 //! `GET /api/models/{org}/{name}/revision/{rev}` (the commit and its files) and
 //! `GET /{org}/{name}/resolve/{rev}/{file}` with `Range`, answering with `X-Repo-Commit`, `ETag`
-//! and `Content-Range` as the Hub does. Started and stopped by the test that owns it: dropping
+//! and `Content-Range` as the Hub does (and, for LFS files if asked, the Hub's redirect to a
+//! content server). Started and stopped by the test that owns it: dropping
 //! it closes the port, so later requests are refused.
 
 use std::collections::BTreeMap;
@@ -43,6 +44,9 @@ pub struct MockRepo {
     pub refs: Vec<(String, Commit)>,
     /// Requests without `Authorization: Bearer <token>` are refused (401).
     pub token: Option<String>,
+    /// Answer `*.safetensors` as the Hub answers large (LFS) files: a 302 to a content server
+    /// (`/cdn/<sha256>` here) with the blob's `X-Linked-Etag` and `X-Linked-Size`.
+    pub lfs_redirect: bool,
 }
 
 /// One request as the mock saw it.
@@ -74,7 +78,7 @@ impl MockHub {
             while !stop2.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let _ = serve(stream, &repos, &seen2);
+                        let _ = serve(stream, port, &repos, &seen2);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -104,7 +108,7 @@ impl Drop for MockHub {
 }
 
 /// Answers one request and closes the connection.
-fn serve(stream: TcpStream, repos: &[MockRepo], seen: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
+fn serve(stream: TcpStream, port: u16, repos: &[MockRepo], seen: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -126,11 +130,12 @@ fn serve(stream: TcpStream, repos: &[MockRepo], seen: &Mutex<Vec<Seen>>) -> std:
         }
     }
     seen.lock().unwrap().push(Seen { path: path.clone(), range: range.clone(), authorization: authorization.clone() });
-    let (status, headers, body) = answer(&path, range.as_deref(), authorization.as_deref(), repos);
+    let (status, headers, body) = answer(&path, port, range.as_deref(), authorization.as_deref(), repos);
     let mut out = stream;
     let reason = match status {
         200 => "OK",
         206 => "Partial Content",
+        302 => "Found",
         401 => "Unauthorized",
         _ => "Not Found",
     };
@@ -151,8 +156,16 @@ fn error(status: u16, code: &str) -> Answer {
 }
 
 /// The Hub's answer to `path`.
-fn answer(path: &str, range: Option<&str>, authorization: Option<&str>, repos: &[MockRepo]) -> Answer {
+fn answer(path: &str, port: u16, range: Option<&str>, authorization: Option<&str>, repos: &[MockRepo]) -> Answer {
     let path = path.replace("%2F", "/");
+    if let Some(hash) = path.strip_prefix("/cdn/") {
+        // The content server: any blob by its sha256, no token needed (the Hub signs its URLs).
+        let blob = repos.iter().flat_map(|r| &r.refs).flat_map(|(_, c)| c.files.values()).find(|b| sha256(b) == hash);
+        return match blob {
+            Some(bytes) => ranged(bytes, range, vec![("ETag", format!("\"{hash}\""))]),
+            None => error(404, "EntryNotFound"),
+        };
+    }
     let (api, rest) = match path.strip_prefix("/api/models/") {
         Some(rest) => (true, rest.to_string()),
         None => (false, path.trim_start_matches('/').to_string()),
@@ -193,11 +206,28 @@ fn answer(path: &str, range: Option<&str>, authorization: Option<&str>, repos: &
         return error(404, "RevisionNotFound");
     };
     let Some(bytes) = commit.files.get(file) else { return error(404, "EntryNotFound") };
-    let etag = {
-        use sha2::Digest;
-        format!("\"{:x}\"", sha2::Sha256::digest(bytes))
-    };
-    let mut headers = vec![("X-Repo-Commit", commit.sha.clone()), ("ETag", etag)];
+    let hash = sha256(bytes);
+    if repo.lfs_redirect && file.ends_with(".safetensors") {
+        let headers = vec![
+            ("X-Repo-Commit", commit.sha.clone()),
+            ("X-Linked-Etag", format!("\"{hash}\"")),
+            ("X-Linked-Size", bytes.len().to_string()),
+            // The pointer file's git hash, which a client must not take for the blob's.
+            ("ETag", format!("\"pointer-{}\"", &hash[..16])),
+            ("Location", format!("http://127.0.0.1:{port}/cdn/{hash}")),
+        ];
+        return (302, headers, Vec::new());
+    }
+    ranged(bytes, range, vec![("X-Repo-Commit", commit.sha.clone()), ("ETag", format!("\"{hash}\""))])
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}
+
+/// `bytes` whole (200) or the part `range` asks for (206 with `Content-Range`).
+fn ranged(bytes: &[u8], range: Option<&str>, mut headers: Vec<(&'static str, String)>) -> Answer {
     let len = bytes.len();
     let wanted = range.and_then(|r| r.strip_prefix("bytes=")).and_then(|r| {
         let (a, b) = r.split_once('-')?;
@@ -210,6 +240,6 @@ fn answer(path: &str, range: Option<&str>, authorization: Option<&str>, repos: &
             headers.push(("Content-Range", format!("bytes {a}-{b}/{len}")));
             (206, headers, bytes[a..=b].to_vec())
         }
-        None => (200, headers, bytes.clone()),
+        None => (200, headers, bytes.to_vec()),
     }
 }

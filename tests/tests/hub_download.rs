@@ -115,6 +115,7 @@ fn hub_model_downloads_into_the_hub_cache_and_loads_like_its_directory() {
         id: "org/tiny".into(),
         refs: vec![("main".into(), main.clone()), ("v2".into(), v2.clone())],
         token: None,
+        lfs_redirect: false,
     }]);
     let home = dir.0.join("hf-home");
     let endpoint = hub.endpoint();
@@ -175,8 +176,9 @@ fn hub_model_downloads_into_the_hub_cache_and_loads_like_its_directory() {
     assert!(requests > 0);
 }
 
-/// A checkpoint sharded in two with an index: the index and both shards are downloaded, and
-/// the model predicts as the unsharded directory does.
+/// A checkpoint sharded in two with an index: the index and both shards (redirected to a
+/// content server, as the Hub does for LFS files) are downloaded, the model predicts as the
+/// unsharded directory does, and training loads it too.
 #[test]
 fn sharded_hub_checkpoint_downloads_every_shard() {
     let (dir, model, data) = tests::tiny::setup("hub-sharded");
@@ -188,6 +190,8 @@ fn sharded_hub_checkpoint_downloads_every_shard() {
         id: "org/sharded".into(),
         refs: vec![("main".into(), commit.clone())],
         token: None,
+        // The shards come as the Hub sends large files: redirected to a content server.
+        lfs_redirect: true,
     }]);
     let home = dir.0.join("hf-home");
     let endpoint = hub.endpoint();
@@ -204,6 +208,15 @@ fn sharded_hub_checkpoint_downloads_every_shard() {
         assert!(snapshot.join(shard).is_file(), "{shard}");
         assert!(hub.seen().iter().any(|s| s.path.ends_with(shard)), "{shard} was requested");
     }
+    let from_cdn =
+        hub.seen().iter().filter(|s| s.path.starts_with("/cdn/") && s.range.as_deref() == Some("bytes=0-")).count();
+    assert_eq!(from_cdn, 2, "each shard's body came from the content server the redirect named");
+    // The blobs are named by the LFS hash (X-Linked-Etag), not the pointer's ETag.
+    let blobs = repo_cache(&home, "org/sharded").join("blobs");
+    assert!(std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .all(|e| !e.file_name().to_string_lossy().starts_with("pointer-")));
     // Training from the Hub id: two SFT steps load the same snapshot.
     let run_dir = dir.0.join("run");
     let args = tests::tiny::train_args("sft", "org/sharded", &data, run_dir.to_str().unwrap(), "2");
@@ -223,6 +236,7 @@ fn gated_hub_repo_needs_hf_token() {
         id: "org/gated".into(),
         refs: vec![("main".into(), Commit::from_dir(&model, 4))],
         token: Some("hf_secret".into()),
+        lfs_redirect: false,
     }]);
     let home = dir.0.join("hf-home");
     let endpoint = hub.endpoint();
@@ -259,8 +273,18 @@ fn hub_errors_name_the_missing_file_revision_or_cache() {
     let mut no_tokenizer = Commit::from_dir(&model, 5);
     no_tokenizer.files.remove("tokenizer.json");
     let hub = MockHub::start(vec![
-        MockRepo { id: "org/tiny".into(), refs: vec![("main".into(), Commit::from_dir(&model, 6))], token: None },
-        MockRepo { id: "org/notok".into(), refs: vec![("main".into(), no_tokenizer)], token: None },
+        MockRepo {
+            id: "org/tiny".into(),
+            refs: vec![("main".into(), Commit::from_dir(&model, 6))],
+            token: None,
+            lfs_redirect: false,
+        },
+        MockRepo {
+            id: "org/notok".into(),
+            refs: vec![("main".into(), no_tokenizer)],
+            token: None,
+            lfs_redirect: false,
+        },
     ]);
     let home = dir.0.join("hf-home");
     let endpoint = hub.endpoint();
@@ -300,6 +324,7 @@ fn serve_loads_a_hub_model() {
         id: "org/tiny".into(),
         refs: vec![("main".into(), Commit::from_dir(&model, 7))],
         token: None,
+        lfs_redirect: false,
     }]);
     let home = dir.0.join("hf-home");
     let endpoint = hub.endpoint();
