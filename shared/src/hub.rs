@@ -126,7 +126,12 @@ impl HubSettings {
     /// `~/.cache/huggingface`), `HF_TOKEN` (else the token file), `HF_HUB_OFFLINE`.
     pub fn from_env() -> Self {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let cache = Cache::from_env();
+        // An empty HF_HOME is unset (hf-hub would make it the relative path `hub`).
+        let cache = match var(HOME_ENV) {
+            Some(home) => Cache::new(PathBuf::from(home).join("hub")),
+            // hf-hub's default, without its panic when there is no home directory.
+            None => Cache::new(dirs::home_dir().unwrap_or_else(std::env::temp_dir).join(".cache/huggingface/hub")),
+        };
         let endpoint =
             var(ENDPOINT_ENV).unwrap_or_else(|| DEFAULT_ENDPOINT.to_string()).trim_end_matches('/').to_string();
         let token = var(TOKEN_ENV).map(|t| t.trim().to_string()).or_else(|| cache.token());
