@@ -96,6 +96,81 @@ mod tests {
         RunSettings::from_matches(crate::Cli::command().find_subcommand(name).unwrap(), sub)
     }
 
+    /// TRL's and PEFT's names (and their `_` spellings) are the same settings as Verdict's:
+    /// the recorded run is identical, so a resume accepts either spelling.
+    #[test]
+    fn trl_and_peft_names_are_the_same_settings() {
+        let ours = settings(&[
+            "sft",
+            "--task",
+            "mr",
+            "--out",
+            "o",
+            "--lr",
+            "3e-3",
+            "--grad-accum",
+            "2",
+            "--rank",
+            "8",
+            "--alpha",
+            "16",
+            "--targets",
+            "q,v,o",
+            "--batch-size",
+            "4",
+            "--log-every",
+            "5",
+            "--eval-every",
+            "7",
+            "--save-every",
+            "9",
+            "--keep-checkpoints",
+            "3",
+            "--epochs",
+            "2",
+            "--schedule",
+            "cosine",
+        ]);
+        let trl = settings(&[
+            "sft",
+            "--task",
+            "mr",
+            "--output-dir",
+            "o",
+            "--learning-rate",
+            "3e-3",
+            "--gradient_accumulation_steps",
+            "2",
+            "--lora-r",
+            "8",
+            "--lora_alpha",
+            "16",
+            "--lora-target-modules",
+            "q_proj,v_proj,o",
+            "--per-device-train-batch-size",
+            "4",
+            "--logging-steps",
+            "5",
+            "--eval_steps",
+            "7",
+            "--save-steps",
+            "9",
+            "--save-total-limit",
+            "3",
+            "--num-train-epochs",
+            "2",
+            "--lr-scheduler-type",
+            "cosine",
+        ]);
+        let mut trl = trl;
+        // The targets are recorded as typed; both spellings parse to the same projections.
+        trl.settings.insert("targets".into(), ours.settings["targets"].clone());
+        assert_eq!(ours, trl);
+        let grpo = settings(&["ppo", "--task", "mr", "--out", "o", "--num-generations", "4", "--beta", "0.1"]);
+        assert_eq!(grpo.settings["group-size"], Some(vec!["4".to_string()]));
+        assert_eq!(grpo.settings["kl-coef"], Some(vec!["0.1".to_string()]));
+    }
+
     #[test]
     fn a_resume_may_lengthen_a_run_but_not_change_what_it_computes() {
         let started = settings(&["reward-model", "--task", "mr", "--out", "o", "--lr", "3e-3"]);

@@ -27,7 +27,7 @@ pub struct SftArgs {
     pub lora: LoraArgs,
     #[command(flatten)]
     pub train: LoopArgs,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, visible_aliases = ["per-device-train-batch-size"], aliases = ["per_device_train_batch_size"])]
     pub batch_size: usize,
 }
 

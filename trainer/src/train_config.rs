@@ -20,7 +20,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub select: TaskSelection,
     /// Run directory: checkpoints, metrics.jsonl, curves.svg, best/ and adapter/.
-    #[arg(long)]
+    #[arg(long, visible_aliases = ["output-dir"], aliases = ["output_dir"])]
     pub out: PathBuf,
     /// Continue from the newest checkpoint in `--out` (with the settings the run started with;
     /// only those in `settings::RESUME_MAY_CHANGE` may differ).
@@ -35,21 +35,21 @@ pub struct RunArgs {
 /// A fresh adapter's shape (ignored when training continues from an existing adapter).
 #[derive(Args, Clone, Debug)]
 pub struct LoraArgs {
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, visible_aliases = ["lora-r"], aliases = ["lora_r"])]
     pub rank: usize,
-    #[arg(long, default_value_t = 32.0)]
+    #[arg(long, default_value_t = 32.0, visible_aliases = ["lora-alpha"], aliases = ["lora_alpha"])]
     pub alpha: f64,
     /// Plain LoRA scaling alpha/rank instead of rsLoRA's alpha/sqrt(rank) (the method's, and
     /// the default; `--rslora` undoes an earlier `--no-rslora`).
     #[arg(long = "no-rslora", action = clap::ArgAction::SetFalse, overrides_with = "rslora_on")]
     pub rslora: bool,
-    #[arg(long = "rslora", overrides_with = "rslora", hide = true)]
+    #[arg(long = "rslora", alias = "use-rslora", overrides_with = "rslora", hide = true)]
     #[allow(dead_code)] // the `--x` half of `--x / --no-x`: it only overrides `--no-rslora`
     rslora_on: bool,
     #[arg(long, default_value_t = 0.05)]
     pub lora_dropout: f64,
     /// Projections to adapt, comma-separated: q,k,v,o,gate,up,down.
-    #[arg(long, value_delimiter = ',', default_value = "q,v")]
+    #[arg(long, value_delimiter = ',', default_value = "q,v", visible_aliases = ["lora-target-modules"], aliases = ["lora_target_modules"])]
     pub targets: Vec<Projection>,
 }
 
@@ -73,21 +73,21 @@ pub struct LoopArgs {
     pub optimizer: OptimizerKind,
     /// Peak learning rate (default: sft 2e-4, ppo 2e-5). The method used 9e-6 on 7B models;
     /// small models on a CPU budget of a few hundred steps want more.
-    #[arg(long)]
+    #[arg(long, visible_aliases = ["learning-rate"], aliases = ["learning_rate"])]
     pub lr: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
-    #[arg(long, value_enum, default_value_t = Schedule::Linear)]
+    #[arg(long, value_enum, default_value_t = Schedule::Linear, visible_aliases = ["lr-scheduler-type"], aliases = ["lr_scheduler_type"])]
     pub schedule: Schedule,
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: u64,
     /// Passes over the training data.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, visible_aliases = ["num-train-epochs"], aliases = ["num_train_epochs"])]
     pub epochs: f64,
     /// Stop after this many optimizer (sft) or rollout (ppo) steps; overrides `--epochs`.
     #[arg(long)]
     pub max_steps: Option<u64>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, visible_aliases = ["gradient-accumulation-steps"], aliases = ["gradient_accumulation_steps"])]
     pub grad_accum: usize,
     /// Clip the global gradient norm (0: no clipping).
     #[arg(long, default_value_t = 1.0)]
@@ -95,7 +95,7 @@ pub struct LoopArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Evaluate on the dev split every N steps (0: only at the end).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, visible_aliases = ["eval-steps"], aliases = ["eval_steps"])]
     pub eval_every: u64,
     /// Dev examples per evaluation (default: the whole split).
     #[arg(long)]
@@ -104,16 +104,16 @@ pub struct LoopArgs {
     #[arg(long, default_value = "dev", value_parser = crate::data::split_name)]
     pub eval_split: String,
     /// Checkpoint every N steps (and at the end).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, visible_aliases = ["save-steps"], aliases = ["save_steps"])]
     pub save_every: u64,
     /// Checkpoints to keep.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, visible_aliases = ["save-total-limit"], aliases = ["save_total_limit"])]
     pub keep_checkpoints: usize,
     /// Train on the first N examples of each task only.
     #[arg(long)]
     pub train_limit: Option<usize>,
     /// Print a log line every N steps (the progress bar only shows on a terminal).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, visible_aliases = ["logging-steps"], aliases = ["logging_steps"])]
     pub log_every: u64,
 }
 

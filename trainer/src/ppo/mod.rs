@@ -43,8 +43,33 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// PPO's default peak learning rate.
-const DEFAULT_LR: f64 = 2e-5;
+/// The defaults that differ between the algorithms: PPO's are the method's (arXiv 2410.11020);
+/// GRPO's are TRL 1.16.0's `GRPOConfig` (`learning_rate`, `num_generations`, `beta`,
+/// `num_iterations`, a fixed `beta`), so a TRL user's expectations carry over.
+struct AlgorithmDefaults {
+    lr: f64,
+    group_size: usize,
+    kl_coef: f64,
+    ppo_epochs: usize,
+    kl_controller: KlKind,
+}
+
+impl Algorithm {
+    fn defaults(self) -> AlgorithmDefaults {
+        match self {
+            Algorithm::Ppo => AlgorithmDefaults {
+                lr: 2e-5,
+                group_size: 1,
+                kl_coef: 0.2,
+                ppo_epochs: 4,
+                kl_controller: KlKind::Adaptive,
+            },
+            Algorithm::Grpo => {
+                AlgorithmDefaults { lr: 1e-6, group_size: 8, kl_coef: 0.0, ppo_epochs: 1, kl_controller: KlKind::Fixed }
+            }
+        }
+    }
+}
 
 /// How advantages are estimated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -111,17 +136,17 @@ pub struct PpoArgs {
     /// Prompts per rollout step.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// GRPO: samples per prompt.
-    #[arg(long, default_value_t = 4)]
-    pub group_size: usize,
+    /// GRPO: samples per prompt [default: 8, TRL's `num_generations`].
+    #[arg(long, visible_aliases = ["num-generations"], aliases = ["num_generations"])]
+    pub group_size: Option<usize>,
     /// Responses per optimizer step (split into `--grad-accum` micro-batches). The method:
     /// batch 16, mini-batch 8 with gradient accumulation 2, i.e. `--mini-batch-size 16
     /// --grad-accum 2`.
     #[arg(long, default_value_t = 8)]
     pub mini_batch_size: usize,
-    /// Passes over each rollout batch.
-    #[arg(long, default_value_t = 4)]
-    pub ppo_epochs: usize,
+    /// Passes over each rollout batch [default: ppo 4, grpo 1 (TRL's `num_iterations`)].
+    #[arg(long, visible_aliases = ["num-iterations"], aliases = ["num_iterations"])]
+    pub ppo_epochs: Option<usize>,
     #[arg(long, value_enum, default_value_t = ActionSpace::Labels)]
     pub action_space: ActionSpace,
     #[arg(long, default_value_t = 1.0)]
@@ -133,13 +158,15 @@ pub struct PpoArgs {
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub min_new_tokens: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, visible_aliases = ["max-completion-length"], aliases = ["max_completion_length"])]
     pub max_new_tokens: usize,
-    /// Initial KL coefficient (GRPO: the KL loss weight).
-    #[arg(long, default_value_t = 0.2)]
-    pub kl_coef: f64,
-    #[arg(long, value_enum, default_value_t = KlKind::Adaptive)]
-    pub kl_controller: KlKind,
+    /// Initial KL coefficient (GRPO: the KL loss weight, TRL's `beta`) [default: ppo 0.2,
+    /// grpo 0].
+    #[arg(long, visible_aliases = ["beta", "init-kl-coef"], aliases = ["init_kl_coef"])]
+    pub kl_coef: Option<f64>,
+    /// [default: ppo adaptive, grpo fixed]
+    #[arg(long, value_enum)]
+    pub kl_controller: Option<KlKind>,
     /// Adaptive controller: the target summed KL per response.
     #[arg(long, default_value_t = 6.0)]
     pub kl_target: f64,
@@ -150,8 +177,8 @@ pub struct PpoArgs {
     pub gamma: f64,
     #[arg(long, default_value_t = 0.95)]
     pub lam: f64,
-    /// Policy ratio clip.
-    #[arg(long, default_value_t = 0.2)]
+    /// Policy ratio clip (TRL's `cliprange`, GRPO's `epsilon`).
+    #[arg(long, visible_aliases = ["epsilon"], default_value_t = 0.2)]
     pub cliprange: f64,
     /// Value clip around the rollout's values.
     #[arg(long, default_value_t = 0.2)]
@@ -166,6 +193,28 @@ pub struct PpoArgs {
     #[arg(long = "whiten-advantages", overrides_with = "whiten_advantages", hide = true)]
     #[allow(dead_code)] // the `--x` half of `--x / --no-x`
     whiten_on: bool,
+}
+
+impl PpoArgs {
+    /// Samples per prompt: `--group-size`, else the algorithm's default.
+    pub fn group_size(&self) -> usize {
+        self.group_size.unwrap_or(self.algorithm.defaults().group_size)
+    }
+
+    /// Passes over each rollout batch.
+    pub fn ppo_epochs(&self) -> usize {
+        self.ppo_epochs.unwrap_or(self.algorithm.defaults().ppo_epochs)
+    }
+
+    /// The initial KL coefficient.
+    pub fn kl_coef(&self) -> f64 {
+        self.kl_coef.unwrap_or(self.algorithm.defaults().kl_coef)
+    }
+
+    /// The KL controller.
+    pub fn kl_controller(&self) -> KlKind {
+        self.kl_controller.unwrap_or(self.algorithm.defaults().kl_controller)
+    }
 }
 
 /// One rollout batch with everything the PPO epochs need, per response row.
@@ -200,13 +249,13 @@ struct LossStats {
 
 pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
     let t = &args.train;
-    if args.batch_size == 0 || args.mini_batch_size == 0 || t.grad_accum == 0 || args.ppo_epochs == 0 {
+    if args.batch_size == 0 || args.mini_batch_size == 0 || t.grad_accum == 0 || args.ppo_epochs() == 0 {
         return Err(crate::Failure::Usage(
             "--batch-size, --mini-batch-size, --grad-accum and --ppo-epochs must be at least 1".into(),
         )
         .into());
     }
-    if args.algorithm == Algorithm::Grpo && args.group_size < 2 {
+    if args.algorithm == Algorithm::Grpo && args.group_size() < 2 {
         return Err(crate::Failure::Usage(
             "GRPO needs --group-size of at least 2 (advantages compare samples of one prompt)".into(),
         )
@@ -248,8 +297,8 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
         state = run_dir::load_checkpoint(dir, &adapter, head.as_ref(), &mut opt)?;
         eprintln!("resumed from {} (step {})", dir.display(), state.step);
     }
-    let coef = state.kl_coef.unwrap_or(args.kl_coef);
-    let mut kl_ctl = match args.kl_controller {
+    let coef = state.kl_coef.unwrap_or(args.kl_coef());
+    let mut kl_ctl = match args.kl_controller() {
         KlKind::Fixed => KlController::Fixed { coef },
         KlKind::Adaptive => KlController::Adaptive { coef, target: args.kl_target, horizon: args.kl_horizon },
     };
@@ -259,7 +308,7 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
         Algorithm::Grpo => "grpo",
     };
     let rec = Recorder::new(&args.run.out, &args.run.model, method, &data[0].task, t.keep_checkpoints, cache)?;
-    let peak_lr = t.lr.unwrap_or(DEFAULT_LR);
+    let peak_lr = t.lr.unwrap_or(args.algorithm.defaults().lr);
     let answers: Vec<Vec<Vec<u32>>> =
         data.iter().map(|d| train_data::encode_answers(&loaded, &d.task)).collect::<Result<_>>()?;
     let close_tag = train_data::close_tag_stops(&loaded)?;
@@ -272,7 +321,7 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
         let step_start = Instant::now();
         let (ti, rows) = plan.batch(&data, step - 1);
         let d = &data[ti];
-        let group = if use_critic { 1 } else { args.group_size };
+        let group = if use_critic { 1 } else { args.group_size() };
         let restrict: &[Vec<u32>] = match args.action_space {
             ActionSpace::Labels => &answers[ti],
             ActionSpace::Free => &[],
@@ -342,7 +391,7 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
         // 5. PPO epochs over shuffled mini-batches.
         let lr = learning_rate(t.schedule, peak_lr, step, t.warmup_steps, total_steps);
         let mut stats = LossStats::default();
-        for epoch in 0..args.ppo_epochs {
+        for epoch in 0..args.ppo_epochs() {
             let mut order: Vec<usize> = (0..rollout.bodies.len()).collect();
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(t.seed ^ (step << 16) ^ epoch as u64));
             for (mb_no, mb) in order.chunks(args.mini_batch_size).enumerate() {
@@ -498,7 +547,7 @@ fn build_rollout(
             }
         }
         Algorithm::Grpo => {
-            let adv = math::group_advantages(scores, args.group_size);
+            let adv = math::group_advantages(scores, args.group_size());
             for (i, &l) in lens.iter().enumerate() {
                 advantages.push(vec![adv[i]; l]);
                 returns.push(vec![scores[i]; l]);
@@ -594,4 +643,36 @@ fn draw_curves(out: &Path, log: &MetricsLog, method: &str) -> Result<()> {
         series.push((name, log.series(key)?));
     }
     run_dir::write_curves_svg(&out.join("curves.svg"), &method.to_uppercase(), &series)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parsed(args: &[&str]) -> PpoArgs {
+        let all: Vec<&str> =
+            ["verdict-train", "ppo", "--task", "mr", "--out", "o"].iter().chain(args).copied().collect();
+        match crate::Cli::try_parse_from(all).unwrap().command {
+            crate::Command::Ppo(a) => a,
+            _ => unreachable!("a ppo command"),
+        }
+    }
+
+    /// GRPO's defaults are TRL 1.16.0's `GRPOConfig` (learning_rate 1e-6, num_generations 8,
+    /// beta 0.0, num_iterations 1, epsilon 0.2, temperature 1.0, top_p 1.0, top_k 0), PPO's the
+    /// method's; TRL's names are accepted for the same settings.
+    #[test]
+    fn grpo_defaults_are_trl_s_and_trl_s_names_are_aliases() {
+        let g = parsed(&["--algorithm", "grpo"]);
+        assert_eq!((g.group_size(), g.kl_coef(), g.ppo_epochs(), g.kl_controller()), (8, 0.0, 1, KlKind::Fixed));
+        assert_eq!(g.algorithm.defaults().lr, 1e-6);
+        assert_eq!((g.cliprange, g.temperature, g.top_p, g.top_k), (0.2, 1.0, 1.0, 0));
+        let p = parsed(&[]);
+        assert_eq!((p.kl_coef(), p.ppo_epochs(), p.kl_controller()), (0.2, 4, KlKind::Adaptive));
+        assert_eq!(p.algorithm.defaults().lr, 2e-5);
+        let trl = parsed(&["--algorithm", "grpo", "--num-generations", "4", "--beta", "0.04", "--num-iterations", "2"]);
+        assert_eq!((trl.group_size(), trl.kl_coef(), trl.ppo_epochs()), (4, 0.04, 2));
+        assert_eq!(parsed(&["--epsilon", "0.3"]).cliprange, 0.3);
+    }
 }
