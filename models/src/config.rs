@@ -3,6 +3,72 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Why a model config was refused: read from a `config.json`, checked, or written back.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("rope scaling {rope}: {name} must be a positive number, not {value}")]
+    NotPositive { rope: &'static str, name: &'static str, value: f64 },
+    #[error("rope scaling llama3: high_freq_factor {high} must exceed low_freq_factor {low}")]
+    Llama3FreqOrder { high: f64, low: f64 },
+    #[error("rope scaling yarn: attention_factor {0} must be >= 0")]
+    YarnAttentionFactor(f64),
+    #[error("rope_freqs has {got} factors, head dimension {head_dim} needs {need}")]
+    FreqFactorCount { got: usize, head_dim: usize, need: usize },
+    #[error(
+        "a GGUF's rope_freqs.weight table has no config.json form: the model cannot be exported as a Hugging \
+         Face directory"
+    )]
+    FreqFactorsNotExportable,
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(
+        "config.json: {key} is given per layer type ({layer_type:?}): per-layer rotary settings are not supported"
+    )]
+    PerLayerRope { key: &'static str, layer_type: String },
+    /// `key` is the path in the config (`rope_scaling.factor`, `rope_theta`).
+    #[error("config.json: {key} is not a number")]
+    NotANumber { key: String },
+    #[error("config.json: {key} is not a string")]
+    NotAString { key: String },
+    #[error("config.json: {key} is not a boolean")]
+    NotABoolean { key: String },
+    #[error("config.json: {key} is not an integer")]
+    NotAnInteger { key: String },
+    #[error("config.json: missing or non-integer {key}")]
+    MissingInteger { key: String },
+    #[error("config.json: partial_rotary_factor {0} (rotary embedding of part of each head) is not supported")]
+    PartialRotary(f64),
+    #[error("config.json: rope type {rope:?} needs {key}")]
+    MissingRopeParameter { rope: String, key: String },
+    #[error("config.json: original_max_position_embeddings {0} is not a positive integer")]
+    OriginalNotInteger(f64),
+    #[error("config.json: rope type {rope:?} is not supported (default, linear, llama3 and yarn are)")]
+    UnsupportedRope { rope: String },
+    #[error("{heads} query heads are not a multiple of {kv_heads} key/value heads")]
+    HeadsNotMultiple { heads: usize, kv_heads: usize },
+    #[error("head dimension {0} must be even for rotary embeddings")]
+    OddHeadDim(usize),
+    #[error("hidden size, layer count and vocabulary must be non-zero")]
+    ZeroSize,
+    #[error("rope_theta {0} must be a number above 1")]
+    RopeTheta(f64),
+    #[error("a sliding window of 0 keys leaves a token nothing to attend to")]
+    ZeroSlidingWindow,
+    #[error("config.json has no model_type")]
+    NoModelType,
+    #[error("unsupported model_type {0:?} (llama, mistral, qwen2 and qwen3 are)")]
+    UnsupportedModelType(String),
+    #[error("config.json: num_attention_heads must be non-zero")]
+    ZeroHeads,
+    #[error("config.json: mlp_bias (biases on the MLP projections) is not supported")]
+    MlpBias,
+    #[error(
+        "config.json: use_sliding_window with sliding_window {window} slides {sliding} of {layers} layers: \
+         per-layer sliding windows are not supported"
+    )]
+    SlidingLayers { window: usize, sliding: usize, layers: usize },
+}
+
 /// The decoder families Verdict runs. They share one implementation; the differences are
 /// spelled out as [`DecoderConfig`] fields (q/k/v bias, tied embeddings, sliding window, GGUF
 /// Q/K layout) and [`DecoderConfig::qk_norm`].
@@ -149,12 +215,12 @@ impl RopeScaling {
     }
 
     /// Checks the parameters the frequencies divide by or count with.
-    fn validate(&self, head_dim: usize) -> Result<(), String> {
-        let positive = |name: &str, x: f64| {
+    fn validate(&self, head_dim: usize) -> Result<(), ConfigError> {
+        let positive = |name: &'static str, x: f64| {
             if x.is_finite() && x > 0.0 {
                 Ok(())
             } else {
-                Err(format!("rope scaling {}: {name} must be a positive number, not {x}", self.name()))
+                Err(ConfigError::NotPositive { rope: self.name(), name, value: x })
             }
         };
         match self {
@@ -165,10 +231,7 @@ impl RopeScaling {
                 positive("low_freq_factor", *low_freq_factor)?;
                 positive("original_max_position_embeddings", *original_max_position_embeddings as f64)?;
                 if high_freq_factor <= low_freq_factor {
-                    return Err(format!(
-                        "rope scaling llama3: high_freq_factor {high_freq_factor} must exceed low_freq_factor \
-                         {low_freq_factor}"
-                    ));
+                    return Err(ConfigError::Llama3FreqOrder { high: *high_freq_factor, low: *low_freq_factor });
                 }
                 Ok(())
             }
@@ -178,17 +241,13 @@ impl RopeScaling {
                 positive("beta_fast", *beta_fast)?;
                 positive("beta_slow", *beta_slow)?;
                 if !(attention_factor.is_finite() && *attention_factor >= 0.0) {
-                    return Err(format!("rope scaling yarn: attention_factor {attention_factor} must be >= 0"));
+                    return Err(ConfigError::YarnAttentionFactor(*attention_factor));
                 }
                 Ok(())
             }
             Self::FreqFactors { factors } => {
                 if factors.len() != head_dim / 2 {
-                    return Err(format!(
-                        "rope_freqs has {} factors, head dimension {head_dim} needs {}",
-                        factors.len(),
-                        head_dim / 2
-                    ));
+                    return Err(ConfigError::FreqFactorCount { got: factors.len(), head_dim, need: head_dim / 2 });
                 }
                 factors.iter().try_for_each(|&k| positive("each factor", k))
             }
@@ -197,15 +256,11 @@ impl RopeScaling {
 
     /// The `rope_scaling` object of a `config.json` (`null` for the default), as transformers
     /// 4 and 5 both read it.
-    fn to_hf_json(&self) -> Result<serde_json::Value, String> {
+    fn to_hf_json(&self) -> Result<serde_json::Value, ConfigError> {
         Ok(match self {
             Self::Default => serde_json::Value::Null,
-            Self::FreqFactors { .. } => {
-                return Err("a GGUF's rope_freqs.weight table has no config.json form: the model \
-                            cannot be exported as a Hugging Face directory"
-                    .into())
-            }
-            _ => serde_json::to_value(self).map_err(|e| e.to_string())?,
+            Self::FreqFactors { .. } => return Err(ConfigError::FreqFactorsNotExportable),
+            _ => serde_json::to_value(self)?,
         })
     }
 
@@ -215,7 +270,7 @@ impl RopeScaling {
     /// a non-empty `rope_scaling` over `rope_parameters`, their `rope_theta` over the top-level
     /// one, a top-level `original_max_position_embeddings` over theirs. Returns `(theta,
     /// scaling)`.
-    fn from_hf_json(v: &serde_json::Value, max_position_embeddings: usize) -> Result<(f64, Self), String> {
+    fn from_hf_json(v: &serde_json::Value, max_position_embeddings: usize) -> Result<(f64, Self), ConfigError> {
         let non_empty = |key: &str| v[key].as_object().filter(|o| !o.is_empty());
         let (key, params) = match (non_empty("rope_scaling"), non_empty("rope_parameters")) {
             (Some(p), _) => ("rope_scaling", Some(p)),
@@ -225,21 +280,18 @@ impl RopeScaling {
         let empty = serde_json::Map::new();
         let p = params.unwrap_or(&empty);
         if let Some((layer_type, _)) = p.iter().find(|(_, x)| x.is_object()) {
-            return Err(format!(
-                "config.json: {key} is given per layer type ({layer_type:?}): per-layer rotary settings are \
-                 not supported"
-            ));
+            return Err(ConfigError::PerLayerRope { key, layer_type: layer_type.clone() });
         }
-        let number = |name: &str| -> Result<Option<f64>, String> {
+        let number = |name: &str| -> Result<Option<f64>, ConfigError> {
             match &p.get(name) {
                 None | Some(serde_json::Value::Null) => Ok(None),
-                Some(x) => x.as_f64().map(Some).ok_or_else(|| format!("config.json: {key}.{name} is not a number")),
+                Some(x) => x.as_f64().map(Some).ok_or_else(|| ConfigError::NotANumber { key: format!("{key}.{name}") }),
             }
         };
-        let top_number = |name: &str| -> Result<Option<f64>, String> {
+        let top_number = |name: &str| -> Result<Option<f64>, ConfigError> {
             match &v[name] {
                 serde_json::Value::Null => Ok(None),
-                x => x.as_f64().map(Some).ok_or_else(|| format!("config.json: {name} is not a number")),
+                x => x.as_f64().map(Some).ok_or_else(|| ConfigError::NotANumber { key: name.to_string() }),
             }
         };
         let theta = match number("rope_theta")? {
@@ -251,28 +303,29 @@ impl RopeScaling {
             None => top_number("partial_rotary_factor")?,
         };
         if let Some(f) = partial.filter(|&f| f != 1.0) {
-            return Err(format!(
-                "config.json: partial_rotary_factor {f} (rotary embedding of part of each head) is not supported"
-            ));
+            return Err(ConfigError::PartialRotary(f));
         }
         let kind = match (p.get("rope_type"), p.get("type")) {
             (Some(t), _) | (None, Some(t)) => {
-                t.as_str().ok_or_else(|| format!("config.json: {key}.rope_type is not a string"))?
+                t.as_str().ok_or_else(|| ConfigError::NotAString { key: format!("{key}.rope_type") })?
             }
             (None, None) => "default",
         };
-        let required = |name: &str| -> Result<f64, String> {
-            number(name)?.ok_or_else(|| format!("config.json: rope type {kind:?} needs {key}.{name}"))
+        let required = |name: &str| -> Result<f64, ConfigError> {
+            number(name)?.ok_or_else(|| ConfigError::MissingRopeParameter {
+                rope: kind.to_string(),
+                key: format!("{key}.{name}"),
+            })
         };
         // transformers moves the pre-training length into the parameters for these types,
         // preferring a top-level value, else theirs, else max_position_embeddings.
-        let original = || -> Result<usize, String> {
+        let original = || -> Result<usize, ConfigError> {
             let o = match top_number("original_max_position_embeddings")? {
                 Some(o) => o,
                 None => number("original_max_position_embeddings")?.unwrap_or(max_position_embeddings as f64),
             };
             if o.fract() != 0.0 || o < 1.0 {
-                return Err(format!("config.json: original_max_position_embeddings {o} is not a positive integer"));
+                return Err(ConfigError::OriginalNotInteger(o));
             }
             Ok(o as usize)
         };
@@ -307,7 +360,9 @@ impl RopeScaling {
                 let truncate = match p.get("truncate") {
                     None => true,
                     Some(serde_json::Value::Null) => false,
-                    Some(t) => t.as_bool().ok_or_else(|| format!("config.json: {key}.truncate is not a boolean"))?,
+                    Some(t) => {
+                        t.as_bool().ok_or_else(|| ConfigError::NotABoolean { key: format!("{key}.truncate") })?
+                    }
                 };
                 Self::Yarn {
                     factor,
@@ -318,11 +373,7 @@ impl RopeScaling {
                     attention_factor,
                 }
             }
-            other => {
-                return Err(format!(
-                    "config.json: rope type {other:?} is not supported (default, linear, llama3 and yarn are)"
-                ))
-            }
+            other => return Err(ConfigError::UnsupportedRope { rope: other.to_string() }),
         };
         Ok((theta, scaling))
     }
@@ -383,24 +434,21 @@ impl DecoderConfig {
     }
 
     /// Checks the invariants the forward pass relies on.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
-            return Err(format!(
-                "{} query heads are not a multiple of {} key/value heads",
-                self.num_heads, self.num_kv_heads
-            ));
+            return Err(ConfigError::HeadsNotMultiple { heads: self.num_heads, kv_heads: self.num_kv_heads });
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err(format!("head dimension {} must be even for rotary embeddings", self.head_dim));
+            return Err(ConfigError::OddHeadDim(self.head_dim));
         }
         if self.hidden_size == 0 || self.num_layers == 0 || self.vocab_size == 0 {
-            return Err("hidden size, layer count and vocabulary must be non-zero".into());
+            return Err(ConfigError::ZeroSize);
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return Err(format!("rope_theta {} must be a number above 1", self.rope_theta));
+            return Err(ConfigError::RopeTheta(self.rope_theta));
         }
         if self.sliding_window == Some(0) {
-            return Err("a sliding window of 0 keys leaves a token nothing to attend to".into());
+            return Err(ConfigError::ZeroSlidingWindow);
         }
         self.rope_scaling.validate(self.head_dim)
     }
@@ -419,7 +467,7 @@ impl DecoderConfig {
     /// The Hugging Face `config.json` form of this config (rotary settings in the
     /// transformers-4 form, which transformers 5 reads too). Fails for settings a
     /// `config.json` cannot express (a GGUF's `rope_freqs.weight` table).
-    pub fn to_hf_json(&self) -> Result<serde_json::Value, String> {
+    pub fn to_hf_json(&self) -> Result<serde_json::Value, ConfigError> {
         let mut v = serde_json::json!({
             "architectures": [self.arch.hf_class()],
             "model_type": self.arch.name(),
@@ -449,35 +497,36 @@ impl DecoderConfig {
     /// transformers' defaults for absent keys. Refuses what the forward pass would otherwise
     /// silently get wrong: other rope types, partial rotary, MLP biases, per-layer sliding
     /// windows.
-    pub fn from_hf_json(v: &serde_json::Value) -> Result<Self, String> {
-        let model_type = v["model_type"].as_str().ok_or("config.json has no model_type")?;
-        let arch = Arch::from_name(model_type)
-            .ok_or_else(|| format!("unsupported model_type {model_type:?} (llama, mistral, qwen2 and qwen3 are)"))?;
-        let usize_of = |key: &str| -> Result<usize, String> {
-            v[key].as_u64().map(|x| x as usize).ok_or_else(|| format!("config.json: missing or non-integer {key}"))
+    pub fn from_hf_json(v: &serde_json::Value) -> Result<Self, ConfigError> {
+        let model_type = v["model_type"].as_str().ok_or(ConfigError::NoModelType)?;
+        let arch =
+            Arch::from_name(model_type).ok_or_else(|| ConfigError::UnsupportedModelType(model_type.to_string()))?;
+        let usize_of = |key: &str| -> Result<usize, ConfigError> {
+            v[key].as_u64().map(|x| x as usize).ok_or_else(|| ConfigError::MissingInteger { key: key.to_string() })
         };
-        let opt_usize = |key: &str| -> Result<Option<usize>, String> {
+        let opt_usize = |key: &str| -> Result<Option<usize>, ConfigError> {
             match &v[key] {
                 serde_json::Value::Null => Ok(None),
-                x => {
-                    x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| format!("config.json: {key} is not an integer"))
-                }
+                x => x
+                    .as_u64()
+                    .map(|n| Some(n as usize))
+                    .ok_or_else(|| ConfigError::NotAnInteger { key: key.to_string() }),
             }
         };
-        let flag = |key: &str, default: bool| -> Result<bool, String> {
+        let flag = |key: &str, default: bool| -> Result<bool, ConfigError> {
             match &v[key] {
                 serde_json::Value::Null => Ok(default),
-                x => x.as_bool().ok_or_else(|| format!("config.json: {key} is not a boolean")),
+                x => x.as_bool().ok_or_else(|| ConfigError::NotABoolean { key: key.to_string() }),
             }
         };
         let hidden_size = usize_of("hidden_size")?;
         let num_heads = usize_of("num_attention_heads")?;
         let num_layers = usize_of("num_hidden_layers")?;
         if num_heads == 0 {
-            return Err("config.json: num_attention_heads must be non-zero".into());
+            return Err(ConfigError::ZeroHeads);
         }
         if flag("mlp_bias", false)? {
-            return Err("config.json: mlp_bias (biases on the MLP projections) is not supported".into());
+            return Err(ConfigError::MlpBias);
         }
         let max_position_embeddings = opt_usize("max_position_embeddings")?.unwrap_or(4096);
         let (rope_theta, rope_scaling) = RopeScaling::from_hf_json(v, max_position_embeddings)?;
@@ -532,7 +581,7 @@ fn qwen_sliding_layers(
     num_layers: usize,
     use_sliding_window: bool,
     window: Option<usize>,
-) -> Result<(), String> {
+) -> Result<(), ConfigError> {
     let Some(window) = window.filter(|_| use_sliding_window) else { return Ok(()) };
     let sliding = match v["layer_types"].as_array() {
         Some(types) => types.iter().filter(|t| t.as_str() == Some("sliding_attention")).count(),
@@ -542,10 +591,7 @@ fn qwen_sliding_layers(
         }
     };
     if sliding > 0 {
-        return Err(format!(
-            "config.json: use_sliding_window with sliding_window {window} slides {sliding} of {num_layers} layers: \
-             per-layer sliding windows are not supported"
-        ));
+        return Err(ConfigError::SlidingLayers { window, sliding, layers: num_layers });
     }
     Ok(())
 }
@@ -622,7 +668,7 @@ mod tests {
         v
     }
 
-    fn read(extra: serde_json::Value) -> Result<DecoderConfig, String> {
+    fn read(extra: serde_json::Value) -> Result<DecoderConfig, ConfigError> {
         DecoderConfig::from_hf_json(&config(extra))
     }
 
@@ -702,7 +748,7 @@ mod tests {
         assert!((attention_factor - (0.2 * 4f64.ln() + 1.0) / (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15);
         let c = read(json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.5}})).unwrap();
         assert!(matches!(c.rope_scaling, RopeScaling::Yarn { attention_factor: 0.5, .. }));
-        let e = read(json!({"rope_scaling": {"rope_type": "yarn"}})).unwrap_err();
+        let e = read(json!({"rope_scaling": {"rope_type": "yarn"}})).unwrap_err().to_string();
         assert!(e.contains("rope_scaling.factor"), "{e}");
     }
 
@@ -734,24 +780,45 @@ mod tests {
     fn other_rope_types_and_settings_are_refused_by_name() {
         for kind in ["dynamic", "longrope", "su", "proportional", "ntk"] {
             for key in ["rope_scaling", "rope_parameters"] {
-                let e = read(json!({key: {"rope_type": kind, "factor": 2.0}})).unwrap_err();
+                let e = read(json!({key: {"rope_type": kind, "factor": 2.0}})).unwrap_err().to_string();
                 assert!(e.contains(&format!("{kind:?}")) && e.contains("not supported"), "{e}");
             }
-            let e = read(json!({"rope_scaling": {"type": kind, "factor": 2.0}})).unwrap_err();
+            let e = read(json!({"rope_scaling": {"type": kind, "factor": 2.0}})).unwrap_err().to_string();
             assert!(e.contains(&format!("{kind:?}")), "{e}");
         }
-        let e = read(json!({"rope_scaling": {"rope_type": "linear"}})).unwrap_err();
+        let e = read(json!({"rope_scaling": {"rope_type": "linear"}})).unwrap_err().to_string();
         assert!(e.contains("rope_scaling.factor"), "{e}");
-        let e = read(json!({"partial_rotary_factor": 0.5})).unwrap_err();
+        let e = read(json!({"partial_rotary_factor": 0.5})).unwrap_err().to_string();
         assert!(e.contains("partial_rotary_factor"), "{e}");
-        let e = read(json!({"rope_parameters": {"full_attention": {"rope_type": "default"}}})).unwrap_err();
+        let e = read(json!({"rope_parameters": {"full_attention": {"rope_type": "default"}}})).unwrap_err().to_string();
         assert!(e.contains("per layer"), "{e}");
-        let e = read(json!({"mlp_bias": true})).unwrap_err();
+        let e = read(json!({"mlp_bias": true})).unwrap_err().to_string();
         assert!(e.contains("mlp_bias"), "{e}");
         let e = read(json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
                                              "high_freq_factor": 1.0}}))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("high_freq_factor"), "{e}");
+    }
+
+    #[test]
+    fn refusals_are_typed() {
+        let e = read(json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})).unwrap_err();
+        assert!(matches!(&e, ConfigError::UnsupportedRope { rope } if rope == "dynamic"), "{e:?}");
+        let e = read(json!({"rope_scaling": {"rope_type": "linear"}})).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::MissingRopeParameter { rope, key } if rope == "linear" && key == "rope_scaling.factor"),
+            "{e:?}"
+        );
+        let e = read(json!({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 16,
+                            "max_window_layers": 1}))
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::SlidingLayers { window: 16, sliding: 1, layers: 2 }), "{e:?}");
+        let e = read(json!({"num_key_value_heads": 3})).unwrap_err();
+        assert!(matches!(e, ConfigError::HeadsNotMultiple { heads: 4, kv_heads: 3 }), "{e:?}");
+        let mut c = read(json!({})).unwrap();
+        c.rope_scaling = RopeScaling::FreqFactors { factors: vec![1.0; 8] };
+        assert!(matches!(c.to_hf_json(), Err(ConfigError::FreqFactorsNotExportable)));
     }
 
     #[test]
@@ -779,11 +846,13 @@ mod tests {
             .unwrap();
             let e = read(json!({"model_type": model_type, "use_sliding_window": true, "sliding_window": 16,
                                 "max_window_layers": 1}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("slides 1 of 2 layers"), "{e}");
             let e = read(json!({"model_type": model_type, "use_sliding_window": true, "sliding_window": 16,
                                 "layer_types": ["sliding_attention", "sliding_attention"]}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("slides 2 of 2 layers"), "{e}");
         }
     }
@@ -812,7 +881,7 @@ mod tests {
         }
         let mut c = read(json!({})).unwrap();
         c.rope_scaling = RopeScaling::FreqFactors { factors: vec![1.0; 8] };
-        assert!(c.to_hf_json().unwrap_err().contains("rope_freqs"));
+        assert!(c.to_hf_json().unwrap_err().to_string().contains("rope_freqs"));
     }
 
     #[test]

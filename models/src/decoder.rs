@@ -495,7 +495,7 @@ const MASKED: f64 = -1e9;
 impl Decoder {
     /// Builds the model from weights named as in Hugging Face checkpoints.
     pub fn new(cfg: DecoderConfig, weights: &WeightMap) -> Result<Self, Error> {
-        cfg.validate().map_err(Error::Invalid)?;
+        cfg.validate()?;
         let model = weights.pp("model");
         let embed_tokens = weights.embedding("model.embed_tokens.weight")?;
         let layers = (0..cfg.num_layers)

@@ -123,7 +123,7 @@ fn config(md: &Metadata, t: &Tensors) -> Result<DecoderConfig, Error> {
         attention_bias: t.has_qkv_bias,
         sliding_window: None,
     };
-    cfg.validate().map_err(|e| Error::Format(format!("GGUF: {e}")))?;
+    cfg.validate().map_err(Error::GgufConfig)?;
     Ok(cfg)
 }
 

@@ -51,12 +51,12 @@ fn candle_dtype(dt: safetensors::Dtype) -> Result<DType, Error> {
 
 /// The hyper-parameters alone (`config.json`).
 pub fn read_config(dir: &Path) -> Result<DecoderConfig, Error> {
-    DecoderConfig::from_hf_json(&read_json(&dir.join("config.json"))?).map_err(Error::Format)
+    Ok(DecoderConfig::from_hf_json(&read_json(&dir.join("config.json"))?)?)
 }
 
 /// Everything but the weights: `config.json`, the tokenizer, special tokens, chat template.
 pub fn read_meta(dir: &Path) -> Result<ModelMeta, Error> {
-    let cfg = DecoderConfig::from_hf_json(&read_json(&dir.join("config.json"))?).map_err(Error::Format)?;
+    let cfg = DecoderConfig::from_hf_json(&read_json(&dir.join("config.json"))?)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer =
         Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
@@ -125,7 +125,7 @@ pub fn save_dir(loaded: &LoadedModel, dir: &Path) -> Result<(), Error> {
             std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
         };
         let cfg = loaded.model.config();
-        let config = cfg.to_hf_json().map_err(Error::Invalid)?;
+        let config = cfg.to_hf_json()?;
         write("config.json", serde_json::to_string_pretty(&config).expect("json"))?;
         let state: HashMap<String, Tensor> = loaded.model.dense_state()?.into_iter().collect();
         candle_core::safetensors::save(&state, tmp.join("model.safetensors"))?;

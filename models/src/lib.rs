@@ -59,6 +59,11 @@ pub enum Error {
     Invalid(String),
     #[error(transparent)]
     ChatTemplate(#[from] shared::chat::ChatError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A GGUF's metadata made a config that fails [`DecoderConfig::validate`].
+    #[error("GGUF: {0}")]
+    GgufConfig(config::ConfigError),
 }
 
 impl Error {
