@@ -64,6 +64,8 @@ pub enum Error {
     /// A GGUF's metadata made a config that fails [`DecoderConfig::validate`].
     #[error("GGUF: {0}")]
     GgufConfig(config::ConfigError),
+    #[error(transparent)]
+    Kernels(#[from] cpu::KernelError),
 }
 
 impl Error {

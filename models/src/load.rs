@@ -71,7 +71,7 @@ pub fn load_for(
             WeightMode::Quantized if purpose != Purpose::Train => kernels.preferring(crate::cpu::Precision::Int8),
             _ => kernels.clone(),
         };
-        kernels.resolve(&shapes, purpose, cache_dir, log).map_err(Error::Invalid)?
+        kernels.resolve(&shapes, purpose, cache_dir, log)?
     } else {
         CpuKernels::portable()
     };

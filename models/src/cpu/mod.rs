@@ -24,6 +24,26 @@ pub use plan::{Plan, Shape};
 
 use std::sync::Arc;
 
+/// Why kernel options were refused: an unknown name on the command line, a precision this CPU
+/// cannot run, an unreadable plan file.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// `or_auto`: the flag also takes `auto` (`--cpu-matmul`).
+    #[error("unknown CPU matmul precision {name:?}: use f32, bf16 or int8{}", if *or_auto { ", or auto" } else { "" })]
+    UnknownPrecision { name: String, or_auto: bool },
+    #[error("--cpu-matmul {precision} needs {needs} (this CPU has: {has})")]
+    Unsupported { precision: Precision, needs: &'static str, has: String },
+    #[error(
+        "unknown instruction set {0:?}: use all, none, or a list of avx2, avx512, avx512-bf16, avx512-vnni, \
+         avx-vnni, amx"
+    )]
+    UnknownIsa(String),
+    #[error("{path}: {source}")]
+    PlanRead { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{path}: not a kernel plan: {source}")]
+    PlanParse { path: std::path::PathBuf, source: serde_json::Error },
+}
+
 /// How a loaded model runs its products on the CPU: the precision of its frozen projections,
 /// the instruction sets it may use and the plan of tile shapes. Carried by the model (passed in
 /// at load), never process-global, so two models in one process may differ.
@@ -40,12 +60,12 @@ pub struct CpuKernels {
 impl CpuKernels {
     /// `precision` on this CPU's full capabilities, default tilings; refused with the reason
     /// where the CPU cannot run it.
-    pub fn new(precision: Precision) -> Result<Self, String> {
+    pub fn new(precision: Precision) -> Result<Self, KernelError> {
         Self::with_caps(precision, Caps::detect())
     }
 
     /// `precision` limited to `caps` (which never exceed the detected ones), default tilings.
-    pub fn with_caps(precision: Precision, caps: Caps) -> Result<Self, String> {
+    pub fn with_caps(precision: Precision, caps: Caps) -> Result<Self, KernelError> {
         let caps = caps.intersect(Caps::detect());
         precision.check(&caps)?;
         Ok(Self { precision, caps, plan: Arc::new(Plan::empty(caps)) })

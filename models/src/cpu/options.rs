@@ -5,7 +5,7 @@
 use super::caps::Caps;
 use super::packed::Precision;
 use super::plan::{bucket, Plan, Shape};
-use super::CpuKernels;
+use super::{CpuKernels, KernelError};
 use std::path::Path;
 
 /// `--cpu-matmul`: a precision, or `auto`.
@@ -19,12 +19,15 @@ pub enum PrecisionChoice {
 }
 
 impl std::str::FromStr for PrecisionChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = KernelError;
+    fn from_str(s: &str) -> Result<Self, KernelError> {
         if s.eq_ignore_ascii_case("auto") {
             Ok(Self::Auto)
         } else {
-            s.parse().map(Self::Fixed).map_err(|e: String| format!("{e}, or auto"))
+            s.parse().map(Self::Fixed).map_err(|e| match e {
+                KernelError::UnknownPrecision { name, .. } => KernelError::UnknownPrecision { name, or_auto: true },
+                e => e,
+            })
         }
     }
 }
@@ -43,8 +46,8 @@ impl std::fmt::Display for PrecisionChoice {
 pub struct IsaLimit(pub Caps);
 
 impl std::str::FromStr for IsaLimit {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = KernelError;
+    fn from_str(s: &str) -> Result<Self, KernelError> {
         let s = s.to_ascii_lowercase();
         if s == "all" || s == "native" {
             return Ok(Self(Caps::detect()));
@@ -61,12 +64,7 @@ impl std::str::FromStr for IsaLimit {
                 "avx512-vnni" | "avx512vnni" => caps.avx512_vnni = true,
                 "avx-vnni" | "avxvnni" => caps.avx_vnni = true,
                 "amx" => caps.amx = true,
-                other => {
-                    return Err(format!(
-                        "unknown instruction set {other:?}: use all, none, or a list of avx2, avx512, \
-                         avx512-bf16, avx512-vnni, avx-vnni, amx"
-                    ))
-                }
+                other => return Err(KernelError::UnknownIsa(other.to_string())),
             }
         }
         Ok(Self(caps))
@@ -94,8 +92,8 @@ pub enum PlanSource {
 }
 
 impl std::str::FromStr for PlanSource {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(match s {
             "auto" => Self::Auto,
             "measure" => Self::Measure,
@@ -199,7 +197,7 @@ impl KernelArgs {
         purpose: Purpose,
         cache_dir: &Path,
         log: &mut dyn FnMut(&str),
-    ) -> Result<CpuKernels, String> {
+    ) -> Result<CpuKernels, KernelError> {
         let caps = self.allowed_caps();
         if !caps.avx2 {
             log("kernels: portable (no AVX2/FMA allowed or present): candle's products");
@@ -223,8 +221,9 @@ impl KernelArgs {
             PlanSource::Auto => Plan::read(&cache_path, &caps).unwrap_or_else(|| Plan::empty(caps)),
             PlanSource::Measure | PlanSource::Defaults => Plan::empty(caps),
             PlanSource::File(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                serde_json::from_str(&text).map_err(|e| format!("{}: not a kernel plan: {e}", path.display()))?
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| KernelError::PlanRead { path: path.clone(), source })?;
+                serde_json::from_str(&text).map_err(|source| KernelError::PlanParse { path: path.clone(), source })?
             }
         };
         let measure_all = matches!(self.kernel_plan, PlanSource::Auto | PlanSource::Measure);
@@ -289,12 +288,21 @@ mod tests {
 
     #[test]
     fn flags_parse() {
-        assert_eq!("auto".parse::<PrecisionChoice>(), Ok(PrecisionChoice::Auto));
-        assert_eq!("INT8".parse::<PrecisionChoice>(), Ok(PrecisionChoice::Fixed(Precision::Int8)));
-        assert!("fp8".parse::<PrecisionChoice>().unwrap_err().contains("or auto"));
+        assert_eq!("auto".parse::<PrecisionChoice>().unwrap(), PrecisionChoice::Auto);
+        assert_eq!("INT8".parse::<PrecisionChoice>().unwrap(), PrecisionChoice::Fixed(Precision::Int8));
+        assert!("fp8".parse::<PrecisionChoice>().unwrap_err().to_string().contains("or auto"));
+        assert!(matches!(
+            "FP8".parse::<PrecisionChoice>(),
+            Err(KernelError::UnknownPrecision { name, or_auto: true }) if name == "fp8"
+        ));
+        assert_eq!(
+            "fp8".parse::<Precision>().unwrap_err().to_string(),
+            "unknown CPU matmul precision \"fp8\": use f32, bf16 or int8"
+        );
         let IsaLimit(c) = "avx2,amx".parse().unwrap();
         assert!(c.avx2 && c.amx && !c.avx512);
-        assert!("sse9".parse::<IsaLimit>().unwrap_err().contains("avx512-vnni"));
+        assert!("sse9".parse::<IsaLimit>().unwrap_err().to_string().contains("avx512-vnni"));
+        assert!(matches!("sse9".parse::<IsaLimit>(), Err(KernelError::UnknownIsa(s)) if s == "sse9"));
         assert_eq!("defaults".parse::<PlanSource>(), Ok(PlanSource::Defaults));
         assert_eq!("plan.json".parse::<PlanSource>(), Ok(PlanSource::File("plan.json".into())));
     }
@@ -323,7 +331,7 @@ mod tests {
         assert_eq!(again.plan.choices, k.plan.choices);
         // Refused precisions say why.
         let none = KernelArgs { cpu_isa: "avx2".parse().unwrap(), cpu_matmul: "int8".parse().unwrap(), ..args };
-        assert!(none.resolve(&shapes, Purpose::Serve, &dir, &mut |_| {}).unwrap_err().contains("VNNI"));
+        assert!(none.resolve(&shapes, Purpose::Serve, &dir, &mut |_| {}).unwrap_err().to_string().contains("VNNI"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

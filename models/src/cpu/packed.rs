@@ -22,6 +22,7 @@ use super::amx::TILE_ROWS;
 use super::caps::Caps;
 use super::lowp::{Dequant, LowpKind};
 use super::store::Store;
+use super::KernelError;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -41,13 +42,13 @@ pub enum Precision {
 }
 
 impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = KernelError;
+    fn from_str(s: &str) -> Result<Self, KernelError> {
         match s.to_ascii_lowercase().as_str() {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
             "int8" => Ok(Self::Int8),
-            other => Err(format!("unknown CPU matmul precision {other:?}: use f32, bf16 or int8")),
+            other => Err(KernelError::UnknownPrecision { name: other.to_string(), or_auto: false }),
         }
     }
 }
@@ -64,7 +65,7 @@ impl std::fmt::Display for Precision {
 
 impl Precision {
     /// Whether `caps` runs this precision, or why not.
-    pub fn check(self, caps: &Caps) -> Result<(), String> {
+    pub fn check(self, caps: &Caps) -> Result<(), KernelError> {
         let ok = match self {
             Self::F32 => caps.avx2,
             Self::Bf16 => caps.avx512_bf16 || caps.amx,
@@ -73,15 +74,15 @@ impl Precision {
         if ok {
             Ok(())
         } else {
-            Err(format!(
-                "--cpu-matmul {self} needs {} (this CPU has: {})",
-                match self {
+            Err(KernelError::Unsupported {
+                precision: self,
+                needs: match self {
                     Self::F32 => "AVX2 and FMA",
                     Self::Bf16 => "AVX512-BF16 or AMX",
                     Self::Int8 => "AVX512-VNNI, AVX-VNNI or AMX",
                 },
-                caps.describe()
-            ))
+                has: caps.describe(),
+            })
         }
     }
 

@@ -1,7 +1,7 @@
 //! Every kernel family and tile shape this CPU runs, against plain f64 loops.
 
 use super::packed::{bf16_pair, split_rows, units, Kernel, PackedWeight, Precision, Tiling, NR};
-use super::Caps;
+use super::{Caps, KernelError};
 
 /// `x Wᵀ` in f64, the plain triple loop.
 fn reference(x: &[f32], w: &[f32], rows: usize, out: usize, inner: usize) -> Vec<f64> {
@@ -357,5 +357,9 @@ fn the_paths_this_cpu_runs_are_listed() {
     if caps.avx2 {
         assert!(!Precision::F32.kernels(&caps).is_empty());
     }
-    assert!(Precision::Int8.check(&Caps::none()).unwrap_err().contains("VNNI"));
+    assert!(Precision::Int8.check(&Caps::none()).unwrap_err().to_string().contains("VNNI"));
+    assert!(matches!(
+        Precision::Bf16.check(&Caps::none()),
+        Err(KernelError::Unsupported { precision: Precision::Bf16, needs: "AVX512-BF16 or AMX", .. })
+    ));
 }
