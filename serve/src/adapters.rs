@@ -333,7 +333,7 @@ impl AdapterTable {
                     "no {MANIFEST_FILE}: the server only loads adapters tied to their base and template"
                 ));
             }
-            let manifest = Manifest::read(&dir)?;
+            let manifest = Manifest::read(&dir).map_err(|e| e.to_string())?;
             let weights = self.backend.load_weights(&dir, &manifest, &self.base_sha256, spec, self.merged)?;
             Ok(AdapterVersion {
                 version: version.to_string(),

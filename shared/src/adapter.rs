@@ -4,7 +4,7 @@
 
 use crate::task::Task;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// File name of the manifest inside an adapter directory.
 pub const MANIFEST_FILE: &str = "verdict_manifest.json";
@@ -12,6 +12,44 @@ pub const MANIFEST_FILE: &str = "verdict_manifest.json";
 pub const HEAD_METHOD: &str = "encoder-head";
 /// Bumped when the manifest's meaning changes.
 pub const MANIFEST_VERSION: u32 = 1;
+
+/// Why a manifest was not read, or refused for the weights and task at hand.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error(
+        "adapter was trained with template v{trained_version} ({trained_hash}) of {task}, the current one is \
+         v{current_version} ({current_hash})"
+    )]
+    Template { trained_version: u32, trained_hash: String, task: String, current_version: u32, current_hash: String },
+    #[error("manifest version {0} is not {MANIFEST_VERSION}")]
+    Version(u32),
+    /// `what` is `adapter` or `head`; `weights` and `these` name the weights in the message.
+    #[error(
+        "{what} was trained on {weights} {} ({base_model}), {these} weights are {}",
+        short(trained),
+        short(actual)
+    )]
+    Weights {
+        what: &'static str,
+        weights: &'static str,
+        these: &'static str,
+        trained: String,
+        base_model: String,
+        actual: String,
+    },
+    #[error("{what} is for task {trained}, not {task}")]
+    Task { what: &'static str, trained: String, task: String },
+    #[error("a {method} adapter, not an encoder head (method {HEAD_METHOD})")]
+    NotAHead { method: String },
+    #[error("task {task} is a score task; heads classify")]
+    ScoreTask { task: String },
+    #[error("head labels {head:?}, task {task} has {labels:?}")]
+    HeadLabels { head: Vec<String>, task: String, labels: Vec<String> },
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+}
 
 /// What an adapter was trained on and how.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,17 +79,16 @@ pub struct Manifest {
 
 impl Manifest {
     /// Refuses an adapter made for other base weights or another task template, with the reason.
-    pub fn check(&self, base_sha256: &str, task: &Task) -> Result<(), String> {
+    pub fn check(&self, base_sha256: &str, task: &Task) -> Result<(), ManifestError> {
         self.check_version_weights_task(("adapter", "base weights", "this model's"), base_sha256, task)?;
         if self.template_version != task.template_version || self.template_hash != task.template_hash() {
-            return Err(format!(
-                "adapter was trained with template v{} ({}) of {}, the current one is v{} ({})",
-                self.template_version,
-                self.template_hash,
-                task.name,
-                task.template_version,
-                task.template_hash()
-            ));
+            return Err(ManifestError::Template {
+                trained_version: self.template_version,
+                trained_hash: self.template_hash.clone(),
+                task: task.name.clone(),
+                current_version: task.template_version,
+                current_hash: task.template_hash(),
+            });
         }
         Ok(())
     }
@@ -60,23 +97,25 @@ impl Manifest {
     /// the task; the tuple names what it is, what its weights are called and whose these are.
     fn check_version_weights_task(
         &self,
-        (what, weights, these): (&str, &str, &str),
+        (what, weights, these): (&'static str, &'static str, &'static str),
         sha256: &str,
         task: &Task,
-    ) -> Result<(), String> {
+    ) -> Result<(), ManifestError> {
         if self.manifest_version != MANIFEST_VERSION {
-            return Err(format!("manifest version {} is not {MANIFEST_VERSION}", self.manifest_version));
+            return Err(ManifestError::Version(self.manifest_version));
         }
         if self.base_sha256 != sha256 {
-            return Err(format!(
-                "{what} was trained on {weights} {} ({}), {these} weights are {}",
-                short(&self.base_sha256),
-                self.base_model,
-                short(sha256)
-            ));
+            return Err(ManifestError::Weights {
+                what,
+                weights,
+                these,
+                trained: self.base_sha256.clone(),
+                base_model: self.base_model.clone(),
+                actual: sha256.to_string(),
+            });
         }
         if self.task != task.name {
-            return Err(format!("{what} is for task {}, not {}", self.task, task.name));
+            return Err(ManifestError::Task { what, trained: self.task.clone(), task: task.name.clone() });
         }
         Ok(())
     }
@@ -84,25 +123,32 @@ impl Manifest {
     /// Refuses an encoder head (`models::encoder::ClassifierHead`) made for other encoder
     /// weights, another task or other label words. Heads read no prompt, so the template is
     /// not checked; the label words (their order is the head's rows) are.
-    pub fn check_head(&self, encoder_sha256: &str, task: &Task) -> Result<(), String> {
+    pub fn check_head(&self, encoder_sha256: &str, task: &Task) -> Result<(), ManifestError> {
         if self.manifest_version == MANIFEST_VERSION && self.method != HEAD_METHOD {
-            return Err(format!("a {} adapter, not an encoder head (method {HEAD_METHOD})", self.method));
+            return Err(ManifestError::NotAHead { method: self.method.clone() });
         }
         self.check_version_weights_task(("head", "encoder weights", "this encoder's"), encoder_sha256, task)?;
         if task.is_score() {
-            return Err(format!("task {} is a score task; heads classify", task.name));
+            return Err(ManifestError::ScoreTask { task: task.name.clone() });
         }
         if self.label_words != task.label_words() {
-            return Err(format!("head labels {:?}, task {} has {:?}", self.label_words, task.name, task.label_words()));
+            return Err(ManifestError::HeadLabels {
+                head: self.label_words.clone(),
+                task: task.name.clone(),
+                labels: task.label_words(),
+            });
         }
         Ok(())
     }
 
     /// Reads `<dir>/verdict_manifest.json`.
-    pub fn read(dir: &Path) -> Result<Self, String> {
-        let p = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+    pub fn read(dir: &Path) -> Result<Self, ManifestError> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(source) => return Err(ManifestError::Read { path, source }),
+        };
+        serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path, source })
     }
 
     /// Writes `<dir>/verdict_manifest.json` (through a temporary file).
@@ -184,11 +230,11 @@ mod tests {
         let mr = reg.get("mr").unwrap();
         let m = manifest(mr);
         assert!(m.check(&"ab".repeat(32), mr).is_ok());
-        assert!(m.check(&"cd".repeat(32), mr).unwrap_err().contains("base weights"));
-        assert!(m.check(&"ab".repeat(32), reg.get("sst2").unwrap()).unwrap_err().contains("for task mr"));
+        assert!(m.check(&"cd".repeat(32), mr).unwrap_err().to_string().contains("base weights"));
+        assert!(m.check(&"ab".repeat(32), reg.get("sst2").unwrap()).unwrap_err().to_string().contains("for task mr"));
         let mut reworded = mr.clone();
         reworded.instruction = reworded.instruction.replace("sentiment", "mood");
-        assert!(m.check(&"ab".repeat(32), &reworded).unwrap_err().contains("template"));
+        assert!(m.check(&"ab".repeat(32), &reworded).unwrap_err().to_string().contains("template"));
         let dir = std::env::temp_dir().join(format!("verdict-manifest-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         m.write(&dir).unwrap();
@@ -204,16 +250,32 @@ mod tests {
         let reg = TaskRegistry::builtin();
         let mr = reg.get("mr").unwrap();
         let mut m = manifest(mr);
-        assert!(m.check_head(&"ab".repeat(32), mr).unwrap_err().contains("not an encoder head"));
+        assert!(m.check_head(&"ab".repeat(32), mr).unwrap_err().to_string().contains("not an encoder head"));
         m.method = HEAD_METHOD.into();
         assert!(m.check_head(&"ab".repeat(32), mr).is_ok());
         let mut reworded = mr.clone();
         reworded.instruction = reworded.instruction.replace("sentiment", "mood");
         assert!(m.check_head(&"ab".repeat(32), &reworded).is_ok());
-        assert!(m.check_head(&"cd".repeat(32), mr).unwrap_err().contains("encoder weights"));
-        assert!(m.check_head(&"ab".repeat(32), reg.get("sst2").unwrap()).unwrap_err().contains("for task mr"));
+        assert!(m.check_head(&"cd".repeat(32), mr).unwrap_err().to_string().contains("encoder weights"));
+        assert!(m
+            .check_head(&"ab".repeat(32), reg.get("sst2").unwrap())
+            .unwrap_err()
+            .to_string()
+            .contains("for task mr"));
         m.label_words.reverse();
-        assert!(m.check_head(&"ab".repeat(32), mr).unwrap_err().contains("labels"));
+        assert!(m.check_head(&"ab".repeat(32), mr).unwrap_err().to_string().contains("labels"));
+        assert!(matches!(m.check_head(&"ab".repeat(32), mr), Err(ManifestError::HeadLabels { .. })));
+        let e = m.check(&"cd".repeat(32), mr).unwrap_err();
+        assert!(
+            matches!(&e, ManifestError::Weights { what: "adapter", actual, .. } if *actual == "cd".repeat(32)),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "adapter was trained on base weights abababababab (smollm2), this model's weights are cdcdcdcdcdcd"
+        );
+        let missing = std::env::temp_dir().join(format!("verdict-no-manifest-{}", std::process::id()));
+        assert!(matches!(Manifest::read(&missing), Err(ManifestError::Read { .. })));
         assert_eq!(text_sha256("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

@@ -273,7 +273,7 @@ pub fn load_lora(
     task: &Task,
     merged: bool,
 ) -> Result<VersionWeights, String> {
-    manifest.check(base_sha256, task)?;
+    manifest.check(base_sha256, task).map_err(|e| e.to_string())?;
     let model = &loaded.model;
     let adapter = LoraAdapter::load_peft_dir(dir, model.config(), DType::F32, model.device())
         .map_err(|e| format!("cannot load the adapter: {e}"))?;

@@ -94,7 +94,7 @@ pub fn load_head(
     encoder_sha256: &str,
     task: &Task,
 ) -> Result<VersionWeights, String> {
-    manifest.check_head(encoder_sha256, task)?;
+    manifest.check_head(encoder_sha256, task).map_err(|e| e.to_string())?;
     let head = ClassifierHead::load(dir, encoder.hidden_size(), task.num_classes(), encoder.device())
         .map_err(|e| format!("cannot load the head: {e}"))?;
     Ok(VersionWeights::Head(head))
