@@ -38,13 +38,31 @@ pub enum AnswerScoring {
     Word,
 }
 
+/// Why an answer scoring was refused: an unknown name, or candidates it cannot score.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScoringError {
+    #[error("answer scoring `{0}`: use `full` or `word`")]
+    Unknown(String),
+    #[error("task {task}: an answer tokenizes to nothing")]
+    EmptyAnswer { task: String },
+    /// Label word `word`'s tokens begin label word `longer`'s.
+    #[error(
+        "task {task}: label word {word}'s tokens begin label word {longer}'s, so scoring the word alone would \
+         count both; use full answer scoring"
+    )]
+    WordPrefix { task: String, word: usize, longer: usize },
+    /// The tokenizer failed on a candidate (its message).
+    #[error("{0}")]
+    Encode(String),
+}
+
 impl std::str::FromStr for AnswerScoring {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ScoringError;
+    fn from_str(s: &str) -> Result<Self, ScoringError> {
         match s {
             "full" => Ok(Self::Full),
             "word" => Ok(Self::Word),
-            other => Err(format!("answer scoring `{other}`: use `full` or `word`")),
+            other => Err(ScoringError::Unknown(other.to_string())),
         }
     }
 }
@@ -61,18 +79,15 @@ impl std::fmt::Display for AnswerScoring {
 impl AnswerScoring {
     /// Checks tokenized candidates (class order) for this scoring: none may be empty, and
     /// under `Word` none may begin another.
-    pub fn check(self, task: &str, candidates: &[Vec<u32>]) -> Result<(), String> {
+    pub fn check(self, task: &str, candidates: &[Vec<u32>]) -> Result<(), ScoringError> {
         if candidates.iter().any(Vec::is_empty) {
-            return Err(format!("task {task}: an answer tokenizes to nothing"));
+            return Err(ScoringError::EmptyAnswer { task: task.to_string() });
         }
         if self == Self::Word {
             for (i, a) in candidates.iter().enumerate() {
                 for (j, b) in candidates.iter().enumerate() {
                     if i != j && b.starts_with(a) {
-                        return Err(format!(
-                            "task {task}: label word {i}'s tokens begin label word {j}'s, so scoring the word alone \
-                             would count both; use full answer scoring"
-                        ));
+                        return Err(ScoringError::WordPrefix { task: task.to_string(), word: i, longer: j });
                     }
                 }
             }
@@ -261,9 +276,9 @@ impl Task {
         &self,
         scoring: AnswerScoring,
         encode: impl Fn(&str) -> Result<Vec<u32>, E>,
-    ) -> Result<ScoredCandidates, String> {
-        let encode_all = |s: AnswerScoring| -> Result<Vec<Vec<u32>>, String> {
-            self.scored_texts(s).iter().map(|t| encode(t).map_err(|e| e.to_string())).collect()
+    ) -> Result<ScoredCandidates, ScoringError> {
+        let encode_all = |s: AnswerScoring| -> Result<Vec<Vec<u32>>, ScoringError> {
+            self.scored_texts(s).iter().map(|t| encode(t).map_err(|e| ScoringError::Encode(e.to_string()))).collect()
         };
         let candidates = encode_all(scoring)?;
         match scoring.check(&self.name, &candidates) {
@@ -837,13 +852,20 @@ mod tests {
             assert_eq!(text.parse::<AnswerScoring>().unwrap(), want);
             assert_eq!(want.to_string(), text);
         }
-        assert!("label".parse::<AnswerScoring>().is_err());
+        assert_eq!("label".parse::<AnswerScoring>(), Err(ScoringError::Unknown("label".into())));
         // A word whose tokens begin another's cannot be scored alone; full answers can.
         let prefixed = [vec![5, 7], vec![5, 7, 9]];
-        assert!(AnswerScoring::Word.check("t", &prefixed).unwrap_err().contains("full answer scoring"));
+        assert!(AnswerScoring::Word.check("t", &prefixed).unwrap_err().to_string().contains("full answer scoring"));
+        assert_eq!(
+            AnswerScoring::Word.check("t", &prefixed),
+            Err(ScoringError::WordPrefix { task: "t".into(), word: 0, longer: 1 })
+        );
         assert!(AnswerScoring::Full.check("t", &prefixed).is_ok());
         assert!(AnswerScoring::Word.check("t", &[vec![5], vec![6, 7]]).is_ok());
-        assert!(AnswerScoring::Full.check("t", &[vec![5], vec![]]).is_err());
+        assert_eq!(
+            AnswerScoring::Full.check("t", &[vec![5], vec![]]),
+            Err(ScoringError::EmptyAnswer { task: "t".into() })
+        );
         // A task whose words cannot be scored alone falls back to its full answers, saying why.
         let by_len = |t: &str| Ok::<_, String>(vec![7; t.len()]);
         let got = mr.scored_candidates(AnswerScoring::Word, by_len).unwrap();

@@ -172,7 +172,7 @@ pub fn encode_scored(
     task: &Task,
     scoring: AnswerScoring,
 ) -> Result<(AnswerScoring, Vec<Vec<u32>>)> {
-    let scored = task.scored_candidates(scoring, |t| loaded.encode(t, false)).map_err(anyhow::Error::msg)?;
+    let scored = task.scored_candidates(scoring, |t| loaded.encode(t, false))?;
     if let Some(why) = &scored.fallback {
         eprintln!("warning: {why}");
     }

@@ -255,7 +255,7 @@ pub fn task_entry(task: &Task, loaded: &LoadedModel, scoring: AnswerScoring) -> 
     let probe: BTreeMap<String, String> = task.fields.iter().map(|f| (f.clone(), "x".to_string())).collect();
     let parts = task.prompt(loaded.chat.as_ref(), &[], &probe).map_err(|e| e.to_string())?;
     let prefix_ids = loaded.encode(&parts.prefix, true).map_err(|e| e.to_string())?;
-    let scored = task.scored_candidates(scoring, |t| loaded.encode(t, false))?;
+    let scored = task.scored_candidates(scoring, |t| loaded.encode(t, false)).map_err(|e| e.to_string())?;
     if let Some(why) = &scored.fallback {
         tracing::warn!("{why}");
     }
