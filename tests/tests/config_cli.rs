@@ -45,8 +45,8 @@ fn a_config_file_and_the_same_flags_give_the_same_run() {
     assert!(o.status.success(), "{}", stderr(&o));
 
     assert_eq!(settings(&flags), settings(&cfg));
-    // `rslora = false` is `--no-rslora` (the field's value, recorded under the flag's name).
-    assert_eq!(settings(&cfg)["settings"]["no-rslora"], serde_json::json!(["false"]));
+    // `rslora = false` is `--no-rslora`, recorded as the setting `rslora`.
+    assert_eq!(settings(&cfg)["settings"]["rslora"], serde_json::json!(["false"]));
     assert_eq!(adapter_config(&cfg)["use_rslora"], false);
     let bytes = |out: &Path| std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
     assert_eq!(bytes(&flags), bytes(&cfg), "the two runs trained different adapters");

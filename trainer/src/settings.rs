@@ -26,12 +26,21 @@ impl RunSettings {
         let mut settings = BTreeMap::new();
         for arg in cmd.get_arguments() {
             let id = arg.get_id().as_str();
-            if matches!(id, "help" | "version") {
+            // The hidden half of a `--x / --no-x` pair only overrides the other, which holds
+            // the value.
+            if matches!(id, "help" | "version") || arg.is_hide_set() {
                 continue;
             }
             let Ok(raw) = matches.try_get_raw(id) else { continue };
             let value = raw.map(|vs| vs.map(|v| v.to_string_lossy().into_owned()).collect());
-            settings.insert(arg.get_long().unwrap_or(id).to_string(), value);
+            // `--no-x` clearing a setting that is on by default is recorded as `x` with the
+            // setting's value, as runs started before the pair existed recorded it.
+            let long = arg.get_long().unwrap_or(id);
+            let key = match long.strip_prefix("no-") {
+                Some(x) if matches!(arg.get_action(), clap::ArgAction::SetFalse) => x,
+                _ => long,
+            };
+            settings.insert(key.to_string(), value);
         }
         Self { command: cmd.get_name().to_string(), settings }
     }
@@ -94,6 +103,20 @@ mod tests {
         let m = crate::Cli::command().try_get_matches_from(all).unwrap();
         let (name, sub) = m.subcommand().unwrap();
         RunSettings::from_matches(crate::Cli::command().find_subcommand(name).unwrap(), sub)
+    }
+
+    /// A `--x / --no-x` pair is recorded as the one setting `x`, as before the pair existed: a
+    /// run started then resumes.
+    #[test]
+    fn a_boolean_pair_is_recorded_as_its_setting() {
+        let now = settings(&["sft", "--task", "mr", "--out", "o", "--no-rslora"]);
+        assert_eq!(now.settings["rslora"], Some(vec!["false".to_string()]));
+        assert!(!now.settings.contains_key("no-rslora"));
+        let default = settings(&["sft", "--task", "mr", "--out", "o"]);
+        let mut before = default.clone();
+        before.settings.insert("rslora".into(), Some(vec!["true".to_string()]));
+        assert!(default.resume_conflicts(&before).is_empty());
+        assert_eq!(now.resume_conflicts(&before).len(), 1);
     }
 
     /// TRL's and PEFT's names (and their `_` spellings) are the same settings as Verdict's:
