@@ -104,14 +104,14 @@ impl EncoderSource {
 /// The encoder a `--model` argument names, if it names one: `bert-large` / `bert-base`
 /// (random weights, MiniLM's tokenizer from the cache), `minilm` or a BERT directory.
 /// `Ok(None)`: not an encoder (a decoder name or file).
-pub fn resolve(arg: &str, cache: &Path) -> Result<Option<EncoderSource>, String> {
+pub fn resolve(arg: &str, cache: &Path) -> Result<Option<EncoderSource>, shared::assets::ResolveError> {
     if let Some(shape) = RandomBert::find(arg) {
         let minilm = shared::assets::find_model("minilm").expect("the MiniLM asset is listed");
         if !minilm.is_cached(cache) {
-            return Err(format!(
-                "{} tokenizes with MiniLM's WordPiece tokenizer, which is not in the cache: run `verdict-train fetch minilm` first",
-                shape.name
-            ));
+            return Err(shared::assets::ResolveError::TokenizerNotFetched {
+                model: shape.name.to_string(),
+                asset: minilm.name.to_string(),
+            });
         }
         let tokenizer = minilm.model_path_in(cache).join("tokenizer.json");
         return Ok(Some(EncoderSource::Random { shape: *shape, seed: RANDOM_SEED, tokenizer }));

@@ -187,9 +187,18 @@ fn compile(field: &str, pattern: &str, anchored: &str) -> Result<regex::Regex, S
     })
 }
 
+/// Why an `adapter_config.json` is refused: the field, and what about it Verdict cannot honour.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PeftConfigError(pub String);
+
 impl PeftLoraConfig {
     /// Parses `adapter_config.json`. Errors name the field and why it is refused.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, PeftConfigError> {
+        Self::parse_fields(text).map_err(PeftConfigError)
+    }
+
+    fn parse_fields(text: &str) -> Result<Self, String> {
         let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
         let Value::Object(map) = &v else { return Err("not a JSON object".into()) };
         for (key, value) in map {
@@ -264,7 +273,11 @@ impl PeftLoraConfig {
     /// The modules this adapter adapts in `model`, each with its rank and alpha, in layer and
     /// projection order. Refuses targets, layers or pattern keys that name nothing Verdict
     /// adapts in this model.
-    pub fn resolve(&self, model: &DecoderConfig) -> Result<Vec<PeftModule>, String> {
+    pub fn resolve(&self, model: &DecoderConfig) -> Result<Vec<PeftModule>, PeftConfigError> {
+        self.resolve_modules(model).map_err(PeftConfigError)
+    }
+
+    fn resolve_modules(&self, model: &DecoderConfig) -> Result<Vec<PeftModule>, String> {
         let n = model.num_layers;
         let all: Vec<(usize, Projection, String)> =
             (0..n).flat_map(|l| Projection::ALL.into_iter().map(move |p| (l, p, module_key(l, p)))).collect();
@@ -403,7 +416,7 @@ mod tests {
         // A suffix key matches at a `.` boundary only: "proj" is not a suffix of "q_proj".
         let bad = text.replace(r#""down_proj": 5"#, r#""proj": 5"#);
         let e = PeftLoraConfig::parse(&bad).unwrap().resolve(&cfg()).unwrap_err();
-        assert!(e.contains("alpha_pattern") && e.contains("\"proj\""), "{e}");
+        assert!(e.0.contains("alpha_pattern") && e.0.contains("\"proj\""), "{e}");
     }
 
     #[test]
@@ -433,15 +446,15 @@ mod tests {
             (r#", "alpha_pattern": {"(?=q)": 2}"#, "alpha_pattern"),
         ] {
             let e = resolve(extra).unwrap_err();
-            assert!(e.contains(field), "{extra}: {e}");
+            assert!(e.0.contains(field), "{extra}: {e}");
         }
         let e = PeftLoraConfig::parse(r#"{"r": 4, "target_modules": ["c_attn"]}"#).unwrap().resolve(&cfg());
-        assert!(e.unwrap_err().contains("\"c_attn\""));
+        assert!(e.unwrap_err().0.contains("\"c_attn\""));
         let e = PeftLoraConfig::parse(r#"{"r": 4, "target_modules": ".*(q_proj|lm_head)"}"#).unwrap().resolve(&cfg());
-        assert!(e.unwrap_err().contains("lm_head"));
+        assert!(e.unwrap_err().0.contains("lm_head"));
         let e = PeftLoraConfig::parse(r#"{"r": 4, "target_modules": "q_proj", "layers_to_transform": 0}"#);
-        assert!(e.unwrap_err().contains("layers_to_transform"));
-        assert!(PeftLoraConfig::parse(r#"{"r": 4}"#).unwrap_err().contains("target_modules"));
+        assert!(e.unwrap_err().0.contains("layers_to_transform"));
+        assert!(PeftLoraConfig::parse(r#"{"r": 4}"#).unwrap_err().0.contains("target_modules"));
         // Empty values of refused fields are their defaults.
         assert!(resolve(r#", "modules_to_save": [], "loftq_config": {}, "use_dora": false"#).is_ok());
     }

@@ -416,7 +416,7 @@ async fn serve(cli: Cli) -> Result<()> {
     let device = cli.device.open()?;
     let dtype = cli.dtype.resolve(&device);
     let cache = cli.cache_dir.clone().unwrap_or_else(assets::cache_dir);
-    let model = match models::encoder::resolve(&cli.model, &cache).map_err(|e| anyhow!(e))? {
+    let model = match models::encoder::resolve(&cli.model, &cache)? {
         Some(source) => {
             // Heads classify from f32 embeddings: nothing to merge, no base model to fall back on.
             if cli.merged || cli.zero_shot_fallback || cli.weights != WeightMode::Dense {
@@ -427,7 +427,7 @@ async fn serve(cli: Cli) -> Result<()> {
             }
             ModelSource::Encoder(source)
         }
-        None => ModelSource::Decoder(assets::resolve_model(&cli.model, &cache).map_err(|e| anyhow!(e))?),
+        None => ModelSource::Decoder(assets::resolve_model(&cli.model, &cache)?),
     };
     let metrics = Arc::new(metrics::Metrics::default());
     let batch = queue::BatchOptions {

@@ -222,9 +222,26 @@ impl ModelAsset {
     }
 }
 
+/// Why a `--model` argument names no model this machine has.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// A known model asset that has not been fetched.
+    #[error("model {name} is not in the cache ({}): run `verdict-train fetch {name}` first", path.display())]
+    NotFetched { name: String, path: PathBuf },
+    /// A model that tokenizes with another asset's tokenizer, not fetched.
+    #[error("{model} tokenizes with {asset}'s tokenizer, which is not in the cache: run `verdict-train fetch {asset}` first")]
+    TokenizerNotFetched { model: String, asset: String },
+    /// A Hub id whose download failed.
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
+    /// Neither a path, an asset name nor a Hub id.
+    #[error("{arg:?} is neither a file/directory, a known model ({known}) nor a Hub id (org/name[@revision])")]
+    Unknown { arg: String, known: String },
+}
+
 /// Resolves a `--model` argument: an existing path, the name of a model asset in `cache`, or a
 /// Hugging Face Hub id (`org/name[@revision]`, [`crate::hub`]) downloaded into the Hub's cache.
-pub fn resolve_model(arg: &str, cache: &Path) -> Result<PathBuf, String> {
+pub fn resolve_model(arg: &str, cache: &Path) -> Result<PathBuf, ResolveError> {
     let p = Path::new(arg);
     if p.exists() {
         return Ok(p.to_path_buf());
@@ -235,23 +252,15 @@ pub fn resolve_model(arg: &str, cache: &Path) -> Result<PathBuf, String> {
             if m.is_cached(cache) {
                 Ok(path)
             } else {
-                Err(format!(
-                    "model {} is not in the cache ({}): run `verdict-train fetch {}` first",
-                    m.name,
-                    path.display(),
-                    m.name
-                ))
+                Err(ResolveError::NotFetched { name: m.name.to_string(), path })
             }
         }
         None => match crate::hub::HubId::parse(arg) {
-            Some(id) => crate::hub::resolve(&id, &crate::hub::HubSettings::from_env()).map_err(|e| e.to_string()),
-            None => {
-                let names: Vec<&str> = MODELS.iter().map(|m| m.name).collect();
-                Err(format!(
-                    "{arg:?} is neither a file/directory, a known model ({}) nor a Hub id (org/name[@revision])",
-                    names.join(", ")
-                ))
-            }
+            Some(id) => Ok(crate::hub::resolve(&id, &crate::hub::HubSettings::from_env())?),
+            None => Err(ResolveError::Unknown {
+                arg: arg.to_string(),
+                known: MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
+            }),
         },
     }
 }
@@ -290,7 +299,7 @@ mod tests {
 
     #[test]
     fn a_name_that_is_no_path_no_asset_and_no_hub_id_is_refused_with_the_forms() {
-        let err = resolve_model("no/such/path/here", Path::new("/nonexistent-cache")).unwrap_err();
+        let err = resolve_model("no/such/path/here", Path::new("/nonexistent-cache")).unwrap_err().to_string();
         assert!(err.contains("org/name[@revision]") && err.contains("smollm2"), "{err}");
     }
 }

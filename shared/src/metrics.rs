@@ -618,6 +618,11 @@ enum Prepared<'a> {
     },
 }
 
+/// Why predictions could not be scored: lengths, labels or groups that do not fit the metrics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ScoreError(pub String);
+
 fn kind_mismatch(metric: Metric, kind: &str) -> String {
     format!("metric {metric} does not apply to {kind} predictions")
 }
@@ -818,11 +823,16 @@ fn record_metrics(metrics: &[Metric], per_query: &[(f64, f64)], units: &[usize])
 /// or a label outside `0..n_classes`; non-finite regression values; a ReCoRD query without gold
 /// answers; a metric that does not fit the kind of predictions (e.g. Pearson on classes, F1 on
 /// more than two classes, MultiRC EM without groups).
-pub fn score_task(metrics: &[Metric], preds: &Predictions, resamples: usize, seed: u64) -> Result<TaskScore, String> {
+pub fn score_task(
+    metrics: &[Metric],
+    preds: &Predictions,
+    resamples: usize,
+    seed: u64,
+) -> Result<TaskScore, ScoreError> {
     if metrics.is_empty() {
-        return Err("no metrics requested".into());
+        return Err(ScoreError("no metrics requested".into()));
     }
-    let prepared = Prepared::new(metrics, preds)?;
+    let prepared = Prepared::new(metrics, preds).map_err(ScoreError)?;
     let values = prepared.full(metrics);
     let score = average(&values);
 
@@ -1277,7 +1287,7 @@ mod tests {
     #[test]
     fn score_task_errors() {
         let acc = [Metric::Accuracy];
-        let err = |m: &[Metric], p: &Predictions| score_task(m, p, 10, 0).unwrap_err();
+        let err = |m: &[Metric], p: &Predictions| score_task(m, p, 10, 0).unwrap_err().0;
         assert!(err(&acc, &classes(&[], &[], 2, None)).contains("no examples"));
         assert!(err(&acc, &classes(&[0, 1], &[0], 2, None)).contains("2 predictions but 1"));
         assert!(err(&acc, &classes(&[0, 2], &[0, 1], 2, None)).contains("label 2"));

@@ -170,6 +170,10 @@ pub struct Task {
     /// Table data: file column for each field, and for `label` / `id` (default: same name).
     #[serde(default)]
     pub columns: BTreeMap<String, String>,
+    /// The data file of a split where it is not the format's own name (MNLI's matched and
+    /// mismatched dev and test sets): split name -> file name.
+    #[serde(default)]
+    pub split_files: BTreeMap<String, String>,
     /// Bumped whenever the prompt wording changes: adapters record it and are refused when it
     /// differs.
     pub template_version: u32,
@@ -213,7 +217,46 @@ pub enum TaskError {
     Chat { task: String, source: crate::chat::ChatError },
 }
 
+/// How the examples of a split are scored together (what the metrics need of the data).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grouping {
+    /// Each example on its own.
+    Alone,
+    /// The answer options of one question form a group (MultiRC: exact match per question).
+    Questions,
+    /// A group is one query with one example per candidate, named by the input field `field`;
+    /// the prediction is the candidate judged most likely positive (ReCoRD).
+    Candidates { field: String },
+}
+
 impl Task {
+    /// The file names `split` may be read from in a data directory, in order of preference.
+    pub fn split_file_names(&self, split: &str) -> Vec<String> {
+        if let Some(file) = self.split_files.get(split) {
+            return vec![file.clone()];
+        }
+        match &self.format {
+            DataFormat::GlueTsv(_) => vec![format!("{split}.tsv")],
+            // SuperGLUE calls its dev split `val`.
+            DataFormat::SuperGlueJsonl(_) => vec![format!("{}.jsonl", if split == "dev" { "val" } else { split })],
+            DataFormat::Table => ["jsonl", "csv", "tsv", "parquet"].iter().map(|e| format!("{split}.{e}")).collect(),
+        }
+    }
+
+    /// How a split's examples are scored together, as the task's metrics require: ReCoRD's
+    /// metrics score one chosen candidate (the last input field) per query, MultiRC's exact
+    /// match scores whole questions.
+    pub fn grouping(&self) -> Grouping {
+        let uses = |m: &[Metric]| self.metrics.iter().any(|x| m.contains(x));
+        if uses(&[Metric::RecordF1, Metric::RecordEm]) {
+            Grouping::Candidates { field: self.fields.last().cloned().unwrap_or_default() }
+        } else if uses(&[Metric::MultiRcF1a, Metric::MultiRcEm]) {
+            Grouping::Questions
+        } else {
+            Grouping::Alone
+        }
+    }
+
     /// The file column holding `name` (a field, `label` or `id`) in table data.
     pub fn column(&self, name: &str) -> String {
         self.columns.get(name).cloned().unwrap_or_else(|| name.to_string())
@@ -601,6 +644,7 @@ impl Def<'_> {
             metrics: self.metrics.to_vec(),
             format: self.format,
             columns: BTreeMap::new(),
+            split_files: BTreeMap::new(),
             template_version: 1,
         }
     }
@@ -649,7 +693,19 @@ pub fn builtin_tasks() -> Vec<Task> {
         Def { name: "mr-score", benchmark: Verdict, description: "You are an assistant that rates movie-review sentences. Rate how positive the sentence is, from 0 (very negative) to 5 (very positive).", fields: &["sentence"], instruction: "Sentence: \"{sentence}\"\nHow positive is this sentence?", answer: Answer::Score { min: 0.0, max: 5.0 }, metrics: &[Pearson, Spearman], format: DataFormat::Table },
         Def { name: "tweets3", benchmark: Verdict, description: "You are an assistant that analyses the sentiment of tweets. Decide whether the tweet is positive, negative or neutral.", fields: &["sentence"], instruction: "Tweet: \"{sentence}\"\nWhat is the sentiment of this tweet?", answer: classes(&["Negative", "Neutral", "Positive"], &[&["negative"], &["neutral"], &["positive"]]), metrics: &[Accuracy, MacroF1], format: DataFormat::Table },
     ];
-    defs.into_iter().map(Def::build).collect()
+    // MNLI ships its matched and mismatched dev and test sets as files of their own.
+    let split_files = |kind: &str| -> BTreeMap<String, String> {
+        ["dev", "test"].iter().map(|s| (s.to_string(), format!("{s}_{kind}.tsv"))).collect()
+    };
+    let mut tasks: Vec<Task> = defs.into_iter().map(Def::build).collect();
+    for t in &mut tasks {
+        match t.name.as_str() {
+            "mnli-m" => t.split_files = split_files("matched"),
+            "mnli-mm" => t.split_files = split_files("mismatched"),
+            _ => {}
+        }
+    }
+    tasks
 }
 
 /// A user's task file (TOML). See `docs/tasks.md`.
@@ -672,6 +728,9 @@ struct TaskFile {
     /// File column for each field, `label` and `id`, when they differ from the names.
     #[serde(default)]
     columns: BTreeMap<String, String>,
+    /// A split's file name when it is not `<split>.jsonl|csv|tsv|parquet`.
+    #[serde(default)]
+    split_files: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -733,6 +792,7 @@ impl TaskRegistry {
             metrics,
             format: DataFormat::Table,
             columns: f.columns,
+            split_files: f.split_files,
             template_version: f.template_version,
         };
         task.validate()?;
@@ -943,6 +1003,11 @@ mod tests {
             ("title".into(), "team".into(), "body".into())
         );
         assert_eq!(t.benchmark, Benchmark::User);
+        assert_eq!(t.split_file_names("dev"), ["dev.jsonl", "dev.csv", "dev.tsv", "dev.parquet"]);
+        let named =
+            TaskRegistry::parse_task_toml(&format!("{good}\n[split_files]\ndev = \"held_out.csv\""), "t.toml").unwrap();
+        assert_eq!(named.split_file_names("dev"), ["held_out.csv"]);
+        assert_eq!(named.split_file_names("train")[0], "train.jsonl");
         let p = t.prompt(None, &[], &fields(&[("subject", "refund"), ("body", "please")])).unwrap();
         assert!(p.body.starts_with("refund\nBody: please\n"));
         for (bad, why) in [
@@ -977,5 +1042,25 @@ mod tests {
         assert_eq!(h, reg.get("mr").unwrap().template_hash());
         t.instruction = t.instruction.replace("sentiment", "feeling");
         assert_ne!(h, t.template_hash());
+    }
+
+    /// The registry, not the readers, knows each task's file names and how its examples group.
+    #[test]
+    fn the_registry_names_split_files_and_groupings() {
+        let reg = TaskRegistry::builtin();
+        let files = |task: &str, split: &str| reg.get(task).unwrap().split_file_names(split);
+        assert_eq!(files("mnli-m", "dev"), ["dev_matched.tsv"]);
+        assert_eq!(files("mnli-mm", "dev"), ["dev_mismatched.tsv"]);
+        assert_eq!(files("mnli-mm", "test"), ["test_mismatched.tsv"]);
+        assert_eq!(files("mnli-m", "train"), ["train.tsv"]);
+        assert_eq!(files("sst2", "dev"), ["dev.tsv"]);
+        assert_eq!(files("boolq", "dev"), ["val.jsonl"]);
+        assert_eq!(files("boolq", "train"), ["train.jsonl"]);
+        assert_eq!(files("mr", "test")[0], "test.jsonl");
+        let grouping = |task: &str| reg.get(task).unwrap().grouping();
+        assert_eq!(grouping("record"), Grouping::Candidates { field: "entity".into() });
+        assert_eq!(grouping("multirc"), Grouping::Questions);
+        assert_eq!(grouping("sst2"), Grouping::Alone);
+        assert_eq!(grouping("mr"), Grouping::Alone);
     }
 }

@@ -1,7 +1,7 @@
 //! `verdict-train bench`: prefill throughput (tokens/s, achieved GFLOP/s) and per-token decode
 //! latency, next to the f32 matmul rate this machine reaches through the same kernels.
 
-use crate::ModelArgs;
+use crate::model_args::ModelArgs;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
@@ -83,6 +83,7 @@ pub fn run(args: &BenchArgs, cache: &Path) -> Result<()> {
                 device: args.device,
                 dtype: args.dtype,
                 kernels: args.kernels.clone(),
+                ..Default::default()
             }
             .load(cache)?;
             let model = &loaded.model;

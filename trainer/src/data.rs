@@ -52,23 +52,9 @@ pub fn split_name(s: &str) -> Result<String, String> {
     }
 }
 
-/// The data file of `split` for `task`.
+/// The data file of `split` for `task` (the names come from the task registry).
 fn split_file(task: &Task, dir: &Path, split: &str) -> Result<PathBuf> {
-    let candidates: Vec<String> = match &task.format {
-        DataFormat::GlueTsv(_) => {
-            let mm = task.name == "mnli-mm";
-            let m = task.name == "mnli-m";
-            vec![match (split, m, mm) {
-                ("dev", true, _) => "dev_matched.tsv".into(),
-                ("dev", _, true) => "dev_mismatched.tsv".into(),
-                ("test", true, _) => "test_matched.tsv".into(),
-                ("test", _, true) => "test_mismatched.tsv".into(),
-                (s, _, _) => format!("{s}.tsv"),
-            }]
-        }
-        DataFormat::SuperGlueJsonl(_) => vec![format!("{}.jsonl", if split == "dev" { "val" } else { split })],
-        DataFormat::Table => ["jsonl", "csv", "tsv", "parquet"].iter().map(|e| format!("{split}.{e}")).collect(),
-    };
+    let candidates = task.split_file_names(split);
     candidates.iter().map(|c| dir.join(c)).find(|p| p.is_file()).ok_or_else(|| {
         anyhow!("{}: no {} file for task {} (looked for {})", dir.display(), split, task.name, candidates.join(", "))
     })

@@ -83,7 +83,7 @@ pub fn run(args: &EncoderHeadArgs, cache: &Path) -> Result<()> {
     if task.is_score() {
         bail!("task {} is a score task; encoder heads classify", task.name);
     }
-    let source = models::encoder::resolve(&args.model, cache).map_err(|e| anyhow!(e))?.ok_or_else(|| {
+    let source = models::encoder::resolve(&args.model, cache)?.ok_or_else(|| {
         anyhow!("{} is not an encoder (minilm, bert-base, bert-large or a BERT directory)", args.model)
     })?;
     let sha = source.weights_sha256().context("hashing the encoder weights")?;

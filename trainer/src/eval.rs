@@ -3,7 +3,7 @@
 //! the method's free-generation mode (decode, parse the answer tag, count unparseable answers).
 
 use crate::data::{data_dir, pick_shots, read_split, split_name, Item, TaskSelection};
-use crate::ModelArgs;
+use crate::model_args::ModelArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use clap::{Args, ValueEnum};
@@ -14,7 +14,7 @@ use models::{KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, TokenBatch};
 use serde::Serialize;
 use shared::adapter::{Manifest, MANIFEST_FILE};
 use shared::metrics::{score_task, Predictions, TaskScore};
-use shared::task::{AnswerScoring, Label, Task};
+use shared::task::{AnswerScoring, Grouping, Label, Task};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -270,7 +270,8 @@ pub fn eval_task(
 /// Turns per-example results into the metrics' input. An unparseable generated answer counts
 /// as wrong: it gets an extra "invalid" class (score tasks: the middle of the range).
 fn predictions(task: &Task, items: &[Item], results: &[ExampleResult]) -> Result<Predictions> {
-    if task.name == "record" {
+    let grouping = task.grouping();
+    if let Grouping::Candidates { field } = &grouping {
         // One query = one group of candidate entities; the prediction is the candidate judged
         // most likely "Yes".
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -289,7 +290,7 @@ fn predictions(task: &Task, items: &[Item], results: &[ExampleResult]) -> Result
                 .copied()
                 .max_by(|&a, &b| yes(&results[a]).total_cmp(&yes(&results[b])))
                 .expect("non-empty group");
-            predicted.push(items[best].raw.fields.get("entity").cloned().unwrap_or_default());
+            predicted.push(items[best].raw.fields.get(field).cloned().unwrap_or_default());
             gold_answers.push(items[members[0]].raw.answers.clone());
         }
         return Ok(Predictions::Record { predicted, gold_answers });
@@ -310,7 +311,7 @@ fn predictions(task: &Task, items: &[Item], results: &[ExampleResult]) -> Result
         _ => n,
     };
     let any_invalid = results.iter().any(|r| r.predicted.is_none());
-    let groups = if task.name == "multirc" {
+    let groups = if grouping == Grouping::Questions {
         let mut ids: BTreeMap<String, usize> = BTreeMap::new();
         Some(
             items

@@ -7,22 +7,25 @@ mod encoder_head;
 mod eval;
 mod fetch;
 mod fetch_data;
+mod harness;
 mod import;
+mod model_args;
 mod optim;
 mod ppo;
 mod promote;
 mod reward_model;
 mod run_dir;
+mod seeds;
 mod settings;
 mod sft;
 mod tasks;
 mod train_config;
 mod train_data;
 
-use anyhow::{anyhow, Context, Result};
-use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use models::cpu::Purpose;
-use models::{generate, DTypeSpec, DeviceSpec, LoadedModel, WeightMode};
+use anyhow::{anyhow, Result};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use model_args::ModelArgs;
+use models::generate;
 use shared::assets::{self, MODELS};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -118,82 +121,6 @@ enum Command {
     },
     /// Prefill throughput and decode latency, next to this machine's f32 matmul rate.
     Bench(bench::BenchArgs),
-}
-
-/// Which model to load and how.
-#[derive(Args, Clone)]
-pub struct ModelArgs {
-    /// A model name (`smollm2`, `qwen0.5b`, `qwen1.5b`), a .gguf file or a Hugging Face directory.
-    #[arg(long, env = "VERDICT_MODEL", default_value = "smollm2")]
-    pub model: String,
-    /// `dense` (f32, the reference) or `quantized` (inference only: one int8 matrix per
-    /// weight on the integer kernels where the CPU has VNNI, else the GGUF blocks).
-    #[arg(long, env = "VERDICT_WEIGHTS", default_value = "dense")]
-    pub weights: WeightMode,
-    /// `cpu`, `cuda` or `cuda:N` (a binary built with the `cuda` feature; see docs/gpu.md).
-    #[arg(long, env = "VERDICT_DEVICE", default_value = "cpu")]
-    pub device: DeviceSpec,
-    /// Precision of the base weights and activations: `auto` (f32 on CPU, bf16 on a GPU),
-    /// `f32`, `bf16`, `f16`. LoRA factors, heads and losses stay f32.
-    #[arg(long, env = "VERDICT_DTYPE", default_value = "auto")]
-    pub dtype: DTypeSpec,
-    #[command(flatten)]
-    pub kernels: models::cpu::KernelArgs,
-}
-
-impl Default for ModelArgs {
-    fn default() -> Self {
-        Self {
-            model: "smollm2".into(),
-            weights: WeightMode::Dense,
-            device: DeviceSpec::Cpu,
-            dtype: DTypeSpec::Auto,
-            kernels: Default::default(),
-        }
-    }
-}
-
-impl ModelArgs {
-    /// Loads the model for training (dense weights only).
-    fn load_for_training(&self, cache: &std::path::Path) -> Result<LoadedModel> {
-        if self.weights != WeightMode::Dense {
-            return Err(Failure::Usage("training needs dense weights (--weights dense)".into()).into());
-        }
-        self.load_for(cache, Purpose::Train)
-    }
-
-    /// The sha256 fingerprint of the model's weights file (recorded in adapter manifests).
-    fn weights_sha256(&self, cache: &std::path::Path) -> Result<String> {
-        let path = assets::resolve_model(&self.model, cache).map_err(|e| anyhow!(e))?;
-        shared::adapter::weights_sha256(&path).with_context(|| format!("hashing {}", path.display()))
-    }
-
-    /// Loads the model for evaluation or generation.
-    fn load(&self, cache: &std::path::Path) -> Result<LoadedModel> {
-        self.load_for(cache, Purpose::Evaluate)
-    }
-
-    /// Loads the model and resolves its CPU kernels for `purpose` (plan measured or cached).
-    fn load_for(&self, cache: &std::path::Path, purpose: Purpose) -> Result<LoadedModel> {
-        let path = assets::resolve_model(&self.model, cache).map_err(|e| anyhow!(e))?;
-        let t = Instant::now();
-        let device = self.device.open()?;
-        let dtype = self.dtype.resolve(&device);
-        let loaded = models::load_for(&path, self.weights, dtype, &device, &self.kernels, purpose, cache, &mut |l| {
-            eprintln!("{l}")
-        })
-        .with_context(|| format!("loading {}", path.display()))?;
-        eprintln!(
-            "loaded {} ({:?}, {:?} weights, {dtype:?} on {}) in {:.1}s; task prompts: {}",
-            path.display(),
-            loaded.model.config().arch,
-            self.weights,
-            self.device,
-            t.elapsed().as_secs_f64(),
-            loaded.prompt_layout()
-        );
-        Ok(loaded)
-    }
 }
 
 /// A failure with its own exit status (anything else exits 1; clap's usage errors exit 2).

@@ -151,14 +151,8 @@ pub fn learning_rate(schedule: Schedule, peak: f64, step: u64, warmup: u64, tota
     }
 }
 
-/// Scales all gradients so their global L2 norm is at most `max_norm` (when `max_norm > 0`);
-/// returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f64) -> Result<f64> {
-    clip_grad_norm_of(grads, max_norm, |_| true)
-}
-
-/// [`clip_grad_norm`] over the gradients whose names `select` accepts, as one group; the others
-/// are left untouched. Returns the group's norm before clipping (0 for an empty group).
+/// Scales the gradients whose names `select` accepts, as one group, so that their L2 norm is at
+/// most `max_norm` (when `max_norm > 0`); the others are left untouched. Returns the group's norm before clipping (0 for an empty group).
 pub fn clip_grad_norm_of(
     grads: &mut BTreeMap<String, Tensor>,
     max_norm: f64,
@@ -268,11 +262,11 @@ mod tests {
         // Global norm of [3, 4] and [12] is 13.
         let mut g = grads("a", &[3.0, 4.0], &[2]);
         g.extend(grads("b", &[12.0], &[1]));
-        let norm = clip_grad_norm(&mut g, 1.3).unwrap();
+        let norm = clip_grad_norm_of(&mut g, 1.3, |_| true).unwrap();
         assert!((norm - 13.0).abs() < 1e-12);
         let a: Vec<f64> = g["a"].to_vec1().unwrap();
         assert!((a[0] - 0.3).abs() < 1e-6 && (a[1] - 0.4).abs() < 1e-6);
-        let untouched = clip_grad_norm(&mut g, 10.0).unwrap();
+        let untouched = clip_grad_norm_of(&mut g, 10.0, |_| true).unwrap();
         assert!((untouched - 1.3).abs() < 1e-5);
     }
 

@@ -11,7 +11,7 @@
 
 use crate::data::{self, TaskSelection};
 use crate::eval::{self, EvalArgs, EvalMode, TaskReport};
-use crate::ModelArgs;
+use crate::model_args::ModelArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use clap::Args;

@@ -9,14 +9,16 @@
 //! stored with the head, so PPO can use the normalised reward.
 
 use crate::eval;
-use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig};
-use crate::run_dir::{self, MetricsLog, Recorder, RunState};
-use crate::train_config::{initial_adapter, progress_bar, LoopArgs, LoraArgs, RunArgs};
+use crate::harness::{figures, DevScore, Harness, Objective, Report, Spec, Updates};
+use crate::model_args::ModelArgs;
+use crate::run_dir;
+use crate::seeds;
+use crate::train_config::{initial_adapter, LoopArgs, LoraArgs, RunArgs};
 use crate::train_data::{self, BatchPlan, TaskData};
-use crate::ModelArgs;
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use clap::Args;
+use indicatif::ProgressBar;
 use models::generate::{generate, Sampling};
 use models::head::HeadKind;
 use models::{Decoder, LoadedModel, LogitsAt, LoraAdapter, Mode, ScalarHead};
@@ -25,7 +27,6 @@ use rand_chacha::ChaCha8Rng;
 use shared::task::{Label, Task};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// The reward model's default peak learning rate.
 const DEFAULT_LR: f64 = 2e-4;
@@ -304,7 +305,7 @@ fn dev_eval(
         let (mut right, mut total) = (0usize, 0usize);
         let rows: Vec<usize> = (0..d.examples.len()).collect();
         for chunk in rows.chunks(16) {
-            let pairs = builder.pairs(dev, ti, chunk, args.train.seed ^ 0xDE5)?;
+            let pairs = builder.pairs(dev, ti, chunk, seeds::dev_pairs(args.train.seed))?;
             let (c, r) = score_pairs(loaded, adapter, head, d, chunk, &pairs, Mode::Inference)?;
             let (c, r): (Vec<f32>, Vec<f32>) = (c.to_vec1()?, r.to_vec1()?);
             right += c.iter().zip(&r).filter(|(a, b)| a > b).count();
@@ -320,6 +321,65 @@ fn dev_eval(
     Ok((shared::metrics::average(&accs), reports, (mean, var.sqrt().max(1e-6))))
 }
 
+/// One step: `grad_accum` micro-batches of label-sensitive pairs, their mean pairwise loss.
+struct RewardModel<'a> {
+    args: &'a RewardModelArgs,
+    loaded: &'a LoadedModel,
+    adapter: &'a LoraAdapter,
+    head: ScalarHead,
+    data: &'a [TaskData],
+    dev: &'a [TaskData],
+    plan: BatchPlan,
+    builder: PairBuilder<'a>,
+    dev_builder: PairBuilder<'a>,
+}
+
+impl Objective for RewardModel<'_> {
+    fn step(&mut self, step: u64, lr: f64, updates: &mut Updates) -> Result<Report> {
+        let t = &self.args.train;
+        let (mut loss_sum, mut right, mut seen, mut margin) = (0.0, 0usize, 0usize, 0.0);
+        let grad_norm = updates.step(t.grad_accum, lr, |micro| {
+            let pos = (step - 1) * t.grad_accum as u64 + micro as u64;
+            let (ti, rows) = self.plan.batch(self.data, pos);
+            let pairs = self.builder.pairs(self.data, ti, &rows, seeds::pairs(t.seed, pos))?;
+            let mode = Mode::Train { dropout_seed: Some(seeds::dropout(t.seed, pos)) };
+            let (c, r) = score_pairs(self.loaded, self.adapter, &self.head, &self.data[ti], &rows, &pairs, mode)?;
+            let loss = pairwise_loss(&c, &r)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let (cv, rv): (Vec<f32>, Vec<f32>) = (c.to_vec1()?, r.to_vec1()?);
+            right += cv.iter().zip(&rv).filter(|(a, b)| a > b).count();
+            margin += cv.iter().zip(&rv).map(|(a, b)| (a - b) as f64).sum::<f64>();
+            seen += cv.len();
+            Ok(loss)
+        })?;
+        let loss = loss_sum / t.grad_accum as f64;
+        let (acc, margin) = (right as f64 / seen as f64, margin / seen as f64);
+        Ok(Report {
+            figures: figures([
+                ("loss", loss.into()),
+                ("pairwise_accuracy", acc.into()),
+                ("margin", margin.into()),
+                ("grad_norm", grad_norm.into()),
+            ]),
+            message: format!("loss {loss:.4} acc {acc:.2}"),
+            line: format!("loss {loss:.4} pairwise-acc {acc:.3} margin {margin:.3}"),
+        })
+    }
+
+    /// Pairwise accuracy on the dev pairs; the scores' mean and deviation go with the head.
+    fn dev_eval(&mut self, snapshot: &LoraAdapter, bar: &ProgressBar) -> Result<DevScore> {
+        let (score, reports, norm) =
+            bar.suspend(|| dev_eval(self.args, self.loaded, snapshot, &self.head, self.dev, &mut self.dev_builder))?;
+        bar.suspend(|| eprintln!("dev pairwise accuracy {score:.4}"));
+        self.head.norm = Some(norm);
+        Ok(DevScore { score, reports, figures: figures([("score_mean", norm.0.into()), ("score_std", norm.1.into())]) })
+    }
+
+    fn head(&self) -> Option<&ScalarHead> {
+        Some(&self.head)
+    }
+}
+
 pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
     let t = &args.train;
     if args.batch_size == 0 || t.grad_accum == 0 {
@@ -333,88 +393,37 @@ pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
         bail!("label-sensitive pairs need at least two labels");
     }
     let batches_per_epoch = train_data::batches_per_epoch(&data, args.batch_size);
-    let total_steps = t.total_steps(batches_per_epoch as f64 / t.grad_accum as f64);
-    let hidden = loaded.model.config().hidden_size;
     let tasks: Vec<Task> = data.iter().map(|d| d.task.clone()).collect();
     let adapter = initial_adapter(args.init_adapter.as_deref(), &args.lora, &args.run, &loaded, &tasks, t.seed, cache)?;
-    let mut head = ScalarHead::init(HeadKind::Score, hidden, t.seed, loaded.model.device())?;
-    let mut vars: Vec<(String, Var)> = adapter.vars().to_vec();
-    vars.extend(head.vars());
-    let mut opt =
-        Optimizer::new(OptimizerConfig { kind: t.optimizer, weight_decay: t.weight_decay, ..Default::default() });
-    let mut state = RunState::default();
-    if let Some(dir) = &ckpt {
-        state = run_dir::load_checkpoint(dir, &adapter, Some(&head), &mut opt)?;
-        eprintln!("resumed from {} (step {})", dir.display(), state.step);
-    }
-    let log = MetricsLog::open(&args.run.out, ckpt.as_ref().map(|_| state.step))?;
-    let rec = Recorder::new(&args.run.out, &args.run.model, "reward-model", &data[0].task, t.keep_checkpoints, cache)?;
-    let peak_lr = t.lr.unwrap_or(DEFAULT_LR);
-    let mut builder = PairBuilder::new(&loaded, &data, args)?;
-    let mut dev_builder = PairBuilder::new(&loaded, &dev, args)?;
-
-    let bar = progress_bar("reward-model", total_steps, state.step);
-    let start = Instant::now();
-    let mut plan = BatchPlan::new(&data, args.batch_size, t.seed);
-    while state.step < total_steps {
-        let step = state.step + 1;
-        let step_start = Instant::now();
-        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        let (mut loss_sum, mut right, mut seen, mut margin) = (0.0, 0usize, 0usize, 0.0);
-        for micro in 0..t.grad_accum {
-            let pos = (step - 1) * t.grad_accum as u64 + micro as u64;
-            let (ti, rows) = plan.batch(&data, pos);
-            let pairs = builder.pairs(&data, ti, &rows, t.seed ^ pos.wrapping_mul(0x9E37_79B9))?;
-            let mode = Mode::Train { dropout_seed: Some(t.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ pos) };
-            let (c, r) = score_pairs(&loaded, &adapter, &head, &data[ti], &rows, &pairs, mode)?;
-            let loss = pairwise_loss(&c, &r)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            let (cv, rv): (Vec<f32>, Vec<f32>) = (c.to_vec1()?, r.to_vec1()?);
-            right += cv.iter().zip(&rv).filter(|(a, b)| a > b).count();
-            margin += cv.iter().zip(&rv).map(|(a, b)| (a - b) as f64).sum::<f64>();
-            seen += cv.len();
-            let g = (loss / t.grad_accum as f64)?.backward()?;
-            run_dir::accumulate_grads(&mut grads, &g, &vars)?;
-        }
-        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
-        let lr = learning_rate(t.schedule, peak_lr, step, t.warmup_steps, total_steps);
-        opt.step(&vars, &grads, lr)?;
-        state.step = step;
-        let loss = loss_sum / t.grad_accum as f64;
-        let (acc, margin) = (right as f64 / seen as f64, margin / seen as f64);
-        let step_secs = step_start.elapsed().as_secs_f64();
-        log.append(&serde_json::json!({"step": step, "loss": loss, "pairwise_accuracy": acc, "margin": margin, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_secs}))?;
-        bar.set_message(format!("loss {loss:.4} acc {acc:.2}"));
-        bar.set_position(step);
-        if t.log_due(step, total_steps) {
-            bar.suspend(|| eprintln!("step {step}/{total_steps} loss {loss:.4} pairwise-acc {acc:.3} margin {margin:.3} lr {lr:.2e} {step_secs:.2}s/step"));
-        }
-        if t.eval_due(step, total_steps) {
-            let snapshot = adapter.snapshot()?;
-            let (score, reports, norm) =
-                bar.suspend(|| dev_eval(args, &loaded, &snapshot, &head, &dev, &mut dev_builder))?;
-            bar.suspend(|| eprintln!("step {step}: dev pairwise accuracy {score:.4}"));
-            log.append(&serde_json::json!({"step": step, "dev_score": score, "dev": reports, "score_mean": norm.0, "score_std": norm.1}))?;
-            head.norm = Some(norm);
-            rec.dev_result(&mut state, score, &reports, &snapshot, Some(&head))?;
-        }
-        if t.save_due(step, total_steps) {
-            rec.checkpoint(&adapter, Some(&head), &opt, &state)?;
-        }
-    }
-    bar.finish_and_clear();
-    rec.finish(&adapter, Some(&head), &state, start.elapsed().as_secs_f64())?;
-    run_dir::write_curves_svg(
-        &args.run.out.join("curves.svg"),
-        "Reward model",
-        &[
-            ("pairwise loss", log.series("loss")?),
-            ("training pairwise accuracy", log.series("pairwise_accuracy")?),
-            ("dev pairwise accuracy", log.series("dev_score")?),
-            ("margin r_chosen - r_rejected", log.series("margin")?),
+    let head = ScalarHead::init(HeadKind::Score, loaded.model.config().hidden_size, t.seed, loaded.model.device())?;
+    let spec = Spec {
+        run: &args.run,
+        train: t,
+        method: "reward-model",
+        task: &data[0].task,
+        total_steps: t.total_steps(batches_per_epoch as f64 / t.grad_accum as f64),
+        default_lr: DEFAULT_LR,
+        curves_title: "Reward model",
+        curves: &[
+            ("pairwise loss", "loss"),
+            ("training pairwise accuracy", "pairwise_accuracy"),
+            ("dev pairwise accuracy", "dev_score"),
+            ("margin r_chosen - r_rejected", "margin"),
         ],
-    )?;
-    Ok(())
+    };
+    let harness = Harness::open(spec, ckpt.as_deref(), &adapter, Some(&head), cache)?;
+    let mut objective = RewardModel {
+        args,
+        loaded: &loaded,
+        adapter: &adapter,
+        head,
+        data: &data,
+        dev: &dev,
+        plan: BatchPlan::new(&data, args.batch_size, t.seed),
+        builder: PairBuilder::new(&loaded, &data, args)?,
+        dev_builder: PairBuilder::new(&loaded, &dev, args)?,
+    };
+    harness.train(&mut objective, &adapter)
 }
 
 #[cfg(test)]

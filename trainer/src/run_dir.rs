@@ -12,21 +12,20 @@
 //! ```
 
 use crate::eval;
+use crate::model_args::ModelArgs;
 use crate::optim::Optimizer;
 use crate::settings::{RunSettings, RESUME_MAY_CHANGE};
 use crate::train_config::{LoopArgs, RunArgs};
 use crate::train_data::TaskData;
-use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
-use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use models::{LoadedModel, LoraAdapter, ScalarHead};
 use serde::{Deserialize, Serialize};
 use shared::adapter::{Manifest, MANIFEST_VERSION};
 use shared::plot::{Panel, Series};
 use shared::task::Task;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -87,20 +86,6 @@ pub fn prepare(run: &RunArgs) -> Result<Option<PathBuf>> {
         std::fs::rename(&tmp, &path)?;
     }
     Ok(latest)
-}
-
-/// Adds each variable's gradient from `g` into `grads` (gradient accumulation).
-pub fn accumulate_grads(grads: &mut BTreeMap<String, Tensor>, g: &GradStore, vars: &[(String, Var)]) -> Result<()> {
-    for (name, var) in vars {
-        if let Some(gv) = g.get(var.as_tensor()) {
-            let acc = match grads.remove(name) {
-                Some(prev) => (prev + gv)?,
-                None => gv.clone(),
-            };
-            grads.insert(name.clone(), acc);
-        }
-    }
-    Ok(())
 }
 
 /// The end-of-run words about the best adapter: `best dev score 0.8700 at step 40 (<dir>)`.

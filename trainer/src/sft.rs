@@ -7,15 +7,16 @@
 //! on the dev split every `eval_every` steps and keep the best adapter; checkpoint atomically.
 //! Data order and dropout depend only on the seed and the step, so `--resume` continues exactly.
 
-use crate::optim::{clip_grad_norm, learning_rate, Optimizer, OptimizerConfig};
-use crate::run_dir::{self, MetricsLog, Recorder, RunState};
-use crate::train_config::{progress_bar, LoopArgs, LoraArgs, RunArgs};
+use crate::harness::{figures, DevScore, Harness, Objective, Report, Spec, Updates};
+use crate::run_dir;
+use crate::seeds;
+use crate::train_config::{LoopArgs, LoraArgs, RunArgs};
 use crate::train_data::{self, BatchPlan, TaskData};
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use clap::Args;
-use models::{Decoder, LogitsAt, LoraAdapter, Mode};
-use std::collections::BTreeMap;
+use indicatif::ProgressBar;
+use models::{Decoder, LoadedModel, LogitsAt, LoraAdapter, Mode};
 use std::path::Path;
 use std::time::Instant;
 
@@ -73,87 +74,70 @@ fn answer_nll(
     Ok((nll, n))
 }
 
+/// One step: `grad_accum` micro-batches of the seeded plan, their mean answer NLL.
+struct Sft<'a> {
+    args: &'a SftArgs,
+    loaded: &'a LoadedModel,
+    adapter: &'a LoraAdapter,
+    data: &'a [TaskData],
+    plan: BatchPlan,
+    cache: &'a Path,
+    /// Tokens through the model since this process started the run (the log's rate).
+    tokens: usize,
+    start: Instant,
+}
+
+impl Objective for Sft<'_> {
+    fn step(&mut self, step: u64, lr: f64, updates: &mut Updates) -> Result<Report> {
+        let t = &self.args.train;
+        let mut loss_sum = 0.0;
+        let grad_norm = updates.step(t.grad_accum, lr, |micro| {
+            let pos = (step - 1) * t.grad_accum as u64 + micro as u64;
+            let (task, rows) = self.plan.batch(self.data, pos);
+            let d = &self.data[task];
+            let pad = self.loaded.special.pad_id();
+            let (nll, n) = answer_nll(&self.loaded.model, self.adapter, d, &rows, pad, seeds::dropout(t.seed, pos))?;
+            self.tokens += n + rows.iter().map(|&i| d.examples[i].body.len()).sum::<usize>() + d.prefix.len();
+            loss_sum += nll.to_scalar::<f32>()? as f64;
+            Ok(nll)
+        })?;
+        let loss = loss_sum / t.grad_accum as f64;
+        let rate = self.tokens as f64 / self.start.elapsed().as_secs_f64();
+        Ok(Report {
+            figures: figures([("loss", loss.into()), ("grad_norm", grad_norm.into())]),
+            message: format!("loss {loss:.4}"),
+            line: format!("loss {loss:.4} grad-norm {grad_norm:.3} {rate:.0} tok/s"),
+        })
+    }
+
+    fn dev_eval(&mut self, snapshot: &LoraAdapter, bar: &ProgressBar) -> Result<DevScore> {
+        let (score, reports) =
+            run_dir::dev_eval(self.loaded, snapshot, self.data, &self.args.run, &self.args.train, bar, self.cache)?;
+        Ok(DevScore { score, reports, figures: Default::default() })
+    }
+}
+
 pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
     let ckpt = run_dir::prepare(&args.run)?;
     let loaded = args.run.model.load_for_training(cache)?;
     let data = train_data::load(&loaded, &args.run.select, args.train.train_limit, cache)?;
     let t = &args.train;
     let batches_per_epoch = train_data::batches_per_epoch(&data, args.batch_size);
-    let total_steps = t.total_steps(batches_per_epoch as f64 / t.grad_accum as f64);
-
     let adapter =
         LoraAdapter::init(args.lora.config(), loaded.model.config(), t.seed, DType::F32, loaded.model.device())?;
-    let mut opt =
-        Optimizer::new(OptimizerConfig { kind: t.optimizer, weight_decay: t.weight_decay, ..Default::default() });
-    let mut state = RunState::default();
-    if let Some(dir) = &ckpt {
-        state = run_dir::load_checkpoint(dir, &adapter, None, &mut opt)?;
-        eprintln!("resumed from {} (step {})", dir.display(), state.step);
-    }
-    let log = MetricsLog::open(&args.run.out, ckpt.as_ref().map(|_| state.step))?;
-    let rec = Recorder::new(&args.run.out, &args.run.model, "sft", &data[0].task, t.keep_checkpoints, cache)?;
-    let pad = loaded.special.pad_id();
-    let peak_lr = t.lr.unwrap_or(DEFAULT_LR);
-
-    let bar = progress_bar("sft", total_steps, state.step);
-    let start = Instant::now();
-    let mut tokens_done = 0usize;
-    let mut plan = BatchPlan::new(&data, args.batch_size, t.seed);
-    while state.step < total_steps {
-        let step = state.step + 1;
-        let step_start = Instant::now();
-        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut loss_sum = 0.0;
-        for micro in 0..t.grad_accum {
-            let pos = (step - 1) * t.grad_accum as u64 + micro as u64;
-            let (task, rows) = plan.batch(&data, pos);
-            let dropout_seed = t.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ pos;
-            let (nll, n) = answer_nll(&loaded.model, &adapter, &data[task], &rows, pad, dropout_seed)?;
-            tokens_done +=
-                n + rows.iter().map(|&i| data[task].examples[i].body.len()).sum::<usize>() + data[task].prefix.len();
-            loss_sum += nll.to_scalar::<f32>()? as f64;
-            let g = (nll / t.grad_accum as f64)?.backward()?;
-            run_dir::accumulate_grads(&mut grads, &g, adapter.vars())?;
-        }
-        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
-        let lr = learning_rate(t.schedule, peak_lr, step, t.warmup_steps, total_steps);
-        opt.step(adapter.vars(), &grads, lr)?;
-        state.step = step;
-        let loss = loss_sum / t.grad_accum as f64;
-        let step_secs = step_start.elapsed().as_secs_f64();
-        log.append(&serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_seconds": step_secs}))?;
-        bar.set_message(format!("loss {loss:.4}"));
-        bar.set_position(step);
-        if t.log_due(step, total_steps) {
-            let rate = tokens_done as f64 / start.elapsed().as_secs_f64();
-            bar.suspend(|| eprintln!("step {step}/{total_steps} loss {loss:.4} lr {lr:.2e} grad-norm {grad_norm:.3} {step_secs:.2}s/step {rate:.0} tok/s"));
-        }
-        if t.eval_due(step, total_steps) {
-            let snapshot = adapter.snapshot()?;
-            let (score, reports) = run_dir::dev_eval(&loaded, &snapshot, &data, &args.run, &args.train, &bar, cache)?;
-            log.append(&serde_json::json!({"step": step, "dev_score": score, "dev": reports}))?;
-            rec.dev_result(&mut state, score, &reports, &snapshot, None)?;
-        }
-        if t.save_due(step, total_steps) {
-            rec.checkpoint(&adapter, None, &opt, &state)?;
-            // The picture follows the checkpoints: current while the run goes on, and after a kill.
-            draw_curves(&args.run.out, &log)?;
-        }
-    }
-    bar.finish_and_clear();
-    rec.finish(&adapter, None, &state, start.elapsed().as_secs_f64())?;
-    draw_curves(&args.run.out, &log)?;
-    Ok(())
-}
-
-fn draw_curves(out: &Path, log: &MetricsLog) -> Result<()> {
-    run_dir::write_curves_svg(
-        &out.join("curves.svg"),
-        "SFT",
-        &[
-            ("training loss", log.series("loss")?),
-            ("dev score", log.series("dev_score")?),
-            ("learning rate", log.series("lr")?),
-        ],
-    )
+    let spec = Spec {
+        run: &args.run,
+        train: t,
+        method: "sft",
+        task: &data[0].task,
+        total_steps: t.total_steps(batches_per_epoch as f64 / t.grad_accum as f64),
+        default_lr: DEFAULT_LR,
+        curves_title: "SFT",
+        curves: &[("training loss", "loss"), ("dev score", "dev_score"), ("learning rate", "lr")],
+    };
+    let harness = Harness::open(spec, ckpt.as_deref(), &adapter, None, cache)?;
+    let plan = BatchPlan::new(&data, args.batch_size, t.seed);
+    let mut sft =
+        Sft { args, loaded: &loaded, adapter: &adapter, data: &data, plan, cache, tokens: 0, start: Instant::now() };
+    harness.train(&mut sft, &adapter)
 }

@@ -2,8 +2,8 @@
 //! (`--show`), and a task's tokenized training examples for outside tools (`--dump`).
 
 use crate::data::TaskSelection;
+use crate::model_args::ModelArgs;
 use crate::train_data;
-use crate::ModelArgs;
 use anyhow::{Context, Result};
 use clap::Args;
 use shared::task::{AnswerScoring, TaskRegistry};

@@ -3,8 +3,8 @@
 
 use crate::data::TaskSelection;
 use crate::eval::{EvalArgs, EvalMode};
+use crate::model_args::ModelArgs;
 use crate::optim::{OptimizerKind, Schedule};
-use crate::ModelArgs;
 use candle_core::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};

@@ -4,6 +4,7 @@
 //! its prefix.
 
 use crate::data::{self, TaskSelection};
+use crate::seeds;
 use anyhow::{bail, Context, Result};
 use models::{Decoder, DecoderOutput, KvCache, LoadedModel, LogitsAt, LoraAdapter, Mode, Padding, TokenBatch};
 use rand::seq::SliceRandom;
@@ -37,12 +38,12 @@ pub fn plan_epoch(data: &[TaskData], batch_size: usize, seed: u64, epoch: u64) -
     let mut batches = Vec::new();
     for (t, d) in data.iter().enumerate() {
         let mut idx: Vec<usize> = (0..d.examples.len()).collect();
-        idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ (epoch << 20) ^ (t as u64) << 40));
+        idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seeds::task_order(seed, epoch, t as u64)));
         for chunk in idx.chunks(batch_size) {
             batches.push((t, chunk.to_vec()));
         }
     }
-    batches.shuffle(&mut ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9E37_79B9))));
+    batches.shuffle(&mut ChaCha8Rng::seed_from_u64(seeds::epoch_order(seed, epoch)));
     batches
 }
 

@@ -20,14 +20,16 @@ pub mod math;
 pub mod reward;
 pub mod rollout;
 
-use crate::optim::{clip_grad_norm_of, learning_rate, Optimizer, OptimizerConfig};
+use crate::harness::{figures, DevScore, Harness, Objective, Report, Spec, Updates};
 use crate::reward_model::LearnedReward;
-use crate::run_dir::{self, MetricsLog, Recorder, RunState};
-use crate::train_config::{initial_adapter, progress_bar, LoopArgs, LoraArgs, RunArgs};
+use crate::run_dir::{self, RunState};
+use crate::seeds;
+use crate::train_config::{initial_adapter, LoopArgs, LoraArgs, RunArgs};
 use crate::train_data::{self, BatchPlan, TaskData};
 use anyhow::Result;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use clap::{Args, ValueEnum};
+use indicatif::ProgressBar;
 use math::KlController;
 use models::generate::{generate, Sampling};
 use models::head::HeadKind;
@@ -39,7 +41,6 @@ use reward::{Outcome, RuleReward};
 use rollout::{score_responses, split_rows, Responses};
 use shared::metrics::average as mean;
 use shared::task::Label;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -247,6 +248,222 @@ struct LossStats {
     updates: usize,
 }
 
+/// The policy being trained, with everything a rollout step needs.
+struct Ppo<'a> {
+    args: &'a PpoArgs,
+    loaded: &'a LoadedModel,
+    adapter: &'a LoraAdapter,
+    /// PPO's value head (GRPO has none).
+    head: Option<ScalarHead>,
+    data: &'a [TaskData],
+    learned: Option<LearnedReward>,
+    /// Per task: every label's answer tokens.
+    answers: Vec<Vec<Vec<u32>>>,
+    close_tag: Vec<Vec<u32>>,
+    plan: BatchPlan,
+    kl_ctl: KlController,
+    cache: &'a Path,
+}
+
+/// A rollout step's responses and what they scored.
+struct Sampled {
+    task: usize,
+    bodies: Vec<Vec<u32>>,
+    responses: Vec<Vec<u32>>,
+    /// The reward optimised, per response.
+    scores: Vec<f64>,
+    rule_scores: Vec<f64>,
+    learned_scores: Option<Vec<f64>>,
+    outcomes: Vec<Outcome>,
+    seconds: f64,
+}
+
+impl Ppo<'_> {
+    /// What the policy may answer for task `ti`: its labels' answers, or anything (empty).
+    fn restrict(&self, ti: usize) -> &[Vec<u32>] {
+        match self.args.action_space {
+            ActionSpace::Labels => &self.answers[ti],
+            ActionSpace::Free => &[],
+        }
+    }
+
+    /// 1-3. The step's prompts, the policy's sampled responses and their rewards.
+    fn sample(&mut self, step: u64, policy: &LoraAdapter) -> Result<Sampled> {
+        let (args, loaded) = (self.args, self.loaded);
+        let started = Instant::now();
+        let (ti, rows) = self.plan.batch(self.data, step - 1);
+        let d = &self.data[ti];
+        let group = if self.head.is_some() { 1 } else { args.group_size() };
+        let restrict = self.restrict(ti);
+        let prefix_kv = train_data::prefix_cache(&loaded.model, Some(policy), &d.prefix)?;
+        let bodies: Vec<Vec<u32>> =
+            rows.iter().flat_map(|&i| std::iter::repeat_n(d.examples[i].body.clone(), group)).collect();
+        let golds: Vec<Label> = rows.iter().flat_map(|&i| std::iter::repeat_n(d.examples[i].label, group)).collect();
+        let longest_answer = self.answers[ti].iter().map(Vec::len).max().unwrap_or(1);
+        let sampling = Sampling {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_new_tokens: args.min_new_tokens,
+            max_new_tokens: if restrict.is_empty() { args.max_new_tokens } else { longest_answer },
+            // Restricted rollouts end with a whole answer; the tag's stem must not cut them short.
+            stop_sequences: if restrict.is_empty() { self.close_tag.clone() } else { Vec::new() },
+            restrict_to: restrict.to_vec(),
+        };
+        let seed = seeds::rollout(args.train.seed, step);
+        let responses =
+            generate(&loaded.model, Some(policy), Some(&prefix_kv), &bodies, &sampling, &loaded.special.stop, seed)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let mut rule_scores = Vec::with_capacity(responses.len());
+        let mut outcomes = Vec::with_capacity(responses.len());
+        for (resp, gold) in responses.iter().zip(&golds) {
+            let (r, o) = match self.answers[ti].iter().position(|a| a == resp) {
+                // A label's answer tokens (always, in the restricted action space).
+                Some(class) => args.reward.reward_answer(&d.task, Some(d.task.label_of_class(class)), *gold),
+                None => {
+                    let shown: Vec<u32> = resp.iter().copied().filter(|t| !loaded.special.stop.contains(t)).collect();
+                    args.reward.reward(&d.task, &loaded.decode(&shown)?, *gold)
+                }
+            };
+            rule_scores.push(r);
+            outcomes.push(o);
+        }
+        let learned_scores = match &self.learned {
+            Some(rm) => {
+                let b: Vec<&[u32]> = bodies.iter().map(Vec::as_slice).collect();
+                let r: Vec<&[u32]> = responses.iter().map(Vec::as_slice).collect();
+                Some(rm.rewards(loaded, &d.prefix, &b, &r)?)
+            }
+            None => None,
+        };
+        let scores: Vec<f64> = match (&learned_scores, args.reward_kind) {
+            (Some(l), RewardKind::Learned) => l.clone(),
+            (Some(l), RewardKind::Mixed) => {
+                l.iter().zip(&rule_scores).map(|(l, r)| l.min(args.learned_reward_cap) + r).collect()
+            }
+            _ => rule_scores.clone(),
+        };
+        Ok(Sampled { task: ti, bodies, responses, scores, rule_scores, learned_scores, outcomes, seconds })
+    }
+
+    /// 5. `ppo_epochs` passes of shuffled mini-batches over the rollout, each an optimizer step.
+    fn optimise(&self, step: u64, lr: f64, ti: usize, rollout: &Rollout, updates: &mut Updates) -> Result<LossStats> {
+        let (args, t) = (self.args, &self.args.train);
+        let head_vars: Vec<String> = self.head.iter().flat_map(|h| h.vars()).map(|(name, _)| name).collect();
+        let is_head = |name: &str| head_vars.iter().any(|h| h == name);
+        let mut stats = LossStats::default();
+        for epoch in 0..args.ppo_epochs() {
+            let mut order: Vec<usize> = (0..rollout.bodies.len()).collect();
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(seeds::ppo_shuffle(t.seed, step, epoch as u64)));
+            for (mb_no, mb) in order.chunks(args.mini_batch_size).enumerate() {
+                let micro_size = mb.len().div_ceil(t.grad_accum);
+                let micros: Vec<&[usize]> = mb.chunks(micro_size).collect();
+                let n_micro = micros.len();
+                let mut grads = updates.accumulate(n_micro, |mi| {
+                    let dropout_seed = seeds::ppo_dropout(t.seed, step, epoch as u64, mb_no as u64, mi as u64);
+                    let (loss, s) = micro_loss(
+                        args,
+                        self.loaded,
+                        self.adapter,
+                        self.head.as_ref(),
+                        &self.data[ti],
+                        rollout,
+                        micros[mi],
+                        self.restrict(ti),
+                        self.kl_ctl.coef(),
+                        dropout_seed,
+                    )?;
+                    stats.add(&s, 1.0 / n_micro as f64);
+                    Ok(loss)
+                })?;
+                // The adapter and the value head are clipped as two groups: the head's gradient
+                // scales with the hidden states' norm and would otherwise throttle the policy.
+                stats.grad_norm += updates.clip(&mut grads, |k| !is_head(k))?;
+                stats.value_grad_norm += updates.clip(&mut grads, is_head)?;
+                stats.updates += 1;
+                updates.apply(&grads, lr)?;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+impl Objective for Ppo<'_> {
+    fn step(&mut self, step: u64, lr: f64, updates: &mut Updates) -> Result<Report> {
+        // 1-4. Rollout, rewards, scores without gradients, advantages.
+        let policy = self.adapter.snapshot()?;
+        let s = self.sample(step, &policy)?;
+        let rollout = build_rollout(
+            self.args,
+            self.loaded,
+            &policy,
+            self.head.as_ref(),
+            &self.data[s.task],
+            s.bodies,
+            s.responses,
+            &s.scores,
+            self.restrict(s.task),
+            &self.kl_ctl,
+        )?;
+        let mean_kl = mean(&rollout.kl);
+        // 5. The PPO epochs.
+        let stats = self.optimise(step, lr, s.task, &rollout, updates)?;
+        let updates = stats.updates.max(1) as f64;
+        // 6. The KL controller.
+        let kl_coef_used = self.kl_ctl.coef();
+        self.kl_ctl.update(mean_kl, rollout.bodies.len());
+        let n = s.outcomes.len() as f64;
+        let count = |f: &dyn Fn(&Outcome) -> bool| s.outcomes.iter().filter(|o| f(o)).count() as f64 / n;
+        let new_tokens: usize = rollout.responses.iter().map(Vec::len).sum();
+        let (reward, accuracy) = (mean(&s.scores), count(&|o| *o == Outcome::Correct));
+        let (policy_loss, value_loss) = (stats.policy_loss / updates, stats.value_loss / updates);
+        let (clipfrac, entropy) = (stats.clipfrac / updates, stats.entropy / updates);
+        Ok(Report {
+            figures: figures([
+                ("reward", reward.into()),
+                ("reward_rule", mean(&s.rule_scores).into()),
+                ("reward_learned", s.learned_scores.as_deref().map(mean).into()),
+                ("accuracy", accuracy.into()),
+                ("unparseable", count(&|o| *o == Outcome::Unparseable).into()),
+                ("kl", mean_kl.into()),
+                ("kl_coef", kl_coef_used.into()),
+                ("policy_loss", policy_loss.into()),
+                ("value_loss", value_loss.into()),
+                ("clipfrac", clipfrac.into()),
+                ("value_clipfrac", (stats.value_clipfrac / updates).into()),
+                ("approx_kl", (stats.approx_kl / updates).into()),
+                ("entropy", entropy.into()),
+                ("grad_norm", (stats.grad_norm / updates).into()),
+                ("value_grad_norm", (stats.value_grad_norm / updates).into()),
+                ("returns", mean(&rollout.returns.concat()).into()),
+                ("values", mean(&rollout.old_values.concat()).into()),
+                ("response_tokens", (new_tokens as f64 / n).into()),
+                ("rollout_seconds", s.seconds.into()),
+                ("rollout_tokens_per_second", (new_tokens as f64 / s.seconds).into()),
+            ]),
+            message: format!("reward {reward:.3} kl {mean_kl:.3}"),
+            line: format!(
+                "reward {reward:.3} acc {accuracy:.3} kl {mean_kl:.3} coef {kl_coef_used:.4} pg {policy_loss:.4} \
+                 vf {value_loss:.4} clip {clipfrac:.3} entropy {entropy:.3}"
+            ),
+        })
+    }
+
+    fn dev_eval(&mut self, snapshot: &LoraAdapter, bar: &ProgressBar) -> Result<DevScore> {
+        let (score, reports) =
+            run_dir::dev_eval(self.loaded, snapshot, self.data, &self.args.run, &self.args.train, bar, self.cache)?;
+        Ok(DevScore { score, reports, figures: Default::default() })
+    }
+
+    fn head(&self) -> Option<&ScalarHead> {
+        self.head.as_ref()
+    }
+
+    fn save_state(&self, state: &mut RunState) {
+        state.kl_coef = Some(self.kl_ctl.coef());
+    }
+}
+
 pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
     let t = &args.train;
     if args.batch_size == 0 || args.mini_batch_size == 0 || t.grad_accum == 0 || args.ppo_epochs() == 0 {
@@ -267,235 +484,68 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
     let ckpt = run_dir::prepare(&args.run)?;
     let loaded = args.run.model.load_for_training(cache)?;
     let data = train_data::load(&loaded, &args.run.select, t.train_limit, cache)?;
+    let tasks: Vec<_> = data.iter().map(|d| d.task.clone()).collect();
     let learned = match (&args.reward_model, args.reward_kind) {
         (Some(dir), RewardKind::Learned | RewardKind::Mixed) => {
-            let tasks: Vec<_> = data.iter().map(|d| d.task.clone()).collect();
             Some(LearnedReward::load(dir, &loaded, &args.run.model, &tasks, cache)?)
         }
         _ => None,
     };
-    let total_steps = t.total_steps(train_data::batches_per_epoch(&data, args.batch_size) as f64);
-    let hidden = loaded.model.config().hidden_size;
-
-    let tasks: Vec<_> = data.iter().map(|d| d.task.clone()).collect();
     let adapter = initial_adapter(args.init_adapter.as_deref(), &args.lora, &args.run, &loaded, &tasks, t.seed, cache)?;
-    // A PPO adapter's value head comes along; otherwise the head starts fresh, at zero.
+    // PPO's critic: a PPO adapter's value head comes along; otherwise it starts fresh, at zero.
+    let hidden = loaded.model.config().hidden_size;
     let head = match args.init_adapter.as_deref().filter(|d| d.join(HeadKind::Value.file()).is_file()) {
-        Some(dir) => ScalarHead::load(HeadKind::Value, hidden, dir, loaded.model.device())?,
-        None => ScalarHead::zeros(HeadKind::Value, hidden, loaded.model.device())?,
+        _ if args.algorithm == Algorithm::Grpo => None,
+        Some(dir) => Some(ScalarHead::load(HeadKind::Value, hidden, dir, loaded.model.device())?),
+        None => Some(ScalarHead::zeros(HeadKind::Value, hidden, loaded.model.device())?),
     };
-    let use_critic = args.algorithm == Algorithm::Ppo;
-    let head = use_critic.then_some(head);
-    let head_vars: Vec<(String, Var)> = head.iter().flat_map(|h| h.vars()).collect();
-    let mut vars: Vec<(String, Var)> = adapter.vars().to_vec();
-    vars.extend(head_vars.iter().cloned());
-    let is_head = |name: &str| head_vars.iter().any(|(h, _)| h == name);
-    let mut opt =
-        Optimizer::new(OptimizerConfig { kind: t.optimizer, weight_decay: t.weight_decay, ..Default::default() });
-    let mut state = RunState::default();
-    if let Some(dir) = &ckpt {
-        state = run_dir::load_checkpoint(dir, &adapter, head.as_ref(), &mut opt)?;
-        eprintln!("resumed from {} (step {})", dir.display(), state.step);
-    }
-    let coef = state.kl_coef.unwrap_or(args.kl_coef());
-    let mut kl_ctl = match args.kl_controller() {
-        KlKind::Fixed => KlController::Fixed { coef },
-        KlKind::Adaptive => KlController::Adaptive { coef, target: args.kl_target, horizon: args.kl_horizon },
-    };
-    let log = MetricsLog::open(&args.run.out, ckpt.as_ref().map(|_| state.step))?;
     let method = match args.algorithm {
         Algorithm::Ppo => "ppo",
         Algorithm::Grpo => "grpo",
     };
-    let rec = Recorder::new(&args.run.out, &args.run.model, method, &data[0].task, t.keep_checkpoints, cache)?;
-    let peak_lr = t.lr.unwrap_or(args.algorithm.defaults().lr);
-    let answers: Vec<Vec<Vec<u32>>> =
-        data.iter().map(|d| train_data::encode_answers(&loaded, &d.task)).collect::<Result<_>>()?;
-    let close_tag = train_data::close_tag_stops(&loaded)?;
-
-    let bar = progress_bar(method, total_steps, state.step);
-    let start = Instant::now();
-    let mut plan = BatchPlan::new(&data, args.batch_size, t.seed);
-    while state.step < total_steps {
-        let step = state.step + 1;
-        let step_start = Instant::now();
-        let (ti, rows) = plan.batch(&data, step - 1);
-        let d = &data[ti];
-        let group = if use_critic { 1 } else { args.group_size() };
-        let restrict: &[Vec<u32>] = match args.action_space {
-            ActionSpace::Labels => &answers[ti],
-            ActionSpace::Free => &[],
-        };
-
-        // 1-3. Rollout and its scores, without gradients.
-        let policy = adapter.snapshot()?;
-        let prefix_kv = train_data::prefix_cache(&loaded.model, Some(&policy), &d.prefix)?;
-        let bodies: Vec<Vec<u32>> =
-            rows.iter().flat_map(|&i| std::iter::repeat_n(d.examples[i].body.clone(), group)).collect();
-        let golds: Vec<Label> = rows.iter().flat_map(|&i| std::iter::repeat_n(d.examples[i].label, group)).collect();
-        let longest_answer = answers[ti].iter().map(Vec::len).max().unwrap_or(1);
-        let sampling = Sampling {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            min_new_tokens: args.min_new_tokens,
-            max_new_tokens: if restrict.is_empty() { args.max_new_tokens } else { longest_answer },
-            // Restricted rollouts end with a whole answer; the tag's stem must not cut them short.
-            stop_sequences: if restrict.is_empty() { close_tag.clone() } else { Vec::new() },
-            restrict_to: restrict.to_vec(),
-        };
-        let rollout_seed = t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
-        let responses = generate(
-            &loaded.model,
-            Some(&policy),
-            Some(&prefix_kv),
-            &bodies,
-            &sampling,
-            &loaded.special.stop,
-            rollout_seed,
-        )?;
-        let rollout_secs = step_start.elapsed().as_secs_f64();
-        let mut rule_scores = Vec::with_capacity(responses.len());
-        let mut outcomes = Vec::with_capacity(responses.len());
-        for (resp, gold) in responses.iter().zip(&golds) {
-            let (r, o) = match answers[ti].iter().position(|a| a == resp) {
-                // A label's answer tokens (always, in the restricted action space).
-                Some(class) => args.reward.reward_answer(&d.task, Some(d.task.label_of_class(class)), *gold),
-                None => {
-                    let shown: Vec<u32> = resp.iter().copied().filter(|t| !loaded.special.stop.contains(t)).collect();
-                    args.reward.reward(&d.task, &loaded.decode(&shown)?, *gold)
-                }
-            };
-            rule_scores.push(r);
-            outcomes.push(o);
-        }
-        let learned_scores = match &learned {
-            Some(rm) => {
-                let b: Vec<&[u32]> = bodies.iter().map(Vec::as_slice).collect();
-                let r: Vec<&[u32]> = responses.iter().map(Vec::as_slice).collect();
-                Some(rm.rewards(&loaded, &d.prefix, &b, &r)?)
-            }
-            None => None,
-        };
-        let scores: Vec<f64> = match (&learned_scores, args.reward_kind) {
-            (Some(l), RewardKind::Learned) => l.clone(),
-            (Some(l), RewardKind::Mixed) => {
-                l.iter().zip(&rule_scores).map(|(l, r)| l.min(args.learned_reward_cap) + r).collect()
-            }
-            _ => rule_scores.clone(),
-        };
-        let rollout =
-            build_rollout(args, &loaded, &policy, head.as_ref(), d, bodies, responses, &scores, restrict, &kl_ctl)?;
-        let mean_kl = mean(&rollout.kl);
-
-        // 5. PPO epochs over shuffled mini-batches.
-        let lr = learning_rate(t.schedule, peak_lr, step, t.warmup_steps, total_steps);
-        let mut stats = LossStats::default();
-        for epoch in 0..args.ppo_epochs() {
-            let mut order: Vec<usize> = (0..rollout.bodies.len()).collect();
-            order.shuffle(&mut ChaCha8Rng::seed_from_u64(t.seed ^ (step << 16) ^ epoch as u64));
-            for (mb_no, mb) in order.chunks(args.mini_batch_size).enumerate() {
-                let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-                let micro_size = mb.len().div_ceil(t.grad_accum);
-                let n_micro = mb.len().div_ceil(micro_size);
-                for (mi, micro) in mb.chunks(micro_size).enumerate() {
-                    let dropout_seed = t.seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
-                        ^ (step << 24)
-                        ^ ((epoch as u64) << 16)
-                        ^ ((mb_no as u64) << 8)
-                        ^ mi as u64;
-                    let (loss, s) = micro_loss(
-                        args,
-                        &loaded,
-                        &adapter,
-                        head.as_ref(),
-                        d,
-                        &rollout,
-                        micro,
-                        restrict,
-                        kl_ctl.coef(),
-                        dropout_seed,
-                    )?;
-                    let g = (loss / n_micro as f64)?.backward()?;
-                    run_dir::accumulate_grads(&mut grads, &g, &vars)?;
-                    stats.add(&s, 1.0 / n_micro as f64);
-                }
-                // The adapter and the value head are clipped as two groups: the head's gradient
-                // scales with the hidden states' norm and would otherwise throttle the policy.
-                stats.grad_norm += clip_grad_norm_of(&mut grads, t.max_grad_norm, |k| !is_head(k))?;
-                stats.value_grad_norm += clip_grad_norm_of(&mut grads, t.max_grad_norm, is_head)?;
-                stats.updates += 1;
-                opt.step(&vars, &grads, lr)?;
-            }
-        }
-        let updates = stats.updates.max(1) as f64;
-
-        // 6. KL controller, log, evaluate, checkpoint.
-        let kl_coef_used = kl_ctl.coef();
-        kl_ctl.update(mean_kl, rollout.bodies.len());
-        state.step = step;
-        state.kl_coef = Some(kl_ctl.coef());
-        let n = outcomes.len() as f64;
-        let count = |f: &dyn Fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count() as f64 / n;
-        let new_tokens: usize = rollout.responses.iter().map(Vec::len).sum();
-        let step_secs = step_start.elapsed().as_secs_f64();
-        let entry = serde_json::json!({
-            "step": step,
-            "reward": mean(&scores),
-            "reward_rule": mean(&rule_scores),
-            "reward_learned": learned_scores.as_deref().map(mean),
-            "accuracy": count(&|o| *o == Outcome::Correct),
-            "unparseable": count(&|o| *o == Outcome::Unparseable),
-            "kl": mean_kl,
-            "kl_coef": kl_coef_used,
-            "policy_loss": stats.policy_loss / updates,
-            "value_loss": stats.value_loss / updates,
-            "clipfrac": stats.clipfrac / updates,
-            "value_clipfrac": stats.value_clipfrac / updates,
-            "approx_kl": stats.approx_kl / updates,
-            "entropy": stats.entropy / updates,
-            "grad_norm": stats.grad_norm / updates,
-            "value_grad_norm": stats.value_grad_norm / updates,
-            "returns": mean(&rollout.returns.concat()),
-            "values": mean(&rollout.old_values.concat()),
-            "response_tokens": new_tokens as f64 / n,
-            "lr": lr,
-            "rollout_seconds": rollout_secs,
-            "rollout_tokens_per_second": new_tokens as f64 / rollout_secs,
-            "step_seconds": step_secs,
-        });
-        log.append(&entry)?;
-        bar.set_message(format!("reward {:.3} kl {mean_kl:.3}", mean(&scores)));
-        bar.set_position(step);
-        if t.log_due(step, total_steps) {
-            bar.suspend(|| {
-                eprintln!(
-                    "step {step}/{total_steps} reward {:.3} acc {:.3} kl {mean_kl:.3} coef {kl_coef_used:.4} pg {:.4} vf {:.4} clip {:.3} entropy {:.3} {step_secs:.2}s/step",
-                    mean(&scores),
-                    entry["accuracy"].as_f64().unwrap_or(0.0),
-                    entry["policy_loss"].as_f64().unwrap_or(0.0),
-                    entry["value_loss"].as_f64().unwrap_or(0.0),
-                    entry["clipfrac"].as_f64().unwrap_or(0.0),
-                    entry["entropy"].as_f64().unwrap_or(0.0),
-                )
-            });
-        }
-        if t.eval_due(step, total_steps) {
-            let snapshot = adapter.snapshot()?;
-            let (score, reports) = run_dir::dev_eval(&loaded, &snapshot, &data, &args.run, &args.train, &bar, cache)?;
-            log.append(&serde_json::json!({"step": step, "dev_score": score, "dev": reports}))?;
-            rec.dev_result(&mut state, score, &reports, &snapshot, head.as_ref())?;
-        }
-        if t.save_due(step, total_steps) {
-            rec.checkpoint(&adapter, head.as_ref(), &opt, &state)?;
-            // The picture follows the checkpoints: current while the run goes on, and after a kill.
-            draw_curves(&args.run.out, &log, method)?;
-        }
-    }
-    bar.finish_and_clear();
-    rec.finish(&adapter, head.as_ref(), &state, start.elapsed().as_secs_f64())?;
-    draw_curves(&args.run.out, &log, method)?;
-    Ok(())
+    let title = method.to_uppercase();
+    let spec = Spec {
+        run: &args.run,
+        train: t,
+        method,
+        task: &data[0].task,
+        total_steps: t.total_steps(train_data::batches_per_epoch(&data, args.batch_size) as f64),
+        default_lr: args.algorithm.defaults().lr,
+        curves_title: &title,
+        curves: &[
+            ("reward optimised (mean per response)", "reward"),
+            ("rule reward", "reward_rule"),
+            ("learned reward (normalised)", "reward_learned"),
+            ("dev score", "dev_score"),
+            ("KL to the reference (summed per response)", "kl"),
+            ("KL coefficient", "kl_coef"),
+            ("policy loss", "policy_loss"),
+            ("value loss", "value_loss"),
+            ("clip fraction", "clipfrac"),
+            ("entropy", "entropy"),
+        ],
+    };
+    let harness = Harness::open(spec, ckpt.as_deref(), &adapter, head.as_ref(), cache)?;
+    // The KL coefficient as the run left it (the adaptive controller's state), else the initial one.
+    let coef = harness.state().kl_coef.unwrap_or(args.kl_coef());
+    let kl_ctl = match args.kl_controller() {
+        KlKind::Fixed => KlController::Fixed { coef },
+        KlKind::Adaptive => KlController::Adaptive { coef, target: args.kl_target, horizon: args.kl_horizon },
+    };
+    let mut ppo = Ppo {
+        args,
+        loaded: &loaded,
+        adapter: &adapter,
+        head,
+        data: &data,
+        learned,
+        answers: data.iter().map(|d| train_data::encode_answers(&loaded, &d.task)).collect::<Result<_>>()?,
+        close_tag: train_data::close_tag_stops(&loaded)?,
+        plan: BatchPlan::new(&data, args.batch_size, t.seed),
+        kl_ctl,
+        cache,
+    };
+    harness.train(&mut ppo, &adapter)
 }
 
 /// Scores the sampled responses without gradients and turns rewards into advantages.
@@ -624,25 +674,6 @@ impl LossStats {
         self.approx_kl += s.approx_kl * w;
         self.entropy += s.entropy * w;
     }
-}
-
-fn draw_curves(out: &Path, log: &MetricsLog, method: &str) -> Result<()> {
-    let mut series = Vec::new();
-    for (name, key) in [
-        ("reward optimised (mean per response)", "reward"),
-        ("rule reward", "reward_rule"),
-        ("learned reward (normalised)", "reward_learned"),
-        ("dev score", "dev_score"),
-        ("KL to the reference (summed per response)", "kl"),
-        ("KL coefficient", "kl_coef"),
-        ("policy loss", "policy_loss"),
-        ("value loss", "value_loss"),
-        ("clip fraction", "clipfrac"),
-        ("entropy", "entropy"),
-    ] {
-        series.push((name, log.series(key)?));
-    }
-    run_dir::write_curves_svg(&out.join("curves.svg"), &method.to_uppercase(), &series)
 }
 
 #[cfg(test)]
