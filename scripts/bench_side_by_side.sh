@@ -20,6 +20,10 @@
 #   TORCH_PYTHON=/path/to/python scripts/bench_side_by_side.sh            # everything
 #   PARTS=serve,memory TORCH_PYTHON=... scripts/bench_side_by_side.sh     # some parts
 #
+#   batching  (not in the default PARTS) only four servers resident, SmolLM2 and Qwen with the
+#             default batching and with --batching off, ROUNDS (3) rounds at each client count:
+#             batching against none, with the rounds' spread beside it.
+#
 # Settings (environment): PARTS (serve,memory,train,products), CLIENTS (1,8,32), SECONDS_PER (20)
 # and REQUESTS (200) per endpoint and client count, OUT (docs/results/side-by-side/<cpu>), THREADS
 # (compute threads per server; all cores), BASE_PORT (18400), SMOLLM2_ADAPTER / QWEN_ADAPTER (an
@@ -35,6 +39,11 @@ REQUESTS=${REQUESTS:-200}
 BASE_PORT=${BASE_PORT:-18400}
 cpu_model=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
 cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512bw|avx512_vnni|avx512_bf16|avx512_fp16|avx_vnni|amx_tile|amx_bf16|amx_int8)$' | tr '\n' ' ')
+# lscpu's model name can be one word for a whole vendor line ("AMD EPYC" on Zen 4 and Zen 5 alike):
+# the family and model numbers tell the microarchitectures apart.
+cpu_family=$(sed -n 's/^cpu family[[:space:]]*: *//p' /proc/cpuinfo | head -1)
+cpu_model_no=$(sed -n 's/^model[[:space:]]*: *//p' /proc/cpuinfo | head -1)
+cpu_model="$cpu_model (family $cpu_family model $cpu_model_no)"
 slug=$(echo "$cpu_model" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-' | sed 's/--*/-/g; s/^-//; s/-$//')
 OUT=${OUT:-docs/results/side-by-side/$slug}
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
@@ -78,7 +87,7 @@ registry() { # name, adapter dir
   echo v1 > "$work/$1/mr/CURRENT"
 }
 
-if has serve || has memory; then
+if has serve || has memory || has batching; then
   registry smollm2 "${SMOLLM2_ADAPTER:-$(quick_adapter smollm2 "$work/runs/smollm2")}"
   registry qwen "${QWEN_ADAPTER:-$(quick_adapter qwen0.5b "$work/runs/qwen")}"
 fi
@@ -169,6 +178,63 @@ for (name, c), r in sorted(by.items()):
 print()
 PY
   python3 -c "import json,sys; [print(json.dumps({'part':'serve', **r})) for r in (lambda d: d.get('results', d) if isinstance(d, dict) else d)(json.load(open(sys.argv[1])))]" "$work/serve.json" >> "$OUT.jsonl"
+fi
+
+# ---------------------------------------------------------------------------------------------
+if has batching; then
+  # Batching against none, with only these four servers resident and ROUNDS rounds one after
+  # another: the spread between rounds of one server shows this machine's noise beside the
+  # difference batching makes.
+  rounds=${ROUNDS:-3}
+  bservers=("s-auto|--model smollm2 --adapters $work/smollm2" "s-off|--model smollm2 --batching off --adapters $work/smollm2"
+    "q-auto|--model qwen0.5b --adapters $work/qwen" "q-off|--model qwen0.5b --batching off --adapters $work/qwen")
+  bendpoints=()
+  port=$BASE_PORT
+  for s in "${bservers[@]}"; do
+    name=${s%%|*}
+    # shellcheck disable=SC2086 # the arguments are words
+    "$bin/verdict-serve" ${s#*|} --answer-scoring word --port "$port" --default-task mr --watch-interval-ms 0 \
+      "${threads[@]}" 2> "$work/b-$name.log" &
+    pids+=($!)
+    wait_ready "$port" "$name" "$work/b-$name.log" > /dev/null
+    bendpoints+=(--endpoint "$name=http://127.0.0.1:$port/v1/classify")
+    port=$((port + 1))
+  done
+  for r in $(seq 1 "$rounds"); do
+    "$bin/verdict-bench" --task mr --clients "$CLIENTS" --requests "$REQUESTS" --seconds "$SECONDS_PER" \
+      "${bendpoints[@]}" --note "batching part of $OUT.md, round $r" --out-json "$work/batching-$r.json" > /dev/null
+  done
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  pids=()
+  python3 - "$rounds" "$work" >> "$md" 2>> "$OUT.jsonl" <<'PY'
+import json, statistics, sys
+rounds, work = int(sys.argv[1]), sys.argv[2]
+def rows(r):
+    d = json.load(open(f"{work}/batching-{r}.json"))
+    return d.get("results", d) if isinstance(d, dict) else d
+tput = {}
+for r in range(1, rounds + 1):
+    for row in rows(r):
+        tput.setdefault((row["endpoint"], row["clients"]), []).append(row["throughput"])
+print(f"## Batching against none: four servers resident, {rounds} rounds (verdict-bench)")
+print()
+print("Default precision and batching (`-auto`, chosen at start-up) against `--batching off`; req/s of each round,")
+print("and the ratio of the medians (>= 1: batching is at least as fast).")
+print()
+print("| model | clients | batching req/s (rounds) | off req/s (rounds) | median ratio |")
+print("|---|---:|---|---|---:|")
+for m, name in [("s", "SmolLM2-135M"), ("q", "Qwen2.5-0.5B")]:
+    for c in sorted({c for (_, c) in tput}):
+        a, o = tput.get((f"{m}-auto", c), []), tput.get((f"{m}-off", c), [])
+        if not a or not o:
+            continue
+        ratio = statistics.median(a) / statistics.median(o)
+        fmt = lambda v: " / ".join(f"{x:.2f}" for x in v)
+        print(f"| {name} | {c} | {fmt(a)} | {fmt(o)} | {ratio:.2f} |")
+        print(json.dumps({"part": "batching", "model": name, "clients": c, "auto": a, "off": o, "ratio": ratio}), file=sys.stderr)
+print()
+PY
 fi
 
 # ---------------------------------------------------------------------------------------------
