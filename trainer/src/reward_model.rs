@@ -5,8 +5,8 @@
 //! that the current policy writes for that label. The reward model is the base model plus a
 //! LoRA adapter plus a scalar score head read at the last token; it trains on
 //! `-log sigmoid(r_chosen - r_rejected)`. The loop, checkpoints, resume, log and curves are
-//! SFT's. At each evaluation the scores' mean and standard deviation over the dev pairs are
-//! stored with the head, so PPO can use the normalised reward.
+//! [`crate::harness`]'s, as for SFT and PPO. At each evaluation the scores' mean and standard
+//! deviation over the dev pairs are stored with the head, so PPO can use the normalised reward.
 
 use crate::eval;
 use crate::harness::{figures, DevScore, Harness, Objective, Report, Spec, Updates};

@@ -1,11 +1,12 @@
 //! `verdict-train sft`: LoRA supervised fine-tuning with the loss on the answer tokens only (the
 //! label word and the closing tag), on one task or a mix.
 //!
-//! The loop, top to bottom: read and tokenize the training split(s); plan each epoch's batches
-//! from the seed; for every optimizer step run `grad_accum` micro-batches (the task's prompt
-//! prefix once per micro-batch, with gradients, broadcast to its rows), clip, step; log; evaluate
-//! on the dev split every `eval_every` steps and keep the best adapter; checkpoint atomically.
-//! Data order and dropout depend only on the seed and the step, so `--resume` continues exactly.
+//! Read and tokenize the training split(s); plan each epoch's batches from the seed; each step
+//! runs `grad_accum` micro-batches (the task's prompt prefix once per micro-batch, with
+//! gradients, broadcast to its rows) and one optimizer step. The rest of the loop (resume,
+//! schedule, clipping, log, dev evaluation and best adapter, checkpoints, curves) is
+//! [`crate::harness`]'s. Data order and dropout depend only on the seed and the step
+//! ([`crate::seeds`]), so `--resume` continues exactly.
 
 use crate::harness::{figures, DevScore, Harness, Objective, Report, Spec, Updates};
 use crate::run_dir;

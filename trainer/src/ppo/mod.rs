@@ -10,7 +10,8 @@
 //!    advantages; GRPO: group-normalised scores as every token's advantage, KL in the loss;
 //! 5. `ppo_epochs` passes of shuffled mini-batches: clipped policy loss (+ clipped value loss,
 //!    or + the KL term), gradient accumulation, clipping, optimizer step;
-//! 6. update the KL controller; log; evaluate on dev every N steps; checkpoint atomically.
+//! 6. update the KL controller; [`crate::harness`] logs, evaluates on dev every N steps and
+//!    checkpoints atomically.
 //!
 //! Sampling, shuffling and dropout depend only on the seed and the step, and checkpoints hold
 //! the adapter, the value head, the optimizer state and the KL coefficient: `--resume`
