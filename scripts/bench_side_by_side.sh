@@ -81,6 +81,13 @@ quick_adapter() { # model, out
     --save-every 2 --log-every 1 >&2
   echo "$2/adapter"
 }
+start_server() { # "name|verdict-serve arguments", port, log: starts it, adds its pid, waits for /ready
+  # shellcheck disable=SC2086 # the arguments are words
+  "$bin/verdict-serve" ${1#*|} --answer-scoring word --port "$2" --default-task mr --watch-interval-ms 0 \
+    "${threads[@]}" 2> "$3" &
+  pids+=($!)
+  wait_ready "$2" "${1%%|*}" "$3" > /dev/null
+}
 registry() { # name, adapter dir
   mkdir -p "$work/$1/mr"
   cp -r "$2" "$work/$1/mr/v1"
@@ -108,12 +115,8 @@ if has serve; then
   port=$BASE_PORT
   for s in "${servers[@]}"; do
     name=${s%%|*}
-    # shellcheck disable=SC2086 # the arguments are words
-    "$bin/verdict-serve" ${s#*|} --answer-scoring word --port "$port" --default-task mr --watch-interval-ms 0 \
-      "${threads[@]}" 2> "$work/$name.log" &
-    pids+=($!)
     # One at a time: each measures its batching mode at start-up on a quiet machine.
-    wait_ready "$port" "$name" "$work/$name.log" > /dev/null
+    start_server "$s" "$port" "$work/$name.log"
     echo "$name: $(grep -m1 '^verdict-serve: kernels: --cpu-matmul auto' "$work/$name.log" | sed 's/^verdict-serve: kernels: //')" \
       "$(grep -m1 '^verdict-serve: batching ' "$work/$name.log" | sed 's/^verdict-serve: //')" | tee -a "$work/choices.txt"
     endpoints+=(--endpoint "$name=http://127.0.0.1:$port/v1/classify")
@@ -192,11 +195,7 @@ if has batching; then
   port=$BASE_PORT
   for s in "${bservers[@]}"; do
     name=${s%%|*}
-    # shellcheck disable=SC2086 # the arguments are words
-    "$bin/verdict-serve" ${s#*|} --answer-scoring word --port "$port" --default-task mr --watch-interval-ms 0 \
-      "${threads[@]}" 2> "$work/b-$name.log" &
-    pids+=($!)
-    wait_ready "$port" "$name" "$work/b-$name.log" > /dev/null
+    start_server "$s" "$port" "$work/b-$name.log"
     bendpoints+=(--endpoint "$name=http://127.0.0.1:$port/v1/classify")
     port=$((port + 1))
   done
