@@ -392,7 +392,6 @@ pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
     if data.iter().any(|d| d.task.num_classes() < 2) {
         bail!("label-sensitive pairs need at least two labels");
     }
-    let batches_per_epoch = train_data::batches_per_epoch(&data, args.batch_size);
     let tasks: Vec<Task> = data.iter().map(|d| d.task.clone()).collect();
     let adapter = initial_adapter(args.init_adapter.as_deref(), &args.lora, &args.run, &loaded, &tasks, t.seed, cache)?;
     let head = ScalarHead::init(HeadKind::Score, loaded.model.config().hidden_size, t.seed, loaded.model.device())?;
@@ -401,7 +400,7 @@ pub fn run(args: &RewardModelArgs, cache: &Path) -> Result<()> {
         train: t,
         method: "reward-model",
         task: &data[0].task,
-        total_steps: t.total_steps(batches_per_epoch as f64 / t.grad_accum as f64),
+        total_steps: t.optimizer_steps(train_data::batches_per_epoch(&data, args.batch_size)),
         default_lr: DEFAULT_LR,
         curves_title: "Reward model",
         curves: &[

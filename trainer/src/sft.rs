@@ -123,7 +123,6 @@ pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
     let loaded = args.run.model.load_for_training(cache)?;
     let data = train_data::load(&loaded, &args.run.select, args.train.train_limit, cache)?;
     let t = &args.train;
-    let batches_per_epoch = train_data::batches_per_epoch(&data, args.batch_size);
     let adapter =
         LoraAdapter::init(args.lora.config(), loaded.model.config(), t.seed, DType::F32, loaded.model.device())?;
     let spec = Spec {
@@ -131,7 +130,7 @@ pub fn run(args: &SftArgs, cache: &Path) -> Result<()> {
         train: t,
         method: "sft",
         task: &data[0].task,
-        total_steps: t.total_steps(batches_per_epoch as f64 / t.grad_accum as f64),
+        total_steps: t.optimizer_steps(train_data::batches_per_epoch(&data, args.batch_size)),
         default_lr: DEFAULT_LR,
         curves_title: "SFT",
         curves: &[("training loss", "loss"), ("dev score", "dev_score"), ("learning rate", "lr")],

@@ -123,6 +123,12 @@ impl LoopArgs {
         self.max_steps.unwrap_or((self.epochs * steps_per_epoch).ceil() as u64).max(1)
     }
 
+    /// The run's length in optimizer steps when an epoch is `batches_per_epoch` micro-batches
+    /// taken `--grad-accum` at a time (SFT, the reward model).
+    pub fn optimizer_steps(&self, batches_per_epoch: usize) -> u64 {
+        self.total_steps(batches_per_epoch as f64 / self.grad_accum as f64)
+    }
+
     /// Whether `step` evaluates on the dev split.
     pub fn eval_due(&self, step: u64, total: u64) -> bool {
         (self.eval_every > 0 && step.is_multiple_of(self.eval_every)) || step == total
