@@ -291,14 +291,10 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<infer::Ready> 
         tracing::info!("task prompts: {layout}");
     }
     let scheduler = Arc::new(queue::Scheduler::start(compute, batch, metrics)?);
-    // Loading parses the model file's metadata and vocabulary on this thread: glibc keeps the
-    // freed pages of its arena resident (about 100 MiB on Qwen2.5-0.5B), private to this
-    // process where the packed weights are shared. Give them back.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of the allocator's arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    // Loading parses the model file's metadata and vocabulary: the allocator keeps the freed
+    // pages resident (about 100 MiB on Qwen2.5-0.5B), private to this process where the packed
+    // weights are shared. Give them back.
+    shared::memory::release_free_pages();
     tracing::info!("model and adapters loaded in {:.2} s", t0.elapsed().as_secs_f64());
     let kernels = match &backend {
         Backend::Decoder(loaded) => loaded.model.kernels().describe(),
@@ -389,10 +385,14 @@ struct LoadArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    let allocator = shared::memory::reuse_freed_memory();
     let cli = Cli::parse_from(shared::cli_config::expand_or_exit(Cli::command(), std::env::args_os()));
     if let Err(e) = logging::init(cli.log_format) {
         eprintln!("verdict-serve: {e:#}");
         return std::process::ExitCode::from(2);
+    }
+    if let Some(a) = allocator {
+        tracing::info!("{a}");
     }
     // Limits that cannot work are a usage error, like clap's own (exit 2).
     if cli.max_inputs == 0 || cli.max_input_tokens == 0 || cli.max_batch_rows == 0 || cli.max_batch_tokens == 0 {

@@ -14,6 +14,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+/// How long the queue stays empty before the engine gives its freed memory back.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
 /// A computed job: candidate log-probabilities `[row][label]` and how long it waited.
 #[derive(Debug)]
 pub struct Answer {
@@ -139,17 +142,34 @@ impl Worker {
         // Wait for more jobs only under concurrency (the last batch held several): a lone
         // client's request then runs at once, as without batching.
         let mut concurrent = false;
+        // Whether the allocator's free pages went back since the last batch: the forward's
+        // temporaries stay mapped under load (shared::memory) and are returned once the
+        // queue has been empty for IDLE_RELEASE.
+        let mut released = true;
         loop {
             let first = match carry.take() {
                 Some(j) => j,
-                None => match self.rx.recv() {
-                    Ok(j) => {
-                        self.took_one();
-                        j
+                None => {
+                    let next = if released {
+                        self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                    } else {
+                        self.rx.recv_timeout(IDLE_RELEASE)
+                    };
+                    match next {
+                        Ok(j) => {
+                            self.took_one();
+                            j
+                        }
+                        Err(RecvTimeoutError::Timeout) => {
+                            shared::memory::release_free_pages();
+                            released = true;
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => return, // every sender is gone: shut down
                     }
-                    Err(_) => return, // every sender is gone: shut down
-                },
+                }
             };
+            released = false;
             let (mut rows, mut tokens) = (first.rows.len(), self.cost(&first));
             let mut jobs = vec![first];
             if self.opts.batching {

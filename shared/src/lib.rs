@@ -11,6 +11,7 @@ pub mod data;
 pub mod datasets;
 pub mod http;
 pub mod hub;
+pub mod memory;
 pub mod metrics;
 pub mod plot;
 pub mod registry;

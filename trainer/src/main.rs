@@ -158,6 +158,8 @@ impl std::error::Error for Failure {}
 
 /// Exit statuses: 0 done, 1 error, 2 usage (clap's and [`Failure::Usage`]), 3 promotion refused.
 fn main() -> ExitCode {
+    // Training forwards free large temporaries every step; keep them mapped (shared::memory).
+    shared::memory::reuse_freed_memory();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<Failure>() {
