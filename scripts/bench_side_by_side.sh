@@ -73,8 +73,14 @@ record() { echo "$1" >> "$OUT.jsonl"; }
 threads=()
 torch_threads=()
 if [ -n "${THREADS:-}" ]; then threads=(--threads "$THREADS"); torch_threads=(--threads "$THREADS"); fi
-precisions=(f32 int8)
-if grep -qw avx512_bf16 /proc/cpuinfo || grep -qw amx_bf16 /proc/cpuinfo; then precisions=(f32 bf16 int8); fi
+# The precisions this CPU runs (models::cpu::Precision::check): f32 on AVX2 + FMA; bf16 on
+# AVX512-BF16 or AMX; int8 on AVX512-VNNI, AVX-VNNI or AMX. An AVX2-only CPU serves f32 alone.
+has_flag() { grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -qx "$1"; }
+precisions=(f32)
+if has_flag avx512_bf16 || has_flag amx_bf16; then precisions+=(bf16); fi
+if has_flag avx512_vnni || has_flag avx_vnni || has_flag amx_int8; then precisions+=(int8); fi
+# The memory part measures the last (the narrowest panels this CPU runs).
+mem_precision=${precisions[-1]}
 
 quick_adapter() { # model, out
   "$bin/verdict-train" sft --model "$1" --task mr --out "$2" --max-steps 2 --batch-size 4 --eval-limit 20 \
@@ -251,7 +257,7 @@ PY
 }
 if has memory; then
   {
-    echo "## Memory and start-up (verdict-serve, int8 panels, one request served before measuring)"
+    echo "## Memory and start-up (verdict-serve, $mem_precision panels, one request served before measuring)"
     echo
     echo "| model | cold start to /ready | warm start to /ready | 1st process RSS / PSS / USS | 2nd process RSS / PSS / USS | 2nd adds (USS / 1st RSS) |"
     echo "|---|---:|---:|---:|---:|---:|"
@@ -260,9 +266,9 @@ if has memory; then
   for m in smollm2 qwen; do
     model=$m; [ "$m" = qwen ] && model=qwen0.5b
     gguf=$(ls "$cache"/models/ | grep -i "$( [ $m = qwen ] && echo qwen || echo smollm2)" | grep '\.gguf$' | head -1)
-    rm -f "$cache/models/$gguf.verdict/int8.pack"
+    rm -f "$cache/models/$gguf.verdict/$mem_precision.pack"
     port=$BASE_PORT
-    args=(--model "$model" --cpu-matmul int8 --adapters "$work/$m" --default-task mr --watch-interval-ms 0 "${threads[@]}")
+    args=(--model "$model" --cpu-matmul "$mem_precision" --adapters "$work/$m" --default-task mr --watch-interval-ms 0 "${threads[@]}")
     "$bin/verdict-serve" "${args[@]}" --port "$port" 2> "$work/cold.log" & p1=$!
     cold=$(wait_ready "$port" cold "$work/cold.log")
     kill $p1; wait $p1 2>/dev/null || true

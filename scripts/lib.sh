@@ -22,7 +22,7 @@ cleanup_work() {
 wait_ready() { # port, name, log[, tries]: seconds until /ready
   local t0 t1
   t0=$(date +%s.%N)
-  for _ in $(seq 1 "${4:-1200}"); do
+  for _ in $(seq 1 "${4:-3600}"); do
     if curl -fsS "http://127.0.0.1:$1/ready" >/dev/null 2>&1; then
       t1=$(date +%s.%N)
       python3 -c "print(f'{$t1 - $t0:.2f}')"
