@@ -19,6 +19,8 @@ pub enum ConfigError {
          Face directory"
     )]
     FreqFactorsNotExportable,
+    #[error("a Gemma 3 whose sliding layers scale their rotary frequencies has no transformers-4 config.json form")]
+    LocalRopeScalingNotExportable,
     #[error(transparent)]
     Json(#[from] serde_json::Error),
     #[error(
@@ -56,7 +58,7 @@ pub enum ConfigError {
     ZeroSlidingWindow,
     #[error("config.json has no model_type")]
     NoModelType,
-    #[error("unsupported model_type {0:?} (llama, mistral, qwen2 and qwen3 are)")]
+    #[error("unsupported model_type {0:?} (llama, mistral, qwen2, qwen3, gemma2 and gemma3_text are)")]
     UnsupportedModelType(String),
     #[error("config.json: num_attention_heads must be non-zero")]
     ZeroHeads,
@@ -67,11 +69,19 @@ pub enum ConfigError {
          per-layer sliding windows are not supported"
     )]
     SlidingLayers { window: usize, sliding: usize, layers: usize },
+    #[error("config.json: {key} {value:?} is not supported ({supported} is)")]
+    Activation { key: &'static str, value: String, supported: &'static str },
+    #[error("config.json: layer_types has {got} entries for {layers} layers, or an entry other than sliding_attention / full_attention")]
+    LayerTypes { got: usize, layers: usize },
+    #[error("config.json: use_bidirectional_attention (an encoder-style Gemma) is not supported")]
+    Bidirectional,
+    #[error("config.json: {key} {value} must be a positive number")]
+    NotPositiveSetting { key: &'static str, value: f64 },
 }
 
 /// The decoder families Verdict runs. They share one implementation; the differences are
 /// spelled out as [`DecoderConfig`] fields (q/k/v bias, tied embeddings, sliding window, GGUF
-/// Q/K layout) and [`DecoderConfig::qk_norm`].
+/// Q/K layout, Gemma's [`GemmaSettings`]) and [`DecoderConfig::qk_norm`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
@@ -84,11 +94,19 @@ pub enum Arch {
     /// Qwen3: Qwen2's layout without q/k/v biases by default, plus per-head RMS norms of the
     /// queries and keys before the rotary embedding (`q_norm`, `k_norm`).
     Qwen3,
+    /// Gemma 2: RMS norms scaling by `1 + w`, embeddings scaled by `sqrt(hidden)`, GeGLU (tanh
+    /// GELU), norms after attention and after the MLP as well as before, soft-capped attention
+    /// scores and logits, sliding-window layers alternating with full ones.
+    Gemma2,
+    /// Gemma 3 (text): Gemma 2's layout with per-head q/k norms instead of attention
+    /// soft-capping, five sliding layers per full one, and their own rotary base.
+    #[serde(rename = "gemma3_text")]
+    Gemma3,
 }
 
 impl Arch {
     /// Every family, for tests that cover them all.
-    pub const ALL: [Arch; 4] = [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3];
+    pub const ALL: [Arch; 6] = [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3, Self::Gemma2, Self::Gemma3];
 
     /// Name used by GGUF (`general.architecture`) and by HF's `model_type`.
     pub fn name(self) -> &'static str {
@@ -97,7 +115,14 @@ impl Arch {
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Gemma2 => "gemma2",
+            Self::Gemma3 => "gemma3_text",
         }
+    }
+
+    /// Whether this is a Gemma family ([`GemmaSettings`] apply).
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Self::Gemma2 | Self::Gemma3)
     }
 
     /// Parses a GGUF architecture / HF model type.
@@ -112,6 +137,8 @@ impl Arch {
             Self::Mistral => "MistralForCausalLM",
             Self::Qwen2 => "Qwen2ForCausalLM",
             Self::Qwen3 => "Qwen3ForCausalLM",
+            Self::Gemma2 => "Gemma2ForCausalLM",
+            Self::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 }
@@ -399,9 +426,35 @@ pub struct DecoderConfig {
     pub tie_word_embeddings: bool,
     /// q, k and v projections carry a bias (Qwen2).
     pub attention_bias: bool,
-    /// A query sees only the keys fewer than this many positions before it (Mistral).
+    /// A query sees only the keys fewer than this many positions before it (Mistral: every
+    /// layer; Gemma: the layers [`GemmaSettings::sliding_layers`] names).
     #[serde(default)]
     pub sliding_window: Option<usize>,
+    /// Gemma 2 / 3 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemma: Option<GemmaSettings>,
+}
+
+/// What Gemma 2 and 3 add to the shared layout (transformers 5.24's `modeling_gemma2.py` and
+/// `modeling_gemma3.py`). Every RMS norm scales by `1 + w` (folded into the weights when
+/// loaded), the embeddings are multiplied by `sqrt(hidden_size)`, the MLP is GeGLU with the
+/// tanh GELU, and each layer norms the attention's and the MLP's outputs before adding them
+/// (`post_attention_layernorm`, `pre_feedforward_layernorm`, `post_feedforward_layernorm`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GemmaSettings {
+    /// Per layer: whether it slides [`DecoderConfig::sliding_window`] (else it sees every key).
+    pub sliding_layers: Vec<bool>,
+    /// The sliding layers' rotary base and scaling (Gemma 3's `rope_local_base_freq`; Gemma 2:
+    /// the full layers').
+    pub local_rope_theta: f64,
+    #[serde(default)]
+    pub local_rope_scaling: RopeScaling,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2`, not `head_dim^-1/2`.
+    pub query_pre_attn_scalar: f64,
+    /// `cap · tanh(score / cap)` on the attention scores before the mask (Gemma 2).
+    pub attn_logit_softcapping: Option<f64>,
+    /// `cap · tanh(logit / cap)` on the LM head's output (Gemma 2).
+    pub final_logit_softcapping: Option<f64>,
 }
 
 impl DecoderConfig {
@@ -423,14 +476,39 @@ impl DecoderConfig {
         shapes.into_iter().map(|((o, i), n)| (o, i, n)).collect()
     }
 
-    /// Queries and keys get a per-head RMS norm before the rotary embedding (Qwen3).
+    /// Queries and keys get a per-head RMS norm before the rotary embedding (Qwen3, Gemma 3).
     pub fn qk_norm(&self) -> bool {
-        self.arch == Arch::Qwen3
+        matches!(self.arch, Arch::Qwen3 | Arch::Gemma3)
     }
 
     /// The rotary inverse frequencies and the factor cos and sin are multiplied by.
     pub fn rope_frequencies(&self) -> (Vec<f64>, f64) {
         self.rope_scaling.frequencies(self.rope_theta, self.head_dim)
+    }
+
+    /// The sliding layers' rotary frequencies where they differ from the full layers' (Gemma 3).
+    pub fn local_rope_frequencies(&self) -> Option<(Vec<f64>, f64)> {
+        let g = self.gemma.as_ref()?;
+        if g.local_rope_theta == self.rope_theta && g.local_rope_scaling == self.rope_scaling {
+            return None;
+        }
+        Some(g.local_rope_scaling.frequencies(g.local_rope_theta, self.head_dim))
+    }
+
+    /// The RMS norms of one layer, by checkpoint name (Gemma's four, the others' two).
+    pub fn layer_norms(&self) -> &'static [&'static str] {
+        if self.arch.is_gemma() {
+            &["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        } else {
+            &["input_layernorm", "post_attention_layernorm"]
+        }
+    }
+
+    /// Whether layer `i` slides the attention window (every layer of a Mistral with a window;
+    /// the sliding layers of a Gemma).
+    pub fn slides(&self, layer: usize) -> bool {
+        self.sliding_window.is_some()
+            && self.gemma.as_ref().is_none_or(|g| g.sliding_layers.get(layer).copied().unwrap_or(false))
     }
 
     /// Checks the invariants the forward pass relies on.
@@ -449,6 +527,29 @@ impl DecoderConfig {
         }
         if self.sliding_window == Some(0) {
             return Err(ConfigError::ZeroSlidingWindow);
+        }
+        if let Some(g) = &self.gemma {
+            if g.sliding_layers.len() != self.num_layers {
+                return Err(ConfigError::LayerTypes { got: g.sliding_layers.len(), layers: self.num_layers });
+            }
+            if !(g.local_rope_theta.is_finite() && g.local_rope_theta > 1.0) {
+                return Err(ConfigError::RopeTheta(g.local_rope_theta));
+            }
+            let positive = |key: &'static str, x: f64| {
+                if x.is_finite() && x > 0.0 {
+                    Ok(())
+                } else {
+                    Err(ConfigError::NotPositiveSetting { key, value: x })
+                }
+            };
+            positive("query_pre_attn_scalar", g.query_pre_attn_scalar)?;
+            if let Some(c) = g.attn_logit_softcapping {
+                positive("attn_logit_softcapping", c)?;
+            }
+            if let Some(c) = g.final_logit_softcapping {
+                positive("final_logit_softcapping", c)?;
+            }
+            g.local_rope_scaling.validate(self.head_dim)?;
         }
         self.rope_scaling.validate(self.head_dim)
     }
@@ -490,6 +591,26 @@ impl DecoderConfig {
         if self.arch == Arch::Mistral {
             v["sliding_window"] = serde_json::json!(self.sliding_window);
         }
+        if let Some(g) = &self.gemma {
+            let o = v.as_object_mut().expect("an object");
+            o.remove("hidden_act");
+            o.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+            o.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
+            let types: Vec<&str> =
+                g.sliding_layers.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
+            o.insert("layer_types".into(), serde_json::json!(types));
+            o.insert("query_pre_attn_scalar".into(), serde_json::json!(g.query_pre_attn_scalar));
+            o.insert("attn_logit_softcapping".into(), serde_json::json!(g.attn_logit_softcapping));
+            o.insert("final_logit_softcapping".into(), serde_json::json!(g.final_logit_softcapping));
+            if self.arch == Arch::Gemma3 {
+                // The transformers-4 form, which transformers 5 reads: the top-level rope
+                // settings are the full layers', rope_local_base_freq the sliding layers'.
+                if g.local_rope_scaling != RopeScaling::Default {
+                    return Err(ConfigError::LocalRopeScalingNotExportable);
+                }
+                o.insert("rope_local_base_freq".into(), serde_json::json!(g.local_rope_theta));
+            }
+        }
         Ok(v)
     }
 
@@ -528,16 +649,43 @@ impl DecoderConfig {
         if flag("mlp_bias", false)? {
             return Err(ConfigError::MlpBias);
         }
-        let max_position_embeddings = opt_usize("max_position_embeddings")?.unwrap_or(4096);
-        let (rope_theta, rope_scaling) = RopeScaling::from_hf_json(v, max_position_embeddings)?;
+        let max_position_embeddings = opt_usize("max_position_embeddings")?.unwrap_or(match arch {
+            Arch::Gemma2 => 8192,
+            Arch::Gemma3 => 131_072,
+            _ => 4096,
+        });
+        // The MLP's activation: SiLU (SwiGLU) for every family but Gemma's tanh GELU (GeGLU).
+        let (act_key, want) = if arch.is_gemma() {
+            ("hidden_activation", "gelu_pytorch_tanh")
+        } else {
+            ("hidden_act", "silu")
+        };
+        let act = match (&v[act_key], &v["hidden_act"]) {
+            (serde_json::Value::Null, serde_json::Value::Null) => want,
+            (serde_json::Value::Null, x) | (x, _) => {
+                x.as_str().ok_or_else(|| ConfigError::NotAString { key: act_key.to_string() })?
+            }
+        };
+        if act != want {
+            return Err(ConfigError::Activation { key: act_key, value: act.to_string(), supported: want });
+        }
+        let (rope_theta, rope_scaling, local_rope) = if arch == Arch::Gemma3 {
+            gemma3_rope(v, max_position_embeddings)?
+        } else {
+            let (theta, scaling) = RopeScaling::from_hf_json(v, max_position_embeddings)?;
+            (theta, scaling, None)
+        };
         // transformers' defaults: Qwen3 heads are 128 wide whatever the hidden size; Mistral
         // slides a 4096-key window unless the config says null; Qwen2 and Qwen3 slide only
         // with use_sliding_window.
-        let head_dim =
-            opt_usize("head_dim")?.unwrap_or(if arch == Arch::Qwen3 { 128 } else { hidden_size / num_heads });
+        let head_dim = opt_usize("head_dim")?.unwrap_or(match arch {
+            Arch::Qwen3 => 128,
+            Arch::Gemma2 | Arch::Gemma3 => 256,
+            _ => hidden_size / num_heads,
+        });
         let sliding_window = match arch {
             Arch::Llama => None,
-            Arch::Mistral => match v.get("sliding_window") {
+            Arch::Mistral | Arch::Gemma2 | Arch::Gemma3 => match v.get("sliding_window") {
                 None => Some(4096),
                 Some(_) => opt_usize("sliding_window")?,
             },
@@ -559,18 +707,103 @@ impl DecoderConfig {
             rope_scaling,
             rms_norm_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
             max_position_embeddings,
-            tie_word_embeddings: flag("tie_word_embeddings", false)?,
+            tie_word_embeddings: flag("tie_word_embeddings", arch.is_gemma())?,
             // Mistral's q/k/v never carry biases, whatever the flag says (transformers').
             attention_bias: match arch {
                 Arch::Qwen2 => flag("attention_bias", true)?,
                 Arch::Mistral => false,
-                Arch::Llama | Arch::Qwen3 => flag("attention_bias", false)?,
+                Arch::Llama | Arch::Qwen3 | Arch::Gemma2 | Arch::Gemma3 => flag("attention_bias", false)?,
             },
             sliding_window,
+            gemma: None,
+        };
+        let cfg = if arch.is_gemma() {
+            if flag("use_bidirectional_attention", false)? {
+                return Err(ConfigError::Bidirectional);
+            }
+            let number = |key: &str, default: Option<f64>| -> Result<Option<f64>, ConfigError> {
+                match v.get(key) {
+                    None => Ok(default),
+                    Some(serde_json::Value::Null) => Ok(None),
+                    Some(x) => x.as_f64().map(Some).ok_or_else(|| ConfigError::NotANumber { key: key.to_string() }),
+                }
+            };
+            let (local_rope_theta, local_rope_scaling) =
+                local_rope.unwrap_or_else(|| (cfg.rope_theta, cfg.rope_scaling.clone()));
+            let soft = if arch == Arch::Gemma2 { (Some(50.0), Some(30.0)) } else { (None, None) };
+            let gemma = GemmaSettings {
+                sliding_layers: gemma_sliding_layers(v, arch, num_layers)?,
+                local_rope_theta,
+                local_rope_scaling,
+                query_pre_attn_scalar: number("query_pre_attn_scalar", Some(256.0))?.unwrap_or(256.0),
+                attn_logit_softcapping: number("attn_logit_softcapping", soft.0)?,
+                final_logit_softcapping: number("final_logit_softcapping", soft.1)?,
+            };
+            Self { gemma: Some(gemma), ..cfg }
+        } else {
+            cfg
         };
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// Gemma 3's rotary settings: `(theta, scaling)` of the full layers and, separately, of the
+/// sliding ones. transformers 5 writes `rope_parameters: {full_attention: {...},
+/// sliding_attention: {...}}`; transformers 4 the full layers' as usual and the sliding ones'
+/// base as `rope_local_base_freq` (default 10,000, never scaled).
+type Rope = (f64, RopeScaling);
+fn gemma3_rope(v: &serde_json::Value, max_pos: usize) -> Result<(f64, RopeScaling, Option<Rope>), ConfigError> {
+    let per_type = v["rope_parameters"].as_object().filter(|p| p.values().any(|x| x.is_object()));
+    if let Some(p) = per_type {
+        let one = |layer_type: &str| -> Result<Rope, ConfigError> {
+            let mut alone = v.clone();
+            let o = alone.as_object_mut().expect("an object");
+            o.remove("rope_scaling");
+            o.insert("rope_parameters".into(), p.get(layer_type).cloned().unwrap_or_default());
+            RopeScaling::from_hf_json(&alone, max_pos)
+        };
+        if let Some(other) = p.keys().find(|k| !matches!(k.as_str(), "full_attention" | "sliding_attention")) {
+            return Err(ConfigError::PerLayerRope { key: "rope_parameters", layer_type: other.clone() });
+        }
+        let (theta, scaling) = one("full_attention")?;
+        return Ok((theta, scaling, Some(one("sliding_attention")?)));
+    }
+    let (theta, scaling) = RopeScaling::from_hf_json(v, max_pos)?;
+    let local = match &v["rope_local_base_freq"] {
+        serde_json::Value::Null => 10_000.0,
+        x => x.as_f64().ok_or_else(|| ConfigError::NotANumber { key: "rope_local_base_freq".into() })?,
+    };
+    Ok((theta, scaling, Some((local, RopeScaling::Default))))
+}
+
+/// Which Gemma layers slide the window: `layer_types` where given, else transformers'
+/// defaults (Gemma 2: every other layer from the first; Gemma 3: all but every
+/// `sliding_window_pattern`-th, 6 by default).
+fn gemma_sliding_layers(v: &serde_json::Value, arch: Arch, layers: usize) -> Result<Vec<bool>, ConfigError> {
+    if let Some(types) = v["layer_types"].as_array() {
+        let parsed: Option<Vec<bool>> = types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Some(true),
+                Some("full_attention") => Some(false),
+                _ => None,
+            })
+            .collect();
+        return match parsed {
+            Some(p) if p.len() == layers => Ok(p),
+            _ => Err(ConfigError::LayerTypes { got: types.len(), layers }),
+        };
+    }
+    if arch == Arch::Gemma2 {
+        return Ok((0..layers).map(|i| i % 2 == 0).collect());
+    }
+    let pattern = ["sliding_window_pattern", "_sliding_window_pattern"]
+        .iter()
+        .find_map(|k| v[k].as_u64())
+        .unwrap_or(6)
+        .max(1) as usize;
+    Ok((0..layers).map(|i| (i + 1) % pattern != 0).collect())
 }
 
 /// Refuses a Qwen2 / Qwen3 config whose layers would slide a window (`use_sliding_window`
@@ -834,6 +1067,84 @@ mod tests {
         assert_eq!(read(json!({"model_type": "mistral", "sliding_window": null})).unwrap().sliding_window, None);
         assert_eq!(read(json!({"model_type": "mistral", "sliding_window": 24})).unwrap().sliding_window, Some(24));
         assert_eq!(read(json!({"sliding_window": 24})).unwrap().sliding_window, None, "Llama never slides");
+    }
+
+    #[test]
+    fn gemma_defaults_and_transformers_4_forms_are_transformers() {
+        // Gemma 2 without layer_types or soft-caps: every other layer slides, from the first;
+        // scores capped at 50, logits at 30; 256-wide heads; tied embeddings.
+        let g = read(json!({"model_type": "gemma2", "num_hidden_layers": 4, "hidden_activation": "gelu_pytorch_tanh"}))
+            .unwrap();
+        let s = g.gemma.clone().unwrap();
+        assert_eq!((g.head_dim, g.tie_word_embeddings, g.sliding_window), (256, true, Some(4096)));
+        assert_eq!(s.sliding_layers, vec![true, false, true, false]);
+        assert_eq!((s.attn_logit_softcapping, s.final_logit_softcapping), (Some(50.0), Some(30.0)));
+        assert_eq!((s.query_pre_attn_scalar, s.local_rope_theta), (256.0, g.rope_theta));
+        assert!(g.local_rope_frequencies().is_none());
+        assert_eq!((0..4).map(|i| g.slides(i)).collect::<Vec<_>>(), vec![true, false, true, false]);
+        // Explicit nulls switch the caps and the window off.
+        let g = read(json!({"model_type": "gemma2", "attn_logit_softcapping": null, "final_logit_softcapping": null,
+                            "sliding_window": null}))
+        .unwrap();
+        let s = g.gemma.clone().unwrap();
+        assert_eq!((s.attn_logit_softcapping, s.final_logit_softcapping, g.sliding_window), (None, None, None));
+        assert!(!g.slides(0));
+        // Gemma 3, transformers-4 form: pattern 3 slides all but every third layer; the full
+        // layers get rope_theta + rope_scaling, the sliding ones rope_local_base_freq unscaled.
+        let g = read(json!({"model_type": "gemma3_text", "num_hidden_layers": 6, "sliding_window_pattern": 3,
+                            "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                            "rope_scaling": {"rope_type": "linear", "factor": 8.0}}))
+        .unwrap();
+        let s = g.gemma.clone().unwrap();
+        assert_eq!(s.sliding_layers, vec![true, true, false, true, true, false]);
+        assert_eq!((g.rope_theta, &g.rope_scaling), (1e6, &RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!((s.local_rope_theta, &s.local_rope_scaling), (1e4, &RopeScaling::Default));
+        assert_eq!((s.attn_logit_softcapping, s.final_logit_softcapping), (None, None));
+        assert!(g.qk_norm());
+        let (local, _) = g.local_rope_frequencies().unwrap();
+        assert_eq!(local[1], 1.0 / 1e4f64.powf(2.0 / 256.0));
+        // The same in the transformers-5 form reads the same.
+        let t5 = read(json!({"model_type": "gemma3_text", "num_hidden_layers": 6,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention",
+                            "sliding_attention", "sliding_attention", "full_attention"],
+            "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}))
+        .unwrap();
+        assert_eq!(t5, g);
+        // Written back (transformers-4 form) and read again: the same config.
+        assert_eq!(DecoderConfig::from_hf_json(&g.to_hf_json().unwrap()).unwrap(), g);
+        // The default pattern is 6.
+        let g = read(json!({"model_type": "gemma3_text", "num_hidden_layers": 7})).unwrap();
+        assert_eq!(g.gemma.unwrap().sliding_layers, vec![true, true, true, true, true, false, true]);
+    }
+
+    #[test]
+    fn what_gemma_would_get_wrong_is_refused_by_name() {
+        let e = read(json!({"model_type": "gemma2", "hidden_activation": "gelu"})).unwrap_err();
+        assert!(e.to_string().contains("hidden_activation \"gelu\""), "{e}");
+        let e = read(json!({"model_type": "llama", "hidden_act": "gelu"})).unwrap_err();
+        assert!(e.to_string().contains("hidden_act \"gelu\""), "{e}");
+        let e = read(json!({"model_type": "gemma3_text", "use_bidirectional_attention": true})).unwrap_err();
+        assert!(matches!(e, ConfigError::Bidirectional), "{e}");
+        let e = read(json!({"model_type": "gemma2", "layer_types": ["sliding_attention"]})).unwrap_err();
+        assert!(matches!(e, ConfigError::LayerTypes { got: 1, layers: 2 }), "{e}");
+        let e = read(json!({"model_type": "gemma2", "layer_types": ["chunked_attention", "full_attention"]}))
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::LayerTypes { .. }), "{e}");
+        let e = read(json!({"model_type": "gemma3_text",
+            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                "chunked_attention": {"rope_type": "default", "rope_theta": 1e4}}}))
+        .unwrap_err();
+        assert!(e.to_string().contains("chunked_attention"), "{e}");
+        let e = read(json!({"model_type": "gemma2", "query_pre_attn_scalar": 0})).unwrap_err();
+        assert!(e.to_string().contains("query_pre_attn_scalar"), "{e}");
+        // Per-layer rotary settings stay refused outside Gemma 3.
+        let e = read(json!({"model_type": "gemma2",
+            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}}))
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::PerLayerRope { .. }), "{e}");
+        let e = read(json!({"model_type": "gemma3"})).unwrap_err();
+        assert!(e.to_string().contains("gemma3_text are"), "{e}");
     }
 
     #[test]

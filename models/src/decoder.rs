@@ -1,5 +1,5 @@
-//! The decoder-only transformer behind Llama (SmolLM2, Llama 3), Mistral, Qwen2 (Qwen2.5) and
-//! Qwen3.
+//! The decoder-only transformer behind Llama (SmolLM2, Llama 3), Mistral, Qwen2 (Qwen2.5),
+//! Qwen3 and Gemma 2 / 3.
 //!
 //! One implementation with two paths. [`Mode::Inference`] may use candle's fused kernels
 //! (`rms_norm`, `softmax_last_dim`, `rope`), which record no backward op. [`Mode::Train`] uses
@@ -55,13 +55,29 @@ pub struct DecoderOutput {
 }
 
 struct RmsNorm {
+    /// The scale the normalized values are multiplied by: the checkpoint's weight, plus one
+    /// where `offset` (Gemma stores `w` and scales by `1 + w`).
     weight: Tensor,
     eps: f32,
+    offset: bool,
 }
 
 impl RmsNorm {
-    fn new(w: &Weights, eps: f64) -> Result<Self, Error> {
-        Ok(Self { weight: w.dense("weight")?, eps: eps as f32 })
+    fn new(w: &Weights, eps: f64, offset: bool) -> Result<Self, Error> {
+        let stored = w.dense("weight")?;
+        let weight =
+            if offset { (stored.to_dtype(DType::F32)? + 1.0)?.to_dtype(stored.dtype())? } else { stored };
+        Ok(Self { weight, eps: eps as f32, offset })
+    }
+
+    /// The weight as the checkpoint stores it (f32).
+    fn stored(&self) -> Result<Tensor, Error> {
+        let w = self.weight.to_dtype(DType::F32)?;
+        Ok(if self.offset { (w - 1.0)? } else { w })
+    }
+
+    fn clone_shallow(&self) -> Self {
+        Self { weight: self.weight.clone(), eps: self.eps, offset: self.offset }
     }
 
     fn forward(&self, x: &Tensor, mode: Mode, fused: bool) -> Result<Tensor, Error> {
@@ -126,12 +142,36 @@ struct LayerCtx<'a> {
     /// The keys each query may see: as an additive mask `[batch, 1, 1, seq, keys]` for
     /// candle's ops, or as booleans for the fused CPU attention.
     mask: AttentionMask,
+    /// The sliding layers' mask where it differs from `mask` (Gemma).
+    sliding_mask: Option<AttentionMask>,
     /// `[batch, seq, head_dim/2]`
     cos: Tensor,
     sin: Tensor,
+    /// The sliding layers' rotary tables where they differ (Gemma 3).
+    local_cos_sin: Option<(Tensor, Tensor)>,
+    cfg: &'a DecoderConfig,
 }
 
 impl LayerCtx<'_> {
+    /// Whether `layer` is one of a Gemma's sliding layers.
+    fn local(&self, layer: usize) -> bool {
+        self.cfg.gemma.as_ref().is_some_and(|g| g.sliding_layers[layer])
+    }
+
+    fn mask(&self, layer: usize) -> &AttentionMask {
+        match &self.sliding_mask {
+            Some(m) if self.local(layer) => m,
+            _ => &self.mask,
+        }
+    }
+
+    fn cos_sin(&self, layer: usize) -> (&Tensor, &Tensor) {
+        match &self.local_cos_sin {
+            Some((c, s)) if self.local(layer) => (c, s),
+            _ => (&self.cos, &self.sin),
+        }
+    }
+
     /// A frozen projection plus its LoRA delta, if the adapter targets it.
     fn project(&self, linear: &FrozenLinear, layer: usize, proj: Projection, x: &Tensor) -> Result<Tensor, Error> {
         if let Some(y) = self.project_fused(linear, layer, proj, x)? {
@@ -228,17 +268,18 @@ impl LayerCtx<'_> {
         Ok(Some((product(&product(&x, &pair.a)?, &pair.b)? * pair.scaling())?.to_dtype(x_dtype)?))
     }
 
-    fn rope(&self, x: &Tensor) -> Result<Tensor, Error> {
+    fn rope(&self, x: &Tensor, layer: usize) -> Result<Tensor, Error> {
+        let (cos, sin) = self.cos_sin(layer);
         Ok(match self.mode {
-            Mode::Inference => candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)?,
+            Mode::Inference => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?,
             Mode::Train { .. } if self.fused => {
-                let (cos, sin) = (self.cos.flatten_all()?.to_vec1::<f32>()?, self.sin.flatten_all()?.to_vec1::<f32>()?);
+                let (cos, sin) = (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
                 x.contiguous()?.apply_op1(crate::cpu::train_ops::Rope { cos, sin })?
             }
             Mode::Train { .. } => {
                 // x·cos + rotate_half(x)·sin with per-row positions, differentiable.
-                let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?.unsqueeze(1)?;
-                let sin = Tensor::cat(&[&self.sin, &self.sin], D::Minus1)?.unsqueeze(1)?;
+                let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+                let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
                 let half = x.dim(D::Minus1)? / 2;
                 let rotated = Tensor::cat(
                     &[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?],
@@ -265,17 +306,22 @@ struct Attention {
     k_proj: FrozenLinear,
     v_proj: FrozenLinear,
     o_proj: FrozenLinear,
-    /// Per-head RMS norms of the queries and keys before the rotary embedding (Qwen3).
+    /// Per-head RMS norms of the queries and keys before the rotary embedding (Qwen3, Gemma 3).
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// Queries multiplied by this so that the kernels' `head_dim^-1/2` gives Gemma's
+    /// `query_pre_attn_scalar^-1/2`.
+    query_scale: Option<f64>,
+    /// Gemma 2's `cap · tanh(score / cap)` before the mask.
+    softcap: Option<f64>,
 }
 
 impl Attention {
     fn new(cfg: &DecoderConfig, w: &Weights) -> Result<Self, Error> {
         let head_norm = |name: &str| -> Result<RmsNorm, Error> {
-            let norm = RmsNorm::new(&w.pp(name), cfg.rms_norm_eps)?;
+            let norm = RmsNorm::new(&w.pp(name), cfg.rms_norm_eps, cfg.arch.is_gemma())?;
             let dims = norm.weight.dims().to_vec();
             if dims != [cfg.head_dim] {
                 return Err(Error::Invalid(format!(
@@ -296,6 +342,12 @@ impl Attention {
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
+            query_scale: cfg
+                .gemma
+                .as_ref()
+                .map(|g| (cfg.head_dim as f64 / g.query_pre_attn_scalar).sqrt())
+                .filter(|&s| s != 1.0),
+            softcap: cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping),
         })
     }
 
@@ -313,7 +365,11 @@ impl Attention {
             q = q_norm.forward(&q, ctx.mode, ctx.fused)?;
             k = k_norm.forward(&k, ctx.mode, ctx.fused)?;
         }
-        let (q, k) = (ctx.rope(&q)?, ctx.rope(&k)?);
+        let (q, k) = (ctx.rope(&q, layer)?, ctx.rope(&k, layer)?);
+        let q = match self.query_scale {
+            Some(s) => (q * s)?,
+            None => q,
+        };
         let v = heads(ctx.project(&self.v_proj, layer, Projection::V, x)?, nkv)?;
         let (k, v) = match cache {
             Some(cache) => {
@@ -326,7 +382,7 @@ impl Attention {
             }
             None => (k, v),
         };
-        if let (AttentionMask::Keys(mask), Mode::Train { .. }) = (&ctx.mask, ctx.mode) {
+        if let (AttentionMask::Keys(mask), Mode::Train { .. }) = (ctx.mask(layer), ctx.mode) {
             // Training on the CPU: one differentiable op, products on the f32 tiles.
             let op = crate::cpu::train_ops::Attention {
                 mask: mask.clone(),
@@ -337,7 +393,7 @@ impl Attention {
             let y = q.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
             return ctx.project(&self.o_proj, layer, Projection::O, &y);
         }
-        if let AttentionMask::Keys(mask) = &ctx.mask {
+        if let AttentionMask::Keys(mask) = ctx.mask(layer) {
             // Inference on the CPU: the fused kernel over the allowed keys only.
             let heads = crate::cpu::attention::Heads { heads: nh, kv_heads: nkv, head_dim: hd };
             let y = with_f32(&q, |q| {
@@ -354,7 +410,11 @@ impl Attention {
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let AttentionMask::Additive(mask) = &ctx.mask else { unreachable!("fused attention returned above") };
+        let scores = match self.softcap {
+            Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+            None => scores,
+        };
+        let AttentionMask::Additive(mask) = ctx.mask(layer) else { unreachable!("fused attention returned above") };
         let scores = scores.reshape((b, nkv, rep, t, keys))?.broadcast_add(mask)?;
         let probs = ctx.softmax(&scores)?.reshape((b, nkv, rep * t, keys))?;
         let y = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
@@ -366,20 +426,34 @@ struct Mlp {
     gate_proj: FrozenLinear,
     up_proj: FrozenLinear,
     down_proj: FrozenLinear,
+    /// GeGLU with the tanh GELU (Gemma) instead of SwiGLU.
+    gelu: bool,
 }
 
 impl Mlp {
-    fn new(w: &Weights) -> Result<Self, Error> {
+    fn new(w: &Weights, gelu: bool) -> Result<Self, Error> {
         Ok(Self {
             gate_proj: w.pp("gate_proj").linear(false)?,
             up_proj: w.pp("up_proj").linear(false)?,
             down_proj: w.pp("down_proj").linear(false)?,
+            gelu,
         })
     }
 
     fn forward(&self, x: &Tensor, layer: usize, ctx: &LayerCtx) -> Result<Tensor, Error> {
         let gate = ctx.project(&self.gate_proj, layer, Projection::Gate, x)?;
         let up = ctx.project(&self.up_proj, layer, Projection::Up, x)?;
+        if self.gelu {
+            let act = match ctx.mode {
+                // candle's `gelu` is the tanh approximation (transformers' gelu_pytorch_tanh).
+                Mode::Inference => gate.gelu()?,
+                // Its backward op rounds the formula's constants to six digits (a relative
+                // gradient error near 3e-6, which the finite-difference check catches): spelled
+                // out in differentiable ops instead.
+                Mode::Train { .. } => gelu_tanh(&gate)?,
+            };
+            return ctx.project(&self.down_proj, layer, Projection::Down, &(act * up)?);
+        }
         let fused = match ctx.mode {
             Mode::Inference => crate::fast::swiglu(&gate, &up, ctx.kernels)?,
             Mode::Train { .. } if ctx.fused => {
@@ -398,25 +472,55 @@ impl Mlp {
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
+    /// Before the MLP; Gemma: on the attention's output, before the residual sum.
     post_attention_layernorm: RmsNorm,
+    /// Gemma: before the MLP, and on the MLP's output before the residual sum.
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
     mlp: Mlp,
 }
 
 impl DecoderLayer {
     fn new(cfg: &DecoderConfig, w: &Weights) -> Result<Self, Error> {
+        let gemma = cfg.arch.is_gemma();
+        let norm = |name: &str| RmsNorm::new(&w.pp(name), cfg.rms_norm_eps, gemma);
         Ok(Self {
-            input_layernorm: RmsNorm::new(&w.pp("input_layernorm"), cfg.rms_norm_eps)?,
+            input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::new(cfg, &w.pp("self_attn"))?,
-            post_attention_layernorm: RmsNorm::new(&w.pp("post_attention_layernorm"), cfg.rms_norm_eps)?,
-            mlp: Mlp::new(&w.pp("mlp"))?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            feedforward_norms: if gemma {
+                Some((norm("pre_feedforward_layernorm")?, norm("post_feedforward_layernorm")?))
+            } else {
+                None
+            },
+            mlp: Mlp::new(&w.pp("mlp"), gemma)?,
         })
     }
 
     fn forward(&self, x: &Tensor, layer: usize, ctx: &LayerCtx, cache: Option<&mut KvCache>) -> Result<Tensor, Error> {
-        let h = self.input_layernorm.forward(x, ctx.mode, ctx.fused)?;
-        let x = (x + self.self_attn.forward(&h, layer, ctx, cache)?)?;
-        let h = self.post_attention_layernorm.forward(&x, ctx.mode, ctx.fused)?;
-        Ok((&x + self.mlp.forward(&h, layer, ctx)?)?)
+        let norm = |n: &RmsNorm, x: &Tensor| n.forward(x, ctx.mode, ctx.fused);
+        let h = norm(&self.input_layernorm, x)?;
+        let attn = self.self_attn.forward(&h, layer, ctx, cache)?;
+        match &self.feedforward_norms {
+            None => {
+                let x = (x + attn)?;
+                let h = norm(&self.post_attention_layernorm, &x)?;
+                Ok((&x + self.mlp.forward(&h, layer, ctx)?)?)
+            }
+            Some((pre, post)) => {
+                let x = (x + norm(&self.post_attention_layernorm, &attn)?)?;
+                let h = norm(pre, &x)?;
+                Ok((&x + norm(post, &self.mlp.forward(&h, layer, ctx)?)?)?)
+            }
+        }
+    }
+
+    /// The layer's RMS norms with their checkpoint names (`DecoderConfig::layer_norms`' order).
+    fn norms(&self) -> Vec<&RmsNorm> {
+        let mut v = vec![&self.input_layernorm, &self.post_attention_layernorm];
+        if let Some((pre, post)) = &self.feedforward_norms {
+            v.extend([pre, post]);
+        }
+        v
     }
 
     fn linear(&self, proj: Projection) -> &FrozenLinear {
@@ -457,6 +561,11 @@ impl Rope {
         Self { inv_freq, scale }
     }
 
+    /// The sliding layers' tables where they differ (Gemma 3).
+    fn local(cfg: &DecoderConfig) -> Option<Self> {
+        cfg.local_rope_frequencies().map(|(inv_freq, scale)| Self { inv_freq, scale })
+    }
+
     /// `cos`, `sin` of shape `[batch, seq, head_dim/2]` for per-row positions.
     fn cos_sin(&self, positions: &[Vec<usize>], dtype: DType, device: &Device) -> Result<(Tensor, Tensor), Error> {
         let (b, t, h) = (positions.len(), positions[0].len(), self.inv_freq.len());
@@ -483,6 +592,7 @@ pub struct Decoder {
     norm: RmsNorm,
     lm_head: FrozenLinear,
     rope: Rope,
+    local_rope: Option<Rope>,
     dtype: DType,
     device: Device,
     /// How products run on the CPU (precision, instruction sets, tile plan).
@@ -501,7 +611,7 @@ impl Decoder {
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::new(&cfg, &model.pp("layers").pp(i)))
             .collect::<Result<Vec<_>, _>>()?;
-        let norm = RmsNorm::new(&model.pp("norm"), cfg.rms_norm_eps)?;
+        let norm = RmsNorm::new(&model.pp("norm"), cfg.rms_norm_eps, cfg.arch.is_gemma())?;
         // A pack file stores a tied head packed under its own name (the embedding stays rows).
         let lm_head = if weights.contains("lm_head.weight")
             && (!cfg.tie_word_embeddings || weights.is_packed("lm_head.weight"))
@@ -519,6 +629,7 @@ impl Decoder {
         }
         Ok(Self {
             rope: Rope::new(&cfg),
+            local_rope: Rope::local(&cfg),
             cfg,
             embed_tokens,
             layers,
@@ -621,18 +732,48 @@ impl Decoder {
             }
         }
         let (cos, sin) = self.rope.cos_sin(&positions, self.dtype, &self.device)?;
-        let window = self.cfg.sliding_window.map(|w| Window { keys: w, positions: &positions });
-        let allowed = allowed_keys(&past_mask, batch.mask(), batch.branches(), batch.segments(), window);
-        let fused = self.kernels.enabled() && self.device.is_cpu() && self.dtype == DType::F32 && self.cfg.head_dim > 0;
-        let mask = if fused {
-            AttentionMask::Keys(allowed)
-        } else {
-            AttentionMask::Additive(additive_mask(&allowed, self.dtype, &self.device)?)
+        let local_cos_sin = match &self.local_rope {
+            Some(r) => Some(r.cos_sin(&positions, self.dtype, &self.device)?),
+            None => None,
         };
-        let ctx = LayerCtx { mode, kernels: &self.kernels, fused, adapters, mask, cos, sin };
+        let window = self.cfg.sliding_window.map(|w| Window { keys: w, positions: &positions });
+        let gemma = self.cfg.gemma.as_ref();
+        let keys = |window| allowed_keys(&past_mask, batch.mask(), batch.branches(), batch.segments(), window);
+        let fused = self.kernels.enabled() && self.device.is_cpu() && self.dtype == DType::F32 && self.cfg.head_dim > 0;
+        // Soft-capped scores run on candle's ops (the fused attention kernel has no cap).
+        let fused_attention = fused && gemma.is_none_or(|g| g.attn_logit_softcapping.is_none());
+        let as_mask = |allowed| -> Result<AttentionMask, Error> {
+            Ok(if fused_attention {
+                AttentionMask::Keys(allowed)
+            } else {
+                AttentionMask::Additive(additive_mask(&allowed, self.dtype, &self.device)?)
+            })
+        };
+        // Mistral slides the window on every layer; a Gemma on its sliding layers only.
+        let (mask, sliding_mask) = match (gemma, window) {
+            (Some(_), Some(w)) => (as_mask(keys(None))?, Some(as_mask(keys(Some(w)))?)),
+            _ => (as_mask(keys(window))?, None),
+        };
+        let ctx = LayerCtx {
+            mode,
+            kernels: &self.kernels,
+            fused,
+            adapters,
+            mask,
+            sliding_mask,
+            cos,
+            sin,
+            local_cos_sin,
+            cfg: &self.cfg,
+        };
 
         let ids = batch.ids_tensor(&self.device)?.flatten_all()?;
         let mut x = self.embed_tokens.lookup(&ids, self.dtype, &self.device)?.reshape((b, t, self.cfg.hidden_size))?;
+        if gemma.is_some() {
+            // transformers multiplies by sqrt(hidden) rounded to the activations' dtype.
+            let scale = Tensor::new((self.cfg.hidden_size as f32).sqrt(), &self.device)?.to_dtype(self.dtype)?;
+            x = x.broadcast_mul(&scale)?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, i, &ctx, cache.as_deref_mut())?;
         }
@@ -671,7 +812,12 @@ impl Decoder {
             DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
             _ => Ok(t),
         };
-        Ok(DecoderOutput { hidden: widen(hidden)?, logits: logits.map(widen).transpose()? })
+        let logits = logits.map(widen).transpose()?;
+        let logits = match (logits, gemma.and_then(|g| g.final_logit_softcapping)) {
+            (Some(l), Some(cap)) => Some(((l / cap)?.tanh()? * cap)?),
+            (l, _) => l,
+        };
+        Ok(DecoderOutput { hidden: widen(hidden)?, logits })
     }
 
     /// A copy of the model with the adapter's deltas added into the base weights: one adapter
@@ -709,9 +855,10 @@ impl Decoder {
             cfg: self.cfg.clone(),
             embed_tokens: self.embed_tokens.clone(),
             layers,
-            norm: RmsNorm { weight: self.norm.weight.clone(), eps: self.norm.eps },
+            norm: self.norm.clone_shallow(),
             lm_head: self.lm_head.clone(),
             rope: Rope::new(&self.cfg),
+            local_rope: Rope::local(&self.cfg),
             dtype: self.dtype,
             device: self.device.clone(),
             kernels: self.kernels.clone(),
@@ -723,18 +870,19 @@ impl Decoder {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let mut out = vec![
             ("model.embed_tokens.weight".to_string(), self.embed_tokens.to_dense()?),
-            ("model.norm.weight".to_string(), f32(&self.norm.weight)?),
+            ("model.norm.weight".to_string(), self.norm.stored()?),
         ];
         if !self.cfg.tie_word_embeddings {
             out.push(("lm_head.weight".to_string(), self.lm_head.weight().to_dense(DType::F32)?));
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), f32(&layer.input_layernorm.weight)?));
-            out.push((format!("{p}.post_attention_layernorm.weight"), f32(&layer.post_attention_layernorm.weight)?));
+            for (name, norm) in self.cfg.layer_norms().iter().zip(layer.norms()) {
+                out.push((format!("{p}.{name}.weight"), norm.stored()?));
+            }
             if let Some((q_norm, k_norm)) = &layer.self_attn.qk_norm {
-                out.push((format!("{p}.self_attn.q_norm.weight"), f32(&q_norm.weight)?));
-                out.push((format!("{p}.self_attn.k_norm.weight"), f32(&k_norm.weight)?));
+                out.push((format!("{p}.self_attn.q_norm.weight"), q_norm.stored()?));
+                out.push((format!("{p}.self_attn.k_norm.weight"), k_norm.stored()?));
             }
             for proj in Projection::ALL {
                 let linear = layer.linear(proj);
@@ -750,7 +898,7 @@ impl Decoder {
 
 impl DecoderLayer {
     fn clone_shallow(&self) -> Self {
-        let norm = |n: &RmsNorm| RmsNorm { weight: n.weight.clone(), eps: n.eps };
+        let norm = |n: &RmsNorm| n.clone_shallow();
         let a = &self.self_attn;
         Self {
             input_layernorm: norm(&self.input_layernorm),
@@ -763,15 +911,26 @@ impl DecoderLayer {
                 num_heads: a.num_heads,
                 num_kv_heads: a.num_kv_heads,
                 head_dim: a.head_dim,
+                query_scale: a.query_scale,
+                softcap: a.softcap,
             },
             post_attention_layernorm: norm(&self.post_attention_layernorm),
+            feedforward_norms: self.feedforward_norms.as_ref().map(|(a, b)| (norm(a), norm(b))),
             mlp: Mlp {
                 gate_proj: self.mlp.gate_proj.clone(),
                 up_proj: self.mlp.up_proj.clone(),
                 down_proj: self.mlp.down_proj.clone(),
+                gelu: self.mlp.gelu,
             },
         }
     }
+}
+
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` from differentiable ops.
+fn gelu_tanh(x: &Tensor) -> Result<Tensor, Error> {
+    let inner = ((x.sqr()? * 0.044715)? + 1.0)?;
+    let t = ((x * inner)? * (2.0 / std::f64::consts::PI).sqrt())?.tanh()?;
+    Ok(((x * 0.5)? * (t + 1.0)?)?)
 }
 
 /// Rotary position of every new token: real tokens already cached plus the real tokens before

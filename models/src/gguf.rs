@@ -122,6 +122,7 @@ fn config(md: &Metadata, t: &Tensors) -> Result<DecoderConfig, Error> {
         tie_word_embeddings: !t.has_output,
         attention_bias: t.has_qkv_bias,
         sliding_window: None,
+        gemma: None,
     };
     cfg.validate().map_err(Error::GgufConfig)?;
     Ok(cfg)

@@ -1,7 +1,7 @@
 //! Tiny seeded random models: fast, deterministic stand-ins for tests and for speed
 //! measurements at a real model's shape (throughput does not depend on weight values).
 
-use crate::config::{Arch, DecoderConfig};
+use crate::config::{Arch, DecoderConfig, GemmaSettings};
 use crate::decoder::Decoder;
 use crate::linear::BaseWeight;
 use crate::lora::Projection;
@@ -15,9 +15,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A small config of any family, for tests: 2 layers, hidden 64, 4 query / 2 KV heads. Qwen3's
-/// heads are 32 wide (not hidden / heads); Mistral slides a 3-key window, so short test
-/// sequences already exercise it.
+/// and Gemma 3's heads are 32 wide (not hidden / heads); Mistral slides a 3-key window, so
+/// short test sequences already exercise it; the Gemmas slide it on their first layer only,
+/// scale scores by `query_pre_attn_scalar` 8, Gemma 2 soft-caps scores at 2 and logits at 3
+/// (low enough to bend tiny models' values), Gemma 3 has its own rotary base on the sliding
+/// layer.
 pub fn tiny_config(arch: Arch, vocab_size: usize) -> DecoderConfig {
+    let gemma = arch.is_gemma().then(|| GemmaSettings {
+        sliding_layers: vec![true, false],
+        local_rope_theta: if arch == Arch::Gemma3 { 100.0 } else { 10_000.0 },
+        local_rope_scaling: Default::default(),
+        query_pre_attn_scalar: 8.0,
+        attn_logit_softcapping: (arch == Arch::Gemma2).then_some(2.0),
+        final_logit_softcapping: (arch == Arch::Gemma2).then_some(3.0),
+    });
     DecoderConfig {
         arch,
         vocab_size,
@@ -26,14 +37,15 @@ pub fn tiny_config(arch: Arch, vocab_size: usize) -> DecoderConfig {
         num_layers: 2,
         num_heads: 4,
         num_kv_heads: 2,
-        head_dim: if arch == Arch::Qwen3 { 32 } else { 16 },
+        head_dim: if matches!(arch, Arch::Qwen3 | Arch::Gemma3) { 32 } else { 16 },
         rope_theta: 10_000.0,
         rope_scaling: Default::default(),
         rms_norm_eps: 1e-6,
         max_position_embeddings: 512,
-        tie_word_embeddings: arch == Arch::Llama,
+        tie_word_embeddings: matches!(arch, Arch::Llama | Arch::Gemma3),
         attention_bias: arch == Arch::Qwen2,
-        sliding_window: (arch == Arch::Mistral).then_some(3),
+        sliding_window: matches!(arch, Arch::Mistral | Arch::Gemma2 | Arch::Gemma3).then_some(3),
+        gemma,
     }
 }
 
@@ -64,7 +76,9 @@ pub fn random_decoder(
     let h = cfg.hidden_size;
     tensors
         .insert("model.embed_tokens.weight".into(), BaseWeight::Dense(dense(&mut rng, (cfg.vocab_size, h), 1.0, 0.0)?));
-    tensors.insert("model.norm.weight".into(), BaseWeight::Dense(dense(&mut rng, (1, h), 0.1, 1.0)?.squeeze(0)?));
+    let norm_center = if cfg.gemma.is_some() { 0.0 } else { 1.0 };
+    tensors
+        .insert("model.norm.weight".into(), BaseWeight::Dense(dense(&mut rng, (1, h), 0.1, norm_center)?.squeeze(0)?));
     if !cfg.tie_word_embeddings {
         tensors.insert(
             "lm_head.weight".into(),
@@ -73,15 +87,17 @@ pub fn random_decoder(
     }
     for layer in 0..cfg.num_layers {
         let p = format!("model.layers.{layer}");
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
+        // Gemma's norms scale by 1 + w: stored near zero.
+        let center = if cfg.gemma.is_some() { 0.0 } else { 1.0 };
+        for norm in cfg.layer_norms() {
             tensors.insert(
                 format!("{p}.{norm}.weight"),
-                BaseWeight::Dense(dense(&mut rng, (1, h), 0.1, 1.0)?.squeeze(0)?),
+                BaseWeight::Dense(dense(&mut rng, (1, h), 0.1, center)?.squeeze(0)?),
             );
         }
         if cfg.qk_norm() {
             for norm in ["q_norm", "k_norm"] {
-                let w = dense(&mut rng, (1, cfg.head_dim), 0.5, 1.0)?.squeeze(0)?;
+                let w = dense(&mut rng, (1, cfg.head_dim), 0.5, center)?.squeeze(0)?;
                 tensors.insert(format!("{p}.self_attn.{norm}.weight"), BaseWeight::Dense(w));
             }
         }

@@ -13,8 +13,11 @@ use std::path::{Path, PathBuf};
 
 /// Every fixture directory: Llama with llama3 / linear / YaRN scaling (saved by transformers 5),
 /// a Llama 3.2-style transformers-4 `config.json`, Mistral with a 24-key window over 40
-/// tokens, Qwen3 with per-head q/k norms and 24-wide heads.
-const FIXTURES: [&str; 6] = ["llama_llama3", "llama_linear", "llama_yarn", "llama_llama3_t4", "mistral", "qwen3"];
+/// tokens, Qwen3 with per-head q/k norms and 24-wide heads, Gemma 2 (soft-capped scores and
+/// logits, `query_pre_attn_scalar`, sliding and full layers) and Gemma 3 (q/k norms, its own
+/// rotary settings per layer type).
+const FIXTURES: [&str; 8] =
+    ["llama_llama3", "llama_linear", "llama_yarn", "llama_llama3_t4", "mistral", "qwen3", "gemma2", "gemma3"];
 
 /// Max abs logit difference to transformers (f32 on both sides; logits are of order 10). The
 /// rotary tables are computed in f64 here and in f32 there; measured worst: 1.4e-5 (YaRN).

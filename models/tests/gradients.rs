@@ -112,6 +112,19 @@ fn lora_gradients_match_finite_differences_qwen3() {
     check_gradients(Arch::Qwen3);
 }
 
+/// Through Gemma 2's soft-capped scores and logits, GeGLU, the norms after attention and MLP
+/// (scaling by 1 + w) and a sliding first layer.
+#[test]
+fn lora_gradients_match_finite_differences_gemma2() {
+    check_gradients(Arch::Gemma2);
+}
+
+/// Through Gemma 3's q/k norms and the sliding layer's own rotary base.
+#[test]
+fn lora_gradients_match_finite_differences_gemma3() {
+    check_gradients(Arch::Gemma3);
+}
+
 /// Fails if any frozen base weight (or its transpose) gets a gradient tensor computed.
 #[test]
 fn frozen_weights_get_no_gradient() {

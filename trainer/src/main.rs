@@ -206,9 +206,10 @@ fn run() -> Result<()> {
                     let state = if m.is_cached(&cache) { "cached" } else { "not fetched" };
                     println!("{:10} {:>6} MB  {:12} {}", m.name, m.size / 1_000_000, state, m.description);
                 }
+                let families: Vec<&str> = models::Arch::ALL.iter().map(|a| a.name()).collect();
                 println!(
-                    "your own model: --model <Hugging Face directory> or --model <file.gguf> \
-                     (llama, mistral, qwen2, qwen3; docs/own-model.md)"
+                    "your own model: --model <Hugging Face directory>, <file.gguf> or <org/name[@revision]> from the Hub ({}; docs/own-model.md)",
+                    families.join(", ")
                 );
                 return Ok(());
             }
