@@ -101,19 +101,20 @@ impl Plan {
     pub fn measure(&mut self, wanted: &[(Shape, usize)], caps: &Caps, mut progress: impl FnMut(usize, usize, &str)) {
         let start = Instant::now();
         let todo: Vec<(Shape, usize)> = wanted.iter().copied().filter(|&(s, b)| self.choice(s, b).is_none()).collect();
-        // One packed weight per shape, reused across its buckets.
-        let mut packed: BTreeMap<Shape, PackedWeight> = BTreeMap::new();
+        // One packed weight per shape and probe width, reused across buckets.
+        let mut packed: BTreeMap<(Shape, usize), PackedWeight> = BTreeMap::new();
         for (i, &(shape, b)) in todo.iter().enumerate() {
-            let weight = packed.entry(shape).or_insert_with(|| {
-                let w = probe_values(shape.out * shape.inner, 7);
-                PackedWeight::pack_as(&w, shape.out, shape.inner, shape.precision)
-            });
             let rows = ROW_BUCKETS[b];
+            let cols = probe_columns(shape.out, shape.inner, rows);
+            let weight = packed.entry((shape, cols)).or_insert_with(|| {
+                let w = probe_values(cols * shape.inner, 7);
+                PackedWeight::pack_as(&w, cols, shape.inner, shape.precision)
+            });
             let (best, secs) = fastest(weight, rows, caps);
             let Some(best) = best else { continue };
             let slot = self.choices.entry(shape.key()).or_insert_with(|| vec![None; ROW_BUCKETS.len()]);
             slot.resize(ROW_BUCKETS.len(), None);
-            let gflops = 2.0 * (rows * shape.out * shape.inner) as f64 / secs / 1e9;
+            let gflops = 2.0 * (rows * cols * shape.inner) as f64 / secs / 1e9;
             slot[b] = Some(Choice { tiling: best, gflops });
             progress(i + 1, todo.len(), &format!("{} rows {rows}: {best} ({gflops:.0} GFLOP/s)", shape.key()));
         }
@@ -146,6 +147,22 @@ impl Plan {
         std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
         std::fs::rename(&tmp, path)
     }
+}
+
+/// Nominal operations of one timed call above which a product is timed on a slice of its
+/// output columns: a tile's rate does not depend on how many column panels follow it, and the
+/// full products of a large vocabulary at 512-2048 rows took minutes per shape (Qwen's first
+/// start on an AVX2-only AMD EPYC, family 25 model 1: 758 s of measurements before this cap).
+const PROBE_FLOPS: f64 = 1e9;
+/// The narrowest slice timed (a multiple of the 16-column panels, wide enough that every
+/// thread gets many panels).
+const MIN_PROBE_COLUMNS: usize = 2048;
+
+/// How many of `out` columns the calibration times at `rows` rows.
+fn probe_columns(out: usize, inner: usize, rows: usize) -> usize {
+    let fit = (PROBE_FLOPS / (2.0 * (rows * inner).max(1) as f64)) as usize;
+    let cols = fit.max(MIN_PROBE_COLUMNS).div_ceil(super::layout::NR) * super::layout::NR;
+    cols.min(out)
 }
 
 /// Deterministic values in [-1, 1) for measurements (speed does not depend on them).
@@ -248,6 +265,18 @@ fn fastest(weight: &PackedWeight, rows: usize, caps: &Caps) -> (Option<Tiling>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_products_are_timed_on_a_slice_of_their_columns() {
+        // Small products and few rows: every column.
+        assert_eq!(probe_columns(4864, 896, 48), 4864);
+        assert_eq!(probe_columns(151_936, 896, 1), 151_936);
+        // A vocabulary-sized head at many rows: a slice of whole panels, never below the floor.
+        let c = probe_columns(151_936, 896, 48);
+        assert!(c < 151_936 && c % 16 == 0 && 2.0 * (48 * c * 896) as f64 <= PROBE_FLOPS + 2.0 * 48.0 * 16.0 * 896.0);
+        assert_eq!(probe_columns(151_936, 896, 2048), MIN_PROBE_COLUMNS);
+        assert_eq!(probe_columns(100, 896, 2048), 100);
+    }
 
     #[test]
     fn buckets_cover_every_row_count() {
