@@ -655,11 +655,8 @@ impl DecoderConfig {
             _ => 4096,
         });
         // The MLP's activation: SiLU (SwiGLU) for every family but Gemma's tanh GELU (GeGLU).
-        let (act_key, want) = if arch.is_gemma() {
-            ("hidden_activation", "gelu_pytorch_tanh")
-        } else {
-            ("hidden_act", "silu")
-        };
+        let (act_key, want) =
+            if arch.is_gemma() { ("hidden_activation", "gelu_pytorch_tanh") } else { ("hidden_act", "silu") };
         let act = match (&v[act_key], &v["hidden_act"]) {
             (serde_json::Value::Null, serde_json::Value::Null) => want,
             (serde_json::Value::Null, x) | (x, _) => {
@@ -798,11 +795,9 @@ fn gemma_sliding_layers(v: &serde_json::Value, arch: Arch, layers: usize) -> Res
     if arch == Arch::Gemma2 {
         return Ok((0..layers).map(|i| i % 2 == 0).collect());
     }
-    let pattern = ["sliding_window_pattern", "_sliding_window_pattern"]
-        .iter()
-        .find_map(|k| v[k].as_u64())
-        .unwrap_or(6)
-        .max(1) as usize;
+    let pattern =
+        ["sliding_window_pattern", "_sliding_window_pattern"].iter().find_map(|k| v[k].as_u64()).unwrap_or(6).max(1)
+            as usize;
     Ok((0..layers).map(|i| (i + 1) % pattern != 0).collect())
 }
 
@@ -1128,8 +1123,8 @@ mod tests {
         assert!(matches!(e, ConfigError::Bidirectional), "{e}");
         let e = read(json!({"model_type": "gemma2", "layer_types": ["sliding_attention"]})).unwrap_err();
         assert!(matches!(e, ConfigError::LayerTypes { got: 1, layers: 2 }), "{e}");
-        let e = read(json!({"model_type": "gemma2", "layer_types": ["chunked_attention", "full_attention"]}))
-            .unwrap_err();
+        let e =
+            read(json!({"model_type": "gemma2", "layer_types": ["chunked_attention", "full_attention"]})).unwrap_err();
         assert!(matches!(e, ConfigError::LayerTypes { .. }), "{e}");
         let e = read(json!({"model_type": "gemma3_text",
             "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},

@@ -65,8 +65,7 @@ struct RmsNorm {
 impl RmsNorm {
     fn new(w: &Weights, eps: f64, offset: bool) -> Result<Self, Error> {
         let stored = w.dense("weight")?;
-        let weight =
-            if offset { (stored.to_dtype(DType::F32)? + 1.0)?.to_dtype(stored.dtype())? } else { stored };
+        let weight = if offset { (stored.to_dtype(DType::F32)? + 1.0)?.to_dtype(stored.dtype())? } else { stored };
         Ok(Self { weight, eps: eps as f32, offset })
     }
 
