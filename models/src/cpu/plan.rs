@@ -273,7 +273,11 @@ mod tests {
         assert_eq!(probe_columns(151_936, 896, 1), 151_936);
         // A vocabulary-sized head at many rows: a slice of whole panels, never below the floor.
         let c = probe_columns(151_936, 896, 48);
-        assert!(c < 151_936 && c % 16 == 0 && 2.0 * (48 * c * 896) as f64 <= PROBE_FLOPS + 2.0 * 48.0 * 16.0 * 896.0);
+        assert!(
+            c < 151_936
+                && c.is_multiple_of(16)
+                && 2.0 * (48 * c * 896) as f64 <= PROBE_FLOPS + 2.0 * 48.0 * 16.0 * 896.0
+        );
         assert_eq!(probe_columns(151_936, 896, 2048), MIN_PROBE_COLUMNS);
         assert_eq!(probe_columns(100, 896, 2048), 100);
     }
