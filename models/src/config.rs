@@ -504,11 +504,16 @@ impl DecoderConfig {
         }
     }
 
+    /// Whether layer `i` is one of a Gemma's `sliding_attention` layers (its own mask and, on
+    /// Gemma 3, its own rotary tables).
+    pub fn local_layer(&self, layer: usize) -> bool {
+        self.gemma.as_ref().is_some_and(|g| g.sliding_layers.get(layer).copied().unwrap_or(false))
+    }
+
     /// Whether layer `i` slides the attention window (every layer of a Mistral with a window;
     /// the sliding layers of a Gemma).
     pub fn slides(&self, layer: usize) -> bool {
-        self.sliding_window.is_some()
-            && self.gemma.as_ref().is_none_or(|g| g.sliding_layers.get(layer).copied().unwrap_or(false))
+        self.sliding_window.is_some() && (self.gemma.is_none() || self.local_layer(layer))
     }
 
     /// Checks the invariants the forward pass relies on.
@@ -599,7 +604,11 @@ impl DecoderConfig {
             let types: Vec<&str> =
                 g.sliding_layers.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
             o.insert("layer_types".into(), serde_json::json!(types));
-            o.insert("query_pre_attn_scalar".into(), serde_json::json!(g.query_pre_attn_scalar));
+            // transformers 5.24 declares it an int and refuses `8.0`.
+            let scalar = g.query_pre_attn_scalar;
+            let scalar =
+                if scalar.fract() == 0.0 { serde_json::json!(scalar as u64) } else { serde_json::json!(scalar) };
+            o.insert("query_pre_attn_scalar".into(), scalar);
             o.insert("attn_logit_softcapping".into(), serde_json::json!(g.attn_logit_softcapping));
             o.insert("final_logit_softcapping".into(), serde_json::json!(g.final_logit_softcapping));
             if self.arch == Arch::Gemma3 {
@@ -749,11 +758,11 @@ impl DecoderConfig {
 /// sliding ones. transformers 5 writes `rope_parameters: {full_attention: {...},
 /// sliding_attention: {...}}`; transformers 4 the full layers' as usual and the sliding ones'
 /// base as `rope_local_base_freq` (default 10,000, never scaled).
-type Rope = (f64, RopeScaling);
-fn gemma3_rope(v: &serde_json::Value, max_pos: usize) -> Result<(f64, RopeScaling, Option<Rope>), ConfigError> {
+type RopeSettings = (f64, RopeScaling);
+fn gemma3_rope(v: &serde_json::Value, max_pos: usize) -> Result<(f64, RopeScaling, Option<RopeSettings>), ConfigError> {
     let per_type = v["rope_parameters"].as_object().filter(|p| p.values().any(|x| x.is_object()));
     if let Some(p) = per_type {
-        let one = |layer_type: &str| -> Result<Rope, ConfigError> {
+        let one = |layer_type: &str| -> Result<RopeSettings, ConfigError> {
             let mut alone = v.clone();
             let o = alone.as_object_mut().expect("an object");
             o.remove("rope_scaling");
@@ -1106,8 +1115,11 @@ mod tests {
                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}))
         .unwrap();
         assert_eq!(t5, g);
-        // Written back (transformers-4 form) and read again: the same config.
-        assert_eq!(DecoderConfig::from_hf_json(&g.to_hf_json().unwrap()).unwrap(), g);
+        // Written back (transformers-4 form) and read again: the same config; an integral
+        // query_pre_attn_scalar as an integer (transformers 5.24 refuses 256.0).
+        let written = g.to_hf_json().unwrap();
+        assert!(written["query_pre_attn_scalar"].is_u64(), "{written}");
+        assert_eq!(DecoderConfig::from_hf_json(&written).unwrap(), g);
         // The default pattern is 6.
         let g = read(json!({"model_type": "gemma3_text", "num_hidden_layers": 7})).unwrap();
         assert_eq!(g.gemma.unwrap().sliding_layers, vec![true, true, true, true, true, false, true]);
