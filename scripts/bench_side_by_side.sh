@@ -75,7 +75,7 @@ torch_threads=()
 if [ -n "${THREADS:-}" ]; then threads=(--threads "$THREADS"); torch_threads=(--threads "$THREADS"); fi
 # The precisions this CPU runs (models::cpu::Precision::check): f32 on AVX2 + FMA; bf16 on
 # AVX512-BF16 or AMX; int8 on AVX512-VNNI, AVX-VNNI or AMX. An AVX2-only CPU serves f32 alone.
-has_flag() { grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -qx "$1"; }
+has_flag() { [[ " $cpu_flags " == *" $1 "* ]]; }
 precisions=(f32)
 if has_flag avx512_bf16 || has_flag amx_bf16; then precisions+=(bf16); fi
 if has_flag avx512_vnni || has_flag avx_vnni || has_flag amx_int8; then precisions+=(int8); fi

@@ -152,21 +152,16 @@ struct LayerCtx<'a> {
 }
 
 impl LayerCtx<'_> {
-    /// Whether `layer` is one of a Gemma's sliding layers.
-    fn local(&self, layer: usize) -> bool {
-        self.cfg.gemma.as_ref().is_some_and(|g| g.sliding_layers[layer])
-    }
-
     fn mask(&self, layer: usize) -> &AttentionMask {
         match &self.sliding_mask {
-            Some(m) if self.local(layer) => m,
+            Some(m) if self.cfg.slides(layer) => m,
             _ => &self.mask,
         }
     }
 
     fn cos_sin(&self, layer: usize) -> (&Tensor, &Tensor) {
         match &self.local_cos_sin {
-            Some((c, s)) if self.local(layer) => (c, s),
+            Some((c, s)) if self.cfg.local_layer(layer) => (c, s),
             _ => (&self.cos, &self.sin),
         }
     }

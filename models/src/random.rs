@@ -76,6 +76,7 @@ pub fn random_decoder(
     let h = cfg.hidden_size;
     tensors
         .insert("model.embed_tokens.weight".into(), BaseWeight::Dense(dense(&mut rng, (cfg.vocab_size, h), 1.0, 0.0)?));
+    // Gemma's norms scale by 1 + w: stored near zero.
     let norm_center = if cfg.gemma.is_some() { 0.0 } else { 1.0 };
     tensors
         .insert("model.norm.weight".into(), BaseWeight::Dense(dense(&mut rng, (1, h), 0.1, norm_center)?.squeeze(0)?));
@@ -87,17 +88,15 @@ pub fn random_decoder(
     }
     for layer in 0..cfg.num_layers {
         let p = format!("model.layers.{layer}");
-        // Gemma's norms scale by 1 + w: stored near zero.
-        let center = if cfg.gemma.is_some() { 0.0 } else { 1.0 };
         for norm in cfg.layer_norms() {
             tensors.insert(
                 format!("{p}.{norm}.weight"),
-                BaseWeight::Dense(dense(&mut rng, (1, h), 0.1, center)?.squeeze(0)?),
+                BaseWeight::Dense(dense(&mut rng, (1, h), 0.1, norm_center)?.squeeze(0)?),
             );
         }
         if cfg.qk_norm() {
             for norm in ["q_norm", "k_norm"] {
-                let w = dense(&mut rng, (1, cfg.head_dim), 0.5, center)?.squeeze(0)?;
+                let w = dense(&mut rng, (1, cfg.head_dim), 0.5, norm_center)?.squeeze(0)?;
                 tensors.insert(format!("{p}.self_attn.{norm}.weight"), BaseWeight::Dense(w));
             }
         }
