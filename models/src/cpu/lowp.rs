@@ -218,13 +218,20 @@ pub(crate) fn tile(kind: LowpKind, r: usize, c: usize) -> LowpTile {
     }
 }
 
-/// AMX: rows `0..rows` (the input padded to whole 16-row tiles) times panels `panels` (a range
-/// of panel indices), `k_tiles` tiles of 64 bytes of `k`. `x` rows are `x_row` bytes apart,
-/// panels `panel_bytes` apart. Two input tiles × two weight tiles per step where the rows allow
-/// (four accumulators), else one × two.
+/// AMX: padded rows `row_range` (a range of whole 16-row tiles, within the input padded to
+/// whole tiles; rows from `rows_real` on are computed but not written) times panels `panels`
+/// (a range of panel indices), `k_tiles` tiles of 64 bytes of `k`. `x` rows are `x_row` bytes
+/// apart, panels `panel_bytes` apart. Two input tiles × two weight tiles per step where the rows
+/// allow (four accumulators), else one × two. Panel pairs outside, blocks of 32 rows inside:
+/// each pair of weight panels is read from memory once per call and then from cache, and the
+/// caller keeps `row_range` small enough for its input rows to stay in cache across the pairs.
+/// bf16 tiles that lie wholly inside `y` start from `y` (when `accumulate`) and are stored
+/// straight into it; the others, and every int8 tile (its i32 sums need dequantizing), pass
+/// through a scratch tile.
 ///
 /// # Safety
-/// The CPU has AMX with permission; every buffer covers the padded shapes; `y` has `rows_real`
+/// The CPU has AMX with permission and this thread's tiles are configured
+/// ([`super::amx::configure`]); every buffer covers the padded shapes; `y` has `rows_real`
 /// rows of `ys` values and columns `panels · 16` are within it up to `out`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
@@ -232,6 +239,7 @@ pub(crate) fn tile(kind: LowpKind, r: usize, c: usize) -> LowpTile {
 pub(crate) unsafe fn amx_block<const INT8: bool>(
     x: *const u8,
     x_row: usize,
+    row_range: std::ops::Range<usize>,
     rows_real: usize,
     w: *const u8,
     panel_bytes: usize,
@@ -244,20 +252,40 @@ pub(crate) unsafe fn amx_block<const INT8: bool>(
     dq: Option<&Dequant>,
 ) {
     use super::amx::{dp_bf16, dp_u8i8, load, store, zero, TILE_BYTES, TILE_ROWS};
-    let rows_pad = rows_real.div_ceil(TILE_ROWS) * TILE_ROWS;
+    let rows_end = row_range.end;
     let mut scratch = [[0f32; NR * TILE_ROWS]; 4];
-    // Panel pairs outside, row blocks inside: each pair of weight panels is read from memory
-    // once and then from cache for every block of rows.
+    let y_stride = ys * 4;
+    // Whether tile (rows r0.., panel p) lies wholly inside y: stored there directly (bf16).
+    let direct = |r0: usize, p: usize| !INT8 && r0 + TILE_ROWS <= rows_real && (p + 1) * NR <= out;
     let mut p = panels.start;
     while p < panels.end {
         let two_b = p + 1 < panels.end;
-        let mut m0 = 0;
-        while m0 < rows_pad {
-            let two_a = rows_pad - m0 >= 2 * TILE_ROWS;
-            zero!(0);
-            zero!(1);
-            zero!(2);
-            zero!(3);
+        let mut m0 = row_range.start;
+        while m0 < rows_end {
+            let two_a = rows_end - m0 >= 2 * TILE_ROWS;
+            // Accumulators: tmm0 (a0, b0), tmm1 (a0, b1), tmm2 (a1, b0), tmm3 (a1, b1).
+            let c_at = |t: usize| y.add((m0 + (t / 2) * TILE_ROWS) * ys + (p + t % 2) * NR);
+            let start = |t: usize| accumulate && direct(m0 + (t / 2) * TILE_ROWS, p + t % 2);
+            if start(0) {
+                load!(0, c_at(0), y_stride);
+            } else {
+                zero!(0);
+            }
+            if two_b && start(1) {
+                load!(1, c_at(1), y_stride);
+            } else {
+                zero!(1);
+            }
+            if two_a && start(2) {
+                load!(2, c_at(2), y_stride);
+            } else {
+                zero!(2);
+            }
+            if two_a && two_b && start(3) {
+                load!(3, c_at(3), y_stride);
+            } else {
+                zero!(3);
+            }
             let a0 = x.add(m0 * x_row);
             let a1 = x.add((m0 + TILE_ROWS) * x_row);
             let b0 = w.add(p * panel_bytes);
@@ -297,19 +325,41 @@ pub(crate) unsafe fn amx_block<const INT8: bool>(
                 }
             }
             let stride = NR * 4;
-            store!(0, scratch[0].as_mut_ptr(), stride);
+            // Each accumulator to y directly where it may, else to its scratch tile.
+            let mut via_scratch = [false; 4];
+            if direct(m0, p) {
+                store!(0, c_at(0), y_stride);
+            } else {
+                store!(0, scratch[0].as_mut_ptr(), stride);
+                via_scratch[0] = true;
+            }
             if two_b {
-                store!(1, scratch[1].as_mut_ptr(), stride);
+                if direct(m0, p + 1) {
+                    store!(1, c_at(1), y_stride);
+                } else {
+                    store!(1, scratch[1].as_mut_ptr(), stride);
+                    via_scratch[1] = true;
+                }
             }
             if two_a {
-                store!(2, scratch[2].as_mut_ptr(), stride);
+                if direct(m0 + TILE_ROWS, p) {
+                    store!(2, c_at(2), y_stride);
+                } else {
+                    store!(2, scratch[2].as_mut_ptr(), stride);
+                    via_scratch[2] = true;
+                }
                 if two_b {
-                    store!(3, scratch[3].as_mut_ptr(), stride);
+                    if direct(m0 + TILE_ROWS, p + 1) {
+                        store!(3, c_at(3), y_stride);
+                    } else {
+                        store!(3, scratch[3].as_mut_ptr(), stride);
+                        via_scratch[3] = true;
+                    }
                 }
             }
             for (t, tile) in scratch.iter().enumerate() {
                 let (ta, tb) = (t / 2, t % 2);
-                if (ta == 1 && !two_a) || (tb == 1 && !two_b) {
+                if !via_scratch[t] {
                     continue;
                 }
                 let col0 = (p + tb) * NR;

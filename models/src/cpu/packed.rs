@@ -205,14 +205,19 @@ pub struct Tiling {
     pub panels: u8,
     /// Inner-dimension block in units (values, pairs, quads); 0: all of it. f32 only.
     pub kc: u16,
-    /// Rows per block of the outer loop; 0: all rows at once.
+    /// Rows per block of the outer loop; 0: all rows at once (vector kernels), as many as keep
+    /// about a MiB of input rows in cache (AMX, whose blocks are whole 32-row pairs of tiles).
     pub mc: u16,
 }
 
 impl std::fmt::Display for Tiling {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.kernel.is_amx() {
-            write!(f, "{}", self.kernel)
+            write!(f, "{}", self.kernel)?;
+            if self.mc > 0 {
+                write!(f, " mc{}", self.mc)?;
+            }
+            Ok(())
         } else {
             write!(f, "{} {}x{}", self.kernel, self.rows, self.panels as usize * NR)?;
             if self.kc > 0 {
@@ -650,10 +655,11 @@ impl PackedWeight {
             } else {
                 super::lowp::amx_block::<false>
             };
-            job.run_amx(|panel_range, y| {
+            job.run_amx(tiling, u * 4, |row_range, panel_range, y| {
                 block(
                     xp.as_ptr() as *const u8,
                     u * 4,
+                    row_range,
                     job.rows,
                     panels.as_ptr() as *const u8,
                     u * NR * 4,
@@ -755,43 +761,70 @@ impl Job {
         }
     }
 
-    /// Runs AMX over chunks of panels in parallel, each thread with its tiles configured.
-    unsafe fn run_amx(&self, block: impl Fn(std::ops::Range<usize>, *mut f32) + Sync) {
-        // Chunks of whole panel pairs (two weight tiles per step).
+    /// Runs AMX over blocks of rows × chunks of panels in parallel, each thread with its tiles
+    /// configured. `block(rows, panels, y)` computes padded rows `rows` (whole 32-row blocks but
+    /// the last) times panels `panels`. Rows are cut into blocks of `mc` (the tiling's, else
+    /// as many as keep [`AMX_ROW_BLOCK_BYTES`] of input in cache) so that a block's input rows
+    /// are read from memory once and from cache for every panel pair; columns into as many
+    /// chunks of whole panel pairs as give each thread a few parts.
+    unsafe fn run_amx(
+        &self,
+        tiling: &Tiling,
+        row_bytes: usize,
+        block: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, *mut f32) + Sync,
+    ) {
+        let rows_pad = self.rows.div_ceil(TILE_ROWS) * TILE_ROWS;
+        let step = 2 * TILE_ROWS;
+        let mc = if tiling.mc > 0 { tiling.mc as usize } else { AMX_ROW_BLOCK_BYTES / row_bytes.max(1) };
+        let mc = (mc / step).max(1) * step;
+        let m_blocks = rows_pad.div_ceil(mc);
         let pairs = self.n_panels.div_ceil(2);
-        let chunks = parts(pairs);
+        let chunks = parts(pairs).div_ceil(m_blocks).max(1);
         let per = pairs.div_ceil(chunks);
         let chunks = pairs.div_ceil(per);
-        let work = |chunk: usize| {
+        let work = |item: usize| {
+            let (mb, chunk) = (item / chunks, item % chunks);
+            let rows = mb * mc..(mb * mc + mc).min(rows_pad);
             let start = chunk * per * 2;
             let end = ((chunk + 1) * per * 2).min(self.n_panels);
             super::amx::configure();
-            block(start..end, self.y.0);
+            block(rows, start..end, self.y.0);
             super::amx::release();
         };
-        if chunks == 1 {
+        let items = m_blocks * chunks;
+        if items == 1 {
             work(0);
         } else {
-            (0..chunks).into_par_iter().for_each(work);
+            (0..items).into_par_iter().for_each(work);
         }
     }
 }
+
+/// Input bytes an AMX row block keeps in cache (half a Sapphire Rapids core's 2 MiB L2).
+const AMX_ROW_BLOCK_BYTES: usize = 1 << 20;
 
 /// Input rows as bf16 pairs (`units` per row, zero beyond `inner`), rows padded with zeros to
 /// whole AMX tiles; rounded to nearest even, as [`bf16_pair`].
 fn to_bf16_rows(x: &[f32], rows: usize, inner: usize, units: usize) -> Vec<u32> {
     let rows_pad = rows.div_ceil(TILE_ROWS) * TILE_ROWS;
     let mut out = vec![0u32; rows_pad * units];
-    for (row, dst) in x.chunks(inner).zip(out.chunks_mut(units)) {
+    let avx512_bf16 = Caps::detect().avx512_bf16;
+    let convert = |(row, dst): (&[f32], &mut [u32])| {
         #[cfg(target_arch = "x86_64")]
-        if Caps::detect().avx512_bf16 {
+        if avx512_bf16 {
             // SAFETY: AVX512-BF16 checked; `dst` holds `units ≥ inner / 2` lanes.
             unsafe { bf16_row_avx512(row, dst) };
-            continue;
+            return;
         }
         for (i, pair) in row.chunks(2).enumerate() {
             dst[i] = bf16_pair(pair[0], pair.get(1).copied().unwrap_or(0.0));
         }
+    };
+    // Small inputs in one thread: the pool's hand-off costs more than the work.
+    if rows * inner < 1 << 16 {
+        x.chunks(inner).zip(out.chunks_mut(units)).for_each(convert);
+    } else {
+        x.par_chunks(inner).zip(out.par_chunks_mut(units)).with_min_len(16).for_each(convert);
     }
     out
 }

@@ -30,7 +30,10 @@ pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
 /// Every tiling of `kernel` worth testing: each tile shape that fits, and for f32 an inner block.
 fn tilings(kernel: Kernel) -> Vec<Tiling> {
     if kernel.is_amx() {
-        return vec![Tiling::default_for(kernel)];
+        // Whole rows at once, and blocks of 32 rows (several blocks in parallel over the shapes
+        // of more than 32 rows).
+        let t = Tiling::default_for(kernel);
+        return vec![t, Tiling { mc: 32, ..t }];
     }
     let mut v = Vec::new();
     for c in 1..=4u8 {
