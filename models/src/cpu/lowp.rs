@@ -263,29 +263,25 @@ pub(crate) unsafe fn amx_block<const INT8: bool>(
         let mut m0 = row_range.start;
         while m0 < rows_end {
             let two_a = rows_end - m0 >= 2 * TILE_ROWS;
-            // Accumulators: tmm0 (a0, b0), tmm1 (a0, b1), tmm2 (a1, b0), tmm3 (a1, b1).
+            // Accumulators: tmm0 (a0, b0), tmm1 (a0, b1), tmm2 (a1, b0), tmm3 (a1, b1); tile `t`
+            // covers rows `m0 + (t / 2) · 16` and panel `p + t % 2`.
+            let live = |t: usize| (t / 2 == 0 || two_a) && (t % 2 == 0 || two_b);
+            let in_y = |t: usize| live(t) && direct(m0 + (t / 2) * TILE_ROWS, p + t % 2);
             let c_at = |t: usize| y.add((m0 + (t / 2) * TILE_ROWS) * ys + (p + t % 2) * NR);
-            let start = |t: usize| accumulate && direct(m0 + (t / 2) * TILE_ROWS, p + t % 2);
-            if start(0) {
-                load!(0, c_at(0), y_stride);
-            } else {
-                zero!(0);
+            // The tile numbers are literals of the instructions, hence a macro per tile.
+            macro_rules! start {
+                ($t:literal) => {
+                    if accumulate && in_y($t) {
+                        load!($t, c_at($t), y_stride);
+                    } else {
+                        zero!($t);
+                    }
+                };
             }
-            if two_b && start(1) {
-                load!(1, c_at(1), y_stride);
-            } else {
-                zero!(1);
-            }
-            if two_a && start(2) {
-                load!(2, c_at(2), y_stride);
-            } else {
-                zero!(2);
-            }
-            if two_a && two_b && start(3) {
-                load!(3, c_at(3), y_stride);
-            } else {
-                zero!(3);
-            }
+            start!(0);
+            start!(1);
+            start!(2);
+            start!(3);
             let a0 = x.add(m0 * x_row);
             let a1 = x.add((m0 + TILE_ROWS) * x_row);
             let b0 = w.add(p * panel_bytes);
@@ -325,41 +321,23 @@ pub(crate) unsafe fn amx_block<const INT8: bool>(
                 }
             }
             let stride = NR * 4;
-            // Each accumulator to y directly where it may, else to its scratch tile.
-            let mut via_scratch = [false; 4];
-            if direct(m0, p) {
-                store!(0, c_at(0), y_stride);
-            } else {
-                store!(0, scratch[0].as_mut_ptr(), stride);
-                via_scratch[0] = true;
-            }
-            if two_b {
-                if direct(m0, p + 1) {
-                    store!(1, c_at(1), y_stride);
-                } else {
-                    store!(1, scratch[1].as_mut_ptr(), stride);
-                    via_scratch[1] = true;
-                }
-            }
-            if two_a {
-                if direct(m0 + TILE_ROWS, p) {
-                    store!(2, c_at(2), y_stride);
-                } else {
-                    store!(2, scratch[2].as_mut_ptr(), stride);
-                    via_scratch[2] = true;
-                }
-                if two_b {
-                    if direct(m0 + TILE_ROWS, p + 1) {
-                        store!(3, c_at(3), y_stride);
-                    } else {
-                        store!(3, scratch[3].as_mut_ptr(), stride);
-                        via_scratch[3] = true;
+            // Each live accumulator to y directly where it may, else to its scratch tile.
+            macro_rules! finish {
+                ($t:literal) => {
+                    if in_y($t) {
+                        store!($t, c_at($t), y_stride);
+                    } else if live($t) {
+                        store!($t, scratch[$t].as_mut_ptr(), stride);
                     }
-                }
+                };
             }
+            finish!(0);
+            finish!(1);
+            finish!(2);
+            finish!(3);
             for (t, tile) in scratch.iter().enumerate() {
                 let (ta, tb) = (t / 2, t % 2);
-                if !via_scratch[t] {
+                if in_y(t) || !live(t) {
                     continue;
                 }
                 let col0 = (p + tb) * NR;

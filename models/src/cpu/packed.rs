@@ -800,6 +800,10 @@ impl Job {
     }
 }
 
+/// Inputs of fewer values are prepared (rounded, quantized) in one thread: below it the pool's
+/// hand-off costs more than the work.
+const PARALLEL_MIN_VALUES: usize = 1 << 16;
+
 /// Input bytes an AMX row block keeps in cache (half a Sapphire Rapids core's 2 MiB L2).
 const AMX_ROW_BLOCK_BYTES: usize = 1 << 20;
 
@@ -820,8 +824,7 @@ fn to_bf16_rows(x: &[f32], rows: usize, inner: usize, units: usize) -> Vec<u32> 
             dst[i] = bf16_pair(pair[0], pair.get(1).copied().unwrap_or(0.0));
         }
     };
-    // Small inputs in one thread: the pool's hand-off costs more than the work.
-    if rows * inner < 1 << 16 {
+    if rows * inner < PARALLEL_MIN_VALUES {
         x.chunks(inner).zip(out.chunks_mut(units)).for_each(convert);
     } else {
         x.par_chunks(inner).zip(out.par_chunks_mut(units)).with_min_len(16).for_each(convert);
@@ -864,8 +867,7 @@ pub(crate) fn split_rows(x: &[f32], rows: usize, inner: usize, units: usize) -> 
     let mut scale = vec![1f32; rows_pad];
     let mut zero = vec![0i32; rows_pad];
     let (first, second) = codes.split_at_mut(rows * units);
-    // Small inputs in one thread: the pool's hand-off costs more than the work.
-    let min_len = if rows * inner < 1 << 16 { rows.max(1) } else { 1 };
+    let min_len = if rows * inner < PARALLEL_MIN_VALUES { rows.max(1) } else { 1 };
     let params: Vec<[(f32, i32); 2]> = x
         .par_chunks(inner)
         .zip(first.par_chunks_mut(units))
