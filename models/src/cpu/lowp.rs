@@ -265,7 +265,7 @@ pub(crate) unsafe fn amx_block<const INT8: bool>(
             let two_a = rows_end - m0 >= 2 * TILE_ROWS;
             // Accumulators: tmm0 (a0, b0), tmm1 (a0, b1), tmm2 (a1, b0), tmm3 (a1, b1); tile `t`
             // covers rows `m0 + (t / 2) · 16` and panel `p + t % 2`.
-            let live = |t: usize| (t / 2 == 0 || two_a) && (t % 2 == 0 || two_b);
+            let live = |t: usize| (t < 2 || two_a) && (t.is_multiple_of(2) || two_b);
             let in_y = |t: usize| live(t) && direct(m0 + (t / 2) * TILE_ROWS, p + t % 2);
             let c_at = |t: usize| y.add((m0 + (t / 2) * TILE_ROWS) * ys + (p + t % 2) * NR);
             // The tile numbers are literals of the instructions, hence a macro per tile.
