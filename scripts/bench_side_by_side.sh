@@ -74,10 +74,10 @@ threads=()
 torch_threads=()
 if [ -n "${THREADS:-}" ]; then threads=(--threads "$THREADS"); torch_threads=(--threads "$THREADS"); fi
 # The precisions this CPU runs (models::cpu::Precision::check): f32 on AVX2 + FMA; bf16 on
-# AVX512-BF16 or AMX; int8 on AVX512-VNNI, AVX-VNNI or AMX. An AVX2-only CPU serves f32 alone.
+# AVX-512 or AMX; int8 on AVX512-VNNI, AVX-VNNI or AMX. An AVX2-only CPU serves f32 alone.
 has_flag() { [[ " $cpu_flags " == *" $1 "* ]]; }
 precisions=(f32)
-if has_flag avx512_bf16 || has_flag amx_bf16; then precisions+=(bf16); fi
+if has_flag avx512f || has_flag amx_bf16; then precisions+=(bf16); fi
 if has_flag avx512_vnni || has_flag avx_vnni || has_flag amx_int8; then precisions+=(int8); fi
 # The memory part measures the last (the narrowest panels this CPU runs).
 mem_precision=${precisions[-1]}

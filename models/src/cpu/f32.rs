@@ -100,29 +100,37 @@ unsafe fn tile_256<const R: usize, const C: usize>(
         }
     }
     for (r, row) in acc.iter().enumerate() {
-        let out = y.add(r * ys);
-        for (c, a) in row.iter().enumerate() {
-            let lo = c * NR;
-            if lo >= cols {
-                break;
+        store_row_256(row, y.add(r * ys), cols, accumulate);
+    }
+}
+
+/// Writes (or adds) one row's `C` pairs of 8-lane accumulators to the first `cols` columns at
+/// `out`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn store_row_256(row: &[[__m256; 2]], out: *mut f32, cols: usize, accumulate: bool) {
+    for (c, a) in row.iter().enumerate() {
+        let lo = c * NR;
+        if lo >= cols {
+            break;
+        }
+        let n = (cols - lo).min(NR);
+        let p = out.add(lo);
+        if n == NR {
+            let (mut v0, mut v1) = (a[0], a[1]);
+            if accumulate {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(p));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(p.add(8)));
             }
-            let n = (cols - lo).min(NR);
-            let p = out.add(lo);
-            if n == NR {
-                let (mut v0, mut v1) = (a[0], a[1]);
-                if accumulate {
-                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(p));
-                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(p.add(8)));
-                }
-                _mm256_storeu_ps(p, v0);
-                _mm256_storeu_ps(p.add(8), v1);
-            } else {
-                let mut tmp = [0f32; NR];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), a[0]);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), a[1]);
-                for (j, &v) in tmp.iter().enumerate().take(n) {
-                    *p.add(j) = if accumulate { *p.add(j) + v } else { v };
-                }
+            _mm256_storeu_ps(p, v0);
+            _mm256_storeu_ps(p.add(8), v1);
+        } else {
+            let mut tmp = [0f32; NR];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), a[1]);
+            for (j, &v) in tmp.iter().enumerate().take(n) {
+                *p.add(j) = if accumulate { *p.add(j) + v } else { v };
             }
         }
     }

@@ -3,7 +3,7 @@
 //! - [`caps`]: what this CPU runs (AVX2, AVX-512, AVX512-BF16, VNNI, AMX with the kernel's
 //!   permission).
 //! - [`packed`]: frozen weights packed once in f32, bf16 or int8 panels, and the loop nests.
-//! - [`f32`], [`lowp`], [`amx`]: the micro-kernels.
+//! - [`f32`], [`lowp`], [`widen`], [`amx`]: the micro-kernels.
 
 pub mod amx;
 pub mod attention;
@@ -16,6 +16,7 @@ pub mod packed;
 pub mod plan;
 pub(crate) mod store;
 pub mod train_ops;
+pub mod widen;
 
 pub use caps::Caps;
 pub use options::{IsaLimit, KernelArgs, PlanSource, PrecisionChoice, Purpose};

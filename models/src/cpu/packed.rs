@@ -35,7 +35,8 @@ pub enum Precision {
     /// f32 weights and inputs.
     #[default]
     F32,
-    /// bf16 weights and inputs, f32 sums.
+    /// bf16 weights, f32 sums; the inputs rounded to bf16 (`vdpbf16ps`, AMX) or kept in f32
+    /// (the widening kernels, [`super::widen`]), whichever the plan measured faster.
     Bf16,
     /// int8 weights per output channel, inputs as two u8 passes per row, i32 sums.
     Int8,
@@ -68,7 +69,7 @@ impl Precision {
     pub fn check(self, caps: &Caps) -> Result<(), KernelError> {
         let ok = match self {
             Self::F32 => caps.avx2,
-            Self::Bf16 => caps.avx512_bf16 || caps.amx,
+            Self::Bf16 => caps.avx2 || caps.amx,
             Self::Int8 => caps.avx512_vnni || caps.avx_vnni || caps.amx,
         };
         if ok {
@@ -78,7 +79,7 @@ impl Precision {
                 precision: self,
                 needs: match self {
                     Self::F32 => "AVX2 and FMA",
-                    Self::Bf16 => "AVX512-BF16 or AMX",
+                    Self::Bf16 => "AVX2 and FMA, or AMX",
                     Self::Int8 => "AVX512-VNNI, AVX-VNNI or AMX",
                 },
                 has: caps.describe(),
@@ -104,6 +105,12 @@ impl Precision {
                 }
                 if caps.avx512_bf16 {
                     v.push(Kernel::Bf16Avx512);
+                }
+                if caps.avx512 {
+                    v.push(Kernel::Bf16Widen512);
+                }
+                if caps.avx2 {
+                    v.push(Kernel::Bf16Widen256);
                 }
             }
             Self::Int8 => {
@@ -133,6 +140,11 @@ pub enum Kernel {
     Bf16Avx512,
     /// AMX `tdpbf16ps`.
     Bf16Amx,
+    /// bf16 weights widened to f32 in registers, f32 inputs and FMAs (AVX-512 F;
+    /// [`super::widen`]).
+    Bf16Widen512,
+    /// The same on AVX2 + FMA.
+    Bf16Widen256,
     /// AVX-VNNI `vpdpbusd` on 256-bit registers.
     Int8Avx256,
     /// AVX512-VNNI `vpdpbusd`.
@@ -146,7 +158,7 @@ impl Kernel {
     pub fn precision(self) -> Precision {
         match self {
             Self::F32Avx2 | Self::F32Avx512 => Precision::F32,
-            Self::Bf16Avx512 | Self::Bf16Amx => Precision::Bf16,
+            Self::Bf16Avx512 | Self::Bf16Amx | Self::Bf16Widen512 | Self::Bf16Widen256 => Precision::Bf16,
             Self::Int8Avx256 | Self::Int8Avx512 | Self::Int8Amx => Precision::Int8,
         }
     }
@@ -154,8 +166,8 @@ impl Kernel {
     /// Whether `caps` runs it.
     pub fn runs_on(self, caps: &Caps) -> bool {
         match self {
-            Self::F32Avx2 => caps.avx2,
-            Self::F32Avx512 => caps.avx512,
+            Self::F32Avx2 | Self::Bf16Widen256 => caps.avx2,
+            Self::F32Avx512 | Self::Bf16Widen512 => caps.avx512,
             Self::Bf16Avx512 => caps.avx512_bf16,
             Self::Int8Avx512 => caps.avx512_vnni,
             Self::Int8Avx256 => caps.avx_vnni,
@@ -168,6 +180,17 @@ impl Kernel {
         matches!(self, Self::Bf16Amx | Self::Int8Amx)
     }
 
+    /// Whether the kernel takes an inner block (`kc`): it sums in f32 and adds block after block
+    /// to `y` (the int8 epilogue and AMX's whole-`k` loop do not).
+    pub fn blocks_inner(self) -> bool {
+        matches!(self, Self::F32Avx2 | Self::F32Avx512 | Self::Bf16Avx512 | Self::Bf16Widen512 | Self::Bf16Widen256)
+    }
+
+    /// Whether the kernel widens bf16 weights to f32 (and takes its inputs unrounded).
+    pub fn widens(self) -> bool {
+        matches!(self, Self::Bf16Widen512 | Self::Bf16Widen256)
+    }
+
     /// Whether `rows × panels` fits this kernel's registers.
     pub fn fits(self, rows: usize, panels: usize) -> bool {
         match self {
@@ -176,6 +199,8 @@ impl Kernel {
             Self::Bf16Avx512 => super::lowp::fits(LowpKind::Bf16Avx512, rows, panels),
             Self::Int8Avx512 => super::lowp::fits(LowpKind::Int8Avx512, rows, panels),
             Self::Int8Avx256 => super::lowp::fits(LowpKind::Int8Avx256, rows, panels),
+            Self::Bf16Widen512 => super::widen::fits(true, rows, panels),
+            Self::Bf16Widen256 => super::widen::fits(false, rows, panels),
             Self::Bf16Amx | Self::Int8Amx => true,
         }
     }
@@ -188,6 +213,8 @@ impl std::fmt::Display for Kernel {
             Self::F32Avx512 => "f32-avx512",
             Self::Bf16Avx512 => "bf16-avx512",
             Self::Bf16Amx => "bf16-amx",
+            Self::Bf16Widen512 => "bf16-widen512",
+            Self::Bf16Widen256 => "bf16-widen256",
             Self::Int8Avx256 => "int8-avxvnni",
             Self::Int8Avx512 => "int8-avx512vnni",
             Self::Int8Amx => "int8-amx",
@@ -203,7 +230,8 @@ pub struct Tiling {
     pub rows: u8,
     /// Panels of 16 columns per tile (vector kernels).
     pub panels: u8,
-    /// Inner-dimension block in units (values, pairs, quads); 0: all of it. f32 only.
+    /// Inner-dimension block in units (values, pairs, quads); 0: all of it. Kernels that sum
+    /// in f32 only ([`Kernel::blocks_inner`]).
     pub kc: u16,
     /// Rows per block of the outer loop; 0: all rows at once (vector kernels), as many as keep
     /// about a MiB of input rows in cache (AMX, whose blocks are whole 32-row pairs of tiles).
@@ -235,8 +263,8 @@ impl Tiling {
     /// A reasonable tiling of `kernel` before any measurement.
     pub fn default_for(kernel: Kernel) -> Self {
         let (rows, panels) = match kernel {
-            Kernel::F32Avx2 => (6, 1),
-            Kernel::F32Avx512 | Kernel::Bf16Avx512 | Kernel::Int8Avx512 => (12, 2),
+            Kernel::F32Avx2 | Kernel::Bf16Widen256 => (6, 1),
+            Kernel::F32Avx512 | Kernel::Bf16Avx512 | Kernel::Bf16Widen512 | Kernel::Int8Avx512 => (12, 2),
             Kernel::Int8Avx256 => (6, 1),
             Kernel::Bf16Amx | Kernel::Int8Amx => (16, 2),
         };
@@ -248,7 +276,7 @@ impl Tiling {
         self.kernel.precision() == precision
             && self.kernel.runs_on(caps)
             && self.kernel.fits(self.rows as usize, self.panels as usize)
-            && (self.kc == 0 || self.kernel == Kernel::F32Avx512 || self.kernel == Kernel::F32Avx2)
+            && (self.kc == 0 || self.kernel.blocks_inner())
     }
 }
 
@@ -610,6 +638,7 @@ impl PackedWeight {
                         tile(x.as_ptr().add(row0 * self.inner + k0), self.inner, w, u * NR, kc, y, self.out, cols, acc);
                     });
                 }
+                Precision::Bf16 if tiling.kernel.widens() => self.run_widen(&job, tiling, x),
                 Precision::Bf16 => {
                     let xb = to_bf16_rows(x, rows, self.inner, u);
                     self.run_lowp(&job, tiling, &xb, None);
@@ -642,6 +671,31 @@ impl PackedWeight {
                 }
             }
         }
+    }
+
+    /// The bf16 product on the widening kernel: f32 input rows as they are (copied with a zero
+    /// column where `inner` is odd, so that every pair of inputs lies in its row).
+    unsafe fn run_widen(&self, job: &Job, tiling: &Tiling, x: &[f32]) {
+        let (rows, inner, u) = (job.rows, self.inner, job.units);
+        let padded;
+        let (x, xs) = if inner % 2 == 1 {
+            padded = x.chunks(inner).flat_map(|row| row.iter().copied().chain([0.0])).collect::<Vec<f32>>();
+            (&padded[..], inner + 1)
+        } else {
+            (x, inner)
+        };
+        let panels: &[u32] = &self.data;
+        // The loop over `k` stops at the last real pair; the panels' padding to whole AMX
+        // tiles holds zeros the inputs have no values for.
+        let pairs = Job { units: xs / 2, ..*job };
+        debug_assert!(pairs.units <= u && x.len() == rows * xs);
+        let (c_max, wide) = (tiling.panels as usize, tiling.kernel == Kernel::Bf16Widen512);
+        pairs.run_vector(tiling, |r, c, row0, group, k0, kc, y, acc| {
+            let tile = super::widen::tile(wide, r, c);
+            let w = panels.as_ptr().add(group * c_max * u * NR + k0 * NR);
+            let cols = (self.out - group * c_max * NR).min(c * NR);
+            tile(x.as_ptr().add(row0 * xs + 2 * k0), xs, w, u * NR, kc, y, self.out, cols, acc);
+        });
     }
 
     /// The bf16 and int8 products over prepared input rows `xp` (`units` lanes per row, rows
@@ -698,6 +752,7 @@ impl PackedWeight {
 }
 
 /// The shape of one product and where it writes.
+#[derive(Clone, Copy)]
 struct Job {
     rows: usize,
     out: usize,
@@ -707,6 +762,7 @@ struct Job {
     accumulate: bool,
 }
 
+#[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: parallel parts of a product write disjoint columns (or disjoint row blocks) of `y`.
 unsafe impl Sync for SendPtr {}

@@ -58,7 +58,7 @@ pub struct Choice {
 }
 
 /// Format version of plan files: bump when kernels change so old choices are measured again.
-const PLAN_VERSION: u32 = 2;
+const PLAN_VERSION: u32 = 3;
 
 impl Plan {
     /// An empty plan for this CPU: every product takes [`Plan::default_tiling`].
@@ -195,11 +195,11 @@ fn candidates(kernel: Kernel, rows: usize) -> Vec<Tiling> {
     v
 }
 
-/// Refinements of the best vector tiling: inner blocks (f32) and row blocks (many rows).
+/// Refinements of the best vector tiling: inner blocks (kernels that sum in f32) and row blocks
+/// (many rows).
 fn refinements(best: Tiling, rows: usize, inner: usize) -> Vec<Tiling> {
     let mut v = Vec::new();
-    let f32_kernel = matches!(best.kernel, Kernel::F32Avx2 | Kernel::F32Avx512);
-    let kcs: &[u16] = if f32_kernel { &[0, 128, 256] } else { &[0] };
+    let kcs: &[u16] = if best.kernel.blocks_inner() { &[0, 128, 256] } else { &[0] };
     let mcs: &[u16] = if rows > 64 { &[0, 64, 256] } else { &[0] };
     for &kc in kcs {
         for &mc in mcs {
