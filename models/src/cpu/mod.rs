@@ -110,13 +110,19 @@ impl CpuKernels {
         format!("{}, {} measured shape(s)", self.identity(), self.plan.choices.len())
     }
 
-    /// The precision, the CPU and its instruction sets: what a measurement made with these
-    /// kernels depends on (a cache key).
+    /// The precision, the CPU, its instruction sets and the kernels' version: what a measurement
+    /// made with these kernels depends on (a cache key).
     pub fn identity(&self) -> String {
         if !self.enabled() {
             return "portable (candle's kernels)".into();
         }
-        format!("{} products on {} [{}]", self.precision, self.plan.cpu, self.caps.describe())
+        format!(
+            "{} products on {} [{}], kernels v{}",
+            self.precision,
+            self.plan.cpu,
+            self.caps.describe(),
+            plan::PLAN_VERSION
+        )
     }
 }
 

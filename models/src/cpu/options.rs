@@ -117,8 +117,9 @@ impl std::fmt::Display for PlanSource {
 /// The kernel options of a command line.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KernelArgs {
-    /// Precision of the dense products on the CPU: `f32`, `bf16` (weights and inputs rounded
-    /// to bf16, f32 sums), `int8` (int8 weights per output channel with their rounding error as
+    /// Precision of the dense products on the CPU: `f32`, `bf16` (weights rounded to bf16, f32
+    /// sums; inputs rounded too on the `vdpbf16ps`/AMX kernels, kept in f32 on the widening
+    /// ones, whichever the plan measured faster), `int8` (int8 weights per output channel with their rounding error as
     /// a second int8 matrix, inputs as two u8 passes per row, i32 sums) or `auto`
     /// (verdict-serve: the fastest of these measured on the loaded model; every other command:
     /// f32). Training is always f32. docs/runtime.md.

@@ -57,8 +57,9 @@ pub struct Choice {
     pub gflops: f64,
 }
 
-/// Format version of plan files: bump when kernels change so old choices are measured again.
-const PLAN_VERSION: u32 = 3;
+/// Format version of plan files: bump when kernels change so old choices are measured again
+/// (and measurements keyed by [`super::CpuKernels::identity`], as the server's batching choice).
+pub(crate) const PLAN_VERSION: u32 = 3;
 
 impl Plan {
     /// An empty plan for this CPU: every product takes [`Plan::default_tiling`].
