@@ -178,6 +178,8 @@ macro_rules! lowp_table {
     };
 }
 
+pub(crate) use lowp_table;
+
 /// Most rows and panels of a vector low-precision tile.
 pub const MAX_R: usize = 14;
 pub const MAX_C: usize = 4;

@@ -115,22 +115,13 @@ unsafe fn widen_256<const R: usize, const C: usize>(
     }
 }
 
-/// Expands to `[[WidenTile; MAX_R]; MAX_C]` of `$f::<r, c>` (entry `[c - 1][r - 1]`).
-macro_rules! widen_table {
-    ($f:ident, [$($c:literal),*]) => {
-        [$( [$f::<1, $c>, $f::<2, $c>, $f::<3, $c>, $f::<4, $c>, $f::<5, $c>, $f::<6, $c>, $f::<7, $c>,
-             $f::<8, $c>, $f::<9, $c>, $f::<10, $c>, $f::<11, $c>, $f::<12, $c>, $f::<13, $c>, $f::<14, $c>] ),*]
-    };
-}
-
-/// Most rows and panels of a widening tile.
-pub const MAX_R: usize = 14;
-pub const MAX_C: usize = 4;
+// The widening tiles share the low-precision tiles' table macro and bounds (14 rows × 4 panels).
+use super::lowp::{lowp_table, MAX_C, MAX_R};
 
 #[cfg(target_arch = "x86_64")]
-static WIDEN_512: [[WidenTile; MAX_R]; MAX_C] = widen_table!(widen_512, [1, 2, 3, 4]);
+static WIDEN_512: [[WidenTile; MAX_R]; MAX_C] = lowp_table!(widen_512, [1, 2, 3, 4]);
 #[cfg(target_arch = "x86_64")]
-static WIDEN_256: [[WidenTile; MAX_R]; 2] = widen_table!(widen_256, [1, 2]);
+static WIDEN_256: [[WidenTile; MAX_R]; 2] = lowp_table!(widen_256, [1, 2]);
 
 /// Whether `r` rows × `c` panels fit the vector registers of the AVX-512 (`wide`, 32 of 16
 /// lanes) or AVX2 (16 of 8 lanes) kernel: the accumulators, `c` weight vectors, one broadcast
