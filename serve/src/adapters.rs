@@ -7,7 +7,7 @@
 //! base weights and the task's current template (heads: its label words), and its tensors
 //! must load and be finite. A refused version leaves the serving one in place.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, WeightsError};
 use crate::contract::AdapterVersion;
 use crate::metrics::Metrics;
 use serde::Serialize;
@@ -327,13 +327,11 @@ impl AdapterTable {
         if !dir.is_dir() {
             return Err(RegistryError::NoSuchVersion { task: task.to_string(), version: version.to_string() }.into());
         }
-        let checked = (|| -> Result<AdapterVersion, String> {
+        let checked = (|| -> Result<AdapterVersion, WeightsError> {
             if !dir.join(MANIFEST_FILE).is_file() {
-                return Err(format!(
-                    "no {MANIFEST_FILE}: the server only loads adapters tied to their base and template"
-                ));
+                return Err(WeightsError::NoManifest);
             }
-            let manifest = Manifest::read(&dir).map_err(|e| e.to_string())?;
+            let manifest = Manifest::read(&dir)?;
             let weights = self.backend.load_weights(&dir, &manifest, &self.base_sha256, spec, self.merged)?;
             Ok(AdapterVersion {
                 version: version.to_string(),
@@ -351,7 +349,8 @@ impl AdapterTable {
                 self.evict_locked(v.id);
                 Ok(v)
             }
-            Err(reason) => {
+            Err(why) => {
+                let reason = why.to_string();
                 self.metrics.refusal(task);
                 self.write_slots().entry(task.to_string()).or_default().refused =
                     Some((version.to_string(), reason.clone()));

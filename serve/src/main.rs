@@ -241,7 +241,7 @@ fn load(cli: &LoadArgs, metrics: Arc<metrics::Metrics>) -> Result<infer::Ready> 
     let tasks: BTreeMap<String, Arc<contract::TaskEntry>> = registry
         .tasks()
         .iter()
-        .map(|t| Ok((t.name.clone(), Arc::new(backend.task_entry(t, cli.answer_scoring).map_err(anyhow::Error::msg)?))))
+        .map(|t| Ok((t.name.clone(), Arc::new(backend.task_entry(t, cli.answer_scoring)?))))
         .collect::<Result<_>>()?;
     let adapters = Arc::new(adapters::AdapterTable::new(
         Registry::new(&cli.adapters),

@@ -8,7 +8,7 @@
 //! one batch on top of their stacked prefixes ([`KvCache::stack`]), the bodies of one version
 //! packed side by side into shared rows without padding ([`score_packed`]).
 
-use super::{InputError, KeptField};
+use super::{InputError, KeptField, TaskEntryError, WeightsError};
 use crate::contract::{AdapterVersion, Compute, Row, TaskEntry, VersionWeights};
 use crate::metrics::Metrics;
 use candle_core::DType;
@@ -251,11 +251,11 @@ pub fn prompt_body(
 
 /// A task's constant parts rendered and tokenized for `loaded`'s tokenizer and chat template:
 /// the cached prefix and every label's answer tokens.
-pub fn task_entry(task: &Task, loaded: &LoadedModel, scoring: AnswerScoring) -> Result<TaskEntry, String> {
+pub fn task_entry(task: &Task, loaded: &LoadedModel, scoring: AnswerScoring) -> Result<TaskEntry, TaskEntryError> {
     let probe: BTreeMap<String, String> = task.fields.iter().map(|f| (f.clone(), "x".to_string())).collect();
-    let parts = task.prompt(loaded.chat.as_ref(), &[], &probe).map_err(|e| e.to_string())?;
-    let prefix_ids = loaded.encode(&parts.prefix, true).map_err(|e| e.to_string())?;
-    let scored = task.scored_candidates(scoring, |t| loaded.encode(t, false)).map_err(|e| e.to_string())?;
+    let parts = task.prompt(loaded.chat.as_ref(), &[], &probe)?;
+    let prefix_ids = loaded.encode(&parts.prefix, true).map_err(TaskEntryError::Tokenize)?;
+    let scored = task.scored_candidates(scoring, |t| loaded.encode(t, false))?;
     if let Some(why) = &scored.fallback {
         tracing::warn!("{why}");
     }
@@ -272,11 +272,11 @@ pub fn load_lora(
     base_sha256: &str,
     task: &Task,
     merged: bool,
-) -> Result<VersionWeights, String> {
-    manifest.check(base_sha256, task).map_err(|e| e.to_string())?;
+) -> Result<VersionWeights, WeightsError> {
+    manifest.check(base_sha256, task)?;
     let model = &loaded.model;
-    let adapter = LoraAdapter::load_peft_dir(dir, model.config(), DType::F32, model.device())
-        .map_err(|e| format!("cannot load the adapter: {e}"))?;
+    let adapter =
+        LoraAdapter::load_peft_dir(dir, model.config(), DType::F32, model.device()).map_err(WeightsError::Adapter)?;
     for (name, t) in adapter.named_tensors() {
         let finite = t
             .abs()
@@ -286,14 +286,10 @@ pub fn load_lora(
             .map(f32::is_finite)
             .unwrap_or(false);
         if !finite {
-            return Err(format!("tensor {name} is not finite"));
+            return Err(WeightsError::NotFinite(name.to_string()));
         }
     }
-    let merged = if merged {
-        Some(Box::new(model.merged(&adapter).map_err(|e| format!("cannot merge the adapter: {e}"))?))
-    } else {
-        None
-    };
+    let merged = if merged { Some(Box::new(model.merged(&adapter).map_err(WeightsError::Merge)?)) } else { None };
     Ok(VersionWeights::Lora { adapter, merged })
 }
 

@@ -3,7 +3,7 @@
 //! own task head. Answers are the head's logits; the HTTP layer turns them into probabilities
 //! exactly as it does a decoder's answer log-probabilities.
 
-use super::{InputError, KeptField};
+use super::{InputError, KeptField, WeightsError};
 use crate::contract::{Compute, Row, TaskEntry, VersionWeights};
 use models::encoder::rows_f64;
 use models::ClassifierHead;
@@ -93,9 +93,9 @@ pub fn load_head(
     manifest: &Manifest,
     encoder_sha256: &str,
     task: &Task,
-) -> Result<VersionWeights, String> {
-    manifest.check_head(encoder_sha256, task).map_err(|e| e.to_string())?;
+) -> Result<VersionWeights, WeightsError> {
+    manifest.check_head(encoder_sha256, task)?;
     let head = ClassifierHead::load(dir, encoder.hidden_size(), task.num_classes(), encoder.device())
-        .map_err(|e| format!("cannot load the head: {e}"))?;
+        .map_err(WeightsError::Head)?;
     Ok(VersionWeights::Head(head))
 }

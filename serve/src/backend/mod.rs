@@ -9,8 +9,8 @@ pub mod encoder;
 
 use crate::contract::{TaskEntry, VersionWeights};
 use models::{Encoder, LoadedModel};
-use shared::adapter::Manifest;
-use shared::task::{AnswerScoring, Task};
+use shared::adapter::{Manifest, ManifestError, MANIFEST_FILE};
+use shared::task::{AnswerScoring, ScoringError, Task, TaskError};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -76,6 +76,36 @@ pub struct KeptField<'a> {
     pub cut: bool,
 }
 
+/// Why a task cannot be served on this model: its prompt does not render, or its prefix or
+/// answers do not tokenize.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskEntryError {
+    #[error(transparent)]
+    Prompt(#[from] TaskError),
+    #[error("cannot tokenize the prompt's prefix: {0}")]
+    Tokenize(models::Error),
+    #[error(transparent)]
+    Answers(#[from] ScoringError),
+}
+
+/// Why a version's weights are refused: its manifest is missing or does not fit, or its
+/// tensors do not load, are not finite, or do not merge.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("no {MANIFEST_FILE}: the server only loads adapters tied to their base and template")]
+    NoManifest,
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("cannot load the adapter: {0}")]
+    Adapter(models::Error),
+    #[error("tensor {0} is not finite")]
+    NotFinite(String),
+    #[error("cannot merge the adapter: {0}")]
+    Merge(models::Error),
+    #[error("cannot load the head: {0}")]
+    Head(models::Error),
+}
+
 /// Why an input cannot become the engine's tokens.
 #[derive(Debug)]
 pub enum InputError {
@@ -108,7 +138,7 @@ impl Backend {
 
     /// A task's constant parts for this model, its answers scored as `scoring` says (an
     /// encoder reads no prompt: all empty).
-    pub fn task_entry(&self, task: &Task, scoring: AnswerScoring) -> Result<TaskEntry, String> {
+    pub fn task_entry(&self, task: &Task, scoring: AnswerScoring) -> Result<TaskEntry, TaskEntryError> {
         match self {
             Backend::Decoder(m) => decoder::task_entry(task, m, scoring),
             Backend::Encoder(_) => Ok(encoder::task_entry(task)),
@@ -125,7 +155,7 @@ impl Backend {
         base_sha256: &str,
         task: &Task,
         merged: bool,
-    ) -> Result<VersionWeights, String> {
+    ) -> Result<VersionWeights, WeightsError> {
         match self {
             Backend::Decoder(m) => decoder::load_lora(m, dir, manifest, base_sha256, task, merged),
             Backend::Encoder(e) => encoder::load_head(e, dir, manifest, base_sha256, task),
