@@ -256,6 +256,8 @@ struct Ppo<'a> {
     adapter: &'a LoraAdapter,
     /// PPO's value head (GRPO has none).
     head: Option<ScalarHead>,
+    /// The value head's variable names: its gradients are clipped apart from the adapter's.
+    head_vars: std::collections::BTreeSet<String>,
     data: &'a [TaskData],
     learned: Option<LearnedReward>,
     /// Per task: every label's answer tokens.
@@ -350,8 +352,7 @@ impl Ppo<'_> {
     /// 5. `ppo_epochs` passes of shuffled mini-batches over the rollout, each an optimizer step.
     fn optimise(&self, step: u64, lr: f64, ti: usize, rollout: &Rollout, updates: &mut Updates) -> Result<LossStats> {
         let (args, t) = (self.args, &self.args.train);
-        let head_vars: Vec<String> = self.head.iter().flat_map(|h| h.vars()).map(|(name, _)| name).collect();
-        let is_head = |name: &str| head_vars.iter().any(|h| h == name);
+        let is_head = |name: &str| self.head_vars.contains(name);
         let mut stats = LossStats::default();
         for epoch in 0..args.ppo_epochs() {
             let mut order: Vec<usize> = (0..rollout.bodies.len()).collect();
@@ -533,11 +534,13 @@ pub fn run(args: &PpoArgs, cache: &Path) -> Result<()> {
         KlKind::Fixed => KlController::Fixed { coef },
         KlKind::Adaptive => KlController::Adaptive { coef, target: args.kl_target, horizon: args.kl_horizon },
     };
+    let head_vars = head.iter().flat_map(|h| h.vars()).map(|(name, _)| name).collect();
     let mut ppo = Ppo {
         args,
         loaded: &loaded,
         adapter: &adapter,
         head,
+        head_vars,
         data: &data,
         learned,
         answers: data.iter().map(|d| train_data::encode_answers(&loaded, &d.task)).collect::<Result<_>>()?,
