@@ -149,6 +149,11 @@ struct LayerCtx<'a> {
     /// The sliding layers' rotary tables where they differ (Gemma 3).
     local_cos_sin: Option<(Tensor, Tensor)>,
     cfg: &'a DecoderConfig,
+    /// The cache is only read (a branched forward): each layer attends over the cached keys
+    /// and values joined with its own, and drops the joined copy after the layer instead of
+    /// keeping every layer's until the forward ends (on SmolLM2 with an 80-token prompt
+    /// prefix, 4.3 MiB per scored input).
+    read_only_cache: bool,
 }
 
 impl LayerCtx<'_> {
@@ -371,7 +376,9 @@ impl Attention {
                     Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
                     None => (k, v),
                 };
-                cache.set_layer(layer, kv.clone());
+                if !ctx.read_only_cache {
+                    cache.set_layer(layer, kv.clone());
+                }
                 kv
             }
             None => (k, v),
@@ -759,6 +766,7 @@ impl Decoder {
             sin,
             local_cos_sin,
             cfg: &self.cfg,
+            read_only_cache: batch.branches().is_some(),
         };
 
         let ids = batch.ids_tensor(&self.device)?.flatten_all()?;

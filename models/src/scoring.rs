@@ -182,7 +182,10 @@ fn score_layout(
         .ok_or_else(|| Error::Invalid("no logits".into()))?;
     let rows: Vec<usize> = picks.iter().map(|p| p.0).collect();
     let toks: Vec<u32> = picks.iter().map(|p| p.3).collect();
-    let log_probs = pick_log_probs(&logits, &rows, &toks)?;
+    let log_probs = match crate::fast::pick_log_probs(&logits, &rows, &toks, model.kernels())? {
+        Some(lp) => lp,
+        None => pick_log_probs(&logits, &rows, &toks)?,
+    };
     let mut out: Vec<Vec<f64>> = candidates.iter().map(|c| vec![0f64; c.len()]).collect();
     for (&(_, i, c, _), lp) in picks.iter().zip(log_probs) {
         out[i][c] += lp;

@@ -595,18 +595,29 @@ impl PackedWeight {
     /// # Panics
     /// If `x` is not `rows · inner` long, or `tiling` is not for this precision or CPU.
     pub fn matmul_t(&self, x: &[f32], rows: usize, tiling: &Tiling) -> Vec<f32> {
+        if self.precision == Precision::Int8 && rows > 0 && self.out > 0 && self.inner > 0 {
+            // The two passes' products land in one buffer twice the output's size; the first
+            // half becomes the output and the rest is handed back in place (no copy, and no
+            // third buffer: on SmolLM2's 49,152-word LM head, 2 MiB per scored input less).
+            self.check_run(x, rows, tiling);
+            let mut y = vec![0f32; 2 * rows * self.out];
+            // SAFETY: the tiling runs on this CPU and the buffers have the packed shapes
+            // (`check_run`).
+            unsafe { self.int8_halves(x, rows, &mut y, tiling) };
+            let (first, second) = y.split_at_mut(rows * self.out);
+            first.iter_mut().zip(second.iter()).for_each(|(a, b)| *a += b);
+            y.truncate(rows * self.out);
+            y.shrink_to_fit();
+            return y;
+        }
         let mut y = vec![0f32; rows * self.out];
         self.matmul_t_into(x, rows, &mut y, false, tiling);
         y
     }
 
-    /// `y (+)= x Wᵀ` into `y` (`[rows, out]`), adding to what is there when `accumulate`.
-    ///
-    /// # Panics
-    /// As [`PackedWeight::matmul_t`], and if `y` is not `rows · out` long.
-    pub fn matmul_t_into(&self, x: &[f32], rows: usize, y: &mut [f32], accumulate: bool, tiling: &Tiling) {
+    /// Panics unless `x` is `[rows, inner]` and `tiling` runs this precision on this CPU.
+    fn check_run(&self, x: &[f32], rows: usize, tiling: &Tiling) {
         assert_eq!(x.len(), rows * self.inner, "input of {} values is not [{rows}, {}]", x.len(), self.inner);
-        assert_eq!(y.len(), rows * self.out, "output of {} values is not [{rows}, {}]", y.len(), self.out);
         let caps = Caps::detect();
         assert!(
             tiling.valid(self.precision, &caps),
@@ -614,6 +625,52 @@ impl PackedWeight {
             self.precision,
             caps.describe()
         );
+    }
+
+    /// The int8 product's two halves into `parts` (`[2 rows, out]`): each input row's first
+    /// 8-bit pass times the weight (plus the weight's rounding error, where it is kept) in
+    /// rows `0..rows`, its rounding error's pass in rows `rows..2 rows`. Their sum is `x Wᵀ`.
+    ///
+    /// # Safety
+    /// `tiling` must run int8 panels on this CPU; `x` is `[rows, inner]` and `parts`
+    /// `2 rows · out` long, both non-empty.
+    unsafe fn int8_halves(&self, x: &[f32], rows: usize, parts: &mut [f32], tiling: &Tiling) {
+        debug_assert_eq!(parts.len(), 2 * rows * self.out);
+        let u = units(self.precision, self.inner);
+        let n_panels = self.out.div_ceil(NR);
+        // Each row and its rounding error as two rows of one product, then summed.
+        let q = split_rows(x, rows, self.inner, u);
+        let dq = Dequant {
+            zx: q.zero.as_ptr(),
+            sx: q.scale.as_ptr(),
+            colsum: self.colsum.as_ptr(),
+            sw: self.scale.as_ptr(),
+        };
+        let halves = Job {
+            rows: 2 * rows,
+            out: self.out,
+            units: u,
+            n_panels,
+            y: SendPtr(parts.as_mut_ptr()),
+            accumulate: false,
+        };
+        self.run_lowp(&halves, tiling, &q.codes, Some(&dq));
+        // The weight's rounding error times the input's first pass (its second pass times the
+        // error is below both roundings).
+        if let Some(r) = &self.residual {
+            let dq = Dequant { colsum: r.colsum.as_ptr(), sw: r.scale.as_ptr(), ..dq };
+            let first = Job { rows, accumulate: true, ..halves };
+            r.run_lowp(&first, tiling, &q.codes, Some(&dq));
+        }
+    }
+
+    /// `y (+)= x Wᵀ` into `y` (`[rows, out]`), adding to what is there when `accumulate`.
+    ///
+    /// # Panics
+    /// As [`PackedWeight::matmul_t`], and if `y` is not `rows · out` long.
+    pub fn matmul_t_into(&self, x: &[f32], rows: usize, y: &mut [f32], accumulate: bool, tiling: &Tiling) {
+        self.check_run(x, rows, tiling);
+        assert_eq!(y.len(), rows * self.out, "output of {} values is not [{rows}, {}]", y.len(), self.out);
         if rows == 0 || self.out == 0 {
             return;
         }
@@ -644,24 +701,8 @@ impl PackedWeight {
                     self.run_lowp(&job, tiling, &xb, None);
                 }
                 Precision::Int8 => {
-                    // Each row and its rounding error as two rows of one product, then summed.
-                    let q = split_rows(x, rows, self.inner, u);
-                    let dq = Dequant {
-                        zx: q.zero.as_ptr(),
-                        sx: q.scale.as_ptr(),
-                        colsum: self.colsum.as_ptr(),
-                        sw: self.scale.as_ptr(),
-                    };
                     let mut parts = vec![0f32; 2 * rows * self.out];
-                    let halves = Job { rows: 2 * rows, y: SendPtr(parts.as_mut_ptr()), accumulate: false, ..job };
-                    self.run_lowp(&halves, tiling, &q.codes, Some(&dq));
-                    // The weight's rounding error times the input's first pass (its second
-                    // pass times the error is below both roundings).
-                    if let Some(r) = &self.residual {
-                        let dq = Dequant { colsum: r.colsum.as_ptr(), sw: r.scale.as_ptr(), ..dq };
-                        let first = Job { rows, y: SendPtr(parts.as_mut_ptr()), accumulate: true, ..job };
-                        r.run_lowp(&first, tiling, &q.codes, Some(&dq));
-                    }
+                    self.int8_halves(x, rows, &mut parts, tiling);
                     let (first, second) = parts.split_at(rows * self.out);
                     if accumulate {
                         y.iter_mut().zip(first.iter().zip(second)).for_each(|(y, (a, b))| *y += a + b);
