@@ -67,6 +67,9 @@ md=$OUT.md
   echo "CPU: \`$cpu_model\`, $(nproc) cores; flags: \`$cpu_flags\`; $(date -u +%Y-%m-%d); commit $(git rev-parse --short HEAD);"
   echo "\`PARTS=$PARTS CLIENTS=$CLIENTS SECONDS_PER=$SECONDS_PER scripts/bench_side_by_side.sh\`. Compute threads per"
   echo "process: ${THREADS:-all cores}. Every figure below is from this one run."
+  if [ -n "${TORCH_PYTHON:-}" ]; then
+    echo "The reference side: $("$TORCH_PYTHON" -c 'import sys, torch, transformers, peft, trl; print(f"Python {sys.version.split()[0]}, torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}")' 2>/dev/null || echo "TORCH_PYTHON=$TORCH_PYTHON lacks torch, transformers, peft or trl")."
+  fi
   echo
 } > "$md"
 record() { echo "$1" >> "$OUT.jsonl"; }
@@ -259,8 +262,8 @@ if has memory; then
   {
     echo "## Memory and start-up (verdict-serve, $mem_precision panels, one request served before measuring)"
     echo
-    echo "| model | cold start to /ready | warm start to /ready | 1st process RSS / PSS / USS | 2nd process RSS / PSS / USS | 2nd adds (USS / 1st RSS) |"
-    echo "|---|---:|---:|---:|---:|---:|"
+    echo "| model | cold start to /ready | warm start to /ready | 1st process RSS / PSS / USS | 2nd process RSS / PSS / USS | 2nd adds (USS / 1st RSS) | 2nd adds after 2 s idle |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
   } >> "$md"
   body='{"task": "mr", "inputs": "a gripping, beautifully acted film ."}'
   for m in smollm2 qwen; do
@@ -283,12 +286,16 @@ if has memory; then
     curl -fsS -H 'content-type: application/json' -d "$body" "http://127.0.0.1:$((port + 1))/v1/classify" > /dev/null
     read -r r2 s2 u2 <<< "$(rss_of $p2)"
     read -r r1b s1b u1b <<< "$(rss_of $p1)"
+    # The server hands its free heap pages back once its queue has been idle for 1 s.
+    sleep 2
+    read -r _ _ u2idle <<< "$(rss_of $p2)"
     kill $p1 $p2; wait $p1 $p2 2>/dev/null || true
     pids=()
-    adds=$(python3 -c "print(f'{$u2 / $r1:.2f}')")
-    echo "| $m | $cold s | $warm s | $r1 / $s1b / $u1 MiB | $r2 / $s2 / $u2 MiB | $adds |" >> "$md"
-    record "{\"part\": \"memory\", \"model\": \"$m\", \"cold_s\": $cold, \"warm_s\": $warm, \"rss1_mib\": $r1, \"pss1_mib\": $s1b, \"uss1_mib\": $u1, \"rss2_mib\": $r2, \"pss2_mib\": $s2, \"uss2_mib\": $u2}"
-    echo "memory $m: cold $cold s, warm $warm s, RSS $r1 MiB, 2nd process adds $u2 MiB private ($adds of the 1st's RSS)"
+    adds=$(python3 -c "print(f'{$u2 / $r1:.3f}')")
+    adds_idle=$(python3 -c "print(f'{$u2idle / $r1:.3f}')")
+    echo "| $m | $cold s | $warm s | $r1 / $s1b / $u1 MiB | $r2 / $s2 / $u2 MiB | $adds | $u2idle MiB, $adds_idle |" >> "$md"
+    record "{\"part\": \"memory\", \"model\": \"$m\", \"cold_s\": $cold, \"warm_s\": $warm, \"rss1_mib\": $r1, \"pss1_mib\": $s1b, \"uss1_mib\": $u1, \"rss2_mib\": $r2, \"pss2_mib\": $s2, \"uss2_mib\": $u2, \"uss2_idle_mib\": $u2idle}"
+    echo "memory $m: cold $cold s, warm $warm s, RSS $r1 MiB, 2nd process adds $u2 MiB private ($adds of the 1st's RSS; $u2idle MiB, $adds_idle, after 2 s idle)"
   done
   echo >> "$md"
 fi
