@@ -229,17 +229,30 @@ pub fn read_meta(path: &Path) -> Result<ModelMeta, Error> {
 fn meta(content: &Content, mmap: &[u8]) -> Result<ModelMeta, Error> {
     let md = Metadata { map: &content.metadata };
 
+    let model = md.string("tokenizer.ggml.model")?;
+    let spm = model == "llama";
     let vocab = GgufVocab {
-        model: md.string("tokenizer.ggml.model")?,
         pre: md.string("tokenizer.ggml.pre").unwrap_or_else(|_| "default".into()),
         tokens: md.strings("tokenizer.ggml.tokens")?,
-        merges: md.strings("tokenizer.ggml.merges")?,
+        // SentencePiece vocabularies have scores instead of merges.
+        merges: if spm {
+            md.strings("tokenizer.ggml.merges").unwrap_or_default()
+        } else {
+            md.strings("tokenizer.ggml.merges")?
+        },
         token_types: md
             .get("tokenizer.ggml.token_type")?
             .to_vec()?
             .iter()
             .map(|v| v.to_i32())
             .collect::<Result<_, _>>()?,
+        scores: match md.map.get("tokenizer.ggml.scores") {
+            Some(v) => v.to_vec()?.iter().map(|s| s.to_f32()).collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        },
+        add_space_prefix: md.map.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true),
+        unk: md.opt_u32("tokenizer.ggml.unknown_token_id"),
+        model,
     };
     let tok = tokenizer::from_gguf_vocab(&vocab)?;
     let special = SpecialTokens {

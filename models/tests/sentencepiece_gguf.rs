@@ -1,0 +1,71 @@
+//! A Llama GGUF file with a SentencePiece vocabulary (as Llama 2 and Mistral GGUFs carry one)
+//! against transformers' own reading of the same file (`tests/fixtures/spm/tiny-llama-spm.*`,
+//! made by `scripts/fixtures/make_spm_gguf_fixture.py`): the same token ids for text, and the
+//! same logits.
+
+use candle_core::{DType, Device};
+use models::{load_model, LogitsAt, Mode, TokenBatch, WeightMode};
+use serde_json::Value;
+use std::path::PathBuf;
+
+/// float32 on both sides, the same weights: what is left is summation order.
+const LOGIT_TOL: f32 = 1e-4;
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/spm")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+#[test]
+fn a_sentencepiece_gguf_tokenizes_and_computes_as_transformers_reads_it() {
+    let dir = fixture_dir();
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tiny-llama-spm.json")).unwrap()).unwrap();
+    let model = load_model(&dir.join("tiny-llama-spm.gguf"), WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.model.config().arch, models::Arch::Llama);
+    // A BOS before prompts, as the file asks.
+    assert!(model.special.add_bos);
+    assert_eq!(model.special.bos, Some(1));
+
+    let cases = fixture["tokens"].as_array().unwrap();
+    assert!(cases.len() >= 5);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let got = model.encode(text, false).unwrap();
+        assert_eq!(got, ids(&case["ids"]), "tokenizing {text:?}");
+        assert_eq!(model.decode(&got).unwrap(), text, "decoding {text:?}");
+    }
+
+    for seq in fixture["sequences"].as_array().unwrap() {
+        let input = ids(&seq["ids"]);
+        let logits = model
+            .model
+            .forward(&TokenBatch::single(&input).unwrap(), None, None, Mode::Inference, LogitsAt::All)
+            .unwrap()
+            .logits
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(logits.len(), input.len());
+        let want_last = floats(&seq["last_logits"]);
+        assert_eq!(logits[input.len() - 1].len(), want_last.len());
+        let worst = logits[input.len() - 1].iter().zip(&want_last).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < LOGIT_TOL, "last-position logits differ by {worst}");
+        let at = ids(&seq["logits_at"]["ids"]);
+        for (pos, row) in seq["logits_at"]["values"].as_array().unwrap().iter().enumerate() {
+            for (&id, want) in at.iter().zip(floats(row)) {
+                let got = logits[pos][id as usize];
+                assert!((got - want).abs() < LOGIT_TOL, "position {pos}, id {id}: {got} against {want}");
+            }
+        }
+    }
+}
