@@ -174,6 +174,11 @@ pub struct Task {
     /// mismatched dev and test sets): split name -> file name.
     #[serde(default)]
     pub split_files: BTreeMap<String, String>,
+    /// The input field that names the candidate each example judges, for tasks scored per
+    /// query over its candidates (ReCoRD's metrics, [`Grouping::Candidates`]): required by
+    /// them, refused elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_field: Option<String>,
     /// Bumped whenever the prompt wording changes: adapters record it and are refused when it
     /// differs.
     pub template_version: u32,
@@ -243,13 +248,18 @@ impl Task {
         }
     }
 
+    /// Whether the task's metrics score one chosen candidate per query (ReCoRD's).
+    fn scores_candidates(&self) -> bool {
+        self.metrics.iter().any(|m| matches!(m, Metric::RecordF1 | Metric::RecordEm))
+    }
+
     /// How a split's examples are scored together, as the task's metrics require: ReCoRD's
-    /// metrics score one chosen candidate (the last input field) per query, MultiRC's exact
-    /// match scores whole questions.
+    /// metrics score one chosen candidate (named by [`Task::candidate_field`]) per query,
+    /// MultiRC's exact match scores whole questions.
     pub fn grouping(&self) -> Grouping {
         let uses = |m: &[Metric]| self.metrics.iter().any(|x| m.contains(x));
-        if uses(&[Metric::RecordF1, Metric::RecordEm]) {
-            Grouping::Candidates { field: self.fields.last().cloned().unwrap_or_default() }
+        if let (true, Some(field)) = (self.scores_candidates(), &self.candidate_field) {
+            Grouping::Candidates { field: field.clone() }
         } else if uses(&[Metric::MultiRcF1a, Metric::MultiRcEm]) {
             Grouping::Questions
         } else {
@@ -574,6 +584,20 @@ impl Task {
         if let Some(k) = self.columns.keys().find(|k| !self.fields.contains(k) && *k != "label" && *k != "id") {
             return bad(format!("columns maps {k:?}, which is neither a field nor label/id"));
         }
+        match (&self.candidate_field, self.scores_candidates()) {
+            (None, true) => {
+                return bad(
+                    "record_f1 / record_em score one candidate per query: name its field in candidate_field".into()
+                )
+            }
+            (Some(c), false) => {
+                return bad(format!("candidate_field {c:?} is only for record_f1 / record_em tasks"));
+            }
+            (Some(c), true) if !self.fields.contains(c) => {
+                return bad(format!("candidate_field {c:?} is not one of the fields"));
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -645,6 +669,7 @@ impl Def<'_> {
             format: self.format,
             columns: BTreeMap::new(),
             split_files: BTreeMap::new(),
+            candidate_field: None,
             template_version: 1,
         }
     }
@@ -702,6 +727,8 @@ pub fn builtin_tasks() -> Vec<Task> {
         match t.name.as_str() {
             "mnli-m" => t.split_files = split_files("matched"),
             "mnli-mm" => t.split_files = split_files("mismatched"),
+            // One ReCoRD example judges one entity for the query's placeholder.
+            "record" => t.candidate_field = Some("entity".into()),
             _ => {}
         }
     }
@@ -731,6 +758,8 @@ struct TaskFile {
     /// A split's file name when it is not `<split>.jsonl|csv|tsv|parquet`.
     #[serde(default)]
     split_files: BTreeMap<String, String>,
+    /// The field naming each example's candidate, for `record_f1` / `record_em` tasks.
+    candidate_field: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -793,6 +822,7 @@ impl TaskRegistry {
             format: DataFormat::Table,
             columns: f.columns,
             split_files: f.split_files,
+            candidate_field: f.candidate_field,
             template_version: f.template_version,
         };
         task.validate()?;
@@ -1062,5 +1092,25 @@ mod tests {
         assert_eq!(grouping("multirc"), Grouping::Questions);
         assert_eq!(grouping("sst2"), Grouping::Alone);
         assert_eq!(grouping("mr"), Grouping::Alone);
+    }
+
+    /// A user task scored as ReCoRD is grouped by the field it names, which need not be the
+    /// last; without one, or with one that is not a field, or on other metrics, it is refused.
+    #[test]
+    fn candidate_tasks_name_their_candidate_field() {
+        let file = |extra: &str, metrics: &str| {
+            format!(
+                "name = \"cands\"\ndescription = \"d\"\nfields = [\"option\", \"question\"]\n\
+                 instruction = \"Q: {{question}} A: {{option}}\"\nlabels = [\"No\", \"Yes\"]\n\
+                 metrics = [{metrics}]\n{extra}"
+            )
+        };
+        let t =
+            TaskRegistry::parse_task_toml(&file("candidate_field = \"option\"", "\"record_f1\""), "t.toml").unwrap();
+        assert_eq!(t.grouping(), Grouping::Candidates { field: "option".into() });
+        let err = |text: String| TaskRegistry::parse_task_toml(&text, "t.toml").unwrap_err().to_string();
+        assert!(err(file("", "\"record_em\"")).contains("candidate_field"));
+        assert!(err(file("candidate_field = \"entity\"", "\"record_f1\"")).contains("not one of the fields"));
+        assert!(err(file("candidate_field = \"option\"", "\"accuracy\"")).contains("only for record_f1"));
     }
 }
