@@ -18,13 +18,12 @@ pub use crate::config::Projection;
 use crate::peft::{LayerIndexes, PeftLoraConfig, PeftModule, TargetModules};
 
 impl std::str::FromStr for Projection {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = shared::UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim().trim_end_matches("_proj");
-        Self::ALL
-            .into_iter()
-            .find(|p| p.module_name().trim_end_matches("_proj") == s)
-            .ok_or_else(|| format!("unknown projection {s:?}: use q, k, v, o, gate, up, down"))
+        Self::ALL.into_iter().find(|p| p.module_name().trim_end_matches("_proj") == s).ok_or_else(|| {
+            shared::UnknownName { what: "projection", given: s.to_string(), known: "q, k, v, o, gate, up, down".into() }
+        })
     }
 }
 

@@ -29,12 +29,14 @@ impl std::fmt::Display for WeightMode {
 }
 
 impl std::str::FromStr for WeightMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = shared::UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "dense" | "f32" => Ok(Self::Dense),
             "quantized" | "q" => Ok(Self::Quantized),
-            _ => Err(format!("unknown weight mode {s:?} (dense or quantized)")),
+            _ => {
+                Err(shared::UnknownName { what: "weight mode", given: s.to_string(), known: "dense, quantized".into() })
+            }
         }
     }
 }

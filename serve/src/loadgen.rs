@@ -20,6 +20,21 @@ pub const SAMPLE_SENTENCES: [&str; 8] = [
     "Neither the script nor the cast rise above the material.",
 ];
 
+/// Why an endpoint or URL is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error("{0:?}: expected NAME=http://HOST:PORT/PATH")]
+    NotAnEndpoint(String),
+    #[error("{0:?}: the endpoint needs a name")]
+    NoName(String),
+    #[error("{0:?}: only http:// URLs on loopback")]
+    NotHttp(String),
+    #[error("{url:?}: bad port {port:?}")]
+    BadPort { url: String, port: String },
+    #[error("refusing {0:?}: verdict-bench only sends requests to loopback (127.0.0.0/8, localhost, [::1])")]
+    NotLoopback(String),
+}
+
 /// A named endpoint on this machine: `name=http://127.0.0.1:8080/v1/classify`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
@@ -32,11 +47,10 @@ pub struct Endpoint {
 impl Endpoint {
     /// Parses `name=http://host:port/path`. Only loopback hosts are accepted (`127.0.0.0/8`,
     /// `localhost`, `[::1]`): a load generator here never sends traffic elsewhere.
-    pub fn parse(spec: &str) -> Result<Self, String> {
-        let (name, url) =
-            spec.split_once('=').ok_or_else(|| format!("{spec:?}: expected NAME=http://HOST:PORT/PATH"))?;
+    pub fn parse(spec: &str) -> Result<Self, AddressError> {
+        let (name, url) = spec.split_once('=').ok_or_else(|| AddressError::NotAnEndpoint(spec.to_string()))?;
         if name.is_empty() {
-            return Err(format!("{spec:?}: the endpoint needs a name"));
+            return Err(AddressError::NoName(spec.to_string()));
         }
         let (addr, path) = parse_url(url)?;
         Ok(Self { name: name.to_string(), addr, path })
@@ -45,15 +59,15 @@ impl Endpoint {
 
 /// The address and path of `http://host:port/path` (path `/` when absent); only loopback
 /// hosts are accepted ([`loopback_ip`]).
-pub fn parse_url(url: &str) -> Result<(SocketAddr, String), String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url:?}: only http:// URLs on loopback"))?;
+pub fn parse_url(url: &str) -> Result<(SocketAddr, String), AddressError> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| AddressError::NotHttp(url.to_string()))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !h.is_empty() && !p.contains(']') => {
-            (h, p.parse::<u16>().map_err(|_| format!("{url:?}: bad port {p:?}"))?)
+            (h, p.parse::<u16>().map_err(|_| AddressError::BadPort { url: url.to_string(), port: p.to_string() })?)
         }
         _ => (authority, 80),
     };
@@ -61,9 +75,8 @@ pub fn parse_url(url: &str) -> Result<(SocketAddr, String), String> {
 }
 
 /// The address of a loopback host; any other host is refused.
-pub fn loopback_ip(host: &str) -> Result<IpAddr, String> {
-    let refuse =
-        || format!("refusing {host:?}: verdict-bench only sends requests to loopback (127.0.0.0/8, localhost, [::1])");
+pub fn loopback_ip(host: &str) -> Result<IpAddr, AddressError> {
+    let refuse = || AddressError::NotLoopback(host.to_string());
     if host.eq_ignore_ascii_case("localhost") {
         return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
     }

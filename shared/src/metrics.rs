@@ -525,7 +525,7 @@ impl fmt::Display for Metric {
 }
 
 impl FromStr for Metric {
-    type Err = String;
+    type Err = crate::UnknownName;
 
     /// Parses either the short name ([`Metric::name`], e.g. "mcc") or the serde identifier
     /// (e.g. "matthews"), ignoring ASCII case and surrounding whitespace.
@@ -534,9 +534,10 @@ impl FromStr for Metric {
         Metric::ALL
             .into_iter()
             .find(|m| m.name().eq_ignore_ascii_case(s) || m.serde_name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| {
-                let known: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
-                format!("unknown metric {s:?}; known: {}", known.join(", "))
+            .ok_or_else(|| crate::UnknownName {
+                what: "metric",
+                given: s.to_string(),
+                known: Metric::ALL.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "),
             })
     }
 }
@@ -1328,7 +1329,7 @@ mod tests {
         }
         assert_eq!(serde_json::to_string(&Metric::MacroF1).unwrap(), "\"macro_f1\"");
         assert_eq!(serde_json::to_string(&Metric::MultiRcF1a).unwrap(), "\"multirc_f1a\"");
-        assert!("bleu".parse::<Metric>().unwrap_err().contains("unknown metric"));
+        assert!("bleu".parse::<Metric>().unwrap_err().to_string().contains("unknown metric \"bleu\": use accuracy"));
     }
 
     #[test]

@@ -206,7 +206,7 @@ fn soak_main(a: &SoakArgs) -> Result<()> {
     if !(0.0..1.0).contains(&a.bad_fraction) {
         bail!("--bad-fraction is a share in [0, 1)");
     }
-    let (addr, _) = loadgen::parse_url(&a.url).map_err(|e| anyhow!(e))?;
+    let (addr, _) = loadgen::parse_url(&a.url)?;
     let (task, values) = sentences(&a.sentences)?;
     let step = (values.len() / a.distinct).max(1);
     let inputs: Vec<Vec<String>> = values.into_iter().step_by(step).take(a.distinct).collect();
@@ -259,8 +259,7 @@ fn main() -> Result<()> {
     if let Some(Command::Soak(a)) = &cli.command {
         return soak_main(a);
     }
-    let endpoints: Vec<Endpoint> =
-        cli.endpoints.iter().map(|e| Endpoint::parse(e)).collect::<Result<_, _>>().map_err(|e| anyhow!(e))?;
+    let endpoints: Vec<Endpoint> = cli.endpoints.iter().map(|e| Endpoint::parse(e)).collect::<Result<_, _>>()?;
     let mut names: Vec<&str> = endpoints.iter().map(|e| e.name.as_str()).collect();
     names.sort();
     if names.windows(2).any(|w| w[0] == w[1]) {
