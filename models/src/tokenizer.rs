@@ -163,28 +163,28 @@ fn sentencepiece_json(vocab: &GgufVocab) -> Result<Value, Error> {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
     let unk = vocab.unk.and_then(|id| vocab.tokens.get(id as usize)).cloned();
-    Ok(json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": normalizer,
-        "pre_tokenizer": null,
-        "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": decoders},
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-            "vocab": map, "merges": merges,
-        },
-    }))
+    let bpe = Bpe { unk, fuse_unk: true, byte_fallback: true, merges: json!(merges) };
+    Ok(document(added, normalizer, Value::Null, json!({"type": "Sequence", "decoders": decoders}), map, bpe))
 }
 
-/// A byte-level BPE vocabulary with its merges and pre-tokenizer.
-fn byte_level_json(vocab: &GgufVocab) -> Result<Value, Error> {
-    let (normalizer, pre_tokenizer) = pre_tokenizer(&vocab.pre)?;
-    let (map, added) = vocab_and_added(vocab);
-    Ok(json!({
+/// The BPE model's settings that differ between the two vocabulary kinds.
+struct Bpe {
+    unk: Option<String>,
+    fuse_unk: bool,
+    byte_fallback: bool,
+    merges: Value,
+}
+
+/// A `tokenizer.json` document: a BPE model over `vocab`, and the pipeline around it.
+fn document(
+    added: Vec<Value>,
+    normalizer: Value,
+    pre_tokenizer: Value,
+    decoder: Value,
+    vocab: serde_json::Map<String, Value>,
+    bpe: Bpe,
+) -> Value {
+    json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -192,13 +192,22 @@ fn byte_level_json(vocab: &GgufVocab) -> Result<Value, Error> {
         "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "decoder": decoder,
         "model": {
-            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": map, "merges": vocab.merges,
+            "type": "BPE", "dropout": null, "unk_token": bpe.unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": bpe.fuse_unk, "byte_fallback": bpe.byte_fallback,
+            "ignore_merges": false, "vocab": vocab, "merges": bpe.merges,
         },
-    }))
+    })
+}
+
+/// A byte-level BPE vocabulary with its merges and pre-tokenizer.
+fn byte_level_json(vocab: &GgufVocab) -> Result<Value, Error> {
+    let (normalizer, pre_tokenizer) = pre_tokenizer(&vocab.pre)?;
+    let (map, added) = vocab_and_added(vocab);
+    let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+    let bpe = Bpe { unk: None, fuse_unk: false, byte_fallback: false, merges: json!(vocab.merges) };
+    Ok(document(added, normalizer, pre_tokenizer, decoder, map, bpe))
 }
 
 /// A tokenizer that produces the same ids as llama.cpp for this vocabulary.
