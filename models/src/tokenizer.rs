@@ -97,16 +97,16 @@ fn token_type(vocab: &GgufVocab, id: usize) -> i32 {
 }
 
 /// The vocabulary map (the first id of each spelling) and the added tokens: control and
-/// unknown tokens as special, user-defined ones as plain added tokens, all matched in text
-/// before the model runs, as llama.cpp's `parse_special` does.
+/// unknown tokens (SentencePiece's `<unk>`; the shipped byte-level files type none) as special,
+/// user-defined ones as plain added tokens, all matched in text before the model runs, as
+/// llama.cpp's `parse_special` does.
 fn vocab_and_added(vocab: &GgufVocab) -> (serde_json::Map<String, Value>, Vec<Value>) {
     let mut map = serde_json::Map::with_capacity(vocab.tokens.len());
     let mut added = Vec::new();
     for (id, token) in vocab.tokens.iter().enumerate() {
         map.entry(token.clone()).or_insert(json!(id));
         let ty = token_type(vocab, id);
-        // Byte-level vocabularies mark no unknown token; SentencePiece's `<unk>` is special.
-        let special = ty == TOKEN_TYPE_CONTROL || (ty == TOKEN_TYPE_UNKNOWN && vocab.model == "llama");
+        let special = ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_UNKNOWN;
         if special || ty == TOKEN_TYPE_USER_DEFINED {
             added.push(json!({
                 "id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false,
