@@ -149,10 +149,10 @@ struct LayerCtx<'a> {
     /// The sliding layers' rotary tables where they differ (Gemma 3).
     local_cos_sin: Option<(Tensor, Tensor)>,
     cfg: &'a DecoderConfig,
-    /// The cache is only read (a branched forward): each layer attends over the cached keys
-    /// and values joined with its own, and drops the joined copy after the layer instead of
-    /// keeping every layer's until the forward ends (on SmolLM2 with an 80-token prompt
-    /// prefix, 4.3 MiB per scored input).
+    /// The cache is only read (a branched forward, whose branch tokens must not reach it):
+    /// each layer attends over the cached keys and values joined with its own and drops the
+    /// joined copy after the layer, instead of storing every layer's until the forward ends
+    /// (on SmolLM2 with an 80-token prompt prefix, 4.3 MiB per scored input).
     read_only_cache: bool,
 }
 
@@ -397,6 +397,7 @@ impl Attention {
         if let AttentionMask::Keys(mask) = ctx.mask(layer) {
             // Inference on the CPU: the fused kernel over the allowed keys only.
             let heads = crate::cpu::attention::Heads { heads: nh, kv_heads: nkv, head_dim: hd };
+            use crate::fast::with_f32;
             let y = with_f32(&q, |q| {
                 with_f32(&k, |k| {
                     with_f32(&v, |v| crate::cpu::attention::attention(q, k, v, mask, heads, &ctx.kernels.caps))
@@ -703,12 +704,9 @@ impl Decoder {
     ) -> Result<DecoderOutput, Error> {
         let (b, t) = (batch.batch_size(), batch.seq_len());
         // Branch tokens must never reach the caller's cache (a later forward would attend to
-        // them all): a branched forward appends to a copy (its tensors are shared, not copied).
-        let mut scratch = None;
-        let mut cache = match cache {
-            Some(c) if batch.branches().is_some() => Some(scratch.insert(c.clone())),
-            c => c,
-        };
+        // them all): a branched forward only reads it (`LayerCtx::read_only_cache`).
+        let read_only_cache = batch.branches().is_some();
+        let mut cache = cache;
         if let Adapters::PerRow(rows) = adapters {
             if rows.len() != b {
                 return Err(Error::Invalid(format!("{} per-row adapters for a batch of {b} rows", rows.len())));
@@ -766,7 +764,7 @@ impl Decoder {
             sin,
             local_cos_sin,
             cfg: &self.cfg,
-            read_only_cache: batch.branches().is_some(),
+            read_only_cache,
         };
 
         let ids = batch.ids_tensor(&self.device)?.flatten_all()?;
@@ -779,7 +777,7 @@ impl Decoder {
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, i, &ctx, cache.as_deref_mut())?;
         }
-        if let Some(c) = cache {
+        if let Some(c) = cache.filter(|_| !read_only_cache) {
             c.append_mask(batch.mask());
         }
         let hidden = self.norm.forward(&x, mode, fused)?;
@@ -1052,18 +1050,6 @@ fn attention_mask(
     device: &Device,
 ) -> Result<Tensor, Error> {
     additive_mask(&allowed_keys(past, new, branches, segments, None), dtype, device)
-}
-
-/// Runs `f` on the f32 values of a contiguous CPU tensor (made contiguous if needed).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, Error> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-            Ok(f(&v[layout.start_offset()..][..t.elem_count()]))
-        }
-        _ => Err(Error::Invalid("fused attention needs f32 tensors on the CPU".into())),
-    }
 }
 
 /// Rows `hidden[r, c]` for each `(r, c)`, stacked to `[n, hidden]`.

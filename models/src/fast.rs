@@ -17,15 +17,23 @@ fn enabled(kernels: &CpuKernels) -> bool {
     kernels.enabled()
 }
 
+/// Runs `f` on the f32 values of a CPU tensor, made contiguous if needed; an error for any
+/// other dtype or device.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(f(&v[layout.start_offset()..][..t.elem_count()])),
+        _ => candle_core::bail!("the fused CPU kernels need f32 tensors on the CPU, not {:?}", t.dtype()),
+    }
+}
+
 /// The f32 values of a CPU tensor, made contiguous, if it is one.
 fn cpu_f32(t: &Tensor) -> Result<Option<Vec<f32>>> {
     if !t.device().is_cpu() || t.dtype() != DType::F32 {
         return Ok(None);
     }
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else { return Ok(None) };
-    Ok(Some(v[layout.start_offset()..][..t.elem_count()].to_vec()))
+    with_f32(t, |v| Some(v.to_vec()))
 }
 
 /// `silu(gate) · up`, elementwise (same shapes); `None` where the kernels do not apply.
@@ -77,22 +85,20 @@ pub fn pick_log_probs(
     if let Some((r, t)) = rows.iter().zip(tokens).find(|&(&r, &t)| r >= n || t as usize >= vocab) {
         candle_core::bail!("pick_log_probs: row {r}, token {t} outside logits of {n} x {vocab}")
     }
-    let logits = logits.contiguous()?;
-    let (storage, layout) = logits.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else { return Ok(None) };
-    let v = &v[layout.start_offset()..][..n * vocab];
     let mut lse: Vec<Option<f64>> = vec![None; n];
-    Ok(Some(
-        rows.iter()
-            .zip(tokens)
-            .map(|(&r, &t)| {
-                let row = &v[r * vocab..][..vocab];
-                // SAFETY: `enabled` checked AVX2 and FMA.
-                let l = *lse[r].get_or_insert_with(|| unsafe { log_sum_exp(row) });
-                f64::from(row[t as usize]) - l
-            })
-            .collect(),
-    ))
+    with_f32(logits, |v| {
+        Some(
+            rows.iter()
+                .zip(tokens)
+                .map(|(&r, &t)| {
+                    let row = &v[r * vocab..][..vocab];
+                    // SAFETY: `enabled` checked AVX2 and FMA.
+                    let l = *lse[r].get_or_insert_with(|| unsafe { log_sum_exp(row) });
+                    f64::from(row[t as usize]) - l
+                })
+                .collect(),
+        )
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
