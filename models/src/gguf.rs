@@ -1,7 +1,7 @@
 //! GGUF files: hyper-parameters, tokenizer and weights all from the file, read through a
 //! memory map.
 
-use crate::config::{Arch, DecoderConfig, RopeScaling};
+use crate::config::{Arch, DecoderConfig, GemmaSettings, RopeScaling};
 use crate::decoder::Decoder;
 use crate::linear::{qtensor_to_device, BaseWeight};
 use crate::loaded::{LoadedModel, ModelMeta, SpecialTokens};
@@ -55,23 +55,35 @@ struct Tensors {
     rope_freqs: Option<Vec<f32>>,
 }
 
+/// The architecture a GGUF file names, among those it can carry (Mistral GGUFs are `llama`
+/// files; llama.cpp names Gemma 3 `gemma3` where transformers says `gemma3_text`).
+fn gguf_arch(name: &str) -> Option<Arch> {
+    match name {
+        "llama" => Some(Arch::Llama),
+        "qwen2" => Some(Arch::Qwen2),
+        "qwen3" => Some(Arch::Qwen3),
+        "gemma2" => Some(Arch::Gemma2),
+        "gemma3" => Some(Arch::Gemma3),
+        _ => None,
+    }
+}
+
 /// The decoder hyper-parameters in a GGUF file's metadata. Rotary scaling as llama.cpp reads
 /// it: `rope.scaling.type` (`linear` when absent) with `rope.scaling.factor` (or the older
 /// `rope.scale_linear`), and a `rope_freqs.weight` table of per-frequency divisors (Llama 3);
-/// YaRN and every other type are refused.
+/// YaRN and every other type are refused. Gemma's settings as [`gemma_settings`] reads them.
 fn config(md: &Metadata, t: &Tensors) -> Result<DecoderConfig, Error> {
     let arch_name = md.string("general.architecture")?;
-    // Mistral GGUFs are `llama` files; a Qwen2/Qwen3 file keeps Hugging Face's Q/K row order.
-    let arch =
-        Arch::from_name(&arch_name).filter(|a| matches!(a, Arch::Llama | Arch::Qwen2 | Arch::Qwen3)).ok_or_else(
-            || Error::Format(format!("GGUF architecture {arch_name:?} is not supported (llama, qwen2, qwen3 are)")),
-        )?;
+    // A Qwen2/Qwen3/Gemma file keeps Hugging Face's Q/K row order; a Llama file does not.
+    let arch = gguf_arch(&arch_name).ok_or_else(|| {
+        Error::Format(format!(
+            "GGUF architecture {arch_name:?} is not supported (llama, qwen2, qwen3, gemma2, gemma3 are)"
+        ))
+    })?;
     let a = |k: &str| format!("{arch_name}.{k}");
-    if md.map.contains_key(&a("attention.sliding_window")) {
-        return Err(Error::Format(format!(
-            "GGUF: {} (sliding-window attention) is not supported",
-            a("attention.sliding_window")
-        )));
+    let window_key = a("attention.sliding_window");
+    if !arch.is_gemma() && md.map.contains_key(&window_key) {
+        return Err(Error::Format(format!("GGUF: {window_key} (sliding-window attention) is not supported")));
     }
     let hidden_size = md.usize(&a("embedding_length"))?;
     let num_heads = md.usize(&a("attention.head_count"))?;
@@ -106,30 +118,102 @@ fn config(md: &Metadata, t: &Tensors) -> Result<DecoderConfig, Error> {
         None if factor == 1.0 => RopeScaling::Default,
         None => RopeScaling::Linear { factor },
     };
+    let num_layers = md.usize(&a("block_count"))?;
+    let rope_theta = md.f64(&a("rope.freq_base")).unwrap_or(10_000.0);
+    let (sliding_window, gemma) = if arch.is_gemma() {
+        let global = (rope_theta, rope_scaling.clone());
+        let (window, settings) =
+            gemma_settings(md, (arch, &arch_name), num_layers, hidden_size / num_heads, head_dim, global)?;
+        (Some(window), Some(settings))
+    } else {
+        (None, None)
+    };
     let cfg = DecoderConfig {
         arch,
         vocab_size: t.vocab_size,
         hidden_size,
         intermediate_size: md.usize(&a("feed_forward_length"))?,
-        num_layers: md.usize(&a("block_count"))?,
+        num_layers,
         num_heads,
         num_kv_heads: md.usize(&a("attention.head_count_kv")).unwrap_or(num_heads),
         head_dim,
-        rope_theta: md.f64(&a("rope.freq_base")).unwrap_or(10_000.0),
+        rope_theta,
         rope_scaling,
         rms_norm_eps: md.f64(&a("attention.layer_norm_rms_epsilon"))?,
         max_position_embeddings: md.usize(&a("context_length"))?,
         tie_word_embeddings: !t.has_output,
         attention_bias: t.has_qkv_bias,
-        sliding_window: None,
-        gemma: None,
+        sliding_window,
+        gemma,
     };
     cfg.validate().map_err(Error::GgufConfig)?;
     Ok(cfg)
 }
 
-/// Hugging Face name of a GGUF tensor.
-fn hf_name(gguf: &str) -> Option<String> {
+/// Gemma 2 / 3 settings as llama.cpp reads a GGUF (`llama-model.cpp`, `llama-hparams.cpp`),
+/// and the sliding window. Sliding layers: `attention.sliding_window_pattern` where the file has
+/// it (a period `n`: layer `i` slides unless `i % n == n - 1`; or one bool per layer), else
+/// llama.cpp's fixed periods, 2 for Gemma 2 (even layers slide) and 6 for Gemma 3 (every sixth
+/// sees every key), which are also transformers' defaults. Attention scores scale by
+/// `head_dim^-1/2`, but by `(hidden / heads)^-1/2` for the 27B models (46 Gemma 2 layers, 62 Gemma
+/// 3 layers): a GGUF has no `query_pre_attn_scalar`, and that is llama.cpp's rule (it equals the
+/// released checkpoints' value). Soft-capping from `attn_logit_softcapping` /
+/// `final_logit_softcapping`. Gemma 3's sliding layers rotate with base 10,000 and no scaling
+/// (llama.cpp's fixed `rope_freq_base_train_swa`), its full layers with the file's rotary
+/// settings; Gemma 2's layers all use the file's.
+fn gemma_settings(
+    md: &Metadata,
+    (arch, arch_name): (Arch, &str),
+    num_layers: usize,
+    hidden_per_head: usize,
+    head_dim: usize,
+    global_rope: (f64, RopeScaling),
+) -> Result<(usize, GemmaSettings), Error> {
+    let a = |k: &str| format!("{arch_name}.{k}");
+    let window = md.usize(&a("attention.sliding_window"))?;
+    let pattern_key = a("attention.sliding_window_pattern");
+    let sliding_layers = match md.map.get(&pattern_key) {
+        Some(Value::Array(flags)) => {
+            let flags: Vec<bool> = flags.iter().map(|v| v.to_bool()).collect::<Result<_, _>>()?;
+            if flags.len() != num_layers {
+                return Err(Error::Format(format!(
+                    "GGUF: {pattern_key} has {} entries for {num_layers} layers",
+                    flags.len()
+                )));
+            }
+            flags
+        }
+        Some(_) => period_pattern(md.usize(&pattern_key)?, num_layers),
+        None => period_pattern(if arch == Arch::Gemma2 { 2 } else { 6 }, num_layers),
+    };
+    let large = matches!((arch, num_layers), (Arch::Gemma2, 46) | (Arch::Gemma3, 62));
+    let cap = |key: &str| md.map.contains_key(&a(key)).then(|| md.f64(&a(key))).transpose();
+    let (local_rope_theta, local_rope_scaling) = match arch {
+        Arch::Gemma3 => (10_000.0, RopeScaling::Default),
+        _ => global_rope,
+    };
+    Ok((
+        window,
+        GemmaSettings {
+            sliding_layers,
+            local_rope_theta,
+            local_rope_scaling,
+            query_pre_attn_scalar: if large { hidden_per_head } else { head_dim } as f64,
+            attn_logit_softcapping: cap("attn_logit_softcapping")?,
+            final_logit_softcapping: cap("final_logit_softcapping")?,
+        },
+    ))
+}
+
+/// Layer `i` slides unless it ends a period of `n` (`n = 0`: every layer slides), as
+/// llama.cpp's `set_swa_pattern`.
+fn period_pattern(n: usize, layers: usize) -> Vec<bool> {
+    (0..layers).map(|i| n == 0 || i % n < n - 1).collect()
+}
+
+/// Hugging Face name of a GGUF tensor of an `arch` file (Gemma's four norms per layer are
+/// `attn_norm`, `post_attention_norm`, `ffn_norm`, `post_ffw_norm`; the others' two).
+fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -144,6 +228,9 @@ fn hf_name(gguf: &str) -> Option<String> {
     let (module, suffix) = rest.rsplit_once('.')?;
     let module = match module {
         "attn_norm" => "input_layernorm",
+        "ffn_norm" if arch.is_gemma() => "pre_feedforward_layernorm",
+        "post_attention_norm" if arch.is_gemma() => "post_attention_layernorm",
+        "post_ffw_norm" if arch.is_gemma() => "post_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
@@ -278,7 +365,7 @@ pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -
     let ModelMeta { cfg, tokenizer: tok, special, chat } = meta(&content, &mmap)?;
     let mut tensors = HashMap::new();
     for gguf_name in content.tensor_infos.keys() {
-        let Some(name) = hf_name(gguf_name) else { continue };
+        let Some(name) = hf_name(gguf_name, cfg.arch) else { continue };
         // Blocks are read and reordered on the CPU; only the finished weight moves to `device`.
         let cpu = &Device::Cpu;
         let mut t = content.tensor(&mut reader, gguf_name, cpu)?;
@@ -289,8 +376,13 @@ pub fn load_file(path: &Path, mode: WeightMode, dtype: DType, device: &Device) -
                 t = unpermute_rows(&t, cfg.num_kv_heads, cpu)?;
             }
         }
+        // llama.cpp's converter stores Gemma's norm scales as `1 + w`; the decoder takes `w`
+        // (as the checkpoint has it) and adds the one itself. `(1 + w) - 1` is exact in f32
+        // for scales in [0.5, 2^24], and within 2^-24 of `w` for the rest.
+        let norm_shift = cfg.arch.is_gemma() && gguf_name.ends_with("norm.weight");
         let w = match mode {
             WeightMode::Quantized if t.rank() == 2 => BaseWeight::Quantized(Arc::new(qtensor_to_device(t, device)?)),
+            _ if norm_shift => BaseWeight::Dense((t.dequantize(cpu)? - 1.0)?.to_dtype(dtype)?.to_device(device)?),
             _ => BaseWeight::Dense(t.dequantize(cpu)?.to_dtype(dtype)?.to_device(device)?),
         };
         tensors.insert(name, w);
@@ -305,11 +397,28 @@ mod tests {
 
     #[test]
     fn names_map_to_hugging_face() {
-        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
-        assert_eq!(hf_name("blk.0.attn_k.bias").unwrap(), "model.layers.0.self_attn.k_proj.bias");
-        assert_eq!(hf_name("blk.11.ffn_down.weight").unwrap(), "model.layers.11.mlp.down_proj.weight");
-        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
-        assert_eq!(hf_name("rope_freqs.weight"), None);
+        let name = |n: &str| hf_name(n, Arch::Llama);
+        assert_eq!(name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(name("blk.0.attn_k.bias").unwrap(), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(name("blk.11.ffn_down.weight").unwrap(), "model.layers.11.mlp.down_proj.weight");
+        assert_eq!(name("blk.1.ffn_norm.weight").unwrap(), "model.layers.1.post_attention_layernorm.weight");
+        assert_eq!(name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(name("rope_freqs.weight"), None);
+        assert_eq!(name("blk.1.post_ffw_norm.weight"), None);
+        // Gemma's four norms per layer.
+        for (gguf, hf) in [
+            ("attn_norm", "input_layernorm"),
+            ("post_attention_norm", "post_attention_layernorm"),
+            ("ffn_norm", "pre_feedforward_layernorm"),
+            ("post_ffw_norm", "post_feedforward_layernorm"),
+        ] {
+            for arch in [Arch::Gemma2, Arch::Gemma3] {
+                assert_eq!(
+                    hf_name(&format!("blk.2.{gguf}.weight"), arch).unwrap(),
+                    format!("model.layers.2.{hf}.weight")
+                );
+            }
+        }
     }
 
     /// A llama-style metadata map (`arch`, 64 wide, 4 heads of 16) with `extra` keys.
@@ -386,8 +495,68 @@ mod tests {
         assert!(e.contains("\"mistral\" is not supported"), "{e}");
         let e = read("llama", &[("attention.sliding_window", Value::U32(8))], None).unwrap_err().to_string();
         assert!(e.contains("sliding"), "{e}");
-        assert_eq!(hf_name("blk.1.attn_q_norm.weight").unwrap(), "model.layers.1.self_attn.q_norm.weight");
-        assert_eq!(hf_name("blk.1.attn_k_norm.weight").unwrap(), "model.layers.1.self_attn.k_norm.weight");
+        assert_eq!(hf_name("blk.1.attn_q_norm.weight", Arch::Qwen3).unwrap(), "model.layers.1.self_attn.q_norm.weight");
+        assert_eq!(hf_name("blk.1.attn_k_norm.weight", Arch::Qwen3).unwrap(), "model.layers.1.self_attn.k_norm.weight");
+    }
+
+    #[test]
+    fn gemma_settings_are_read_as_llama_cpp_does() {
+        let window = ("attention.sliding_window", Value::U32(8));
+        let key_length = ("attention.key_length", Value::U32(32));
+        // Gemma 2: even layers slide, both soft-caps from the file, rope as the file says for
+        // every layer, scores by head_dim^-1/2 (32 here, not hidden / heads = 16).
+        let c = read(
+            "gemma2",
+            &[
+                window.clone(),
+                key_length.clone(),
+                ("attn_logit_softcapping", Value::F32(50.0)),
+                ("final_logit_softcapping", Value::F32(30.0)),
+                ("rope.scaling.factor", Value::F32(2.0)),
+            ],
+            None,
+        )
+        .unwrap();
+        let g = c.gemma.clone().unwrap();
+        assert_eq!((c.arch, c.sliding_window, c.head_dim), (Arch::Gemma2, Some(8), 32));
+        assert_eq!(g.sliding_layers, vec![true, false]);
+        assert_eq!((g.attn_logit_softcapping, g.final_logit_softcapping), (Some(50.0), Some(30.0)));
+        assert_eq!(g.query_pre_attn_scalar, 32.0);
+        assert_eq!((g.local_rope_theta, &g.local_rope_scaling), (10_000.0, &RopeScaling::Linear { factor: 2.0 }));
+        assert_eq!(c.local_rope_frequencies(), None);
+
+        // Gemma 3: one full layer in six, no soft-caps, the sliding layers at base 10,000
+        // unscaled whatever the full layers use.
+        let mut extra = vec![
+            window.clone(),
+            key_length.clone(),
+            ("block_count", Value::U32(7)),
+            ("rope.freq_base", Value::F32(1e6)),
+            ("rope.scaling.factor", Value::F32(8.0)),
+        ];
+        let c = read("gemma3", &extra, None).unwrap();
+        let g = c.gemma.clone().unwrap();
+        assert_eq!(c.arch, Arch::Gemma3);
+        assert_eq!(g.sliding_layers, vec![true, true, true, true, true, false, true]);
+        assert_eq!((g.attn_logit_softcapping, g.final_logit_softcapping), (None, None));
+        assert_eq!((c.rope_theta, &c.rope_scaling), (1e6, &RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!((g.local_rope_theta, &g.local_rope_scaling), (10_000.0, &RopeScaling::Default));
+        // The 27B model (62 layers): hidden / heads.
+        extra[2] = ("block_count", Value::U32(62));
+        assert_eq!(read("gemma3", &extra, None).unwrap().gemma.unwrap().query_pre_attn_scalar, 16.0);
+
+        // A pattern in the file wins: a period, or one flag per layer (checked against the layers).
+        let with = |pattern: Value| {
+            read("gemma3", &[window.clone(), key_length.clone(), ("attention.sliding_window_pattern", pattern)], None)
+        };
+        assert_eq!(with(Value::U32(2)).unwrap().gemma.unwrap().sliding_layers, vec![true, false]);
+        let flags = Value::Array(vec![Value::Bool(false), Value::Bool(true)]);
+        assert_eq!(with(flags).unwrap().gemma.unwrap().sliding_layers, vec![false, true]);
+        let e = with(Value::Array(vec![Value::Bool(true)])).unwrap_err().to_string();
+        assert!(e.contains("sliding_window_pattern has 1 entries for 2 layers"), "{e}");
+        // A Gemma without its window is refused, naming the key.
+        let e = read("gemma2", &[key_length], None).unwrap_err().to_string();
+        assert!(e.contains("gemma2.attention.sliding_window"), "{e}");
     }
 
     #[test]

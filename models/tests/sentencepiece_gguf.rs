@@ -1,11 +1,13 @@
-//! A Llama GGUF file with a SentencePiece vocabulary (as Llama 2 and Mistral GGUFs carry one)
-//! against transformers' own reading of the same file (`tests/fixtures/spm/tiny-llama-spm.*`,
-//! made by `scripts/fixtures/make_spm_gguf_fixture.py`): the same token ids for text, and the
-//! same logits.
+//! GGUF files with SentencePiece vocabularies, as llama.cpp's converter writes them: a Llama (as
+//! Llama 2 and Mistral GGUFs are), a Gemma 2 and a Gemma 3, each against transformers' own
+//! reading of the same file (`tests/fixtures/spm/tiny-*.{gguf,json}`, made by
+//! `scripts/fixtures/make_spm_gguf_fixture.py`): the same token ids for text, and the same
+//! logits (Gemma: norm shift, GeGLU, sliding and full layers, soft-capping, q/k norms).
 
 use candle_core::{DType, Device};
-use models::{load_model, LogitsAt, Mode, TokenBatch, WeightMode};
+use models::{load_model, Arch, LogitsAt, Mode, TokenBatch, WeightMode};
 use serde_json::Value;
+use shared::chat::ChatMessage;
 use std::path::PathBuf;
 
 /// float32 on both sides, the same weights: what is left is summation order.
@@ -24,12 +26,44 @@ fn floats(v: &Value) -> Vec<f32> {
 }
 
 #[test]
-fn a_sentencepiece_gguf_tokenizes_and_computes_as_transformers_reads_it() {
+fn a_sentencepiece_llama_gguf_tokenizes_and_computes_as_transformers_reads_it() {
+    let model = check("tiny-llama-spm", Arch::Llama);
+    assert!(model.chat.is_none());
+}
+
+#[test]
+fn a_gemma2_gguf_computes_as_transformers_reads_it() {
+    let model = check("tiny-gemma2", Arch::Gemma2);
+    let g = model.model.config().gemma.clone().unwrap();
+    assert_eq!((g.attn_logit_softcapping, g.final_logit_softcapping), (Some(20.0), Some(10.0)));
+    assert_eq!(g.sliding_layers, [true, false]);
+    assert_gemma_chat(&model);
+}
+
+#[test]
+fn a_gemma3_gguf_computes_as_transformers_reads_it() {
+    let model = check("tiny-gemma3", Arch::Gemma3);
+    let g = model.model.config().gemma.clone().unwrap();
+    assert_eq!(g.sliding_layers, [true, true, true, true, true, false]);
+    assert_eq!((model.model.config().rope_theta, g.local_rope_theta), (1e6, 1e4));
+    assert_gemma_chat(&model);
+}
+
+/// The file's own chat template (Gemma's turn markers) renders with the file's BOS.
+fn assert_gemma_chat(model: &models::LoadedModel) {
+    let chat = model.chat.as_ref().expect("the GGUF's tokenizer.chat_template");
+    let text = chat.render(&[ChatMessage::new("user", "Is it good?")], true).unwrap();
+    assert_eq!(text, "<s><start_of_turn>user\nIs it good?<end_of_turn>\n<start_of_turn>model\n");
+}
+
+/// Loads `tests/fixtures/spm/{stem}.gguf` and checks its tokens and logits against
+/// `{stem}.json`.
+fn check(stem: &str, arch: Arch) -> models::LoadedModel {
     let dir = fixture_dir();
     let fixture: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tiny-llama-spm.json")).unwrap()).unwrap();
-    let model = load_model(&dir.join("tiny-llama-spm.gguf"), WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(model.model.config().arch, models::Arch::Llama);
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{stem}.json"))).unwrap()).unwrap();
+    let model = load_model(&dir.join(format!("{stem}.gguf")), WeightMode::Dense, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.model.config().arch, arch);
     // A BOS before prompts, as the file asks.
     assert!(model.special.add_bos);
     assert_eq!(model.special.bos, Some(1));
@@ -68,4 +102,5 @@ fn a_sentencepiece_gguf_tokenizes_and_computes_as_transformers_reads_it() {
             }
         }
     }
+    model
 }
