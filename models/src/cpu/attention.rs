@@ -11,6 +11,7 @@
 //! projection reads.
 
 use super::f32::{fits, tile};
+use super::layout::Prefetch;
 use super::Caps;
 use rayon::prelude::*;
 
@@ -250,7 +251,18 @@ unsafe fn panels_product(
         for row0 in (0..rows).step_by(r_even) {
             let r = r_even.min(rows - row0);
             let f = tile(wide, r, 1);
-            f(x.as_ptr().add(row0 * xs), xs, w, 0, kc, y.as_mut_ptr().add(row0 * ys + p * KP), ys, cols, accumulate);
+            f(
+                x.as_ptr().add(row0 * xs),
+                xs,
+                w,
+                0,
+                kc,
+                y.as_mut_ptr().add(row0 * ys + p * KP),
+                ys,
+                cols,
+                accumulate,
+                Prefetch::NONE,
+            );
         }
     }
 }

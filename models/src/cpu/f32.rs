@@ -11,12 +11,14 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::layout::NR;
+use super::layout::{Prefetch, NR};
 
 /// A tile kernel: `(x, x stride, first panel, panel stride, k count, y, y stride, valid
 /// columns, accumulate)`. Computes `y[0..R, 0..cols] (+)= x[0..R, 0..kc] · panels[0..kc,
-/// 0..cols]` where the tile's `C` panels lie `panel stride` values apart.
-pub(crate) type F32Tile = unsafe fn(*const f32, usize, *const f32, usize, usize, *mut f32, usize, usize, bool);
+/// 0..cols]` where the tile's `C` panels lie `panel stride` values apart; asks the cache for
+/// `prefetch`'s lines as it goes.
+pub(crate) type F32Tile =
+    unsafe fn(*const f32, usize, *const f32, usize, usize, *mut f32, usize, usize, bool, Prefetch);
 
 /// AVX-512: `R` rows × `C` panels of 16 lanes, `R · C` accumulators.
 #[cfg(target_arch = "x86_64")]
@@ -32,9 +34,12 @@ unsafe fn tile_512<const R: usize, const C: usize>(
     ys: usize,
     cols: usize,
     accumulate: bool,
+    pf: Prefetch,
 ) {
     let mut acc = [[_mm512_setzero_ps(); C]; R];
+    let mut due = pf.phase;
     for k in 0..kc {
+        pf.at(k, &mut due);
         let mut wv = [_mm512_setzero_ps(); C];
         for (c, v) in wv.iter_mut().enumerate() {
             *v = _mm512_loadu_ps(w.add(c * ws + k * NR));
@@ -83,9 +88,12 @@ unsafe fn tile_256<const R: usize, const C: usize>(
     ys: usize,
     cols: usize,
     accumulate: bool,
+    pf: Prefetch,
 ) {
     let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
+    let mut due = pf.phase;
     for k in 0..kc {
+        pf.at(k, &mut due);
         let mut wv = [[_mm256_setzero_ps(); 2]; C];
         for (c, v) in wv.iter_mut().enumerate() {
             v[0] = _mm256_loadu_ps(w.add(c * ws + k * NR));

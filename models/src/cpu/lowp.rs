@@ -12,7 +12,7 @@
 use std::arch::x86_64::*;
 
 use super::f32::store_row_512;
-use super::layout::NR;
+use super::layout::{Prefetch, NR};
 
 /// Row and column factors of an int8 product's epilogue.
 #[derive(Clone, Copy)]
@@ -29,9 +29,9 @@ unsafe impl Sync for Dequant {}
 unsafe impl Send for Dequant {}
 
 /// A vector tile kernel over 32-bit lanes of pairs or quads: `(x, x stride, first panel, panel
-/// stride, k units, y, y stride, valid columns, accumulate, int8 epilogue)`.
+/// stride, k units, y, y stride, valid columns, accumulate, int8 epilogue, prefetch)`.
 pub(crate) type LowpTile =
-    unsafe fn(*const u32, usize, *const u32, usize, usize, *mut f32, usize, usize, bool, Option<&Dequant>);
+    unsafe fn(*const u32, usize, *const u32, usize, usize, *mut f32, usize, usize, bool, Option<&Dequant>, Prefetch);
 
 /// AVX512-BF16: `R × C` tiles of f32 accumulators.
 #[cfg(target_arch = "x86_64")]
@@ -48,9 +48,12 @@ unsafe fn bf16_512<const R: usize, const C: usize>(
     cols: usize,
     accumulate: bool,
     _: Option<&Dequant>,
+    pf: Prefetch,
 ) {
     let mut acc = [[_mm512_setzero_ps(); C]; R];
+    let mut due = pf.phase;
     for k in 0..kc {
+        pf.at(k, &mut due);
         let mut wv: [__m512bh; C] = [std::mem::transmute::<__m512, __m512bh>(_mm512_setzero_ps()); C];
         for (c, v) in wv.iter_mut().enumerate() {
             *v = std::mem::transmute::<__m512, __m512bh>(_mm512_loadu_ps(w.add(c * ws + k * NR) as *const f32));
@@ -82,10 +85,13 @@ unsafe fn int8_512<const R: usize, const C: usize>(
     cols: usize,
     accumulate: bool,
     dq: Option<&Dequant>,
+    pf: Prefetch,
 ) {
     let dq = dq.expect("an int8 tile needs its scales");
     let mut acc = [[_mm512_setzero_si512(); C]; R];
+    let mut due = pf.phase;
     for k in 0..kc {
+        pf.at(k, &mut due);
         let mut wv = [_mm512_setzero_si512(); C];
         for (c, v) in wv.iter_mut().enumerate() {
             *v = _mm512_loadu_si512(w.add(c * ws + k * NR) as *const _);
@@ -126,10 +132,13 @@ unsafe fn int8_256<const R: usize, const C: usize>(
     cols: usize,
     accumulate: bool,
     dq: Option<&Dequant>,
+    pf: Prefetch,
 ) {
     let dq = dq.expect("an int8 tile needs its scales");
     let mut acc = [[[_mm256_setzero_si256(); 2]; C]; R];
+    let mut due = pf.phase;
     for k in 0..kc {
+        pf.at(k, &mut due);
         let mut wv = [[_mm256_setzero_si256(); 2]; C];
         for (c, v) in wv.iter_mut().enumerate() {
             let p = w.add(c * ws + k * NR) as *const __m256i;

@@ -20,6 +20,7 @@
 
 use super::amx::TILE_ROWS;
 use super::caps::Caps;
+use super::layout::Prefetch;
 use super::lowp::{Dequant, LowpKind};
 use super::store::Store;
 use super::KernelError;
@@ -688,11 +689,16 @@ impl PackedWeight {
             match self.precision {
                 Precision::F32 => {
                     let panels: &[u32] = &self.data;
-                    job.run_vector(tiling, |r, c, row0, group, k0, kc, y, acc| {
+                    let at = |group: usize, k0: usize| {
+                        (panels.as_ptr() as *const f32).add(group * tiling.panels as usize * u * NR + k0 * NR)
+                    };
+                    job.run_vector(tiling, |r, c, row0, group, k0, kc, y, acc, next| {
                         let tile = super::f32::tile(tiling.kernel == Kernel::F32Avx512, r, c);
-                        let w = (panels.as_ptr() as *const f32).add(group * tiling.panels as usize * u * NR + k0 * NR);
+                        let w = at(group, k0);
                         let cols = (self.out - group * tiling.panels as usize * NR).min(c * NR);
-                        tile(x.as_ptr().add(row0 * self.inner + k0), self.inner, w, u * NR, kc, y, self.out, cols, acc);
+                        let pf = NextBlock::prefetch(next, |g, k| at(g, k) as *const u8, u * NR * 4);
+                        let x = x.as_ptr().add(row0 * self.inner + k0);
+                        tile(x, self.inner, w, u * NR, kc, y, self.out, cols, acc, pf);
                     });
                 }
                 Precision::Bf16 if tiling.kernel.widens() => self.run_widen(&job, tiling, x),
@@ -731,11 +737,13 @@ impl PackedWeight {
         let pairs = Job { units: xs / 2, ..*job };
         debug_assert!(pairs.units <= u && x.len() == rows * xs);
         let (c_max, wide) = (tiling.panels as usize, tiling.kernel == Kernel::Bf16Widen512);
-        pairs.run_vector(tiling, |r, c, row0, group, k0, kc, y, acc| {
+        let at = |group: usize, k0: usize| panels.as_ptr().add(group * c_max * u * NR + k0 * NR);
+        pairs.run_vector(tiling, |r, c, row0, group, k0, kc, y, acc, next| {
             let tile = super::widen::tile(wide, r, c);
-            let w = panels.as_ptr().add(group * c_max * u * NR + k0 * NR);
+            let w = at(group, k0);
             let cols = (self.out - group * c_max * NR).min(c * NR);
-            tile(x.as_ptr().add(row0 * xs + 2 * k0), xs, w, u * NR, kc, y, self.out, cols, acc);
+            let pf = NextBlock::prefetch(next, |g, k| at(g, k) as *const u8, u * NR * 4);
+            tile(x.as_ptr().add(row0 * xs + 2 * k0), xs, w, u * NR, kc, y, self.out, cols, acc, pf);
         });
     }
 
@@ -776,10 +784,12 @@ impl PackedWeight {
             other => unreachable!("{other} is not a vector low-precision kernel"),
         };
         let c_max = tiling.panels as usize;
-        job.run_vector(tiling, |r, c, row0, group, k0, kc, y, acc| {
+        let at = |group: usize, k0: usize| panels.as_ptr().add(group * c_max * u * NR + k0 * NR);
+        job.run_vector(tiling, |r, c, row0, group, k0, kc, y, acc, next| {
             let tile = super::lowp::tile(kind, r, c);
             let col0 = group * c_max * NR;
-            let w = panels.as_ptr().add(group * c_max * u * NR + k0 * NR);
+            let w = at(group, k0);
+            let pf = NextBlock::prefetch(next, |g, k| at(g, k) as *const u8, u * NR * 4);
             let cols = (self.out - col0).min(c * NR);
             let dq = dq.map(|d| Dequant {
                 zx: d.zx.add(row0),
@@ -787,8 +797,36 @@ impl PackedWeight {
                 colsum: d.colsum.add(col0),
                 sw: d.sw.add(col0),
             });
-            tile(xp.as_ptr().add(row0 * u + k0), u, w, u * NR, kc, y, self.out, cols, acc, dq.as_ref());
+            tile(xp.as_ptr().add(row0 * u + k0), u, w, u * NR, kc, y, self.out, cols, acc, dq.as_ref(), pf);
         });
+    }
+}
+
+/// The block of panels a thread multiplies after the current one (`panels` panels from group
+/// `group`, units `k0..k0 + units`), and the share of its lines the current row tile fetches:
+/// every `every`-th unit from `phase` (the tile's index among the block's `every` row tiles).
+#[derive(Clone, Copy)]
+struct NextBlock {
+    group: usize,
+    k0: usize,
+    units: usize,
+    panels: usize,
+    phase: usize,
+    every: usize,
+}
+
+impl NextBlock {
+    /// What a tile prefetches of `next` (nothing without one): panels start at `at(group, k0)`,
+    /// `panel_bytes` apart.
+    fn prefetch(next: Option<Self>, at: impl Fn(usize, usize) -> *const u8, panel_bytes: usize) -> Prefetch {
+        next.map_or(Prefetch::NONE, |n| Prefetch {
+            w: at(n.group, n.k0),
+            panel_bytes,
+            units: n.units,
+            panels: n.panels,
+            phase: n.phase,
+            every: n.every,
+        })
     }
 }
 
@@ -818,11 +856,13 @@ fn parts(n: usize) -> usize {
 impl Job {
     /// Runs a vector kernel's loop nest: blocks of `mc` rows × chunks of panel groups in
     /// parallel; inside, group by group, blocks of `kc` units, tiles of `rows` rows.
-    /// `tile(r, c, row0, group, k0, kc, y_at_tile, accumulate)` computes one tile.
+    /// `tile(r, c, row0, group, k0, kc, y_at_tile, accumulate, next)` computes one tile;
+    /// `next` is the block this thread multiplies after this one, and this tile's share of it
+    /// to prefetch ([`NextBlock`]).
     unsafe fn run_vector(
         &self,
         tiling: &Tiling,
-        tile: impl Fn(usize, usize, usize, usize, usize, usize, *mut f32, bool) + Sync,
+        tile: impl Fn(usize, usize, usize, usize, usize, usize, *mut f32, bool, Option<NextBlock>) + Sync,
     ) {
         let (r_max, c_max) = (tiling.rows as usize, tiling.panels as usize);
         let kc = if tiling.kc == 0 { self.units } else { tiling.kc as usize };
@@ -832,20 +872,38 @@ impl Job {
         let chunks = parts(groups);
         let per = groups.div_ceil(chunks);
         let chunks = groups.div_ceil(per);
+        let panels_of = |group: usize| c_max.min(self.n_panels - group * c_max);
         let work = |item: usize| {
             let (mb, chunk) = (item / chunks, item % chunks);
             let rows = mb * mc..(mb * mc + mc).min(self.rows);
-            for group in chunk * per..(chunk * per + per).min(groups) {
-                let c = c_max.min(self.n_panels - group * c_max);
+            let last_group = (chunk * per + per).min(groups);
+            // Tiles of equal height (35 rows at most 12 high: 12, 12, 11).
+            let r_even = rows.len().div_ceil(rows.len().div_ceil(r_max).max(1)).max(1);
+            let tiles = rows.len().div_ceil(r_even);
+            for group in chunk * per..last_group {
+                let c = panels_of(group);
                 for k0 in (0..self.units).step_by(kc) {
                     let kn = kc.min(self.units - k0);
                     let acc = self.accumulate || k0 > 0;
-                    // Tiles of equal height (35 rows at most 12 high: 12, 12, 11).
-                    let r_even = rows.len().div_ceil(rows.len().div_ceil(r_max).max(1)).max(1);
-                    for row0 in rows.clone().step_by(r_even) {
+                    let next = if k0 + kn < self.units {
+                        Some((group, k0 + kn, kc.min(self.units - k0 - kn), c))
+                    } else if group + 1 < last_group {
+                        Some((group + 1, 0, kc.min(self.units), panels_of(group + 1)))
+                    } else {
+                        None
+                    };
+                    for (t, row0) in rows.clone().step_by(r_even).enumerate() {
                         let r = r_even.min(rows.end - row0);
                         let y = self.y.0.add(row0 * self.out + group * c_max * NR);
-                        tile(r, c, row0, group, k0, kn, y, acc);
+                        let next = next.map(|(group, k0, units, panels)| NextBlock {
+                            group,
+                            k0,
+                            units,
+                            panels,
+                            phase: t,
+                            every: tiles,
+                        });
+                        tile(r, c, row0, group, k0, kn, y, acc, next);
                     }
                 }
             }

@@ -16,12 +16,14 @@
 use std::arch::x86_64::*;
 
 use super::f32::store_row_512;
-use super::layout::NR;
+use super::layout::{Prefetch, NR};
 
 /// A widening tile: `(x, x stride, first panel, panel stride, k pairs, y, y stride, valid
 /// columns, accumulate)`. `x` holds f32 rows (2 · `k pairs` values read per row); the panels
-/// hold bf16 pairs (`u32` lanes); strides are in values (x, y) and lanes (panels).
-pub(crate) type WidenTile = unsafe fn(*const f32, usize, *const u32, usize, usize, *mut f32, usize, usize, bool);
+/// hold bf16 pairs (`u32` lanes); strides are in values (x, y) and lanes (panels). Asks the
+/// cache for `prefetch`'s lines as it goes.
+pub(crate) type WidenTile =
+    unsafe fn(*const f32, usize, *const u32, usize, usize, *mut f32, usize, usize, bool, Prefetch);
 
 /// AVX-512: `R` rows × `C` panels of 16 lanes.
 #[cfg(target_arch = "x86_64")]
@@ -37,10 +39,13 @@ unsafe fn widen_512<const R: usize, const C: usize>(
     ys: usize,
     cols: usize,
     accumulate: bool,
+    pf: Prefetch,
 ) {
     let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
     let mut acc = [[_mm512_setzero_ps(); C]; R];
+    let mut due = pf.phase;
     for k in 0..pairs {
+        pf.at(k, &mut due);
         // The even k (low halves) first, then the odd (high halves): C weight vectors live at
         // a time, as in the f32 tile.
         let mut wv = [_mm512_setzero_ps(); C];
@@ -84,10 +89,13 @@ unsafe fn widen_256<const R: usize, const C: usize>(
     ys: usize,
     cols: usize,
     accumulate: bool,
+    pf: Prefetch,
 ) {
     let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
     let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
+    let mut due = pf.phase;
     for k in 0..pairs {
+        pf.at(k, &mut due);
         for half in 0..2 {
             let mut wv = [[_mm256_setzero_ps(); 2]; C];
             for (c, v) in wv.iter_mut().enumerate() {
