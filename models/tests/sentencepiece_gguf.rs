@@ -104,3 +104,27 @@ fn check(stem: &str, arch: Arch) -> models::LoadedModel {
     }
     model
 }
+
+/// `--weights quantized` keeps the file's blocks (float16 here) and computes what the dense
+/// load does, norm shift included.
+#[test]
+fn a_gemma_gguf_in_quantized_mode_computes_as_the_dense_load() {
+    let path = fixture_dir().join("tiny-gemma3.gguf");
+    let ids: Vec<u32> = (300..324).collect();
+    let logits = |mode| {
+        let model = load_model(&path, mode, DType::F32, &Device::Cpu).unwrap();
+        model
+            .model
+            .forward(&TokenBatch::single(&ids).unwrap(), None, None, Mode::Inference, LogitsAt::All)
+            .unwrap()
+            .logits
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (dense, quantized) = (logits(WeightMode::Dense), logits(WeightMode::Quantized));
+    let worst = dense.iter().zip(&quantized).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < LOGIT_TOL, "quantized-mode logits differ from the dense load's by {worst}");
+}
